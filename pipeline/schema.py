@@ -1,0 +1,40 @@
+"""Names shared by everything that writes or reads a tracked run.
+
+Training writes these tags and metrics; studies and searches add theirs; the report reads them back.
+Keeping the names in one place is what lets a report be rebuilt from any tracking store.
+"""
+
+# Tags (strings) set on every training run.
+TAG_STUDY = "study"                # study name (absent for a lone `attamba train`)
+TAG_TRIAL = "trial"                # run name inside a study, derived from its parameters
+TAG_SIZE = "model_size"            # size preset name, e.g. "s60m"
+TAG_ATTENTION = "attention"        # attamba | full | swa | iso_kv
+TAG_VARIANT = "variant"            # readable label of the attention variant, e.g. "attamba-P8-L32-cyclic"
+TAG_CHUNK = "chunk_size"           # P ("" for baselines)
+TAG_LEADING = "leading_tokens"     # L ("" for baselines)
+TAG_BOUNDARIES = "boundaries"      # uniform | cyclic | cyclic_released | random ("" for baselines)
+TAG_SEED = "seed"
+TAG_OPTUNA_TRIAL = "optuna_trial"  # Optuna trial number, on runs made by a search
+TAG_STATUS = "run_status"          # finished | failed | running
+
+# Metrics logged per step.
+M_LOSS = "train/loss"
+M_LR = "train/lr"
+M_GRAD_NORM = "train/grad_norm"
+M_TOKENS_PER_S = "train/tokens_per_s"
+
+# Metrics logged per evaluation (step = training step); the last one is the run's result.
+M_VAL_LOSS = "val/loss"
+M_VAL_PPL = "val/ppl"
+M_VAL_BPB = "val/bpb"
+M_MQAR_PREFIX = "val/mqar_acc_T"   # followed by the context length, e.g. "val/mqar_acc_T256"
+
+# Cost metrics, logged once at step 0 (from attamba.costs).
+M_PARAMS = "cost/params"
+M_PARAMS_NON_EMB = "cost/params_non_embedding"
+M_KV_BYTES_PER_TOKEN = "cost/kv_cache_bytes_per_token"   # asymptotic bytes per cached token, all layers
+M_KV_BYTES = "cost/kv_cache_bytes"                       # cache bytes at the evaluation context, all layers
+M_ATTN_FLOPS_PER_TOKEN = "cost/attn_flops_per_token"     # mean over positions at the evaluation context
+M_TRAIN_FLOPS = "cost/train_flops"                       # total training FLOPs of the run
+M_TRAIN_TOKENS = "cost/train_tokens"
+M_EVAL_CONTEXT = "cost/eval_context"
