@@ -1,0 +1,75 @@
+"""The attention sub-layer of every kind: Attamba (SSM keys and values) and its transformer baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .layers import apply_rope
+from .ops.attention import attention
+from .ssm import ChunkSSM
+
+
+@dataclass
+class LayerLayout:
+    """Per-layer chunk structure of one forward: SSM segment ids and visible boundaries (bool [T])."""
+
+    seq_idx: torch.Tensor | None
+    boundaries: torch.Tensor | None
+    leading_tokens: int | None
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = layer
+        self.kind = cfg.attention
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.attn_head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.attn_dim, bias=False)
+        if self.kind == "attamba":
+            if cfg.kv_proj:
+                self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+                self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+            self.ssm_k = ChunkSSM(cfg.dim, cfg.ssm, cfg.norm_eps)
+            self.ssm_v = ChunkSSM(cfg.dim, cfg.ssm, cfg.norm_eps)
+        else:
+            self.wk = nn.Linear(cfg.dim, cfg.attn_dim, bias=False)
+            self.wv = nn.Linear(cfg.dim, cfg.attn_dim, bias=False)
+        self.wo = nn.Linear(cfg.attn_dim, cfg.dim, bias=False)
+
+    def kv_inputs(self, x: torch.Tensor):
+        """What the K and V SSMs read: x itself, or W_k x and W_v x with kv_proj."""
+        if self.cfg.kv_proj:
+            return self.wk(x), self.wv(x)
+        return x, x
+
+    def keys_values(self, x: torch.Tensor, layout: LayerLayout, return_states: bool = False):
+        """x: [B, T, dim] -> k, v: [B, T, attn_dim] before RoPE (and the SSM states for decoding)."""
+        if self.kind != "attamba":
+            return self.wk(x), self.wv(x), None
+        xk, xv = self.kv_inputs(x)
+        k_out = self.ssm_k(xk, layout.seq_idx, return_states=return_states)
+        v_out = self.ssm_v(xv, layout.seq_idx, return_states=return_states)
+        (k, k_states), (v, v_states) = (k_out, v_out) if return_states else ((k_out, None), (v_out, None))
+        if self.cfg.ssm_residual:
+            k, v = xk + k, xv + v
+        return k, v, (k_states, v_states)
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, T, H*D] -> [B, H, T, D]"""
+        bsz, seqlen, _ = t.shape
+        return t.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: LayerLayout) -> torch.Tensor:
+        """x: [B, T, dim] -> [B, T, dim]"""
+        cos, sin = rope
+        k, v, _ = self.keys_values(x, layout)
+        q = apply_rope(self.heads(self.wq(x)), cos, sin)
+        k = apply_rope(self.heads(k), cos, sin)
+        out = attention(q, k, self.heads(v), boundaries=layout.boundaries, leading_tokens=layout.leading_tokens)
+        return self.wo(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))

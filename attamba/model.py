@@ -1,0 +1,103 @@
+"""AttambaLM: a pre-norm Llama decoder whose attention is Attamba or one of its baselines."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import boundaries as bnd
+from .attention import Attention, LayerLayout
+from .config import ModelConfig
+from .layers import GatedRMSNorm, RMSNorm, SwiGLU, rope_tables
+from .ssm import ChunkSSM
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, rope, layout):
+        h = x + self.attn(self.attn_norm(x), rope, layout)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class AttambaLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tied_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.reset_parameters(config.seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int):
+        """Deterministic init from `seed`, leaving the global RNG as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(module.weight, std=self.config.init_std)
+                elif isinstance(module, (RMSNorm, GatedRMSNorm)):
+                    module.weight.fill_(1.0)
+                elif isinstance(module, ChunkSSM):
+                    module.reset_parameters(self.config.init_std)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if self.output is not None:
+                n -= self.output.weight.numel()
+        return n
+
+    def layouts(self, positions: torch.Tensor, training: bool | None = None) -> list[LayerLayout]:
+        """Per-layer chunk structure for int64 absolute positions [T]."""
+        cfg = self.config
+        training = self.training if training is None else training
+        if cfg.attention != "attamba":
+            leading = cfg.window - 1 if cfg.attention == "swa" else None
+            return [LayerLayout(None, None, leading) for _ in range(cfg.n_layers)]
+        seed = bnd.draw_training_seed() if (training and cfg.boundaries == "random") else cfg.boundary_seed
+        out = []
+        for layer in range(cfg.n_layers):
+            ends = bnd.chunk_ends(cfg.boundaries, cfg.chunk_size, layer, cfg.n_layers, positions, seed)
+            seq_idx = bnd.segment_ids(ends) if cfg.ssm_segmentation == "chunk" else bnd.chunk_offsets(ends)
+            if cfg.pseudo_chunk:
+                out.append(LayerLayout(seq_idx, None, None))
+            else:
+                out.append(LayerLayout(seq_idx, bnd.visible_boundaries(ends, positions), cfg.leading_tokens))
+        return out
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype):
+        return rope_tables(positions, self.config.attn_head_dim, self.config.rope_theta, dtype)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.norm(h)
+        return F.linear(h, self.embed.weight) if self.output is None else self.output(h)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                layouts: list[LayerLayout] | None = None):
+        """tokens: [B, T] int64 -> logits [B, T, V]; with targets [B, T], the cross-entropy loss instead
+        (a scalar, or [B, T] with reduction="none"). Targets equal to -100 are ignored."""
+        bsz, seqlen = tokens.shape
+        if seqlen > self.config.max_seq_len:
+            raise ValueError(f"sequence length {seqlen} exceeds max_seq_len ({self.config.max_seq_len}); "
+                             "raise model.max_seq_len or shorten the input")
+        positions = torch.arange(seqlen, device=tokens.device)
+        layouts = self.layouts(positions) if layouts is None else layouts
+        h = self.embed(tokens)
+        rope = self.rope(positions, h.dtype)
+        for block, layout in zip(self.layers, layouts):
+            h = block(h, rope, layout)
+        logits = self.logits(h)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+        return loss.view(bsz, seqlen) if reduction == "none" else loss

@@ -1,0 +1,109 @@
+"""The K/V SSM: a Mamba2 (SSD) block whose scan and conv restart at every chunk start (method.md 2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import SSMConfig
+from .layers import GatedRMSNorm
+from .ops.conv import causal_conv1d, conv_step
+from .ops.ssd import ssd_scan, ssd_step
+
+
+class ChunkSSM(nn.Module):
+    """in_proj -> [z, x, B, C, dt]; causal conv + SiLU on [x, B, C]; SSD scan; RMSNorm(y * silu(z)); out_proj.
+
+    `seq_idx` carries the segmentation: with chunk ids (monotone) no information crosses a chunk start,
+    through the scan state or the conv window; with in-chunk offsets it reproduces the released code.
+    """
+
+    def __init__(self, dim: int, cfg: SSMConfig, norm_eps: float = 1e-5):
+        super().__init__()
+        self.cfg = cfg
+        inner, heads, groups, n = cfg.inner_dim, cfg.heads, cfg.groups, cfg.state_dim
+        self.in_proj = nn.Linear(dim, 2 * inner + 2 * groups * n + heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(cfg.conv_dim, cfg.conv_width))
+        self.conv_bias = nn.Parameter(torch.zeros(cfg.conv_dim))
+        self.A_log = nn.Parameter(torch.empty(heads))
+        self.dt_bias = nn.Parameter(torch.empty(heads))
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm = GatedRMSNorm(inner, norm_eps)
+        self.out_proj = nn.Linear(inner, dim, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_std: float):
+        cfg = self.cfg
+        nn.init.normal_(self.in_proj.weight, std=init_std)
+        nn.init.normal_(self.out_proj.weight, std=init_std)
+        bound = 1.0 / math.sqrt(cfg.conv_width)
+        nn.init.uniform_(self.conv_weight, -bound, bound)
+        self.conv_bias.zero_()
+        self.A_log.copy_(torch.empty(cfg.heads).uniform_(cfg.a_init_min, cfg.a_init_max).log())
+        dt = torch.exp(torch.empty(cfg.heads).uniform_(math.log(cfg.dt_min), math.log(cfg.dt_max)))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.D.fill_(1.0)
+        self.norm.weight.fill_(1.0)
+
+    def _split(self, proj: torch.Tensor):
+        cfg = self.cfg
+        inner, gn = cfg.inner_dim, cfg.groups * cfg.state_dim
+        z, xbc, dt = torch.split(proj, [inner, inner + 2 * gn, cfg.heads], dim=-1)
+        return z, xbc, dt
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(dt + self.dt_bias)
+        if self.cfg.dt_limit_min > 0.0 or math.isfinite(self.cfg.dt_limit_max):
+            dt = dt.clamp(self.cfg.dt_limit_min, self.cfg.dt_limit_max)
+        return dt
+
+    def _unpack_xbc(self, xbc: torch.Tensor):
+        cfg = self.cfg
+        gn = cfg.groups * cfg.state_dim
+        x, b, c = torch.split(xbc, [cfg.inner_dim, gn, gn], dim=-1)
+        shape = xbc.shape[:-1]
+        return (x.reshape(*shape, cfg.heads, cfg.head_dim),
+                b.reshape(*shape, cfg.groups, cfg.state_dim),
+                c.reshape(*shape, cfg.groups, cfg.state_dim))
+
+    def forward(self, u: torch.Tensor, seq_idx: torch.Tensor, return_states: bool = False):
+        """u: [B, T, dim]; seq_idx: int32 [T] or [B, T]. Returns [B, T, dim] (and (conv_state, ssm_state))."""
+        bsz, seqlen, _ = u.shape
+        if seq_idx.dim() == 1:
+            seq_idx = seq_idx.unsqueeze(0).expand(bsz, seqlen)
+        z, xbc_raw, dt = self._split(self.in_proj(u))
+        xbc = causal_conv1d(xbc_raw, self.conv_weight, self.conv_bias, seq_idx=seq_idx, activation="silu")
+        x, b, c = self._unpack_xbc(xbc)
+        A = -torch.exp(self.A_log.float())
+        out = ssd_scan(x, self._dt(dt), A, b, c, D=self.D, seq_idx=seq_idx, scan_chunk=self.cfg.scan_chunk,
+                       return_final_state=return_states)
+        y, ssm_state = out if return_states else (out, None)
+        y = self.out_proj(self.norm(y.reshape(bsz, seqlen, -1), z))
+        if not return_states:
+            return y
+        width = self.cfg.conv_width - 1
+        conv_state = xbc_raw[:, -width:, :].transpose(1, 2) if width else xbc_raw.new_zeros(bsz, xbc_raw.shape[-1], 0)
+        if seqlen < width:
+            conv_state = F.pad(conv_state, (width - seqlen, 0))
+        return y, (conv_state.contiguous(), ssm_state)
+
+    def step(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One token. u: [B, dim]; conv_state: [B, conv_dim, W-1]; ssm_state: [B, H, head_dim, N].
+
+        The caller zeroes both states at a chunk start. Returns (y [B, dim], conv_state, ssm_state).
+        """
+        z, xbc_raw, dt = self._split(self.in_proj(u))
+        xbc, conv_state = conv_step(xbc_raw, conv_state, self.conv_weight, self.conv_bias, activation="silu")
+        x, b, c = self._unpack_xbc(xbc)
+        A = -torch.exp(self.A_log.float())
+        y, ssm_state = ssd_step(x, self._dt(dt), A, b, c, self.D, ssm_state)
+        y = self.out_proj(self.norm(y.reshape(u.shape[0], -1), z))
+        return y, conv_state, ssm_state
+
+    def state_shapes(self, batch: int):
+        cfg = self.cfg
+        return (batch, cfg.conv_dim, cfg.conv_width - 1), (batch, cfg.heads, cfg.head_dim, cfg.state_dim)

@@ -1,0 +1,123 @@
+"""The LM as a whole: causality for every attention kind, determinism, and the SSM's chunk Jacobian."""
+
+import pytest
+import torch
+
+from attamba import boundaries as bnd
+from attamba.config import SSMConfig
+from attamba.model import AttambaLM
+from attamba.presets import model_config
+from attamba.ssm import ChunkSSM
+
+VARIANTS = {
+    "full": {"attention": "full"},
+    "swa": {"attention": "swa", "window": 5},
+    "iso_kv": {"attention": "iso_kv", "kv_dim": 8},
+    "attamba-uniform": {"boundaries": "uniform", "chunk_size": 4, "leading_tokens": 3},
+    "attamba-cyclic": {"boundaries": "cyclic", "chunk_size": 5, "leading_tokens": 2},
+    "attamba-cyclic-released": {"boundaries": "cyclic_released", "chunk_size": 8, "leading_tokens": 1},
+    "attamba-random": {"boundaries": "random", "chunk_size": 3, "leading_tokens": 0},
+    "attamba-pseudo": {"pseudo_chunk": True, "chunk_size": 4},
+    "attamba-offset": {"ssm_segmentation": "offset", "chunk_size": 4, "leading_tokens": 2},
+    "attamba-kvproj-nores": {"kv_proj": True, "ssm_residual": False, "chunk_size": 2},
+}
+
+
+def small(**overrides):
+    ssm = SSMConfig(state_dim=8, inner_dim=32, heads=2, scan_chunk=8)
+    return model_config("micro", vocab_size=61, max_seq_len=64, ssm=ssm, **overrides)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_lm_is_causal(name):
+    model = AttambaLM(small(**VARIANTS[name])).double().eval()
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 61, (2, 37))
+    base = model(tokens)
+    assert base.shape == (2, 37, 61) and torch.isfinite(base).all()
+    for t in (0, 9, 20, 36):
+        changed = tokens.clone()
+        changed[:, t + 1:] = torch.randint(0, 61, changed[:, t + 1:].shape)
+        out = model(changed)
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"position <= {t} changed"
+        if t < 36:
+            assert not torch.allclose(out[:, t + 1:], base[:, t + 1:])
+
+
+def test_loss_and_backward_every_parameter():
+    model = AttambaLM(small(boundaries="cyclic", chunk_size=4, leading_tokens=2))
+    tokens = torch.randint(0, 61, (2, 33))
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    assert loss.ndim == 0 and 3.5 < loss.item() < 4.8  # about ln(61) at init
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+    per_token = model(tokens[:, :-1], targets=tokens[:, 1:], reduction="none")
+    assert per_token.shape == (2, 32) and torch.allclose(per_token.mean(), loss)
+
+
+def test_init_is_deterministic_and_leaves_global_rng():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = AttambaLM(small())
+    after = torch.rand(1)
+    assert torch.equal(before, after)
+    b = AttambaLM(small())
+    c = AttambaLM(small(seed=1))
+    for (n, p), q, r in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(p, q), n
+    assert any(not torch.equal(p, r) for p, r in zip(a.parameters(), c.parameters()))
+
+
+def test_random_boundaries_redrawn_in_training_fixed_in_eval():
+    model = AttambaLM(small(boundaries="random", chunk_size=4))
+    pos = torch.arange(64)
+    model.train()
+    draws = [model.layouts(pos)[0].boundaries for _ in range(3)]
+    assert not (torch.equal(draws[0], draws[1]) and torch.equal(draws[1], draws[2]))
+    model.eval()
+    assert torch.equal(model.layouts(pos)[0].boundaries, model.layouts(pos)[0].boundaries)
+
+
+def test_sequence_longer_than_max_is_refused():
+    model = AttambaLM(small())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def _dependency(ssm: ChunkSSM, seq_idx: torch.Tensor, T: int, dim: int) -> torch.Tensor:
+    u = torch.randn(1, T, dim, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda x: ssm(x, seq_idx), u)  # [1, T, dim, 1, T, dim]
+    return jac[0, :, :, 0].abs().sum(dim=(1, 3)) > 1e-12  # [T_out, T_in]
+
+
+@pytest.mark.parametrize("strategy, P, layer", [("uniform", 4, 0), ("cyclic", 5, 1), ("random", 3, 2), ("uniform", 1, 0)])
+def test_ssm_jacobian_chunk_segmentation(strategy, P, layer):
+    """Output t depends on exactly the inputs of t's chunk up to t."""
+    torch.manual_seed(0)
+    T, dim = 29, 8
+    ssm = ChunkSSM(dim, SSMConfig(state_dim=4, inner_dim=8, heads=2, scan_chunk=8).resolved(dim)).double()
+    ssm.reset_parameters(0.5)
+    ends = bnd.chunk_ends(strategy, P, layer, 4, torch.arange(T), seed=7)
+    seg = bnd.segment_ids(ends)
+    dep = _dependency(ssm, seg, T, dim)
+    t = torch.arange(T)
+    expected = (seg[:, None] == seg[None, :]) & (t[None, :] <= t[:, None])
+    assert torch.equal(dep, expected)
+
+
+def test_ssm_jacobian_offset_segmentation_reproduces_released_mixing():
+    """seq_idx = offset in chunk: tokens mix at stride P inside a scan chunk; none for P >= scan chunk."""
+    torch.manual_seed(0)
+    T, dim = 16, 8
+    cfg = SSMConfig(state_dim=4, inner_dim=8, heads=2, scan_chunk=16).resolved(dim)
+    ssm = ChunkSSM(dim, cfg).double()
+    ssm.reset_parameters(0.5)
+    t = torch.arange(T)
+    for P in (4, 16):
+        offsets = bnd.chunk_offsets(bnd.chunk_ends("uniform", P, 0, 1, t))
+        dep = _dependency(ssm, offsets, T, dim)
+        expected = ((t[:, None] - t[None, :]) % P == 0) & (t[None, :] <= t[:, None])
+        assert torch.equal(dep, expected), P
+    assert torch.equal(dep, torch.eye(T, dtype=torch.bool))  # P = 16 = scan chunk: no mixing at all
