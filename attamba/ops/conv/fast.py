@@ -1,0 +1,52 @@
+"""Vectorised causal depthwise conv: W shifted multiply-adds with a segment mask per tap (W is small)."""
+
+import torch
+import torch.nn.functional as F
+
+from attamba.ops.conv._checks import check_conv_inputs
+
+
+def causal_conv1d_fast(x, weight, bias=None, *, seq_idx=None, initial_state=None, activation=None,
+                       return_final_state=False):
+    """Same contract as causal_conv1d_naive: x [Bt, T, Cc], weight [Cc, W], bias [Cc] -> y [Bt, T, Cc]."""
+    check_conv_inputs(x, weight, bias, seq_idx, initial_state, activation)
+    bt, t_len, cc = x.shape
+    w = weight.shape[1]
+    past = initial_state.transpose(1, 2).to(x.dtype) if initial_state is not None else x.new_zeros(bt, w - 1, cc)
+    full = torch.cat([past, x], dim=1)                                      # [Bt, W-1+T, Cc]
+    if seq_idx is not None:
+        ids = torch.cat([torch.zeros(bt, w - 1, dtype=seq_idx.dtype, device=x.device), seq_idx], dim=1)
+    y = full[:, w - 1:] * weight[:, w - 1]
+    for k in range(1, w):
+        tap = full[:, w - 1 - k: w - 1 - k + t_len]
+        if seq_idx is not None:
+            # Masking the input tap (not the product) keeps the gradient of masked taps exactly zero.
+            tap = tap * (ids[:, w - 1 - k: w - 1 - k + t_len] == seq_idx).to(x.dtype)[..., None]
+        y = y + tap * weight[:, w - 1 - k]
+    if bias is not None:
+        y = y + bias
+    if activation == "silu":
+        y = F.silu(y)
+    if return_final_state:
+        return y, full[:, full.shape[1] - (w - 1):].transpose(1, 2)
+    return y
+
+
+def conv_step(x_t, conv_state, weight, bias=None, activation=None):
+    """x_t [Bt, Cc], conv_state [Bt, Cc, W-1] (oldest first) -> (y_t [Bt, Cc], new_state [Bt, Cc, W-1]).
+
+    A segment reset is the caller zeroing conv_state before the step.
+    """
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    w = weight.shape[1]
+    if conv_state.shape != (x_t.shape[0], x_t.shape[1], w - 1):
+        raise ValueError(f"conv_state must be [Bt, Cc, W-1] = {(x_t.shape[0], x_t.shape[1], w - 1)}, "
+                         f"got {tuple(conv_state.shape)}")
+    window = torch.cat([conv_state.to(x_t.dtype), x_t[..., None]], dim=-1)  # [Bt, Cc, W]
+    y = (window * weight).sum(-1)
+    if bias is not None:
+        y = y + bias
+    if activation == "silu":
+        y = F.silu(y)
+    return y, window[..., 1:]
