@@ -1,0 +1,176 @@
+"""The `attamba` command: parse, build, run, close. Heavy imports happen inside each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  attamba study configs/studies/quickstart.yaml        # the main job: a small grid, tracked and reported
+  attamba train configs/train_tiny.yaml train.steps=300 model.chunk_size=4
+  attamba search configs/search/pl_tradeoff.yaml
+  attamba report --experiment quickstart --out reports/quickstart
+  attamba bench attention --seq-len 4096 --chunk-size 8 --leading-tokens 32
+  mlflow ui --backend-store-uri sqlite:///mlflow.db    # browse every run
+"""
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_train(args) -> int:
+    from .config import load_run_config
+    from .train import train
+
+    cfg = load_run_config(args.config, args.overrides)
+    _print_json(train(cfg))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    if args.lm_eval:
+        from .lm_eval_adapter import run_lm_eval
+
+        _print_json(run_lm_eval(args.checkpoint, args.lm_eval.split(","), include_path=args.include_path,
+                                limit=args.limit))
+        return 0
+    from .evaluate import evaluate_checkpoint
+
+    _print_json(evaluate_checkpoint(args.checkpoint, paper_metric=args.paper_metric))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate_cli import generate_from_checkpoint
+
+    generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    _print_json(run_study(args.config, args.overrides, address=args.address))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .search import run_search
+
+    _print_json(run_search(args.config, args.overrides, address=args.address))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import make_report
+
+    out = Path(args.out or f"reports/{args.experiment}")
+    result = make_report(args.experiment, out, tracking_uri=args.tracking_uri)
+    print(f"report written to {out / 'report.html'}")
+    return 0 if result is not None else 1
+
+
+def cmd_sync(args) -> int:
+    from .tracking import sync_journal
+
+    _print_json(sync_journal(args.dir, uri=args.tracking_uri))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "attention":
+        from .bench_attention import bench_attention
+
+        result = bench_attention(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
+                                 repeats=args.repeats)
+    elif args.what == "train-step":
+        from .bench_train_step import bench_train_step
+
+        result = bench_train_step(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
+                                  repeats=args.repeats)
+    else:
+        from .bench_decode import bench_decode
+
+        result = bench_decode(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens)
+    print(json.dumps(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attamba", description="Attamba scaling studies: train, evaluate, "
+                                     "schedule studies on Ray, search P/L with Optuna, report.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train one model from a YAML config (DeepSpeed)")
+    p.add_argument("config", help="run YAML, e.g. configs/train_tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, bits per byte, or lm-eval tasks")
+    p.add_argument("checkpoint")
+    p.add_argument("--paper-metric", action="store_true", help="also the paper's per-token ppl on document tails")
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, help="examples per lm-eval task")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="stream text from a checkpoint with the compressed KV-cache")
+    p.add_argument("checkpoint")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    for name, func, text in (("study", cmd_study, "run a study grid on Ray Tune and write its report"),
+                             ("search", cmd_search, "multi-objective Optuna search over P and L")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("config")
+        p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+        p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("report", help="scaling-law and trade-off report of an MLflow experiment")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out", help="output folder (default reports/EXPERIMENT)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sync", help="upload metrics journaled while the tracking server was unreachable")
+    p.add_argument("dir", help="a run's journal folder (or a folder of runs)")
+    p.add_argument("--tracking-uri")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("bench", help="benchmarks that print one JSON object with same-run ratios")
+    p.add_argument("what", choices=["attention", "train-step", "decode"])
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--context", type=int, default=4096, help="decode: context length")
+    p.add_argument("--chunk-size", type=int, default=8)
+    p.add_argument("--leading-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        # Config and input errors: one clear line, no traceback.
+        print(f"attamba {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"attamba {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
