@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Submit `attamba <command> CONFIG` to a Ray cluster as a Ray job, shipping this working tree.
+#
+# usage: jobs/submit.sh {study|search|train} CONFIG [RAY_ADDRESS]
+#   RAY_ADDRESS: the job server, default $RAY_ADDRESS, else http://127.0.0.1:8265.
+#   MLFLOW_TRACKING_URI, ATTAMBA_OPTUNA_STORAGE, ATTAMBA_CACHE: forwarded into the job when set
+#     here; unset, the job uses the cluster nodes' own values (docker/compose.yaml sets them).
+#   ATTAMBA_SUBMIT_DRY_RUN=1: print the command, one argument per line, instead of running it.
+set -euo pipefail
+
+readonly FORWARDED_VARS=(MLFLOW_TRACKING_URI ATTAMBA_OPTUNA_STORAGE ATTAMBA_CACHE)
+
+usage() {
+    echo "usage: $0 {study|search|train} CONFIG [RAY_ADDRESS]" >&2
+    exit 2
+}
+
+[[ $# -ge 2 && $# -le 3 ]] || usage
+command_name=$1
+config=$2
+address=${3:-${RAY_ADDRESS:-http://127.0.0.1:8265}}
+
+case "$command_name" in
+    study | search | train) ;;
+    *)
+        echo "command must be one of study, search, train; got '$command_name'" >&2
+        usage
+        ;;
+esac
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ ! -f $config ]]; then
+    echo "config file not found: '$config'; pass a YAML file such as configs/studies/<name>.yaml" >&2
+    exit 2
+fi
+# The job runs in an uploaded copy of the repository root, so the config must be named
+# relative to that root.
+config_abs=$(realpath "$config")
+config_rel=$(realpath --relative-to="$repo_root" "$config_abs")
+if [[ $config_rel == ../* ]]; then
+    echo "config must live inside the repository ($repo_root) to be shipped with the job; got '$config'" >&2
+    exit 2
+fi
+
+cd "$repo_root"
+runtime_env_json=$(
+    python3 - "${FORWARDED_VARS[@]}" <<'PY'
+import json
+import os
+import sys
+
+import yaml
+
+with open("jobs/runtime_env.yaml") as f:
+    runtime_env = yaml.safe_load(f)
+env_vars = runtime_env.setdefault("env_vars", {})
+env_vars.update({name: os.environ[name] for name in sys.argv[1:] if os.environ.get(name)})
+print(json.dumps(runtime_env))
+PY
+)
+
+name=$(basename "$config_rel" .yaml)
+submission_id="attamba-${command_name}-${name}-$(date -u +%Y%m%d-%H%M%S)"
+
+cmd=(
+    ray job submit
+    --address "$address"
+    --submission-id "$submission_id"
+    --runtime-env-json "$runtime_env_json"
+    --working-dir .
+    --no-wait
+    -- attamba "$command_name" "$config_rel"
+)
+
+if [[ ${ATTAMBA_SUBMIT_DRY_RUN:-0} == 1 ]]; then
+    printf '%s\n' "${cmd[@]}"
+    exit 0
+fi
+
+"${cmd[@]}"
+echo "follow: ray job logs -f --address $address $submission_id"

