@@ -237,7 +237,8 @@ def test_ray_services_get_engine_settings(resolved_compose, compose_env):
         assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == compose_env["RAY_AUTH_TOKEN"]
         assert env["ATTAMBA_CACHE"].startswith("/")
         storage = make_url(env["ATTAMBA_OPTUNA_STORAGE"])
-        assert (storage.drivername, storage.host, storage.database) == ("postgresql", "postgres", "optuna")
+        assert (storage.drivername, storage.host, storage.database) == (
+            "postgresql+psycopg2", "postgres", "optuna")
         assert (storage.username, storage.password) == ("optuna", compose_env["OPTUNA_DB_PASSWORD"])
         assert int(services[name]["shm_size"].rstrip("gb")) >= 1
     head = services["ray-head"]
@@ -254,7 +255,8 @@ def test_mlflow_uses_postgres_and_an_artifact_volume(resolved_compose, compose_e
     mlflow = resolved_compose["services"]["mlflow"]
     command = mlflow["command"]
     backend = make_url(command[command.index("--backend-store-uri") + 1])
-    assert (backend.drivername, backend.host, backend.database) == ("postgresql", "postgres", "mlflow")
+    assert (backend.drivername, backend.host, backend.database) == (
+        "postgresql+psycopg2", "postgres", "mlflow")
     assert backend.password == compose_env["MLFLOW_DB_PASSWORD"]
     artifacts = command[command.index("--artifacts-destination") + 1]
     assert "--serve-artifacts" in command
@@ -303,8 +305,8 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
 
 
 def submit(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI",
-                                                                "ATTAMBA_OPTUNA_STORAGE", "ATTAMBA_CACHE")}
+    forwarded = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "ATTAMBA_OPTUNA_STORAGE", "ATTAMBA_CACHE")
+    clean = {k: v for k, v in os.environ.items() if k not in forwarded}
     return subprocess.run(
         [str(JOBS / script), *args], capture_output=True, text=True, timeout=60, cwd=ROOT / "docker",
         env={**clean, "ATTAMBA_SUBMIT_DRY_RUN": "1", **env},
@@ -346,3 +348,85 @@ def test_submit_address_falls_back_to_ray_address():
 def test_submit_rejects_bad_arguments(args, message):
     result = submit("submit_study.sh", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+# --- the PostgreSQL init script, run for real ---------------------------------------------------
+
+
+def postgres_bin(name: str) -> str | None:
+    # Debian keeps the server binaries off PATH, under /usr/lib/postgresql/<major>/bin.
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return shutil.which(name) or (str(candidates[-1]) if candidates else None)
+
+
+@pytest.fixture
+def postgres_server():
+    """A throwaway PostgreSQL on 127.0.0.1 with password auth over TCP, like the compose stack's."""
+    import pwd
+    import socket
+    import tempfile
+
+    initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed")
+    # PostgreSQL refuses to run as root; drop to nobody, who owns the cluster's directory.
+    as_server = ["runuser", "-u", "nobody", "--"] if os.geteuid() == 0 else []
+    base = Path(tempfile.mkdtemp(prefix="attamba-pg-"))
+    if as_server:
+        os.chown(base, pwd.getpwnam("nobody").pw_uid, pwd.getpwnam("nobody").pw_gid)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def run(*cmd):
+        subprocess.run([*as_server, *cmd], check=True, capture_output=True, timeout=120)
+
+    run(initdb, "-D", f"{base}/data", "-U", "postgres", "--auth-local=trust",
+        "--auth-host=scram-sha-256")
+    run(pg_ctl, "-D", f"{base}/data", "-l", f"{base}/log", "-w", "start",
+        "-o", f"-k {base} -p {port} -c listen_addresses=127.0.0.1")
+    try:
+        yield {"PGHOST": str(base), "PGPORT": str(port), "POSTGRES_USER": "postgres",
+               "POSTGRES_DB": "postgres"}
+    finally:
+        run(pg_ctl, "-D", f"{base}/data", "-m", "fast", "-w", "stop")
+        shutil.rmtree(base)
+
+
+@pytest.mark.slow
+def test_init_script_creates_isolated_databases_for_optuna_and_mlflow(postgres_server):
+    import optuna
+    import psycopg2
+    from mlflow.tracking import MlflowClient
+
+    passwords = {"mlflow": "mlflow-pw", "optuna": "o'p\"t@:/x"}  # quoting must survive psql
+    subprocess.run(
+        [str(DOCKER / "postgres-init" / "10-databases.sh")], check=True, timeout=60,
+        env={**os.environ, **postgres_server,
+             "MLFLOW_DB_PASSWORD": passwords["mlflow"], "OPTUNA_DB_PASSWORD": passwords["optuna"]},
+    )
+    port = int(postgres_server["PGPORT"])
+
+    def connect(user, database, password):
+        return psycopg2.connect(host="127.0.0.1", port=port, user=user, dbname=database,
+                                password=password)
+
+    for user, password in passwords.items():
+        connect(user, user, password).close()
+        other = "optuna" if user == "mlflow" else "mlflow"
+        with pytest.raises(psycopg2.OperationalError, match="permission denied"):
+            connect(user, other, password)
+        with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+            connect(user, user, "wrong")
+    # Both engines create their schemas in their own database.
+    from urllib.parse import quote
+
+    optuna_url = f"postgresql+psycopg2://optuna:{quote(passwords['optuna'], safe='')}@127.0.0.1:{port}/optuna"
+    study = optuna.create_study(study_name="packaging", storage=optuna_url)
+    study.optimize(lambda trial: trial.suggest_float("x", -1, 1) ** 2, n_trials=2)
+    assert len(optuna.load_study(study_name="packaging", storage=optuna_url).trials) == 2
+    client = MlflowClient(tracking_uri=f"postgresql+psycopg2://mlflow:mlflow-pw@127.0.0.1:{port}/mlflow")
+    experiment_id = client.create_experiment("packaging")
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "loss", 1.5, step=3)
+    assert client.get_metric_history(run.info.run_id, "loss")[0].value == 1.5

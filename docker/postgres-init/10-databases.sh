@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run once by the postgres image on an empty data volume (/docker-entrypoint-initdb.d):
 # one login role and one database each for MLflow's backend store and Optuna's study storage,
-# so neither service can touch the other's tables.
+# and neither role may connect to the other's database.
 set -euo pipefail
 
 : "${MLFLOW_DB_PASSWORD:?MLFLOW_DB_PASSWORD must be set: copy docker/.env.example to docker/.env}"
@@ -15,4 +15,6 @@ CREATE ROLE mlflow LOGIN PASSWORD :'mlflow_password';
 CREATE DATABASE mlflow OWNER mlflow;
 CREATE ROLE optuna LOGIN PASSWORD :'optuna_password';
 CREATE DATABASE optuna OWNER optuna;
+REVOKE CONNECT ON DATABASE mlflow FROM PUBLIC;
+REVOKE CONNECT ON DATABASE optuna FROM PUBLIC;
 SQL
