@@ -1,0 +1,201 @@
+"""A study, declared: a ladder of sizes x attention variants x seeds x token budgets, expanded into runs.
+
+`expand(study)` is a pure function from the study config to a list of RunSpecs. Each run's name and
+output folder derive from its parameters, so running a study again finds what already finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from attamba import costs
+from attamba.presets import PRESETS
+
+from .config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
+
+BASELINES = ("full", "swa", "iso_kv", "iso_flop")
+TOKEN_RULES = ("fixed", "per_param")
+
+
+@dataclass(frozen=True)
+class AttambaGrid:
+    """Attamba variants: the product of these lists."""
+
+    chunk_size: tuple[int, ...] = (8,)
+    leading_tokens: tuple[int, ...] = (8,)
+    boundaries: tuple[str, ...] = ("cyclic",)
+
+    def __post_init__(self):
+        for p in self.chunk_size:
+            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+                raise ValueError(f"attamba.chunk_size values must be integers >= 1, got {p!r}")
+        for n in self.leading_tokens:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"attamba.leading_tokens values must be integers >= 0, got {n!r}")
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    rule: str = "fixed"            # fixed: `tokens` per run; per_param: `tokens_per_param` x parameters
+    tokens: int = 1_000_000
+    tokens_per_param: float = 20.0
+    budgets: tuple[float, ...] = (1.0,)   # multipliers: several token budgets per size for L(N, D) fits
+
+    def __post_init__(self):
+        if self.rule not in TOKEN_RULES:
+            raise ValueError(f"tokens.rule must be one of {', '.join(TOKEN_RULES)}, got {self.rule!r}")
+        if self.tokens < 1:
+            raise ValueError(f"tokens.tokens must be >= 1, got {self.tokens!r}")
+        if self.tokens_per_param <= 0:
+            raise ValueError(f"tokens.tokens_per_param must be > 0, got {self.tokens_per_param!r}")
+        if not self.budgets or any(b <= 0 for b in self.budgets):
+            raise ValueError(f"tokens.budgets must be positive multipliers, got {list(self.budgets)!r}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 1               # DeepSpeed data-parallel workers per run (Ray Train workers)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent: int = 0        # trials at once; 0 = as many as the cluster fits
+    max_failures: int = 2          # retries of a failed trial, from its last checkpoint
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"resources.workers must be >= 1, got {self.workers!r}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"resources.gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
+        if self.max_concurrent < 0:
+            raise ValueError(f"resources.max_concurrent must be >= 0, got {self.max_concurrent!r}")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"
+    sizes: tuple[str, ...] = ("tiny",)
+    attamba: AttambaGrid = field(default_factory=AttambaGrid)
+    baselines: tuple[str, ...] = ("full",)
+    seeds: tuple[int, ...] = (0,)
+    tokens: TokenBudget = field(default_factory=TokenBudget)
+    resources: Resources = field(default_factory=Resources)
+    out_dir: str = "studies"
+    report: bool = True
+    run: dict = field(default_factory=dict)   # the base RunConfig, as in a `attamba train` YAML
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
+        if not self.sizes:
+            raise ValueError("sizes must list at least one size preset, got []")
+        for size in self.sizes:
+            if size not in PRESETS:
+                raise ValueError(f"sizes: unknown size preset {size!r}; choose from {', '.join(PRESETS)}")
+        for b in self.baselines:
+            if b not in BASELINES:
+                raise ValueError(f"baselines: unknown baseline {b!r}; choose from {', '.join(BASELINES)}")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed, got []")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str                      # unique in the study, derived from the parameters
+    size: str
+    variant: str
+    seed: int
+    tokens: int
+    config: RunConfig              # fully resolved: model, steps, output folder, tracking names
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.train.out_dir)
+
+
+def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"study file {str(path)!r} does not exist; see configs/studies/ for examples")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"study file {str(path)!r} must hold a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    base = data.get("run") or {}
+    if isinstance(base, str):  # a path to a run YAML, relative to the study file
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            raise ValueError(f"run {base!r}: run config file {str(base_path)!r} does not exist")
+        data["run"] = yaml.safe_load(base_path.read_text()) or {}
+    return build(StudyConfig, data)
+
+
+def _variants(study: StudyConfig) -> list[dict]:
+    """Model overrides for each attention variant; iso baselines are sized per (size, Attamba variant)."""
+    attamba = [{"attention": "attamba", "chunk_size": p, "leading_tokens": n, "boundaries": b}
+               for p, n, b in itertools.product(study.attamba.chunk_size, study.attamba.leading_tokens,
+                                                study.attamba.boundaries)]
+    out = [{"attention": "full"}] if "full" in study.baselines else []
+    if "swa" in study.baselines:
+        # the window that keeps as many keys as Attamba's largest window, for a like-for-like local baseline
+        out.append({"attention": "swa", "window": max(study.attamba.leading_tokens) + 1})
+    out += attamba
+    for kind in ("iso_kv", "iso_flop"):
+        if kind in study.baselines:
+            out += [{"attention": kind, "of": v} for v in attamba]
+    return out
+
+
+def _resolve_model(run: RunConfig, variant: dict) -> RunConfig:
+    model = run.model
+    if variant["attention"] in ("iso_kv", "iso_flop"):
+        of = dataclasses.replace(model, **variant["of"])
+        solver = costs.iso_kv_config if variant["attention"] == "iso_kv" else costs.iso_flop_config
+        model = solver(of, run.data.seq_len)
+    else:
+        model = dataclasses.replace(model, **variant)
+    return dataclasses.replace(run, model=model)
+
+
+def _run_name(size: str, variant: dict, model_variant: str, seed: int, tokens: int) -> str:
+    label = model_variant if variant["attention"] not in ("iso_kv", "iso_flop") else (
+        f"{variant['attention']}-P{variant['of']['chunk_size']}-L{variant['of']['leading_tokens']}")
+    return f"{size}__{label}__s{seed}__D{tokens}"
+
+
+def expand(study: StudyConfig) -> list[RunSpec]:
+    """All runs of the study, in a stable order (sizes, then variants, then budgets, then seeds)."""
+    specs = []
+    for size in study.sizes:
+        base = run_config_from_dict({**study.run, "size": size})
+        for variant in _variants(study):
+            run = _resolve_model(base, variant)
+            tokens_per_step = (run.train.batch_size * run.train.grad_accum * study.resources.workers
+                               * run.data.seq_len)
+            for budget in study.tokens.budgets:
+                if study.tokens.rule == "fixed":
+                    tokens = study.tokens.tokens * budget
+                else:
+                    tokens = study.tokens.tokens_per_param * budget * costs.param_count(run.model)
+                steps = max(1, math.ceil(tokens / tokens_per_step))
+                for seed in study.seeds:
+                    name = _run_name(size, variant, run.model.variant(), seed, steps * tokens_per_step)
+                    data = to_dict(run)
+                    data["name"] = name
+                    data["model"]["seed"] = seed
+                    data["train"].update(steps=steps, seed=seed,
+                                         out_dir=str(Path(study.out_dir) / study.name / name))
+                    data["tracking"]["experiment"] = study.name
+                    data["tracking"]["run_name"] = name
+                    specs.append(RunSpec(name, size, run.model.variant() if "of" not in variant else
+                                         name.split("__")[1], seed, steps * tokens_per_step,
+                                         run_config_from_dict(data)))
+    names = [s.name for s in specs]
+    assert len(names) == len(set(names)), "run names must be unique"
+    return specs
