@@ -22,8 +22,8 @@ BUNDLED = "bundled"
 
 # Short names for the hub corpora the project uses: (dataset path, config name, text field).
 HUB_ALIASES = {
-    "wikitext-103-raw-v1": ("wikitext", "wikitext-103-raw-v1"),
-    "wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1"),
+    "wikitext-103-raw-v1": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
+    "wikitext-2-raw-v1": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
     "dclm": ("mlfoundations/dclm-baseline-1.0", None),
 }
@@ -174,7 +174,7 @@ def load_hub(source: str, text_field: str, max_documents: int | None, hf_cache: 
     limit = max_documents or HUB_DEFAULT_MAX_DOCUMENTS
     with _datasets_progress(progress):
         ds = datasets.load_dataset(path, config, split="train", streaming=True, cache_dir=hf_cache)
-    if path == "wikitext":
+    if path.endswith("wikitext"):
         return group_wikitext_lines((row["text"] for row in ds), limit)
     docs = []
     for row in ds:
