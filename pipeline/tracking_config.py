@@ -1,0 +1,88 @@
+"""The `tracking` config section and the resolution of the tracking URI.
+
+Kept free of MLflow imports: the run config imports this module, and a `NoopTracker` must cost nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+DEFAULT_DB_NAME = "mlflow.db"
+
+# Schemes MLflow 3 serves as tracking stores here; anything else (notably `file:` and bare paths, which
+# MLflow reads as the deprecated ./mlruns file store) is refused before a run starts.
+_ACCEPTED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None                 # None -> $MLFLOW_TRACKING_URI -> sqlite:///<cwd>/mlflow.db
+    experiment: str = "attamba"
+    run_name: str | None = None
+    parent_run_id: str | None = None       # nested run of a study: the child gets tag mlflow.parentRunId
+    resume_run_id: str | None = None       # a run restarted from a checkpoint continues this MLflow run
+    system_metrics: bool = False           # CPU/memory/disk/GPU via MLflow's monitors (needs psutil)
+    system_metrics_interval_s: float = 10.0
+    journal_dir: str | None = None         # None -> the directory the caller gives (beside checkpoints)
+    flush_interval_s: float = 1.0          # how often the delivery thread sends what was journaled
+    flush_timeout_s: float = 30.0          # how long finish() waits for undelivered records
+
+    def __post_init__(self):
+        if self.uri is not None:
+            check_uri("tracking.uri", self.uri)
+        if not isinstance(self.experiment, str) or not self.experiment.strip():
+            raise ValueError(f"tracking.experiment must be a non-empty name, got {self.experiment!r}")
+        for name in ("run_name", "parent_run_id", "resume_run_id", "journal_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"tracking.{name} must be a non-empty string or null, got {value!r}")
+        for name in ("system_metrics_interval_s", "flush_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"tracking.{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        if not self.flush_timeout_s >= 0:
+            raise ValueError(f"tracking.flush_timeout_s must be >= 0 seconds, got {self.flush_timeout_s!r}")
+        if self.system_metrics and importlib.util.find_spec("psutil") is None:
+            raise ValueError(
+                "tracking.system_metrics=true needs psutil, which is not installed: "
+                "pip install psutil, or set tracking.system_metrics=false"
+            )
+
+
+def check_uri(field: str, uri: str) -> None:
+    """Refuse URIs MLflow 3 would not serve (or would serve from the deprecated ./mlruns file store)."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"{field} must be a non-empty URI, got {uri!r}")
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme == "file" or scheme == "":
+        raise ValueError(
+            f"{field}={uri!r} names an MLflow file store (./mlruns), which MLflow 3 refuses; "
+            f"use a database, e.g. sqlite:///{DEFAULT_DB_NAME}, or a server, e.g. http://127.0.0.1:5000"
+        )
+    if scheme not in _ACCEPTED_SCHEMES:
+        raise ValueError(
+            f"{field}={uri!r} has an unknown scheme {scheme!r}; use one of "
+            f"{', '.join(s + ':' for s in _ACCEPTED_SCHEMES)}"
+        )
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    """The URI to use: the given one, else $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db."""
+    if uri is not None:
+        check_uri("tracking.uri", uri)
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        check_uri("MLFLOW_TRACKING_URI", env)
+        return env
+    return f"sqlite:///{Path.cwd() / DEFAULT_DB_NAME}"
+
+
+def check_status(status: str) -> str:
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status must be one of {', '.join(RUN_STATUSES)}, got {status!r}")
+    return status

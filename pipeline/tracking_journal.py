@@ -1,0 +1,337 @@
+"""The local journal every tracking call goes through first, and its delivery to MLflow.
+
+Layout of a journal directory (one set of files per tracker instance, `<jid>` sorts by start time):
+  <jid>.jsonl          one JSON record per call, appended and flushed by the caller, fsync'ed per batch
+  <jid>.state.json     {"run_id", "offset"}: the MLflow run and how many bytes of the journal were delivered
+  <jid>.rejected.jsonl entities MLflow refused for good (bad value, changed param), with the error
+  <jid>.spool/         copies of logged artifacts, so a later sync still finds them
+  <jid>.lock           flock held by the live tracker, so `sync_journal` never races its delivery thread
+The offset only moves past a record once MLflow accepted all of it. Re-sending a record is harmless:
+metric points carry their original timestamp and MLflow's SQL store drops exact duplicates, params are
+re-sent with the same value, tags and artifacts overwrite themselves.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from . import tracking_mlflow
+
+log = logging.getLogger(__name__)
+
+# MLflow's log_batch limits (mlflow.utils.validation).
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_ENTITIES_PER_BATCH = 1000
+_READ_CHUNK = 8 << 20
+
+
+def new_journal_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{os.urandom(3).hex()}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def try_lock(path: Path):
+    """An open file holding an exclusive flock on `path`, or None if another process holds it."""
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+class JournalWriter:
+    """Appends records; `append` costs one json.dumps and one write() so the training loop never waits."""
+
+    def __init__(self, directory: Path, jid: str):
+        self.directory, self.jid = directory, jid
+        directory.mkdir(parents=True, exist_ok=True)
+        self.lock_file = try_lock(directory / f"{jid}.lock")
+        assert self.lock_file is not None, "a fresh journal id cannot be locked by anyone else"
+        self._file = open(directory / f"{jid}.jsonl", "ab")
+        self._mutex = threading.Lock()
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, allow_nan=True) + "\n").encode()
+        with self._mutex:
+            self._file.write(line)
+            self._file.flush()  # visible to the delivery reader and safe from a process crash
+
+    def sync(self) -> None:
+        with self._mutex:
+            os.fsync(self._file.fileno())  # safe from a machine crash, once per delivered batch
+
+    def spool_dir(self) -> Path:
+        return self.directory / f"{self.jid}.spool"
+
+    def close(self) -> None:
+        with self._mutex:
+            if not self._file.closed:
+                os.fsync(self._file.fileno())
+                self._file.close()
+        self.lock_file.close()
+
+
+class Delivery:
+    """Sends a journal's undelivered records to MLflow, in order, advancing the delivered offset.
+
+    `deliver_pending` raises the MLflow (or network) error of a transient failure after saving the
+    progress made; permanent refusals are written to the rejected file and skipped.
+    """
+
+    def __init__(self, directory: Path, jid: str, uri: str | None = None):
+        self.directory, self.jid = directory, jid
+        self.path = directory / f"{jid}.jsonl"
+        self.state_path = directory / f"{jid}.state.json"
+        state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.run_id: str | None = state.get("run_id")
+        self.offset: int = state.get("offset", 0)
+        self.uri = uri or self._recorded_uri()
+        self.delivered = 0
+        self.rejected = 0
+        self._client = None
+
+    def _recorded_uri(self) -> str | None:
+        with open(self.path, "rb") as f:
+            first = f.readline()
+        return json.loads(first).get("uri") if first.endswith(b"\n") else None
+
+    def _save(self, offset: int) -> None:
+        self.offset = max(self.offset, offset)
+        _write_json_atomic(self.state_path, {"run_id": self.run_id, "offset": self.offset})
+
+    def pending(self) -> list[tuple[int, dict]]:
+        """(end offset, record) of each complete undelivered line."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(_READ_CHUNK)
+            if b"\n" not in data and len(data) == _READ_CHUNK:
+                data += f.read()
+        items, pos = [], self.offset
+        for line in data.split(b"\n")[:-1]:  # the last piece is incomplete (or empty)
+            pos += len(line) + 1
+            items.append((pos, json.loads(line)))
+        return items
+
+    def count_pending(self) -> int:
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return f.read().count(b"\n")
+
+    def caught_up(self) -> bool:
+        return self.offset >= self.path.stat().st_size
+
+    def deliver_pending(self) -> None:
+        while True:
+            items = self.pending()
+            if not items:
+                return
+            self._deliver(items)
+
+    def _mlflow(self):
+        if self._client is None:
+            self._client = tracking_mlflow.client(self.uri)
+        return self._client
+
+    def _deliver(self, items: list[tuple[int, dict]]) -> None:
+        batch = _Batch()
+        for end, record in items:
+            op = record["op"]
+            if op in ("metrics", "params", "tags"):
+                for entity in _entities(record):
+                    if not batch.fits(entity):
+                        self._send(batch)
+                        batch = _Batch()
+                    batch.add(entity)
+                batch.complete(end)
+                continue
+            self._send(batch)
+            batch = _Batch()
+            if op == "start":
+                self._start(record)
+            elif self.run_id is None:
+                raise RuntimeError(f"journal {self.path} has no run to deliver {op!r} to")
+            else:
+                self._single(record)
+            self._save(end)
+            self.delivered += 1
+        self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
+        if not batch.empty():
+            try:
+                self._mlflow().log_batch(self.run_id, **batch.kwargs())
+            except Exception as error:
+                if not tracking_mlflow.is_permanent(error):
+                    raise
+                self._send_one_by_one(batch)
+        if batch.complete_end is not None:
+            self.delivered += batch.complete_records
+            self._save(batch.complete_end)
+
+    def _send_one_by_one(self, batch: _Batch) -> None:
+        for kind, entity in batch.entities:
+            try:
+                self._mlflow().log_batch(self.run_id, **{kind: [entity]})
+            except Exception as error:
+                if not tracking_mlflow.is_permanent(error):
+                    raise
+                self._reject({"entity": kind, "key": entity.key, "value": entity.value}, error)
+
+    def _reject(self, what: dict, error: BaseException) -> None:
+        self.rejected += 1
+        log.error("MLflow refused %s for good: %s", what, error)
+        with open(self.directory / f"{self.jid}.rejected.jsonl", "a") as f:
+            f.write(json.dumps({**what, "error": str(error)[:2000]}) + "\n")
+
+    def _start(self, record: dict) -> None:
+        if self.run_id is not None:
+            return
+        self.uri = self.uri or record["uri"]
+        c = self._mlflow()
+        if record.get("resume_run_id"):
+            run_id = record["resume_run_id"]
+            c.get_run(run_id)  # RESOURCE_DOES_NOT_EXIST surfaces here, before anything is logged to it
+            c.update_run(run_id, status="RUNNING")
+        else:
+            tags = dict(record.get("tags") or {})
+            if record.get("parent_run_id"):
+                tags[tracking_mlflow.PARENT_RUN_TAG] = record["parent_run_id"]
+            experiment_id = tracking_mlflow.ensure_experiment(c, self.uri, record["experiment"])
+            run_id = c.create_run(experiment_id, start_time=record["time"], tags=tags,
+                                  run_name=record.get("run_name")).info.run_id
+        self.run_id = run_id
+
+    def _single(self, record: dict) -> None:
+        c, op = self._mlflow(), record["op"]
+        try:
+            if op == "artifact":
+                local = self.directory / record["spool"]
+                if local.is_dir():
+                    c.log_artifacts(self.run_id, str(local), record.get("artifact_path"))
+                else:
+                    c.log_artifact(self.run_id, str(local), record.get("artifact_path"))
+            elif op == "text":
+                c.log_text(self.run_id, record["text"], record["name"])
+            elif op == "finish":
+                c.set_terminated(self.run_id, status=record["status"], end_time=record["time"])
+            else:
+                raise ValueError(f"unknown journal op {op!r} in {self.path}")
+        except Exception as error:
+            if not tracking_mlflow.is_permanent(error):
+                raise
+            self._reject({"op": op}, error)
+
+
+def _entities(record: dict):
+    from mlflow.entities import Metric, Param, RunTag
+
+    op = record["op"]
+    if op == "metrics":
+        for key, value in record["metrics"].items():
+            yield "metrics", Metric(key, float(value), record["time"], record["step"])
+    elif op == "params":
+        for key, value in record["params"].items():
+            yield "params", Param(key, value)
+    else:
+        for key, value in record["tags"].items():
+            yield "tags", RunTag(key, value)
+
+
+class _Batch:
+    def __init__(self):
+        self.entities: list[tuple[str, object]] = []
+        self.counts = {"metrics": 0, "params": 0, "tags": 0}
+        self.param_keys: set[str] = set()
+        # Records that ended inside this batch: the offset may pass them once it is accepted. A record
+        # split over several batches completes in its last one.
+        self.complete_end: int | None = None
+        self.complete_records = 0
+
+    def complete(self, end: int) -> None:
+        self.complete_end = end
+        self.complete_records += 1
+
+    def fits(self, entity: tuple[str, object]) -> bool:
+        kind, value = entity
+        if len(self.entities) >= MAX_ENTITIES_PER_BATCH:
+            return False
+        if kind == "params" and value.key in self.param_keys:
+            return False  # MLflow refuses a batch naming one param twice
+        limit = MAX_METRICS_PER_BATCH if kind == "metrics" else MAX_PARAMS_TAGS_PER_BATCH
+        return self.counts[kind] < limit
+
+    def add(self, entity: tuple[str, object]) -> None:
+        kind, value = entity
+        self.entities.append(entity)
+        self.counts[kind] += 1
+        if kind == "params":
+            self.param_keys.add(value.key)
+
+    def empty(self) -> bool:
+        return not self.entities
+
+    def kwargs(self) -> dict:
+        out = {"metrics": [], "params": [], "tags": []}
+        for kind, value in self.entities:
+            out[kind].append(value)
+        return out
+
+
+def journal_ids(directory: Path) -> list[str]:
+    return sorted(p.name[: -len(".jsonl")] for p in directory.glob("*.jsonl")
+                  if not p.name.endswith(".rejected.jsonl"))
+
+
+def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None) -> dict[str, int]:
+    """Deliver whatever the journals in `journal_dir` still hold; idempotent.
+
+    `uri` overrides the tracking URI recorded when each run started. Journals held by a live tracker are
+    skipped (counted as `busy`). Returns counts: journals, delivered and pending records, rejected
+    entities, busy journals, and `failed` journals whose server was unreachable.
+    """
+    directory = Path(journal_dir)
+    if not directory.is_dir():
+        raise ValueError(f"journal_dir {str(directory)!r} is not a directory; pass the run's journal folder")
+    counts = {"journals": 0, "delivered": 0, "pending": 0, "rejected": 0, "busy": 0, "failed": 0}
+    for jid in journal_ids(directory):
+        counts["journals"] += 1
+        lock = try_lock(directory / f"{jid}.lock")
+        if lock is None:
+            counts["busy"] += 1
+            continue
+        try:
+            delivery = Delivery(directory, jid, uri)
+            try:
+                delivery.deliver_pending()
+            except Exception as error:
+                if tracking_mlflow.is_permanent(error):
+                    raise
+                counts["failed"] += 1
+                log.warning("journal %s: tracking server unreachable: %s", jid, error)
+            counts["delivered"] += delivery.delivered
+            counts["rejected"] += delivery.rejected
+            counts["pending"] += delivery.count_pending()
+        finally:
+            lock.close()
+    return counts

@@ -1,0 +1,112 @@
+"""Thin MLflow helpers: clients with short HTTP retries, experiments, parent runs, run queries.
+
+MLflow is imported inside functions so that importing the tracking package stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from .tracking_config import check_status, resolve_uri
+
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+# MLflow's own HTTP retries default to 7 with exponential backoff: a dead server then holds each call for
+# minutes. The journal's delivery thread does its own retrying, so each request should fail fast.
+HTTP_MAX_RETRIES = "0"
+HTTP_TIMEOUT_S = "5"
+
+# Error codes that mean "this request will never succeed" (bad value, changed param, deleted run).
+# Anything else (connection refused, timeouts, 5xx, rate limits) is retried later.
+_PERMANENT_ERROR_CODES = frozenset({
+    "INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+    "BAD_REQUEST", "INVALID_STATE",
+})
+
+
+def configure_http() -> None:
+    """Short MLflow HTTP retries and timeout, unless the user set them in the environment."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_MAX_RETRIES)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+
+
+def client(uri: str | None = None):
+    configure_http()
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_uri(uri))
+
+
+def is_permanent(error: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code in _PERMANENT_ERROR_CODES
+
+
+def default_artifact_location(uri: str, experiment: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database, not into ./mlruns of the working directory."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    db_path = Path(uri[len("sqlite:///"):]).resolve()
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)
+    return (db_path.parent / "mlartifacts" / safe).as_uri()
+
+
+def ensure_experiment(mlflow_client, uri: str, name: str) -> str:
+    """Experiment id of `name`, created if missing (tolerating a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    found = mlflow_client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=default_artifact_location(uri, name))
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def start_parent_run(experiment: str, name: str, tags: Mapping[str, str] | None = None,
+                     uri: str | None = None) -> str:
+    """Create a RUNNING run that study trials nest under (their tag mlflow.parentRunId); returns its id."""
+    uri = resolve_uri(uri)
+    c = client(uri)
+    run = c.create_run(ensure_experiment(c, uri, experiment), run_name=name,
+                       tags={k: str(v) for k, v in (tags or {}).items()})
+    return run.info.run_id
+
+
+def end_run(run_id: str, status: str = "FINISHED", uri: str | None = None) -> None:
+    client(uri).set_terminated(run_id, status=check_status(status))
+
+
+def _quote(value: str) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def find_runs(experiment: str, tags: Mapping[str, str] | None = None, uri: str | None = None,
+              parent_run_id: str | None = None) -> list:
+    """All runs of `experiment` whose tags equal `tags` (and nested under `parent_run_id` if given).
+
+    Returns mlflow.entities.Run objects, newest first; [] when the experiment does not exist.
+    """
+    c = client(uri)
+    found = c.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    wanted = dict(tags or {})
+    if parent_run_id is not None:
+        wanted[PARENT_RUN_TAG] = parent_run_id
+    filter_string = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in wanted.items())
+    runs, token = [], None
+    while True:
+        page = c.search_runs([found.experiment_id], filter_string=filter_string,
+                             max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
