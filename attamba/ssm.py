@@ -11,7 +11,7 @@ from torch import nn
 from .config import SSMConfig
 from .layers import GatedRMSNorm
 from .ops.conv import causal_conv1d, conv_step
-from .ops.ssd import ssd_scan, ssd_step
+from .ops.ssd import ssd_scan, ssd_scan_aligned, ssd_step
 
 
 class ChunkSSM(nn.Module):
@@ -21,9 +21,12 @@ class ChunkSSM(nn.Module):
     through the scan state or the conv window; with in-chunk offsets it reproduces the released code.
     """
 
-    def __init__(self, dim: int, cfg: SSMConfig, norm_eps: float = 1e-5):
+    def __init__(self, dim: int, cfg: SSMConfig, norm_eps: float = 1e-5, chunk_size: int | None = None):
         super().__init__()
         self.cfg = cfg
+        # With chunk segmentation every segment is moved onto a grid of this many tokens, so the scan
+        # needs no state passing between its own chunks (see ssd_scan_aligned). None: plain scan.
+        self.align_block = min(chunk_size, cfg.scan_chunk) if chunk_size else None
         inner, heads, groups, n = cfg.inner_dim, cfg.heads, cfg.groups, cfg.state_dim
         self.in_proj = nn.Linear(dim, 2 * inner + 2 * groups * n + heads, bias=False)
         self.conv_weight = nn.Parameter(torch.empty(cfg.conv_dim, cfg.conv_width))
@@ -79,8 +82,12 @@ class ChunkSSM(nn.Module):
         xbc = causal_conv1d(xbc_raw, self.conv_weight, self.conv_bias, seq_idx=seq_idx, activation="silu")
         x, b, c = self._unpack_xbc(xbc)
         A = -torch.exp(self.A_log.float())
-        out = ssd_scan(x, self._dt(dt), A, b, c, D=self.D, seq_idx=seq_idx, scan_chunk=self.cfg.scan_chunk,
-                       return_final_state=return_states)
+        if self.align_block:
+            out = ssd_scan_aligned(x, self._dt(dt), A, b, c, D=self.D, seq_idx=seq_idx, block=self.align_block,
+                                   return_final_state=return_states)
+        else:
+            out = ssd_scan(x, self._dt(dt), A, b, c, D=self.D, seq_idx=seq_idx, scan_chunk=self.cfg.scan_chunk,
+                           return_final_state=return_states)
         y, ssm_state = out if return_states else (out, None)
         y = self.out_proj(self.norm(y.reshape(bsz, seqlen, -1), z))
         if not return_states:
