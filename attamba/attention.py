@@ -65,11 +65,41 @@ class Attention(nn.Module):
         bsz, seqlen, _ = t.shape
         return t.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: LayerLayout) -> torch.Tensor:
-        """x: [B, T, dim] -> [B, T, dim]"""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: LayerLayout,
+                return_cache: bool = False):
+        """x: [B, T, dim] -> [B, T, dim].
+
+        With return_cache, also (k, v, ssm_states) for building a decoding cache: k after RoPE and v,
+        both [B, H, T, D]; ssm_states ((conv, scan) of the K-SSM, same of the V-SSM) or None.
+        """
         cos, sin = rope
-        k, v, _ = self.keys_values(x, layout)
+        k, v, states = self.keys_values(x, layout, return_states=return_cache and self.kind == "attamba")
         q = apply_rope(self.heads(self.wq(x)), cos, sin)
         k = apply_rope(self.heads(k), cos, sin)
-        out = attention(q, k, self.heads(v), boundaries=layout.boundaries, leading_tokens=layout.leading_tokens)
-        return self.wo(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        v = self.heads(v)
+        out = attention(q, k, v, boundaries=layout.boundaries, leading_tokens=layout.leading_tokens)
+        out = self.wo(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        if return_cache:
+            return out, (k, v, states if self.kind == "attamba" else None)
+        return out
+
+    def step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
+        """One token per sequence. x: [B, dim]; rope: cos, sin [B, D/2] at each sequence's position;
+        cache: this layer's attamba.cache.LayerCache (SSM states, stored keys), updated in place -> [B, dim].
+        """
+        bsz = x.shape[0]
+        cos, sin = (t[:, None, None, :] for t in rope)
+        if self.kind == "attamba":
+            xk, xv = self.kv_inputs(x)
+            (k_conv, k_scan), (v_conv, v_scan) = cache.ssm_states()
+            k, k_conv, k_scan = self.ssm_k.step(xk, k_conv, k_scan)
+            v, v_conv, v_scan = self.ssm_v.step(xv, v_conv, v_scan)
+            if self.cfg.ssm_residual:
+                k, v = xk + k, xv + v
+            cache.set_ssm_states((k_conv, k_scan), (v_conv, v_scan))
+        else:
+            k, v = self.wk(x), self.wv(x)
+        q = apply_rope(self.heads(self.wq(x)[:, None]), cos, sin)
+        k = apply_rope(self.heads(k[:, None]), cos, sin)
+        out = cache.append_and_attend(q, k, self.heads(v[:, None]))  # [B, H, 1, D]
+        return self.wo(out.reshape(bsz, -1))

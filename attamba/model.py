@@ -21,8 +21,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, rope, layout):
+    def forward(self, x, rope, layout, return_cache: bool = False):
+        if return_cache:
+            out, kv = self.attn(self.attn_norm(x), rope, layout, return_cache=True)
+            h = x + out
+            return h + self.ffn(self.ffn_norm(h)), kv
         h = x + self.attn(self.attn_norm(x), rope, layout)
+        return h + self.ffn(self.ffn_norm(h))
+
+    def step(self, x, rope, cache):
+        """x: [B, dim], one token per sequence -> [B, dim]; `cache` is this layer's LayerCache."""
+        h = x + self.attn.step(self.attn_norm(x), rope, cache)
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -101,3 +110,33 @@ class AttambaLM(nn.Module):
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
         return loss.view(bsz, seqlen) if reduction == "none" else loss
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor):
+        """Parallel forward of one prompt, keeping what a decoding cache needs (eval boundaries).
+
+        tokens: [B, T] -> logits [B, T, V] and one (k, v, ssm_states) per layer, k after RoPE and v
+        [B, H, T, D]; ssm_states are the K- and V-SSM (conv, scan) states after the last token, or None.
+        """
+        seqlen = tokens.shape[1]
+        if seqlen > self.config.max_seq_len:
+            raise ValueError(f"prompt length {seqlen} exceeds max_seq_len ({self.config.max_seq_len}); "
+                             "raise model.max_seq_len or shorten the prompt")
+        positions = torch.arange(seqlen, device=tokens.device)
+        h = self.embed(tokens)
+        rope = self.rope(positions, h.dtype)
+        kvs = []
+        for block, layout in zip(self.layers, self.layouts(positions, training=False)):
+            h, kv = block(h, rope, layout, return_cache=True)
+            kvs.append(kv)
+        return self.logits(h), kvs
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, caches) -> torch.Tensor:
+        """One decoding step. tokens, positions: int64 [B] (each sequence at its own position);
+        caches: one attamba.cache.LayerCache per layer, updated in place -> logits [B, V]."""
+        h = self.embed(tokens)
+        rope = self.rope(positions, h.dtype)
+        for block, cache in zip(self.layers, caches):
+            h = block.step(h, rope, cache)
+        return self.logits(h)
