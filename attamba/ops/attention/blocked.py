@@ -1,0 +1,253 @@
+"""Exact Attamba attention in O(T * (T/P + L)) work from a few fused SDPA calls (CPU; also correct on CUDA).
+
+Each query's visible keys split into two disjoint parts:
+  window:   keys in [s - L, s + Bq) of its query block [s, s + Bq), under the Attamba mask restricted
+            to that range. One SDPA call: the blocks ride in the heads dimension, the overlapping key
+            windows are an as_strided view of the left-padded keys.
+  boundary: the boundary keys b < s - L, all visible and outside the window. Gathered once; query
+            blocks are grouped into superblocks, each one SDPA over a prefix of the gathered keys,
+            masked only where a block's prefix is shorter than the superblock's longest.
+The parts are merged with their log-sum-exps into one softmax. The backward calls the SDPA backward
+per part with the merged output and log-sum-exp, which yields exactly that part's share of dq, dk, dv
+(as in ring attention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Fractions of the exact visible-key work allowed as waste: window rows see up to Bq - 1 keys they cannot
+# use; boundary rows in a superblock see masked keys up to the superblock's longest prefix.
+WINDOW_WASTE = 0.04
+BOUNDARY_WASTE = 0.02
+BLOCK_SIZES = (64, 32, 16, 8)
+
+
+@dataclass(frozen=True)
+class Superblock:
+    start: int  # first query row (padded coordinates, multiple of the block size)
+    stop: int
+    num_keys: int  # length of the boundary-key prefix shared by its rows
+    mask: torch.Tensor | None  # [1, 1, stop - start, num_keys] additive; None when every row sees all
+    empty_rows: torch.Tensor | None  # bool [stop - start], rows whose prefix is empty (log-sum-exp -inf)
+
+
+@dataclass(frozen=True)
+class BlockedPlan:
+    seq_len: int
+    leading_tokens: int  # clamped to T - 1: a longer window is full causal
+    block_size: int
+    num_blocks: int
+    window_mask: torch.Tensor  # [1, num_blocks, Bq, L + Bq] additive float
+    boundary_index: torch.Tensor | None  # int64 [nb]
+    superblocks: tuple[Superblock, ...]
+    work: int  # query-key pairs the kernels multiply, padding included
+    exact: int  # query-key pairs the mask makes visible
+
+
+def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # The CPU flash kernel takes float masks added to the scores; a bool mask is not accepted there.
+    zero = torch.zeros((), dtype=dtype, device=visible.device)
+    return torch.where(visible, zero, torch.tensor(float("-inf"), dtype=dtype, device=visible.device))
+
+
+def _choose_block_size(seq_len: int, leading: int, exact: int) -> int:
+    # Each window row multiplies L + Bq keys where it needs about L + 1: largest Bq within the waste budget.
+    for size in BLOCK_SIZES:
+        if seq_len * (size - 1) <= WINDOW_WASTE * exact:
+            return size
+    return BLOCK_SIZES[-1]
+
+
+def _superblocks(
+    prefix: list[int], block: int, leading: int, dtype: torch.dtype, device: torch.device
+) -> tuple[list[Superblock], int]:
+    """Greedy grouping of query blocks with prefix[j] boundary keys; returns the groups and their work."""
+    groups: list[tuple[int, int]] = []
+    j, nblk = 0, len(prefix)
+    while j < nblk and prefix[j] == 0:
+        j += 1
+    while j < nblk:
+        first, waste, needed = j, 0, prefix[j] + leading + 1
+        j += 1
+        while j < nblk:
+            extra = waste + (prefix[j] - prefix[j - 1]) * (j - first) * block
+            if extra > BOUNDARY_WASTE * (needed + prefix[j] + leading + 1) * block:
+                break
+            waste, needed = extra, needed + prefix[j] + leading + 1
+            j += 1
+        groups.append((first, j))
+    blocks_prefix = torch.tensor(prefix, dtype=torch.int64, device=device)
+    result, work = [], 0
+    for first, stop in groups:
+        n = prefix[stop - 1]
+        rows = torch.repeat_interleave(blocks_prefix[first:stop], block)
+        work += n * rows.numel()
+        mask = empty = None
+        if prefix[first] != n:
+            visible = torch.arange(n, device=device)[None, :] < rows[:, None]
+            mask = _additive(visible, dtype)[None, None]
+            if prefix[first] == 0:
+                empty = rows == 0
+        result.append(Superblock(first * block, stop * block, n, mask, empty))
+    return result, work
+
+
+def make_plan(
+    seq_len: int,
+    boundaries: torch.Tensor | None,
+    leading_tokens: int | None,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int | None = None,
+) -> BlockedPlan:
+    """Block layout and masks for one (T, boundaries, L); they depend on neither batch nor heads."""
+    from attamba.ops.attention.mask import visible_keys
+
+    leading = seq_len - 1 if leading_tokens is None else min(leading_tokens, seq_len - 1)
+    if leading == seq_len - 1:
+        boundaries = None  # the window already holds every earlier key
+    exact = int(visible_keys(seq_len, boundaries, leading).sum())
+    block = block_size or _choose_block_size(seq_len, leading, exact)
+    nblk = math.ceil(seq_len / block)
+    padded = nblk * block
+    span = leading + block
+    flags = torch.zeros(padded, dtype=torch.bool, device=device)
+    if boundaries is not None:
+        flags[:seq_len] = boundaries.to(device)
+    t = torch.arange(padded, device=device).view(nblk, block, 1)
+    key = (torch.arange(nblk, device=device) * block - leading).view(nblk, 1, 1) + torch.arange(span, device=device)
+    distance = t - key
+    # Padded rows keep their own (zero) key visible so no row is empty; real rows never reach padded keys.
+    flags_at_key = torch.where(key >= 0, flags[key.clamp(0, padded - 1)], torch.zeros_like(distance, dtype=torch.bool))
+    visible = (key >= 0) & (distance >= 0) & ((distance <= leading) | ((distance > 0) & flags_at_key))
+    window_mask = _additive(visible, dtype)[None]
+    work = padded * span
+    index, groups = None, []
+    if boundaries is not None and bool(boundaries.any()):
+        index = torch.nonzero(boundaries.to(device), as_tuple=False)[:, 0]
+        starts = torch.arange(nblk, device=device) * block - leading
+        prefix = torch.searchsorted(index, starts).tolist()
+        groups, boundary_work = _superblocks(prefix, block, leading, dtype, device)
+        work += boundary_work
+    return BlockedPlan(seq_len, leading, block, nblk, window_mask, index, tuple(groups), work, exact)
+
+
+def _windows(x: torch.Tensor, plan: BlockedPlan) -> torch.Tensor:
+    """[N, T, D] -> overlapping key windows [N, nblk, L + Bq, D], a view of one left-padded copy."""
+    padded = plan.num_blocks * plan.block_size
+    xp = F.pad(x, (0, 0, plan.leading_tokens, padded - plan.seq_len))
+    span = plan.leading_tokens + plan.block_size
+    n, _, d = xp.shape
+    return xp.as_strided((n, plan.num_blocks, span, d), (xp.stride(0), plan.block_size * d, d, 1))
+
+
+def _fold(windows: torch.Tensor, plan: BlockedPlan) -> torch.Tensor:
+    """Adjoint of _windows: sum overlapping window gradients [N, nblk, L + Bq, D] back to [N, T, D]."""
+    n, nblk, span, d = windows.shape
+    block = plan.block_size
+    slabs = math.ceil(span / block)
+    acc = windows.new_zeros(n, nblk + slabs, block, d)
+    for r in range(slabs):
+        width = min(block, span - r * block)
+        acc[:, r : r + nblk, :width] += windows[:, :, r * block : r * block + width]
+    flat = acc.view(n, (nblk + slabs) * block, d)
+    return flat[:, plan.leading_tokens : plan.leading_tokens + plan.seq_len]
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _pad_rows(x: torch.Tensor, plan: BlockedPlan) -> torch.Tensor:
+    return F.pad(x, (0, 0, 0, plan.num_blocks * plan.block_size - plan.seq_len))
+
+
+class _BlockedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan: BlockedPlan, scale: float):
+        b, h, t, d = q.shape
+        n, nblk, block = b * h, plan.num_blocks, plan.block_size
+        qf, kf, vf = (x.reshape(n, t, d) for x in (q, k, v))
+        qp = _pad_rows(qf, plan)
+        out_w, lse_w = _flash(
+            qp.view(n, nblk, block, d), _windows(kf, plan), _windows(vf, plan), 0.0, False,
+            attn_mask=plan.window_mask, scale=scale,
+        )
+        out, lse = out_w.reshape(n, -1, d), lse_w.reshape(n, -1)
+        if plan.superblocks:
+            kb, vb = kf.index_select(1, plan.boundary_index), vf.index_select(1, plan.boundary_index)
+            for sb in plan.superblocks:
+                rows, keys = slice(sb.start, sb.stop), slice(0, sb.num_keys)
+                o, l = _flash(
+                    qp[:, None, rows], kb[:, None, keys], vb[:, None, keys], 0.0, False,
+                    attn_mask=sb.mask, scale=scale,
+                )
+                o, l = o[:, 0], l[:, 0]
+                if sb.empty_rows is not None:
+                    # The kernel reports 0, not -inf, as the log-sum-exp of a row with no visible key.
+                    l = l.masked_fill(sb.empty_rows, float("-inf"))
+                    o = o.masked_fill(sb.empty_rows[:, None], 0.0)
+                # Merged in place, one superblock at a time: fresh full-size buffers cost page faults.
+                merged = torch.logaddexp(lse[:, rows], l)
+                keep = torch.exp(lse[:, rows] - merged)[..., None].to(out.dtype)
+                add = torch.exp(l - merged)[..., None].to(out.dtype)
+                out[:, rows] = out[:, rows] * keep + o * add
+                lse[:, rows] = merged
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale = plan, scale
+        return out[:, :t].reshape(b, h, t, d)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        b, h, t, d = q.shape
+        n, nblk, block = b * h, plan.num_blocks, plan.block_size
+        qf, kf, vf = (x.reshape(n, t, d) for x in (q, k, v))
+        qp = _pad_rows(qf, plan)
+        go = _pad_rows(grad_out.reshape(n, t, d), plan).contiguous()
+        dq_w, dk_w, dv_w = _flash_backward(
+            go.view(n, nblk, block, d), qp.view(n, nblk, block, d), _windows(kf, plan), _windows(vf, plan),
+            out.view(n, nblk, block, d), lse.view(n, nblk, block), 0.0, False,
+            attn_mask=plan.window_mask, scale=scale,
+        )
+        dq = dq_w.reshape(n, -1, d)
+        dk, dv = _fold(dk_w, plan), _fold(dv_w, plan)
+        if plan.superblocks:
+            index = plan.boundary_index
+            kb, vb = kf.index_select(1, index), vf.index_select(1, index)
+            dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
+            for sb in plan.superblocks:
+                rows, keys = slice(sb.start, sb.stop), slice(0, sb.num_keys)
+                dq_s, dk_s, dv_s = _flash_backward(
+                    go[:, None, rows], qp[:, None, rows], kb[:, None, keys], vb[:, None, keys],
+                    out[:, None, rows], lse[:, None, rows], 0.0, False, attn_mask=sb.mask, scale=scale,
+                )
+                dq[:, rows] += dq_s[:, 0]
+                dkb[:, keys] += dk_s[:, 0]
+                dvb[:, keys] += dv_s[:, 0]
+            dk = dk.index_add(1, index, dkb)
+            dv = dv.index_add(1, index, dvb)
+        shape = (b, h, t, d)
+        return dq[:, :t].reshape(shape), dk.reshape(shape), dv.reshape(shape), None, None
+
+
+def blocked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    boundaries: torch.Tensor | None,
+    leading_tokens: int | None,
+    scale: float | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Exact Attamba attention. q, k, v: [B, H, T, D] (same H) -> [B, H, T, D]; CPU flash kernels."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    plan = make_plan(q.shape[-2], boundaries, leading_tokens, q.dtype, q.device, block_size)
+    return _BlockedAttention.apply(q, k, v, plan, float(scale))
