@@ -88,6 +88,7 @@ class StudyConfig:
     resources: Resources = field(default_factory=Resources)
     out_dir: str = "studies"
     report: bool = True
+    address: str | None = None     # Ray cluster; None: --address, else $RAY_ADDRESS, else a local Ray
     run: dict = field(default_factory=dict)   # the base RunConfig, as in a `attamba train` YAML
 
     def __post_init__(self):
@@ -103,6 +104,11 @@ class StudyConfig:
                 raise ValueError(f"baselines: unknown baseline {b!r}; choose from {', '.join(BASELINES)}")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed, got []")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {list(self.seeds)!r}")
+        if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
+            raise ValueError(f"address must be a Ray address such as 'auto' or 'ray://host:10001', or null, "
+                             f"got {self.address!r}")
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,8 @@ def _resolve_model(run: RunConfig, variant: dict) -> RunConfig:
 
 def _run_name(size: str, variant: dict, model_variant: str, seed: int, tokens: int) -> str:
     label = model_variant if variant["attention"] not in ("iso_kv", "iso_flop") else (
-        f"{variant['attention']}-P{variant['of']['chunk_size']}-L{variant['of']['leading_tokens']}")
+        f"{variant['attention']}-P{variant['of']['chunk_size']}-L{variant['of']['leading_tokens']}"
+        f"-{variant['of']['boundaries']}")
     return f"{size}__{label}__s{seed}__D{tokens}"
 
 
@@ -197,5 +204,8 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                                          name.split("__")[1], seed, steps * tokens_per_step,
                                          run_config_from_dict(data)))
     names = [s.name for s in specs]
-    assert len(names) == len(set(names)), "run names must be unique"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"the study lists the same run more than once ({', '.join(repeated)}); remove the "
+                         f"repeated entries from sizes, attamba or tokens.budgets")
     return specs
