@@ -247,6 +247,9 @@ def blocked_attention(
     block_size: int | None = None,
 ) -> torch.Tensor:
     """Exact Attamba attention. q, k, v: [B, H, T, D] (same H) -> [B, H, T, D]; CPU flash kernels."""
+    if q.device.type != "cpu":
+        # The CUDA variant (aten._scaled_dot_product_efficient_attention + its backward) is not written yet.
+        raise ValueError(f"backend 'blocked' runs on CPU tensors only, got device {q.device}; use 'flex' on CUDA")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     plan = make_plan(q.shape[-2], boundaries, leading_tokens, q.dtype, q.device, block_size)

@@ -1,0 +1,82 @@
+"""Timing of Attamba attention, forward + backward: dense-mask reference, fast path, causal SDPA."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attamba.ops.attention import attention, visible_keys
+
+
+def _time_step(fn, inputs, repeats: int) -> float:
+    """Median wall seconds of forward + backward after one warm-up."""
+    times = []
+    for i in range(repeats + 1):
+        for x in inputs:
+            x.grad = None
+        start = time.perf_counter()
+        out = fn(*inputs)
+        out.backward(torch.ones_like(out))
+        if i > 0:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_attention(
+    seq_len: int,
+    chunk_size: int = 8,
+    leading_tokens: int = 32,
+    heads: int = 8,
+    head_dim: int = 64,
+    batch: int = 1,
+    repeats: int = 3,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Seconds per forward+backward at q, k, v of shape [batch, heads, seq_len, head_dim].
+
+    Uniform boundaries (chunk ends P-1, 2P-1, ... and the sink at 0). Reference = dense T x T mask;
+    fast = the backend "auto" picks; causal_sdpa = SDPA(is_causal=True), what a transformer pays.
+    """
+    if seq_len < 1 or chunk_size < 1 or repeats < 1:
+        raise ValueError(
+            f"seq_len, chunk_size and repeats must be >= 1, got {seq_len}, {chunk_size}, {repeats}"
+        )
+    pos = torch.arange(seq_len)
+    boundaries = pos % chunk_size == chunk_size - 1
+    boundaries[0] = True
+    gen = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(batch, heads, seq_len, head_dim, generator=gen, dtype=dtype).requires_grad_() for _ in range(3)
+    ]
+
+    def run(backend):
+        return lambda q, k, v: attention(
+            q, k, v, boundaries=boundaries, leading_tokens=leading_tokens, backend=backend
+        )
+
+    reference_s = _time_step(run("naive"), inputs, repeats)
+    fast_s = _time_step(run(None), inputs, repeats)
+    causal_s = _time_step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), inputs, repeats)
+    visible = int(visible_keys(seq_len, boundaries, leading_tokens).sum())
+    return {
+        "seq_len": seq_len,
+        "chunk_size": chunk_size,
+        "leading_tokens": leading_tokens,
+        "batch": batch,
+        "heads": heads,
+        "head_dim": head_dim,
+        "dtype": str(dtype).removeprefix("torch."),
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "reference_s": reference_s,
+        "fast_s": fast_s,
+        "fast_over_reference": fast_s / reference_s,
+        "causal_sdpa_s": causal_s,
+        "fast_over_causal_sdpa": fast_s / causal_s,
+        "visible_keys": visible,
+        "flop_ratio_vs_dense": visible / (seq_len * seq_len),
+        "flop_ratio_vs_causal": visible / (seq_len * (seq_len + 1) / 2),
+    }
