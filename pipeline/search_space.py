@@ -1,0 +1,266 @@
+"""A P/L search, declared: the space, the objectives, the constraints and the base run, from one YAML.
+
+`load_search(path, overrides)` validates everything before any trial: an empty range, a negative L, an
+unknown objective or an unknown key is a ValueError naming the field and the fix. `suggest(trial, space)`
+draws one point; `trial_run_config(search, params, number)` turns it into the RunConfig a trial trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from attamba.config import BOUNDARY_STRATEGIES
+
+from . import schema
+from .config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
+from .study_spec import Resources
+
+SAMPLERS = ("nsga2", "tpe")
+STORAGE_ENV = "ATTAMBA_OPTUNA_STORAGE"
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+
+# objective name in the YAML -> tracked metric name (the column name in pareto.csv as well)
+QUALITY_OBJECTIVES = {"val_ppl": schema.M_VAL_PPL, "val_bpb": schema.M_VAL_BPB, "val_loss": schema.M_VAL_LOSS}
+COST_OBJECTIVES = {"kv_cache_bytes": schema.M_KV_BYTES, "attn_flops_per_token": schema.M_ATTN_FLOPS_PER_TOKEN}
+
+
+@dataclass(frozen=True)
+class IntParam:
+    """An integer axis: a range `low..high` (optionally log-spaced, with a step) or a list of `choices`."""
+
+    low: int | None = None
+    high: int | None = None
+    log: bool = False
+    step: int = 1
+    choices: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Space:
+    chunk_size: IntParam = field(default_factory=lambda: IntParam(low=2, high=32, log=True))
+    leading_tokens: IntParam = field(default_factory=lambda: IntParam(choices=(0, 8, 32)))
+    boundaries: tuple[str, ...] = ("cyclic",)
+    state_dim: IntParam | None = None    # ssm.state_dim; None keeps the base run's
+
+    def __post_init__(self):
+        # `build` recurses into plain dataclass fields only; an optional one arrives as a mapping
+        if isinstance(self.state_dim, dict):
+            object.__setattr__(self, "state_dim", build(IntParam, self.state_dim, "space.state_dim."))
+
+
+@dataclass(frozen=True)
+class Objectives:
+    quality: str = "val_ppl"                                  # val_ppl | val_bpb | val_loss
+    costs: tuple[str, ...] = ("kv_cache_bytes",)              # kv_cache_bytes and/or attn_flops_per_token
+    context: int = 4096                                       # tokens at which the costs are computed
+
+    def __post_init__(self):
+        if self.quality not in QUALITY_OBJECTIVES:
+            raise ValueError(f"objectives.quality: unknown objective {self.quality!r}; choose one of "
+                             f"{', '.join(QUALITY_OBJECTIVES)}")
+        if not self.costs:
+            raise ValueError("objectives.costs must list at least one cost, got []; choose from "
+                             f"{', '.join(COST_OBJECTIVES)}")
+        for cost in self.costs:
+            if cost not in COST_OBJECTIVES:
+                raise ValueError(f"objectives.costs: unknown objective {cost!r}; choose from "
+                                 f"{', '.join(COST_OBJECTIVES)}")
+        if len(set(self.costs)) != len(self.costs):
+            raise ValueError(f"objectives.costs lists a cost twice, got {list(self.costs)!r}")
+        if self.context < 1:
+            raise ValueError(f"objectives.context must be >= 1 token, got {self.context!r}")
+
+    @property
+    def metrics(self) -> list[str]:
+        """Tracked metric names of the objectives, quality first; all minimised."""
+        return [QUALITY_OBJECTIVES[self.quality]] + [COST_OBJECTIVES[c] for c in self.costs]
+
+
+@dataclass(frozen=True)
+class Constraints:
+    max_kv_cache_bytes: int | None = None     # KV-cache at objectives.context at most this
+    max_ppl_gap: float | None = None          # ppl at most (1 + gap) x the same-size transformer's
+
+    def __post_init__(self):
+        if self.max_kv_cache_bytes is not None and self.max_kv_cache_bytes < 1:
+            raise ValueError(f"constraints.max_kv_cache_bytes must be >= 1 byte or null, got "
+                             f"{self.max_kv_cache_bytes!r}")
+        if self.max_ppl_gap is not None and self.max_ppl_gap < 0:
+            raise ValueError(f"constraints.max_ppl_gap must be >= 0 (0.1 = 10% above the transformer) or "
+                             f"null, got {self.max_ppl_gap!r}")
+
+    @property
+    def names(self) -> list[str]:
+        out = ["kv_cache_bytes"] if self.max_kv_cache_bytes is not None else []
+        return out + (["ppl_gap"] if self.max_ppl_gap is not None else [])
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    name: str = "pl_search"                 # the Optuna study name and the MLflow experiment
+    n_trials: int = 12                      # completed trials the study should hold
+    sampler: str = "nsga2"                  # nsga2 | tpe
+    population_size: int = 8                # NSGA-II generation size
+    seed: int = 0
+    storage: str | None = None              # None: $ATTAMBA_OPTUNA_STORAGE, else sqlite:///optuna.db
+    out_dir: str = "searches"               # pareto.csv/json/png and trial runs under out_dir/name
+    max_failed_trials: int = 4              # stop after this many failed trainings in one invocation
+    progress: bool = True
+    address: str | None = None              # Ray cluster; None: --address, else $RAY_ADDRESS, else local
+    space: Space = field(default_factory=Space)
+    objectives: Objectives = field(default_factory=Objectives)
+    constraints: Constraints = field(default_factory=Constraints)
+    resources: Resources = field(default_factory=Resources)
+    run: dict = field(default_factory=dict)   # the base RunConfig (fixed model size and token budget)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name or ""):
+            raise ValueError(f"name must be letters, digits, '.', '_' or '-', got {self.name!r}")
+        if self.n_trials < 1:
+            raise ValueError(f"n_trials must be >= 1, got {self.n_trials!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.population_size < 2:
+            raise ValueError(f"population_size must be >= 2, got {self.population_size!r}")
+        if self.max_failed_trials < 0:
+            raise ValueError(f"max_failed_trials must be >= 0, got {self.max_failed_trials!r}")
+        _check_int_param("space.chunk_size", self.space.chunk_size, minimum=1)
+        _check_int_param("space.leading_tokens", self.space.leading_tokens, minimum=0)
+        if self.space.state_dim is not None:
+            _check_int_param("space.state_dim", self.space.state_dim, minimum=1)
+        if not self.space.boundaries:
+            raise ValueError(f"space.boundaries must list at least one of {', '.join(BOUNDARY_STRATEGIES)}, "
+                             "got []")
+        for b in self.space.boundaries:
+            if b not in BOUNDARY_STRATEGIES:
+                raise ValueError(f"space.boundaries: unknown strategy {b!r}; choose from "
+                                 f"{', '.join(BOUNDARY_STRATEGIES)}")
+
+    def storage_url(self) -> str:
+        return self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+def _check_int_param(name: str, p: IntParam, minimum: int) -> None:
+    if p.choices is not None:
+        if p.low is not None or p.high is not None:
+            raise ValueError(f"{name}: give either choices or low/high, not both")
+        if not p.choices:
+            raise ValueError(f"{name}.choices must list at least one value, got []")
+        for v in p.choices:
+            if v < minimum:
+                raise ValueError(f"{name}.choices values must be >= {minimum}, got {v!r}")
+        return
+    if p.low is None or p.high is None:
+        raise ValueError(f"{name}: set both low and high (an integer range) or choices (a list)")
+    if p.low < minimum:
+        raise ValueError(f"{name}.low must be >= {minimum}, got {p.low!r}")
+    if p.low > p.high:
+        raise ValueError(f"{name}: empty range, low ({p.low}) > high ({p.high}); swap them or widen the range")
+    if p.step < 1:
+        raise ValueError(f"{name}.step must be >= 1, got {p.step!r}")
+    if p.log and p.step != 1:
+        raise ValueError(f"{name}: log=true needs step=1 (Optuna's rule), got step={p.step}")
+    if p.log and p.low < 1:
+        raise ValueError(f"{name}: log=true needs low >= 1, got {p.low}; use choices to include 0")
+
+
+def load_search(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
+    """SearchConfig from a YAML file plus `key.path=value` overrides; the base run is validated too."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"search file {str(path)!r} does not exist; see configs/search/ for examples")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"search file {str(path)!r} must hold a mapping at the top level")
+    search = search_from_dict(apply_overrides(data, overrides or []))
+    return search
+
+
+def search_from_dict(data: dict) -> SearchConfig:
+    search = build(SearchConfig, data)
+    base = base_run_config(search)   # a bad base run fails here, before any trial
+    if base.model.attention != "attamba":
+        raise ValueError(f"run.model.attention must be attamba for a P/L search, got {base.model.attention!r}")
+    # every corner of the space must build a valid model (e.g. L vs max_seq_len is fine, P >= 1 checked)
+    trial_run_config(search, corner_params(search.space), 0)
+    return search
+
+
+def base_run_config(search: SearchConfig) -> RunConfig:
+    try:
+        return run_config_from_dict(dict(search.run))
+    except ValueError as exc:
+        raise ValueError(f"run.{exc}") from None
+
+
+def corner_params(space: Space) -> dict:
+    def first(p: IntParam) -> int:
+        return p.choices[0] if p.choices is not None else p.low
+
+    params = {"chunk_size": first(space.chunk_size), "leading_tokens": first(space.leading_tokens),
+              "boundaries": space.boundaries[0]}
+    if space.state_dim is not None:
+        params["state_dim"] = first(space.state_dim)
+    return params
+
+
+def _suggest_int(trial, name: str, p: IntParam) -> int:
+    if p.choices is not None:
+        return trial.suggest_categorical(name, list(p.choices))
+    return trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
+
+
+def suggest(trial, space: Space) -> dict:
+    """Draw one point of the space on an Optuna trial (ask/tell: the driver calls this right after ask)."""
+    params = {"chunk_size": _suggest_int(trial, "chunk_size", space.chunk_size),
+              "leading_tokens": _suggest_int(trial, "leading_tokens", space.leading_tokens),
+              "boundaries": trial.suggest_categorical("boundaries", list(space.boundaries))}
+    if space.state_dim is not None:
+        params["state_dim"] = _suggest_int(trial, "state_dim", space.state_dim)
+    return params
+
+
+def trial_name(search: SearchConfig, number: int) -> str:
+    return f"{search.name}-t{number:04d}"
+
+
+def trial_run_config(search: SearchConfig, params: dict, number: int, run_name: str | None = None,
+                     **tracking) -> RunConfig:
+    """The RunConfig of trial `number`: the base run with P, L, boundaries (and state_dim) set, its own
+    output folder and run name (`run_name`, e.g. a retry's original); `tracking` fields (e.g.
+    parent_run_id) are set on its tracking section."""
+    data = to_dict(base_run_config(search))
+    data["model"].update(attention="attamba", chunk_size=params["chunk_size"],
+                         leading_tokens=params["leading_tokens"], boundaries=params["boundaries"])
+    if "state_dim" in params:
+        data["model"]["ssm"]["state_dim"] = params["state_dim"]
+    return _named(search, data, run_name or trial_name(search, number), tracking)
+
+
+def reference_run_config(search: SearchConfig, **tracking) -> RunConfig:
+    """The same-size transformer (full attention) that the ppl-gap constraint compares against."""
+    data = to_dict(base_run_config(search))
+    data["model"]["attention"] = "full"
+    return _named(search, data, f"{search.name}-reference-full", tracking)
+
+
+def _named(search: SearchConfig, data: dict, name: str, tracking: dict) -> RunConfig:
+    data["name"] = name
+    # absolute: Ray workers do not share the driver's working directory
+    data["train"]["out_dir"] = str((search.folder / "trials" / name).resolve())
+    data["tracking"].update(experiment=search.name, run_name=name, **tracking)
+    return run_config_from_dict(data)
+
+
+def describe(search: SearchConfig) -> dict:
+    return dataclasses.asdict(search)
