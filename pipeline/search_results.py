@@ -1,0 +1,153 @@
+"""What a search measures and what it hands back: objective and constraint values, the Pareto front of
+the completed trials, and its export (pareto.csv, pareto.json, pareto.png).
+
+pareto.json format (read by pipeline.report):
+  {"study", "storage" (password redacted), "objectives": [metric names, all minimised],
+   "context", "constraints": {name: bound}, "reference": {metric: value} | null, "n_complete",
+   "front": [{"number", "params": {chunk_size, leading_tokens, boundaries[, state_dim]},
+              "values": {metric: value}, "constraints": [..], "run_name", "mlflow_run_id"}, ...]}
+pareto.csv has one row per front point: number, the params, one column per objective metric, run_name.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attamba import costs
+from attamba.config import ModelConfig
+
+from . import schema
+from .search_space import SearchConfig
+from .search_store import CONSTRAINTS_ATTR, REFERENCE_ATTR, RUN_NAME_ATTR, redact
+
+MLFLOW_RUN_ATTR = "mlflow_run_id"
+
+
+def cost_values(model: ModelConfig, context: int, precision: str = "fp32") -> dict[str, float]:
+    """Analytic costs of one model at `context` tokens: KV-cache bytes and attention FLOPs per token."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    return {schema.M_KV_BYTES: float(costs.kv_cache_bytes(model, context, dtype)),
+            schema.M_ATTN_FLOPS_PER_TOKEN: float(costs.attention_flops(model, context)["per_token"])}
+
+
+def objective_values(search: SearchConfig, metrics: dict) -> list[float]:
+    """The trial's objectives in the study's order; ValueError when training did not report one."""
+    values = []
+    for name in search.objectives.metrics:
+        value = metrics.get(name)
+        if value is None or not math.isfinite(float(value)):
+            raise ValueError(f"trial result has no finite {name!r} (got {value!r}); training must report it")
+        values.append(float(value))
+    return values
+
+
+def constraint_values(search: SearchConfig, metrics: dict, reference: dict | None) -> list[float]:
+    """Optuna constraint values (<= 0 satisfied), in Constraints.names order, each relative to its bound."""
+    c = search.constraints
+    out = []
+    if c.max_kv_cache_bytes is not None:
+        out.append(metrics[schema.M_KV_BYTES] / c.max_kv_cache_bytes - 1.0)
+    if c.max_ppl_gap is not None:
+        if not reference or schema.M_VAL_PPL not in reference:
+            raise ValueError("constraints.max_ppl_gap needs the reference transformer's val/ppl")
+        out.append(metrics[schema.M_VAL_PPL] / reference[schema.M_VAL_PPL] - (1.0 + c.max_ppl_gap))
+    return out
+
+
+def non_dominated(values: np.ndarray) -> np.ndarray:
+    """Rows not dominated by any other row when minimising every column. values: [n, k] -> bool [n].
+
+    Written for clarity (O(n^2 k)): a search holds at most a few hundred trials."""
+    values = np.asarray(values, dtype=float)
+    keep = np.ones(len(values), dtype=bool)
+    for i in range(len(values)):
+        others = values
+        dominated = np.all(others <= values[i], axis=1) & np.any(others < values[i], axis=1)
+        keep[i] = not dominated.any()
+    return keep
+
+
+def feasible(trial) -> bool:
+    return all(v <= 0 for v in trial.user_attrs.get(CONSTRAINTS_ATTR, []))
+
+
+def pareto_trials(trials: list) -> list:
+    """Feasible completed trials on the front (constraints first, as Optuna's constrained samplers do)."""
+    ok = [t for t in trials if feasible(t)]
+    if not ok:
+        return []
+    mask = non_dominated(np.array([t.values for t in ok]))
+    return sorted((t for t, m in zip(ok, mask) if m), key=lambda t: t.values[1:] + t.values[:1])
+
+
+def front_record(search: SearchConfig, study, trials: list, storage_url: str) -> dict:
+    metrics = search.objectives.metrics
+    front = pareto_trials(trials)
+    return {
+        "study": search.name,
+        "storage": redact(storage_url),
+        "objectives": metrics,
+        "context": search.objectives.context,
+        "constraints": {name: getattr(search.constraints, f"max_{name}") for name in search.constraints.names},
+        "reference": study.user_attrs.get(REFERENCE_ATTR),
+        "n_complete": len(trials),
+        "front": [{"number": t.number, "params": dict(t.params), "values": dict(zip(metrics, t.values)),
+                   "constraints": t.user_attrs.get(CONSTRAINTS_ATTR, []),
+                   "run_name": t.user_attrs.get(RUN_NAME_ATTR), "mlflow_run_id": t.user_attrs.get(MLFLOW_RUN_ATTR)}
+                  for t in front],
+    }
+
+
+def export_front(search: SearchConfig, study, trials: list, storage_url: str, folder: Path) -> dict:
+    """Write pareto.json, pareto.csv and pareto.png into `folder`; returns the JSON record."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = front_record(search, study, trials, storage_url)
+    (folder / "pareto.json").write_text(json.dumps(record, indent=1))
+    params = ["chunk_size", "leading_tokens", "boundaries"] + (["state_dim"] if search.space.state_dim else [])
+    with open(folder / "pareto.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["number", *params, *record["objectives"], "run_name"])
+        for p in record["front"]:
+            writer.writerow([p["number"], *(p["params"].get(k) for k in params),
+                             *(p["values"][m] for m in record["objectives"]), p["run_name"]])
+    if trials:
+        plot_front(search, trials, record, folder / "pareto.png")
+    return record
+
+
+def plot_front(search: SearchConfig, trials: list, record: dict, path: Path) -> None:
+    """Quality against each cost: every completed trial, infeasible ones hollow, the front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = record["objectives"]
+    front = {p["number"] for p in record["front"]}
+    fig, axes = plt.subplots(1, len(metrics) - 1, figsize=(5.5 * (len(metrics) - 1), 4.2), squeeze=False)
+    for ax, j in zip(axes[0], range(1, len(metrics))):
+        for t in trials:
+            on = t.number in front
+            ax.scatter(t.values[j], t.values[0], s=40 if on else 18,
+                       c="C3" if on else ("C0" if feasible(t) else "none"), edgecolors="C3" if on else "C0",
+                       zorder=3 if on else 2)
+            ax.annotate(f"P{t.params['chunk_size']} L{t.params['leading_tokens']}", (t.values[j], t.values[0]),
+                        fontsize=6, xytext=(3, 3), textcoords="offset points")
+        pts = sorted((p["values"][metrics[j]], p["values"][metrics[0]]) for p in record["front"])
+        if len(metrics) == 2 and pts:
+            ax.step(*zip(*pts), where="post", color="C3", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{metrics[j]} (context {search.objectives.context})")
+        ax.set_ylabel(metrics[0])
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"search {search.name}: {len(trials)} trials, Pareto front in red")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
