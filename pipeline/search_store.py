@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -76,7 +77,9 @@ def open_study(search: SearchConfig, storage_url: str | None = None) -> optuna.S
                          f"{metrics}; give the search another name or restore its objectives")
     if stored is None:
         study.set_user_attr(OBJECTIVES_ATTR, metrics)
-        study.set_metric_names(metrics)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(metrics)  # the dashboard labels the axes with them
     return study
 
 

@@ -1,0 +1,141 @@
+"""Optuna ask/tell driving Ray Tune: a Tune `Searcher` whose suggestions are Optuna trials.
+
+Tune calls `suggest` whenever a trial slot is free: the searcher asks Optuna (which hands out queued
+retries first), and returns the run config of that trial. When a Tune trial ends, `on_trial_complete`
+tells Optuna its objectives (or FAIL). Both run in the driver, so the Optuna storage has one writer,
+as SQLite requires. Each Tune trial trains through the study's adapter (`ray_adapter.run_trial`).
+
+Why not Ray's `OptunaSearch`: it keeps its own view of the study and restores from Tune's experiment
+checkpoint, so after a killed driver the Optuna storage and Tune's state disagree (RUNNING trials
+orphaned, completed ones re-asked). Here the Optuna storage is the only state: resume is reading it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from . import schema
+from .config import to_dict
+from .search_results import constraint_values, cost_values, objective_values
+from .search_space import SearchConfig, suggest, trial_name
+from .search_store import CONSTRAINTS_ATTR, REFERENCE_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, completed_trials
+
+log = logging.getLogger(__name__)
+
+COPY_OF_ATTR = "copy_of"   # trial user attr: a completed trial with the same parameters, values reused
+MAX_COPIES_PER_SUGGEST = 20
+
+
+class OptunaAskTell(Searcher):
+    """Suggests Optuna trials to Tune until the study holds `search.n_trials` completed trials.
+
+    `make_config(params, run_name, number)` returns the (absolute, tracked) RunConfig of a trial;
+    `before_tell(trial)` runs while the trial can still take user attrs (MLflow run id and tag);
+    `after_tell(number, state)` after each tell (progress bar)."""
+
+    def __init__(self, search: SearchConfig, study: optuna.Study, make_config, before_tell=None,
+                 after_tell=None):
+        super().__init__()
+        self.search, self.study = search, study
+        self.make_config, self.before_tell, self.after_tell = make_config, before_tell, after_tell
+        self.live: dict[str, optuna.Trial] = {}     # Tune trial id -> Optuna trial
+        self.failed: list[int] = []
+        self.done = len(completed_trials(study))
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the space is Optuna's; Tune's param_space stays empty
+
+    def save_to_dir(self, *args, **kwargs) -> None:
+        pass  # the Optuna storage is the searcher's state; nothing to checkpoint
+
+    def _finished(self) -> bool:
+        return self.done >= self.search.n_trials or len(self.failed) > self.search.max_failed_trials
+
+    def suggest(self, trial_id: str):
+        for _ in range(MAX_COPIES_PER_SUGGEST):
+            if self._finished():
+                return Searcher.FINISHED
+            if self.done + len(self.live) >= self.search.n_trials:
+                return None  # enough trials in flight; one may still fail and need a replacement
+            trial = self.study.ask()
+            params = suggest(trial, self.search.space)
+            if self._tell_copy(trial, params):
+                continue
+            run_name = trial.user_attrs.get(RUN_NAME_ATTR) or trial_name(self.search, trial.number)
+            trial.set_user_attr(RUN_NAME_ATTR, run_name)
+            cfg = self.make_config(params, run_name, trial.number)
+            self.live[trial_id] = trial
+            retry = trial.user_attrs.get(RETRY_OF_ATTR)
+            log.info("trial %d: %s%s", trial.number, params, f" (retry of {retry})" if retry is not None else "")
+            return {"run_config": to_dict(cfg), "optuna_trial": trial.number}
+        return None
+
+    def _tell_copy(self, trial: optuna.Trial, params: dict) -> bool:
+        """Samplers revisit points of small discrete spaces; training is seeded, so reuse the result."""
+        if trial.user_attrs.get(RETRY_OF_ATTR) is not None:
+            return False
+        for done in completed_trials(self.study):
+            if done.params == params and COPY_OF_ATTR not in done.user_attrs:
+                trial.set_user_attr(COPY_OF_ATTR, done.number)
+                trial.set_user_attr(CONSTRAINTS_ATTR, done.user_attrs.get(CONSTRAINTS_ATTR, []))
+                trial.set_user_attr(RUN_NAME_ATTR, done.user_attrs.get(RUN_NAME_ATTR))
+                self.study.tell(trial, list(done.values))
+                self._told(trial.number, TrialState.COMPLETE)
+                return True
+        return False
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self.live.pop(trial_id, None)
+        if trial is None:
+            return
+        metrics = dict(result or {})
+        if not error:
+            try:
+                cfg = self.make_config(trial.params, trial.user_attrs[RUN_NAME_ATTR], trial.number)
+                metrics.update(cost_values(cfg.model, self.search.objectives.context, cfg.train.precision))
+                values = objective_values(self.search, metrics)
+                reference = self.study.user_attrs.get(REFERENCE_ATTR)
+                trial.set_user_attr(CONSTRAINTS_ATTR, constraint_values(self.search, metrics, reference))
+                for key in (schema.M_VAL_LOSS, schema.M_VAL_PPL, schema.M_VAL_BPB):
+                    if key in metrics:
+                        trial.set_user_attr(key, float(metrics[key]))
+            except ValueError as exc:
+                log.error("trial %d: %s", trial.number, exc)
+                error = True
+        if self.before_tell is not None:
+            self.before_tell(trial)
+        if error:
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.failed.append(trial.number)
+            self._told(trial.number, TrialState.FAIL)
+            return
+        self.study.tell(trial, values)
+        self.done += 1
+        self._told(trial.number, TrialState.COMPLETE)
+
+    def _told(self, number: int, state: TrialState) -> None:
+        if self.after_tell is not None:
+            self.after_tell(number, state)
+
+
+def progress_bar(search: SearchConfig, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=search.n_trials, initial=min(initial, search.n_trials), desc=f"search {search.name}",
+                unit="trial", file=sys.stderr, dynamic_ncols=True, disable=not search.progress)
+
+
+def search_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                 storage_path: str) -> None:
+    """The Tune trainable of one search trial: the study's adapter on the trial's own run config."""
+    from .config import run_config_from_dict
+    from .ray_adapter import run_trial
+
+    cfg = run_config_from_dict(trial_config["run_config"])
+    run_trial({"run": cfg.name}, runs={cfg.name: cfg}, workers=workers, cpus_per_worker=cpus_per_worker,
+              gpus_per_worker=gpus_per_worker, storage_path=storage_path)
