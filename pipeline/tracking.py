@@ -115,7 +115,7 @@ class MlflowTracker(Tracker):
     first delivery attempt, so with a reachable server `run_id` is known on return)."""
 
     def __init__(self, config: TrackingConfig, journal_dir: str | Path | None = None,
-                 tags: Mapping[str, Any] | None = None, start_timeout_s: float = 10.0):
+                 tags: Mapping[str, Any] | None = None, start_timeout_s: float = 30.0):
         directory = config.journal_dir or journal_dir
         if directory is None:
             raise ValueError("tracking.journal_dir is not set and no journal_dir was given; "
@@ -144,8 +144,8 @@ class MlflowTracker(Tracker):
             self._close_writer()
             raise ValueError(f"MLflow refused to start the run ({self._describe_start()}): {self._fatal}")
         if self.run_id is None:
-            log.warning("tracking server %s unreachable; journaling to %s and retrying", self.uri,
-                        self.journal_dir)
+            log.warning("run not created on %s yet; journaling to %s, delivery goes on in the background",
+                        self.uri, self.journal_dir)
         self._sampler = _SystemMetricsSampler(self, config.system_metrics_interval_s, self.uri) \
             if config.system_metrics else None
 
@@ -237,6 +237,8 @@ class MlflowTracker(Tracker):
             except Exception as error:
                 if self._delivery.run_id is None and is_permanent(error):
                     self._fatal = error  # e.g. resume_run_id names no run: nothing can ever be delivered
+                    log.error("MLflow refused to start the run (%s); the journal in %s keeps every call: %s",
+                              self._describe_start(), self.journal_dir, error)
                     self._first_try.set()
                     return
                 ok = False

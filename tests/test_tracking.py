@@ -161,6 +161,7 @@ def test_nested_run_and_find_runs(store, tmp_path):
 def test_resume_continues_the_same_run(store, tmp_path):
     config = TrackingConfig(uri=store, experiment="resume", run_name="r")
     first = MlflowTracker(config, journal_dir=tmp_path)
+    first.log_params({"a": 1})
     for step in range(3):
         first.log_metrics({"train/loss": float(step)}, step=step)
     first.finish("KILLED")  # the job died; a restart resumes from its checkpoint
@@ -168,9 +169,13 @@ def test_resume_continues_the_same_run(store, tmp_path):
                             journal_dir=tmp_path)
     assert resumed.run_id == first.run_id
     assert _client(store).get_run(first.run_id).info.status == "RUNNING"
+    resumed.log_params({"a": 2})  # MLflow refuses a changed param for good; it must not block the rest
     for step in range(3, 6):
         resumed.log_metrics({"train/loss": float(step)}, step=step)
     resumed.finish()
+    assert resumed.pending() == 0
+    (rejected,) = tmp_path.glob("*.rejected.jsonl")
+    assert [(r["key"], r["value"]) for r in map(json.loads, rejected.read_text().splitlines())] == [("a", "2")]
     client = _client(store)
     assert _history(client, first.run_id, "train/loss") == [(s, float(s)) for s in range(6)]
     assert client.get_run(first.run_id).info.status == "FINISHED"
@@ -310,7 +315,7 @@ def test_server_down_until_after_finish_then_sync(server, tmp_path):
     config = TrackingConfig(uri=server.uri, experiment="outage", run_name="never-up", flush_timeout_s=1)
     started = time.perf_counter()
     tracker = MlflowTracker(config, journal_dir=tmp_path)
-    assert time.perf_counter() - started < 8.0
+    assert time.perf_counter() - started < 20.0  # a refused connection fails at once; this is import time
     assert tracker.run_id is None  # the run itself is created later, by the sync
     timings = []
     tracker.log_params({"model.dim": 64})
