@@ -1,0 +1,190 @@
+"""Paper-style figures, drawn on bare `matplotlib.figure.Figure` objects (Agg canvas, no pyplot global state)
+and returned as base64 PNG so the HTML report stays one self-contained file."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from pipeline import schema
+from pipeline.report.compare import config_table, pareto_table
+from pipeline.report.fits import predict
+from pipeline.report.scaling import LAW_C, LAW_N, LAW_ND, VariantFits
+
+DPI = 110
+
+
+def to_base64_png(fig: Figure) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plain_log_y(ax) -> None:
+    # Losses span well under a decade: "2.4" reads better than matplotlib's "2.4 x 10^0".
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def _colours(names: list[str]) -> dict[str, tuple]:
+    from matplotlib import colormaps
+    cmap = colormaps["tab10"]
+    return {n: cmap(i % 10) for i, n in enumerate(sorted(names))}
+
+
+def scaling_figure(fits: dict[str, VariantFits], law: str, xlabel: str) -> Figure | None:
+    """Loss against size (log-log): seed mean +- std, fitted curve with 95% band, extrapolation dashed,
+    and a residual panel below."""
+    laws = {v: vf.laws[law] for v, vf in fits.items() if law in vf.laws}
+    if not laws:
+        return None
+    fig = Figure(figsize=(7.5, 6.5))
+    ax, rax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    colours = _colours(list(laws))
+    for variant, lr in laws.items():
+        c = colours[variant]
+        frame = pd.DataFrame({"x": lr.x, "y": lr.y})
+        g = frame.groupby("x")["y"]
+        mean, std = g.mean(), g.std().fillna(0.0)
+        label = variant
+        if lr.fit.ok:
+            p = lr.fit.params
+            exponent = list(p)[2]
+            lo_hi = lr.fit.intervals.get(exponent, (np.nan, np.nan))
+            label += f": E={p['E']:.3g}, {exponent}={p[exponent]:.3f} [{lo_hi[0]:.3f}, {lo_hi[1]:.3f}]"
+            xs_in = np.geomspace(lr.x.min(), lr.x.max(), 80)
+            xs_out = np.geomspace(lr.x.max(), lr.x.max() * 10, 40)
+            for xs, style in ((xs_in, "-"), (xs_out, "--")):
+                mid, lo, hi = predict(lr.fit, xs)
+                ax.plot(xs, mid, style, color=c, lw=1.6)
+                if np.isfinite(lo).all():
+                    ax.fill_between(xs, lo, hi, color=c, alpha=0.15, lw=0)
+            rax.scatter(lr.x, 100 * np.asarray(lr.fit.residuals), color=c, s=14)
+        else:
+            label += " (not fitted: too few sizes)"
+        ax.errorbar(mean.index, mean.values, yerr=std.values, fmt="o", color=c, ms=5, capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _plain_log_y(ax)
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{law} fits: solid = fitted range, dashed = extrapolation, band = 95% bootstrap")
+    ax.legend(fontsize=7.5, loc="upper right")
+    ax.grid(True, which="both", alpha=0.3)
+    rax.axhline(0, color="k", lw=0.8)
+    rax.set_xlabel(xlabel)
+    rax.set_ylabel("residual (% log loss)")
+    rax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def nd_figure(fits: dict[str, VariantFits]) -> Figure | None:
+    """L(N, D) fits: observed against predicted loss, one colour per variant."""
+    laws = {v: vf.laws[LAW_ND] for v, vf in fits.items() if LAW_ND in vf.laws and vf.laws[LAW_ND].fit.ok}
+    if not laws:
+        return None
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    colours = _colours(list(laws))
+    for variant, lr in laws.items():
+        pred = predict(lr.fit, lr.x)[0]
+        p = lr.fit.params
+        ax.scatter(pred, lr.y, color=colours[variant], s=16,
+                   label=f"{variant}: alpha={p['alpha']:.3f}, beta={p['beta']:.3f}")
+    lims = [min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])]
+    ax.plot(lims, lims, "k--", lw=0.8)
+    ax.set_xlabel("predicted loss L(N, D) (nats/token)")
+    ax.set_ylabel("observed validation loss (nats/token)")
+    ax.set_title("L(N, D) = E + A/N^alpha + B/D^beta")
+    ax.legend(fontsize=7.5)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def pareto_figure(ok: pd.DataFrame, cost: str, xlabel: str) -> Figure | None:
+    """Perplexity against one cost for every configuration (mean +- std over seeds), front drawn as steps."""
+    configs = config_table(ok).dropna(subset=[cost, schema.M_VAL_PPL]) if len(ok) else pd.DataFrame()
+    if configs.empty:
+        return None
+    fig = Figure(figsize=(7, 4.8))
+    ax = fig.subplots()
+    colours = _colours(list(configs["variant"].unique()))
+    for variant, g in configs.groupby("variant"):
+        ax.errorbar(g[cost], g[schema.M_VAL_PPL], yerr=g[schema.M_VAL_PPL + " std"].fillna(0.0), fmt="o",
+                    color=colours[variant], ms=5, capsize=3, label=variant)
+    front = pareto_table(configs, cost)
+    ax.step(front[cost], front[schema.M_VAL_PPL], where="post", color="k", lw=1.2, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    _plain_log_y(ax)
+    ax.set_ylabel("validation perplexity (per token)")
+    ax.legend(fontsize=7.5)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def gap_figure(gap: pd.DataFrame, title: str) -> Figure | None:
+    """Horizontal bars of % perplexity difference with 95% intervals across seeds."""
+    if gap.empty:
+        return None
+    fig = Figure(figsize=(7, 0.45 * len(gap) + 1.6))
+    ax = fig.subplots()
+    labels = [f"{r['variant']} @ {r[schema.TAG_SIZE]} vs {r['reference']}" for _, r in gap.iterrows()]
+    y = np.arange(len(gap))
+    err = np.vstack([gap["pct_mean"] - gap["pct_lo"], gap["pct_hi"] - gap["pct_mean"]])
+    ax.barh(y, gap["pct_mean"], xerr=np.nan_to_num(err), color="tab:blue", alpha=0.7, capsize=3)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y, labels, fontsize=7.5)
+    ax.set_xlabel("perplexity difference vs reference (%, lower is better)")
+    ax.set_title(title)
+    ax.grid(True, axis="x", alpha=0.3)
+    return fig
+
+
+def recall_figure(recall: pd.DataFrame) -> Figure | None:
+    """MQAR accuracy against chunk size P for Attamba runs, one line per (context, L)."""
+    df = recall.dropna(subset=[schema.TAG_CHUNK]) if not recall.empty else recall
+    if df.empty:
+        return None
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    for (ctx, lead), g in df.groupby(["context", schema.TAG_LEADING]):
+        g = g.groupby(schema.TAG_CHUNK)["acc_mean"].mean()
+        ax.plot(g.index, g.values, "o-", label=f"T={ctx:g}, L={lead:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("chunk size P (tokens)")
+    ax.set_ylabel("MQAR recall accuracy (fraction)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7.5)
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+def all_figures(ok: pd.DataFrame, fits: dict[str, VariantFits], gap: pd.DataFrame, iso: pd.DataFrame,
+                recall: pd.DataFrame) -> list[tuple[str, str]]:
+    """(caption, base64 PNG) for every figure that has data."""
+    candidates = [
+        ("Validation loss against non-embedding parameters, L(N) = E + A N^-alpha",
+         lambda: scaling_figure(fits, LAW_N, "non-embedding parameters N")),
+        ("Validation loss against training compute, L(C) = E + A C^-gamma",
+         lambda: scaling_figure(fits, LAW_C, "training compute C (FLOPs)")),
+        ("L(N, D) fits, observed against predicted", lambda: nd_figure(fits)),
+        ("Perplexity against KV-cache size (Pareto front in black)",
+         lambda: pareto_figure(ok, schema.M_KV_BYTES, "KV-cache at the evaluation context (bytes, all layers)")),
+        ("Perplexity against attention FLOPs per token (Pareto front in black)",
+         lambda: pareto_figure(ok, schema.M_ATTN_FLOPS_PER_TOKEN, "attention FLOPs per token")),
+        ("Gap to the transformer at equal size", lambda: gap_figure(gap, "vs full attention, same size")),
+        ("Attamba against the iso-KV transformer with the closest KV-cache",
+         lambda: gap_figure(iso, "vs iso-KV baseline, same size")),
+        ("MQAR recall against chunk size P", lambda: recall_figure(recall)),
+    ]
+    out = []
+    for caption, make in candidates:
+        fig = make()
+        if fig is not None:
+            out.append((caption, to_base64_png(fig)))
+    return out

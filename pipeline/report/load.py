@@ -1,0 +1,116 @@
+"""Read every run of an MLflow experiment into one table: tags plus the last value of each metric.
+
+A run that failed, was killed, is still running or never logged a validation loss is kept in the table
+with a `state` saying why, so the report can list it instead of silently losing it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+from pipeline import schema
+
+TAGS = [
+    schema.TAG_STUDY, schema.TAG_TRIAL, schema.TAG_SIZE, schema.TAG_ATTENTION, schema.TAG_VARIANT,
+    schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_BOUNDARIES, schema.TAG_SEED,
+    schema.TAG_OPTUNA_TRIAL, schema.TAG_STATUS,
+]
+NUMERIC_TAGS = [schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_SEED, schema.TAG_OPTUNA_TRIAL]
+STATE_OK = "ok"
+PAGE_SIZE = 500
+
+
+@dataclass
+class RunTable:
+    """All runs of one experiment. `runs` has one row per MLflow run; `missing` lists planned trials with no run."""
+
+    experiment: str
+    runs: pd.DataFrame
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.runs[self.runs["state"] == STATE_OK]
+
+    @property
+    def not_ok(self) -> pd.DataFrame:
+        return self.runs[self.runs["state"] != STATE_OK]
+
+    @property
+    def metric_columns(self) -> list[str]:
+        return [c for c in self.runs.columns if "/" in c]
+
+
+def _run_state(mlflow_status: str, run_status_tag: str, metrics: dict[str, float]) -> str:
+    """Why a run is (un)usable: ok | failed | killed | running | no_val_metrics | non_finite_val."""
+    if mlflow_status == "FAILED" or run_status_tag == "failed":
+        return "failed"
+    if mlflow_status == "KILLED":
+        return "killed"
+    if mlflow_status in ("RUNNING", "SCHEDULED") or run_status_tag == "running":
+        return "running"
+    if schema.M_VAL_LOSS not in metrics:
+        return "no_val_metrics"
+    if not np.isfinite(metrics[schema.M_VAL_LOSS]):
+        return "non_finite_val"
+    return STATE_OK
+
+
+def _search_all(client: MlflowClient, experiment_id: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=PAGE_SIZE, page_token=token,
+            order_by=["attributes.start_time ASC"],
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def runs_to_frame(mlflow_runs: list) -> pd.DataFrame:
+    """One row per run. `run.data.metrics` already holds the last logged value (highest step) of each metric."""
+    rows = []
+    for run in mlflow_runs:
+        tags, metrics = run.data.tags, dict(run.data.metrics)
+        row = {
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name or "",
+            "mlflow_status": run.info.status,
+            "start_time": run.info.start_time,
+        }
+        row.update({t: tags.get(t, "") for t in TAGS})
+        # The trial name identifies a planned run; a lone run is known by its MLflow name.
+        row["trial"] = tags.get(schema.TAG_TRIAL) or row["run_name"]
+        row["variant"] = tags.get(schema.TAG_VARIANT) or tags.get(schema.TAG_ATTENTION, "") or "unknown"
+        row["state"] = _run_state(run.info.status, tags.get(schema.TAG_STATUS, ""), metrics)
+        row.update(metrics)
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "mlflow_status", "start_time",
+                                                          *TAGS, "state"])
+    for col in NUMERIC_TAGS:
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col].replace("", np.nan), errors="coerce")
+    if schema.M_VAL_LOSS not in frame:
+        frame[schema.M_VAL_LOSS] = np.nan
+    return frame.sort_values(["variant", "trial"], kind="stable").reset_index(drop=True)
+
+
+def load_runs(experiment: str, tracking_uri: str | None = None,
+              expected_runs: list[str] | None = None) -> RunTable:
+    """Load every active run of `experiment`; `expected_runs` are planned trial names, used to list missing ones."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        known = [e.name for e in client.search_experiments(max_results=50)]
+        raise ValueError(f"experiment must name an existing MLflow experiment, got {experiment!r}; "
+                         f"known experiments: {known}")
+    frame = runs_to_frame(_search_all(client, exp.experiment_id))
+    present = set(frame["trial"]) if len(frame) else set()
+    missing = [name for name in (expected_runs or []) if name not in present]
+    return RunTable(experiment=experiment, runs=frame, missing=missing)

@@ -1,0 +1,129 @@
+"""The report's key numbers as tables (shared by summary.md and report.html) and the Markdown summary.
+
+Numbers are printed with 6 significant digits, so a value read back from summary.md matches its MLflow
+metric to a relative 5e-6.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from pipeline import schema
+from pipeline.report.load import RunTable
+from pipeline.report.scaling import VariantFits
+
+
+def num(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, (int, float)):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def interval(lo, hi) -> str:
+    return f"[{num(lo)}, {num(hi)}]"
+
+
+def status_table(table: RunTable) -> pd.DataFrame:
+    bad = table.not_ok
+    rows = [{"trial": r["trial"], "state": r["state"], "mlflow_status": r["mlflow_status"], "run_id": r["run_id"]}
+            for _, r in bad.iterrows()]
+    rows += [{"trial": name, "state": "missing", "mlflow_status": "", "run_id": ""} for name in table.missing]
+    return pd.DataFrame(rows, columns=["trial", "state", "mlflow_status", "run_id"])
+
+
+def best_table(ok: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, the run with the lowest val/loss (its own loss and perplexity, as logged)."""
+    rows = []
+    for variant, df in ok.groupby("variant", sort=True):
+        r = df.loc[df[schema.M_VAL_LOSS].idxmin()]
+        rows.append({"variant": variant, "best val/loss": num(r[schema.M_VAL_LOSS]),
+                     "val/ppl": num(r.get(schema.M_VAL_PPL, float("nan"))), "trial": r["trial"],
+                     "run_id": r["run_id"], "runs": len(df)})
+    return pd.DataFrame(rows)
+
+
+def fits_table(fits: dict[str, VariantFits]) -> pd.DataFrame:
+    rows = []
+    for variant, vf in fits.items():
+        for law, lr in vf.laws.items():
+            f = lr.fit
+            row = {"variant": variant, "law": law, "sizes": f.n_distinct, "runs": f.n_points}
+            if not f.ok:
+                row["result"] = f.reason
+            else:
+                parts = [f"{k}={num(v)} {interval(*f.intervals.get(k, (math.nan, math.nan)))}"
+                         for k, v in f.params.items()]
+                row["result"] = "; ".join(parts) + f" ({f.n_bootstrap_ok}/{f.n_bootstrap} bootstrap fits)"
+            if lr.note:
+                row["result"] += f"; {lr.note}"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def predictions_table(fits: dict[str, VariantFits]) -> pd.DataFrame:
+    rows = []
+    for variant, vf in fits.items():
+        for law, lr in vf.laws.items():
+            for p in lr.predictions:
+                rows.append({"variant": variant, "law": law, "at": " x ".join(num(v) for v in p["x"]),
+                             "factor": f"{p['factor']:g}x", "predicted loss": num(p["loss"]),
+                             "95% interval": interval(p["lo"], p["hi"]),
+                             "kind": "EXTRAPOLATION" if p["extrapolation"] else "largest size in study"})
+    return pd.DataFrame(rows)
+
+
+def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
+    if comp.empty:
+        return comp
+    return pd.DataFrame({
+        "variant": comp["variant"], "size": comp[schema.TAG_SIZE], "reference": comp["reference"],
+        "ppl": comp["ppl"].map(num), "ref ppl": comp["ref_ppl"].map(num),
+        "ppl diff %": comp["pct_mean"].map(num),
+        "95% interval": [interval(lo, hi) for lo, hi in zip(comp["pct_lo"], comp["pct_hi"])],
+        "pairs": comp["n_pairs"], "paired by seed": comp["paired_by_seed"],
+        "KV bytes": comp["kv_bytes"].map(num), "ref KV bytes": comp["ref_kv_bytes"].map(num),
+    })
+
+
+def pareto_points_table(front: pd.DataFrame, cost: str) -> pd.DataFrame:
+    if front.empty:
+        return front
+    return pd.DataFrame({"variant": front["variant"], "size": front[schema.TAG_SIZE],
+                         cost: front[cost].map(num), "mean val/ppl": front[schema.M_VAL_PPL].map(num),
+                         "seeds": front["n_seeds"]})
+
+
+def recall_points_table(recall: pd.DataFrame) -> pd.DataFrame:
+    if recall.empty:
+        return recall
+    return pd.DataFrame({"variant": recall["variant"], "size": recall[schema.TAG_SIZE],
+                         "P": recall[schema.TAG_CHUNK].map(num), "L": recall[schema.TAG_LEADING].map(num),
+                         "context T": recall["context"].map(num), "accuracy": recall["acc_mean"].map(num),
+                         "std": recall["acc_std"].map(num), "runs": recall["n"]})
+
+
+def md_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_none_\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(experiment: str, table: RunTable, sections: dict[str, pd.DataFrame]) -> str:
+    """Markdown with one heading per section; section tables come from the functions above."""
+    n_total, n_ok = len(table.runs), len(table.ok)
+    out = [f"# Study report: {experiment}\n",
+           f"Runs: {n_total} in MLflow, {n_ok} usable, {n_total - n_ok} failed or incomplete, "
+           f"{len(table.missing)} expected but missing.\n",
+           "Percent differences are 100 * (ppl / reference ppl - 1): negative means better than the reference. "
+           "Intervals are 95% (bootstrap over runs for fits, Student-t across seeds for comparisons).\n"]
+    for title, df in sections.items():
+        out.append(f"## {title}\n")
+        out.append(md_table(df))
+    return "\n".join(out)
