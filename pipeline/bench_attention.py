@@ -11,18 +11,22 @@ import torch.nn.functional as F
 from attamba.ops.attention import attention, visible_keys
 
 
-def _time_step(fn, inputs, repeats: int) -> float:
-    """Median wall seconds of forward + backward after one warm-up."""
-    times = []
+def _time_step(fn, inputs, repeats: int) -> tuple[float, float]:
+    """Median wall and process-CPU seconds of forward + backward after one warm-up.
+
+    CPU seconds are reported too because wall time on a shared machine mostly measures the neighbours.
+    """
+    walls, cpus = [], []
     for i in range(repeats + 1):
         for x in inputs:
             x.grad = None
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
         if i > 0:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def bench_attention(
@@ -57,9 +61,11 @@ def bench_attention(
             q, k, v, boundaries=boundaries, leading_tokens=leading_tokens, backend=backend
         )
 
-    reference_s = _time_step(run("naive"), inputs, repeats)
-    fast_s = _time_step(run(None), inputs, repeats)
-    causal_s = _time_step(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), inputs, repeats)
+    reference_s, reference_cpu_s = _time_step(run("naive"), inputs, repeats)
+    fast_s, fast_cpu_s = _time_step(run(None), inputs, repeats)
+    causal_s, causal_cpu_s = _time_step(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), inputs, repeats
+    )
     visible = int(visible_keys(seq_len, boundaries, leading_tokens).sum())
     return {
         "seq_len": seq_len,
@@ -76,6 +82,10 @@ def bench_attention(
         "fast_over_reference": fast_s / reference_s,
         "causal_sdpa_s": causal_s,
         "fast_over_causal_sdpa": fast_s / causal_s,
+        "reference_cpu_s": reference_cpu_s,
+        "fast_cpu_s": fast_cpu_s,
+        "causal_sdpa_cpu_s": causal_cpu_s,
+        "fast_over_reference_cpu": fast_cpu_s / reference_cpu_s,
         "visible_keys": visible,
         "flop_ratio_vs_dense": visible / (seq_len * seq_len),
         "flop_ratio_vs_causal": visible / (seq_len * (seq_len + 1) / 2),

@@ -172,7 +172,7 @@ def test_blocked_work_close_to_exact_for_realistic_sizes():
         boundaries = make_boundaries("uniform", seq_len, chunk_size)
         plan = make_plan(seq_len, boundaries, leading, torch.float32, torch.device("cpu"))
         assert plan.exact == int(visible_keys(seq_len, boundaries, leading).sum())
-        assert plan.work <= 1.07 * plan.exact, (seq_len, chunk_size, leading, plan.work / plan.exact)
+        assert plan.work <= 1.10 * plan.exact, (seq_len, chunk_size, leading, plan.work / plan.exact)
 
 
 def test_auto_dispatch():
