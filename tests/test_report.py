@@ -264,3 +264,23 @@ def test_load_pages_through_every_run(study, monkeypatch):
         assert row[schema.M_VAL_LOSS] == final[row["run_id"]]
     with pytest.raises(ValueError, match="experiment must name an existing"):
         load.load_runs("no-such-study", uri)
+
+
+def test_variant_fits_with_several_token_budgets():
+    import pandas as pd
+    from pipeline.report.figures import nd_figure, scaling_figure
+    from pipeline.report.scaling import LAW_C, LAW_N, LAW_ND, fit_variants
+    rng = np.random.default_rng(3)
+    rows = []
+    for n in np.geomspace(1e7, 1e9, 4):
+        for d in np.geomspace(1e9, 1e11, 3):
+            for seed in (0, 1):
+                loss = (1.69 + 406.4 * n ** -0.34 + 410.7 * d ** -0.28) * np.exp(rng.normal(0, 0.002))
+                rows.append({"run_id": f"{n:g}-{d:g}-{seed}", "variant": "full", schema.M_PARAMS_NON_EMB: n,
+                             schema.M_TRAIN_TOKENS: d, schema.M_TRAIN_FLOPS: 6 * n * d, schema.M_VAL_LOSS: loss})
+    laws = fit_variants(pd.DataFrame(rows), n_bootstrap=10)["full"].laws
+    assert laws[LAW_ND].fit.ok and abs(laws[LAW_ND].fit.params["alpha"] - 0.34) < 0.05
+    assert laws[LAW_N].fit.n_points == 8 and "token budget" in laws[LAW_N].note   # one budget, 4 sizes x 2 seeds
+    assert "frontier" in laws[LAW_C].note and laws[LAW_C].fit.n_points < 24
+    assert nd_figure({"full": fit_variants(pd.DataFrame(rows), n_bootstrap=0)["full"]}) is not None
+    assert scaling_figure(fit_variants(pd.DataFrame(rows), n_bootstrap=0), LAW_C, "C") is not None
