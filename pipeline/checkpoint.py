@@ -1,0 +1,169 @@
+"""Checkpoints: DeepSpeed's files plus consolidated weights, sealed by a manifest written last.
+
+Layout of `<out_dir>/checkpoints/step_00000100/`: DeepSpeed's model/optimizer shards (with the data
+position and RNG states in its client_state), `model.pt` (the full fp32 state dict, for eval and
+generation), `config.yaml`, the tokenizer, and `manifest.json` = {step, config_hash, sha256 of every
+other file}. A checkpoint is used only after every hash matched, because DeepSpeed's files are pickles:
+unpickling a tampered file can run code. Our own loads use `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.pt"
+CONFIG = "config.yaml"
+TOKENIZER = "tokenizer.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoint_root(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def config_hash(cfg_dict: dict) -> str:
+    """Hash of what must not change across a resume: model, data, optimizer and batch geometry.
+    Steps, logging, eval and tracking may change (e.g. extending a run)."""
+    t = cfg_dict["train"]
+    key = {"model": cfg_dict["model"], "data": cfg_dict["data"], "optim": cfg_dict["optim"],
+           "train": {k: t[k] for k in ("batch_size", "grad_accum", "seed", "precision", "zero_stage")}}
+    key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, step: int, cfg_hash: str, world_size: int = 1) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {"step": step, "config_hash": cfg_hash, "world_size": world_size,
+                "files": {str(p.relative_to(directory)): _sha256(p) for p in files}}
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(directory / MANIFEST)
+
+
+def verify(directory: str | Path) -> dict:
+    """The manifest of a checkpoint whose every file matches it; ValueError naming the problem otherwise."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"checkpoint {str(directory)!r} does not exist; give a step_XXXXXXXX directory "
+                         f"under <out_dir>/checkpoints")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(directory)!r} has no {MANIFEST}: it is incomplete (the save was "
+                         f"interrupted) or not made by this pipeline; refusing to load it")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"checkpoint {str(directory)!r} has an unreadable {MANIFEST} ({exc}); refusing it") from None
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if present != set(files):
+        raise ValueError(f"checkpoint {str(directory)!r} does not match its manifest: files "
+                         f"{sorted(present ^ set(files))} are extra or missing; refusing it")
+    for name, digest in files.items():
+        if _sha256(directory / name) != digest:
+            raise ValueError(f"checkpoint {str(directory)!r}: {name} does not match its sha256 in {MANIFEST} "
+                             f"(corrupted or modified); refusing it")
+    return manifest
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest checkpoint with a manifest. A newer one without a manifest was cut off mid-save and is
+    passed over with a warning; a manifest that does not match is an error (see `verify`)."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return None
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+    for _, path in reversed(steps):
+        if (path / MANIFEST).is_file():
+            verify(path)
+            return path
+        log.warning("checkpoint %s has no manifest (interrupted save); ignoring it", path)
+    return None
+
+
+def save(engine, out_dir: Path, step: int, client_state: dict, cfg_dict: dict, tokenizer_path: str | None,
+         rank: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    root = checkpoint_root(out_dir)
+    tag = step_tag(step)
+    directory = root / tag
+    if rank == 0 and directory.exists():
+        shutil.rmtree(directory)  # a leftover of an interrupted save at the same step
+    dist.barrier()
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+    if engine.zero_optimization_partition_weights():
+        weights = engine._zero3_consolidated_16bit_state_dict()  # collective; full tensors on rank 0
+    else:
+        weights = engine.module.state_dict()
+    if rank == 0:
+        write_model_files(directory, weights, cfg_dict, tokenizer_path)
+    dist.barrier()
+    if rank == 0:
+        (root / "latest").unlink(missing_ok=True)  # DeepSpeed's pointer; we pick by manifest instead
+        write_manifest(directory, step, config_hash(cfg_dict), dist.get_world_size())
+    dist.barrier()
+    return directory
+
+
+def write_model_files(directory: Path, state_dict: dict, cfg_dict: dict, tokenizer_path: str | None) -> None:
+    """What `load_model` needs: fp32 weights, the resolved config and the tokenizer (if not bytes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().float().cpu() for k, v in state_dict.items()}, directory / WEIGHTS)
+    (directory / CONFIG).write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, directory / TOKENIZER)
+
+
+def load(engine, directory: Path) -> dict:
+    """Verify, then restore engine state (model, optimizer, scheduler); returns the client_state."""
+    verify(directory)
+    _, client_state = engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client_state is None:
+        raise ValueError(f"DeepSpeed could not load checkpoint {str(directory)!r}")
+    return client_state
+
+
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, RunConfig, tokenizer) from a verified checkpoint directory."""
+    from attamba.model import AttambaLM
+
+    from .config import run_config_from_dict
+    from .tokenizer import ByteTokenizer, HFTokenizer
+
+    directory = Path(checkpoint_dir)
+    verify(directory)
+    cfg = run_config_from_dict(yaml.safe_load((directory / CONFIG).read_text()))
+    tok_path = directory / TOKENIZER
+    tokenizer = HFTokenizer.from_file(str(tok_path)) if tok_path.is_file() else ByteTokenizer()
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ValueError(f"checkpoint {str(directory)!r}: tokenizer has {tokenizer.vocab_size} tokens but "
+                         f"model.vocab_size={cfg.model.vocab_size}")
+    model = AttambaLM(cfg.model)
+    state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), cfg, tokenizer

@@ -1,0 +1,123 @@
+"""Held-out evaluation: token perplexity, bits per byte, the paper's tail metric, MQAR recall.
+
+Bits per byte = total nats / (ln 2 * UTF-8 bytes of the evaluated text), with every predicted token
+(EOS included) in the numerator, so it is comparable across tokenizers. The model is put in eval mode
+first: random boundaries then come from `model.boundary_seed`, so evaluation is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .data import bits_per_byte
+from .data_loader import num_sequences
+
+
+def _windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
+    """[start, stop) windows of <= seq_len + 1 tokens overlapping by one, so that every token after the
+    first is a target exactly once (the last window may be short)."""
+    out, start = [], 0
+    while start < n_tokens - 1:
+        stop = min(start + seq_len + 1, n_tokens)
+        out.append((start, stop))
+        start = stop - 1
+    return out
+
+
+@torch.no_grad()
+def stream_nll(model, tokens: np.ndarray, seq_len: int, batch_size: int = 8,
+               max_windows: int | None = None, device="cpu") -> tuple[float, int]:
+    """(summed nats, number of targets) of a token stream [N], scored in windows of seq_len."""
+    model.eval()
+    windows = _windows(len(tokens), seq_len)[:max_windows]
+    nats, count = 0.0, 0
+    full = [w for w in windows if w[1] - w[0] == seq_len + 1]
+    short = [w for w in windows if w[1] - w[0] != seq_len + 1]
+    groups = [full[i:i + batch_size] for i in range(0, len(full), batch_size)] + [[w] for w in short]
+    for group in groups:
+        rows = torch.from_numpy(np.stack([np.asarray(tokens[a:b]) for a, b in group]).astype(np.int64)).to(device)
+        loss = model(rows[:, :-1], rows[:, 1:], reduction="none")
+        nats += float(loss.double().sum())
+        count += loss.numel()
+    return nats, count
+
+
+def evaluate_split(model, data, split: str = "validation", batch_size: int = 8, max_batches: int = 0,
+                   device="cpu") -> dict[str, float]:
+    """loss (mean nats per token), ppl, bpb on `split` of a PreparedData.
+
+    max_batches=0 scores every token of the split, and the byte count is exact. Otherwise only the first
+    max_batches * batch_size windows are scored and the bytes are the split's bytes scaled by the
+    fraction of its targets scored (a documented estimate for the periodic evaluations)."""
+    tokens = data.tokens(split)
+    seq_len = data.config.seq_len
+    limit = max_batches * batch_size if max_batches else None
+    nats, count = stream_nll(model, tokens, seq_len, batch_size, limit, device)
+    if count == 0:
+        raise ValueError(f"the {split} split has {len(tokens)} tokens, too few to evaluate; raise "
+                         f"data.val_fraction or add documents")
+    n_bytes = data.n_bytes(split) * count / max(1, len(tokens) - 1)
+    loss = nats / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bpb": bits_per_byte(nats, n_bytes),
+            "tokens": count, "bytes": n_bytes}
+
+
+@torch.no_grad()
+def paper_metric(model, documents: list[np.ndarray], tail: int, device="cpu") -> dict[str, float]:
+    """The paper's WikiText-2 metric: each document [BOS, ..., EOS] cut to its last `tail` tokens (the
+    model sees only those), per-token perplexity over the predictions inside the tail."""
+    if tail > model.config.max_seq_len:
+        raise ValueError(f"eval.paper_tail={tail} exceeds model.max_seq_len={model.config.max_seq_len}; "
+                         f"lower eval.paper_tail")
+    model.eval()
+    nats, count = 0.0, 0
+    for doc in documents:
+        piece = torch.as_tensor(np.asarray(doc[-tail:]).astype(np.int64), device=device)[None]
+        if piece.shape[1] < 2:
+            continue
+        loss = model(piece[:, :-1], piece[:, 1:], reduction="none")
+        nats += float(loss.double().sum())
+        count += loss.numel()
+    if count == 0:
+        raise ValueError("no document has 2 or more tokens; nothing to score for the paper metric")
+    return {"paper_loss": nats / count, "paper_ppl": math.exp(min(nats / count, 700.0)), "paper_tokens": count}
+
+
+def evaluate_model(model, data, eval_cfg, batch_size: int, device="cpu", full: bool = False,
+                   split: str = "validation", paper: bool | None = None) -> dict[str, float]:
+    """The metrics a run logs (names from pipeline.schema) for one evaluation."""
+    from . import schema
+    from .mqar import mqar_accuracy
+
+    res = evaluate_split(model, data, split, batch_size, 0 if full else eval_cfg.batches, device)
+    out = {schema.M_VAL_LOSS: res["loss"], schema.M_VAL_PPL: res["ppl"], schema.M_VAL_BPB: res["bpb"]}
+    if eval_cfg.paper_metric if paper is None else paper:
+        pm = paper_metric(model, data.document_tokens(split), eval_cfg.paper_tail, device)
+        out["val/paper_ppl"] = pm["paper_ppl"]
+    for length in eval_cfg.mqar_lengths:
+        if length <= model.config.max_seq_len:
+            acc = mqar_accuracy(model, length, eval_cfg.mqar_pairs, eval_cfg.mqar_examples, eval_cfg.seed,
+                                batch_size=batch_size, device=device)
+            out[f"{schema.M_MQAR_PREFIX}{length}"] = acc
+    return out
+
+
+def evaluate_checkpoint(path, split: str = "validation", paper_metric: bool = False, batch_size: int = 8,
+                        device: str = "cpu") -> dict:
+    """`attamba eval CHECKPOINT`: every token of `split`, plus the paper metric and MQAR if asked."""
+    from .checkpoint import load_model
+    from .data import prepare
+
+    model, cfg, tokenizer = load_model(path, device)
+    data = prepare(cfg.data, max_seq_len=cfg.model.max_seq_len)
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if fingerprint != data.tokenizer.fingerprint:
+        raise ValueError(f"checkpoint {str(path)!r} was trained with another tokenizer than data.tokenizer="
+                         f"{cfg.data.tokenizer!r} now builds; evaluate with the checkpoint's data settings")
+    metrics = evaluate_model(model, data, cfg.eval, batch_size, device, full=True, split=split,
+                             paper=paper_metric or cfg.eval.paper_metric)
+    metrics["n_sequences"] = num_sequences(len(data.tokens(split)), cfg.data.seq_len)
+    return metrics

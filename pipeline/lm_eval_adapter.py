@@ -1,0 +1,113 @@
+"""EleutherAI lm-evaluation-harness on a checkpoint: an `LM` subclass and `run_lm_eval`.
+
+Contexts longer than the model's max_seq_len keep their most recent tokens (left truncation), the
+usual choice for causal LMs. Every request is scored with BOS in front, as documents were in training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+
+
+class AttambaEvalLM(LM):
+    def __init__(self, model, tokenizer, device="cpu", max_gen_toks: int = 64):
+        super().__init__()
+        self.model, self.tok = model.eval(), tokenizer
+        self._device = torch.device(device)
+        self.max_len = model.config.max_seq_len
+        self.max_gen_toks = max_gen_toks
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "AttambaEvalLM":
+        from .checkpoint import load_model
+
+        model, _, tokenizer = load_model(path, device)
+        return cls(model, tokenizer, device)
+
+    @torch.no_grad()
+    def _continuation_logprob(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """Sum of log p(continuation | BOS + context) and whether greedy decoding yields it exactly."""
+        if not continuation:
+            return 0.0, True
+        seq = ([self.tok.bos_id] + context + continuation)[-(self.max_len + 1):]
+        inp = torch.tensor([seq[:-1]], device=self._device)
+        logprobs = F.log_softmax(self.model(inp)[0].float(), dim=-1)  # [T, V]
+        n = len(continuation)
+        target = torch.tensor(seq[-n:], device=self._device)
+        picked = logprobs[-n:].gather(1, target[:, None])[:, 0]
+        greedy = bool((logprobs[-n:].argmax(-1) == target).all())
+        return float(picked.double().sum()), greedy
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        out = []
+        for req in requests:
+            context, continuation = req.args
+            # Encode the pair as one string where possible so the boundary tokenizes as in training.
+            whole = self.tok.encode(context + continuation)
+            ctx = self.tok.encode(context)
+            if whole[:len(ctx)] == ctx:
+                cont = whole[len(ctx):]
+            else:
+                cont = self.tok.encode(continuation)
+            out.append(self._continuation_logprob(ctx, cont))
+        return out
+
+    @torch.no_grad()
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        """Whole-string log-likelihood in disjoint windows of max_seq_len targets, each window
+        conditioned on the max_seq_len tokens before it."""
+        out = []
+        for req in requests:
+            tokens = [self.tok.bos_id] + self.tok.encode(req.args[0])
+            total = 0.0
+            for start in range(1, len(tokens), self.max_len):
+                stop = min(start + self.max_len, len(tokens))
+                lo = max(0, stop - 1 - self.max_len)
+                inp = torch.tensor([tokens[lo:stop - 1]], device=self._device)
+                logprobs = F.log_softmax(self.model(inp)[0].float(), dim=-1)
+                target = torch.tensor(tokens[start:stop], device=self._device)
+                total += float(logprobs[-len(target):].gather(1, target[:, None]).double().sum())
+            out.append(total)
+        return out
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        """Greedy decoding through the parallel forward pass (no cache: adequate for small evals)."""
+        out = []
+        for req in requests:
+            context, kwargs = req.args
+            until = kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            limit = kwargs.get("max_gen_toks", self.max_gen_toks)
+            tokens = [self.tok.bos_id] + self.tok.encode(context)
+            new: list[int] = []
+            text = ""
+            for _ in range(limit):
+                inp = torch.tensor([(tokens + new)[-self.max_len:]], device=self._device)
+                nxt = int(self.model(inp)[0, -1].argmax())
+                if nxt == self.tok.eos_id:
+                    break
+                new.append(nxt)
+                text = self.tok.decode(new)
+                if any(u in text for u in until):
+                    break
+            for u in until:
+                text = text.split(u)[0]
+            out.append(text)
+        return out
+
+
+def run_lm_eval(checkpoint, tasks: list[str], include_path=None, limit=None, device="cpu") -> dict:
+    """lm-eval's results for `tasks` on a checkpoint: {"results": {task: {metric: value}}, ...}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm = AttambaEvalLM.from_checkpoint(checkpoint, device)
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
+                              log_samples=False, bootstrap_iters=0)
+    if results is None:
+        raise ValueError(f"lm-eval returned no results for tasks {tasks}")
+    return {"results": results["results"], "versions": dict(results.get("versions", {}))}

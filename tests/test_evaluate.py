@@ -1,0 +1,180 @@
+"""Evaluation: bits per byte, the paper's tail metric, MQAR, checkpoint verification, the lm-eval adapter."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attamba.model import AttambaLM
+from pipeline import checkpoint as ckpt
+from pipeline.config import load_run_config
+from pipeline.data import prepare
+from pipeline.evaluate import evaluate_split, paper_metric
+from pipeline.mqar import IGNORE, make_mqar, mqar_accuracy, score
+
+TEXT = ["The quick brown fox jumps over the lazy dog. " * 6, "Ünïcödé bytes cost more: żółć ", "short",
+        "To be, or not to be, that is the question: " * 5] * 3
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTAMBA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    cfg = load_run_config(None, ["size=micro", "model.max_seq_len=64", f"data.source={corpus}",
+                                 "data.tokenizer=byte", "data.seq_len=32", "data.val_fraction=0.3",
+                                 "data.test_fraction=0.1", "data.progress=false"])
+    data = prepare(cfg.data, max_seq_len=64)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
+    torch.manual_seed(0)
+    return cfg, data, AttambaLM(cfg.model).eval()
+
+
+def test_bits_per_byte_matches_independent_count(setup):
+    cfg, data, model = setup
+    res = evaluate_split(model, data, "validation", batch_size=3, max_batches=0)
+    tokens = torch.from_numpy(np.asarray(data.tokens("validation")).astype(np.int64))
+    # Independent: one forward per window of 33 tokens, log_softmax by hand, bytes from the raw text.
+    nats, count, start = 0.0, 0, 0
+    while start < len(tokens) - 1:
+        window = tokens[start:start + 33]
+        logp = F.log_softmax(model(window[None, :-1])[0].double(), -1)
+        nats -= float(logp.gather(1, window[1:, None]).sum())
+        count += len(window) - 1
+        start += 32
+    n_bytes = sum(len(d.encode("utf-8")) for d in data.documents("validation"))
+    assert count == res["tokens"] == len(tokens) - 1
+    assert res["bytes"] == n_bytes
+    assert res["bpb"] == pytest.approx(nats / (math.log(2) * n_bytes), rel=1e-9)
+    assert res["loss"] == pytest.approx(nats / count, rel=1e-9)
+
+
+def test_paper_metric_uses_only_each_documents_tail(setup):
+    cfg, data, model = setup
+    docs = [np.asarray(d).astype(np.int64) for d in data.document_tokens("validation")]
+    tail = 16
+    base = paper_metric(model, docs, tail)
+    manual_nats, manual_count = 0.0, 0
+    for d in docs:
+        piece = torch.from_numpy(d[-tail:])
+        manual_nats += float(model(piece[None, :-1], piece[None, 1:], reduction="none").double().sum())
+        manual_count += len(piece) - 1
+    assert base["paper_tokens"] == manual_count
+    assert base["paper_ppl"] == pytest.approx(math.exp(manual_nats / manual_count), rel=1e-9)
+    changed_head = [np.concatenate([(d[:-tail] + 7) % 256, d[-tail:]]) for d in docs]
+    assert paper_metric(model, changed_head, tail)["paper_ppl"] == pytest.approx(base["paper_ppl"], rel=1e-12)
+    changed_tail = [np.concatenate([d[:-3], (d[-3:] + 7) % 256]) for d in docs]
+    assert paper_metric(model, changed_tail, tail)["paper_ppl"] != pytest.approx(base["paper_ppl"], rel=1e-6)
+    with pytest.raises(ValueError, match="paper_tail"):
+        paper_metric(model, docs, 65)
+
+
+def test_mqar_is_well_formed_and_an_oracle_scores_one():
+    inputs, targets, keys, values = make_mqar(16, 48, 6, vocab_size=300, seed=3)
+    again = make_mqar(16, 48, 6, vocab_size=300, seed=3)
+    assert torch.equal(inputs, again[0]) and torch.equal(targets, again[1])
+    assert not torch.equal(inputs, make_mqar(16, 48, 6, vocab_size=300, seed=4)[0])
+    assert inputs.shape == targets.shape == (16, 48) and int(inputs.max()) < 300
+    assert set(keys.flatten().tolist()).isdisjoint(values.flatten().tolist())
+    for i in range(16):
+        pairs = dict(zip(inputs[i, 0:12:2].tolist(), inputs[i, 1:12:2].tolist()))
+        assert len(pairs) == 6  # distinct keys
+        queried = (targets[i] != IGNORE).nonzero()[:, 0]
+        assert len(queried) == 6
+        for q in queried.tolist():
+            assert int(targets[i, q]) == pairs[int(inputs[i, q])] == int(inputs[i, q + 1])
+
+    def oracle(x):  # copies the value that followed the key earlier in the sequence
+        pred = torch.zeros_like(x)
+        for i in range(x.shape[0]):
+            seen = {}
+            for t in range(x.shape[1] - 1):
+                if int(x[i, t]) in seen:
+                    pred[i, t] = seen[int(x[i, t])]
+                seen.setdefault(int(x[i, t]), int(x[i, t + 1]))
+        return pred
+
+    assert score(oracle(inputs), targets) == 1.0
+    wrong = oracle(inputs)
+    wrong[:, -2] += 1  # spoil the last query of every example
+    assert score(wrong, targets) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="mqar_pairs"):
+        make_mqar(2, 16, 5, vocab_size=300, seed=0)
+
+
+def test_mqar_accuracy_of_a_model_is_a_fraction(setup):
+    _, _, model = setup
+    acc = mqar_accuracy(model, 32, 4, 8, seed=0)
+    assert 0.0 <= acc <= 1.0
+
+
+def _export(setup, directory):
+    cfg, _, model = setup
+    ckpt.write_model_files(directory, model.state_dict(), cfg.to_dict(), None)
+    ckpt.write_manifest(directory, 0, ckpt.config_hash(cfg.to_dict()))
+    return directory
+
+
+def test_checkpoint_verification_refuses_tampering(setup, tmp_path):
+    directory = _export(setup, tmp_path / "checkpoints" / "step_00000000")
+    model, cfg, tok = ckpt.load_model(directory)
+    assert torch.equal(model.embed.weight, setup[2].embed.weight) and tok.vocab_size == cfg.model.vocab_size
+    raw = bytearray((directory / ckpt.WEIGHTS).read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (directory / ckpt.WEIGHTS).write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="model.pt does not match its sha256"):
+        ckpt.load_model(directory)
+    with pytest.raises(ValueError, match="model.pt does not match"):
+        ckpt.latest_checkpoint(tmp_path)  # a bad manifest is an error, not a silent fallback
+    (directory / ckpt.MANIFEST).unlink()
+    with pytest.raises(ValueError, match="has no manifest.json"):
+        ckpt.load_model(directory)
+    assert ckpt.latest_checkpoint(tmp_path) is None  # an unsealed save is passed over
+
+
+def test_lm_eval_adapter_runs_a_local_multiple_choice_task(setup, tmp_path):
+    from pipeline.lm_eval_adapter import AttambaEvalLM, run_lm_eval
+
+    directory = _export(setup, tmp_path / "ck")
+    rows = [{"question": "The quick brown fox jumps over the lazy", "choices": [" dog.", " cat!", " sky?"], "label": 0},
+            {"question": "To be, or not to be, that is the", "choices": [" question", " answer"], "label": 0},
+            {"question": "Short and", "choices": [" sweet", " sour", " long"], "label": 1}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / 'mc.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+""")
+    out = run_lm_eval(directory, ["tiny_mc"], include_path=tmp_path / "tasks")
+    acc = out["results"]["tiny_mc"]["acc,none"]
+    # The adapter's choice scores, recomputed by hand: acc must be the fraction where the label wins.
+    model, _, tok = ckpt.load_model(directory)
+    lm = AttambaEvalLM(model, tok)
+    expected = 0
+    for r in rows:
+        scores = []
+        for c in r["choices"]:
+            seq = torch.tensor([[tok.bos_id] + tok.encode(r["question"] + c)])
+            logp = F.log_softmax(model(seq[:, :-1])[0], -1)
+            n = len(tok.encode(c))
+            scores.append(float(logp[-n:].gather(1, seq[0, -n:, None]).sum()))
+        expected += int(np.argmax(scores) == r["label"])
+        assert scores[0] == pytest.approx(lm._continuation_logprob(tok.encode(r["question"]),
+                                                                    tok.encode(r["choices"][0]))[0], rel=1e-5)
+    assert acc == pytest.approx(expected / len(rows))
+    rolling = lm.loglikelihood_rolling([type("R", (), {"args": ("abc " * 30,)})()])[0]
+    assert rolling < 0 and math.isfinite(rolling)
