@@ -35,8 +35,10 @@ class Attention(nn.Module):
             if cfg.kv_proj:
                 self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
                 self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
-            self.ssm_k = ChunkSSM(cfg.dim, cfg.ssm, cfg.norm_eps)
-            self.ssm_v = ChunkSSM(cfg.dim, cfg.ssm, cfg.norm_eps)
+            # The released `offset` segmentation depends on the scan's own chunking: keep the plain scan.
+            block = cfg.chunk_size if cfg.ssm_segmentation == "chunk" else None
+            self.ssm_k = ChunkSSM(cfg.dim, cfg.ssm, cfg.norm_eps, chunk_size=block)
+            self.ssm_v = ChunkSSM(cfg.dim, cfg.ssm, cfg.norm_eps, chunk_size=block)
         else:
             self.wk = nn.Linear(cfg.dim, cfg.attn_dim, bias=False)
             self.wv = nn.Linear(cfg.dim, cfg.attn_dim, bias=False)

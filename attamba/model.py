@@ -39,10 +39,12 @@ class AttambaLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = None if config.tied_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # Module constructors draw their default init from the global RNG: keep it untouched.
+        with torch.random.fork_rng(devices=[]):
+            self.embed = nn.Embedding(config.vocab_size, config.dim)
+            self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+            self.norm = RMSNorm(config.dim, config.norm_eps)
+            self.output = None if config.tied_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters(config.seed)
 
     @torch.no_grad()

@@ -108,7 +108,10 @@ def test_ssm_jacobian_chunk_segmentation(strategy, P, layer):
 
 
 def test_ssm_jacobian_offset_segmentation_reproduces_released_mixing():
-    """seq_idx = offset in chunk: tokens mix at stride P inside a scan chunk; none for P >= scan chunk."""
+    """seq_idx = offset in chunk (the released code). Inside one scan chunk, token t reads the content of
+    earlier tokens at stride P; the decay between them runs over every token in between, whose input-
+    dependent dt therefore reaches t too. So t depends on [first same-offset token, t] when P is smaller
+    than the scan chunk, and on itself alone when P >= the scan chunk: no SSM mixing at all."""
     torch.manual_seed(0)
     T, dim = 16, 8
     cfg = SSMConfig(state_dim=4, inner_dim=8, heads=2, scan_chunk=16).resolved(dim)
@@ -118,6 +121,10 @@ def test_ssm_jacobian_offset_segmentation_reproduces_released_mixing():
     for P in (4, 16):
         offsets = bnd.chunk_offsets(bnd.chunk_ends("uniform", P, 0, 1, t))
         dep = _dependency(ssm, offsets, T, dim)
-        expected = ((t[:, None] - t[None, :]) % P == 0) & (t[None, :] <= t[:, None])
+        first = t % P  # the first token with t's offset (one scan chunk covers the sequence)
+        expected = (t[None, :] >= first[:, None]) & (t[None, :] <= t[:, None])
         assert torch.equal(dep, expected), P
     assert torch.equal(dep, torch.eye(T, dtype=torch.bool))  # P = 16 = scan chunk: no mixing at all
+    # and the faithful segmentation of the same chunks confines t to its own chunk
+    seg = bnd.segment_ids(bnd.chunk_ends("uniform", 4, 0, 1, t))
+    assert torch.equal(_dependency(ssm, seg, T, dim), (seg[:, None] == seg[None, :]) & (t[None, :] <= t[:, None]))
