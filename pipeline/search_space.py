@@ -258,6 +258,7 @@ def _named(search: SearchConfig, data: dict, name: str, tracking: dict) -> RunCo
     data["name"] = name
     # absolute: Ray workers do not share the driver's working directory
     data["train"]["out_dir"] = str((search.folder / "trials" / name).resolve())
+    data["train"].update(study=search.name, trial=name)   # tracked as the run's study and trial tags
     data["tracking"].update(experiment=search.name, run_name=name, **tracking)
     return run_config_from_dict(data)
 

@@ -128,3 +128,201 @@ def test_study_with_other_objectives_is_refused(tmp_path):
     open_study(load_search(SMOKE, [f"storage={url}"]))
     with pytest.raises(ValueError, match="give the search another name"):
         open_study(load_search(SMOKE, [f"storage={url}", "objectives.costs=[attn_flops_per_token]"]))
+
+
+# ---- real searches: tiny models trained on Ray ---------------------------------------------------------
+
+@pytest.fixture
+def search_env(tmp_path, monkeypatch):
+    """Storage, MLflow store, data cache and outputs all in tmp_path; Ray stopped afterwards whatever happens."""
+    monkeypatch.setenv("ATTAMBA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.delenv("ATTAMBA_OPTUNA_STORAGE", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    yield tmp_path
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _complete(study) -> dict[int, tuple]:
+    return {t.number: tuple(t.values) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+
+
+def check_front_from_storage(url: str, name: str, folder: Path, n_trials: int) -> optuna.Study:
+    """The study as stored: n_trials complete, and pareto.json's points mutually non-dominated and
+    dominating every other feasible complete trial."""
+    study = optuna.load_study(study_name=name, storage=url)
+    done = _complete(study)
+    assert len(done) == n_trials
+    record = json.loads((folder / "pareto.json").read_text())
+    front = [p["number"] for p in record["front"]]
+    assert front, "the Pareto front must not be empty"
+    assert record["objectives"] == [schema.M_VAL_PPL, schema.M_KV_BYTES]
+    for p in record["front"]:
+        assert tuple(p["values"][m] for m in record["objectives"]) == done[p["number"]]
+
+    def dominates(a, b):
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    for i in front:
+        assert not any(dominates(done[j], done[i]) for j in done), f"front trial {i} is dominated"
+    for j in set(done) - set(front):
+        assert any(dominates(done[i], done[j]) or done[i] == done[j] for i in front), f"trial {j} missed"
+    rows = (folder / "pareto.csv").read_text().splitlines()
+    assert rows[0].startswith("number,chunk_size,leading_tokens,boundaries,val/ppl,cost/kv_cache_bytes")
+    assert len(rows) == 1 + len(front)
+    assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return study
+
+
+def test_small_search_on_ray_gives_a_non_dominated_front(search_env):
+    from mlflow import MlflowClient
+
+    from pipeline.search import run_search
+
+    url = f"sqlite:///{search_env}/optuna.db"
+    out = run_search(SMOKE, [f"storage={url}", f"out_dir={search_env}/searches", "n_trials=3"])
+    folder = search_env / "searches" / "smoke"
+    study = check_front_from_storage(url, "smoke", folder, 3)
+    assert out["complete"] == 3 and not out["failed"]
+    # each trained trial is an MLflow child of the search's run, tagged with its Optuna number
+    client = MlflowClient(tracking_uri=f"sqlite:///{search_env}/mlflow.db")
+    exp = client.get_experiment_by_name("smoke")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{out['parent_run_id']}'")
+    tagged = {int(r.data.tags[schema.TAG_OPTUNA_TRIAL]) for r in children if schema.TAG_OPTUNA_TRIAL in r.data.tags}
+    trained = {t.number for t in study.get_trials(states=(TrialState.COMPLETE,)) if "copy_of" not in t.user_attrs}
+    assert trained and tagged == trained
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        if t.number in trained:
+            assert t.user_attrs["mlflow_run_id"] in {r.info.run_id for r in children}
+    # a second call with everything done trains nothing and keeps the study as it is
+    again = run_search(SMOKE, [f"storage={url}", f"out_dir={search_env}/searches", "n_trials=3"])
+    assert again["complete_before"] == 3 and again["parent_run_id"] is None
+    assert _complete(optuna.load_study(study_name="smoke", storage=url)) == _complete(study)
+
+
+def _count(db: Path, state: str) -> int:
+    import sqlite3
+
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            return con.execute("SELECT count(*) FROM trials WHERE state = ?", (state,)).fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_search_resumes_without_losing_or_duplicating_trials(search_env):
+    db = search_env / "optuna.db"
+    args = [sys.executable, "-m", "pipeline.cli", "search", str(SMOKE), f"storage=sqlite:///{db}",
+            f"out_dir={search_env}/searches", "n_trials=4"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=search_env, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=open(search_env / "first.log", "w"))
+    try:
+        deadline = time.time() + 480
+        while _count(db, "COMPLETE") < 1:
+            assert proc.poll() is None, (search_env / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no trial completed in time"
+            time.sleep(1)
+    finally:
+        for pid in _session_pids(proc.pid):  # the driver and the Ray processes it started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(30)
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
+    before = _complete(study)
+    running = [t.number for t in study.get_trials(states=(TrialState.RUNNING,))]
+    assert 1 <= len(before) < 4
+
+    result = subprocess.run(args, cwd=search_env, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
+    after = _complete(study)
+    assert len(after) == 4, "the total must reach n_trials, no more"
+    assert all(after[n] == v for n, v in before.items()), "completed trials are kept as they were"
+    failed = [t.number for t in study.get_trials(states=(TrialState.FAIL,))]
+    assert sorted(failed) == sorted(running), "only the trials the killed driver left RUNNING are failed"
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
+    retries = {t.user_attrs["retry_of"]: t for t in study.get_trials() if "retry_of" in t.user_attrs}
+    assert set(retries) == set(running)
+    for number, retry in retries.items():
+        assert retry.params == study.trials[number].params
+    trained = [t.user_attrs["run_name"] for t in study.get_trials(states=(TrialState.COMPLETE,))
+               if "copy_of" not in t.user_attrs]
+    assert len(trained) == len(set(trained)), "no run trained twice to completion"
+    check_front_from_storage(f"sqlite:///{db}", "smoke", search_env / "searches" / "smoke", 4)
+
+
+# ---- PostgreSQL ----------------------------------------------------------------------------------------
+
+def _pg_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    path = shutil.which(name) or (str(found[-1]) if found else None)
+    if path is None:
+        pytest.fail(f"PostgreSQL's {name} is not installed (looked on PATH and in /usr/lib/postgresql/*/bin); "
+                    "install Debian's postgresql package: apt-get install -y postgresql")
+    return path
+
+
+@pytest.fixture
+def postgres_url(tmp_path):
+    """A throwaway PostgreSQL cluster on 127.0.0.1 and a free port; the test fails if it cannot start."""
+    initdb, pg_ctl, createdb = _pg_bin("initdb"), _pg_bin("pg_ctl"), _pg_bin("createdb")
+    import tempfile
+
+    # Not under tmp_path: pytest keeps its base folder 0700, which the postgres user cannot enter.
+    base = Path(tempfile.mkdtemp(prefix="attamba-search-pg-"))
+    as_user = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        user = pwd.getpwnam("postgres")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def run(*cmd):
+        result = subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=120)
+        if result.returncode:
+            log = (base / "log").read_text() if (base / "log").exists() else ""
+            pytest.fail(f"PostgreSQL command {cmd[0]} failed: {result.stderr}\n{log}")
+
+    run(initdb, "-D", str(base / "data"), "-U", "postgres", "--auth=trust")
+    run(pg_ctl, "-D", str(base / "data"), "-l", str(base / "log"), "-w", "-t", "60", "start",
+        "-o", f"-k {base} -p {port} -c listen_addresses=127.0.0.1")
+    try:
+        run(createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna")
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"  # plain: the search must pick psycopg2
+    finally:
+        run(pg_ctl, "-D", str(base / "data"), "-m", "fast", "-w", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_search_stored_in_postgresql(search_env, postgres_url, monkeypatch):
+    from pipeline.search import run_search
+
+    monkeypatch.setenv("ATTAMBA_OPTUNA_STORAGE", postgres_url)  # storage: null -> the environment
+    out = run_search(SMOKE, [f"out_dir={search_env}/searches", "n_trials=2"])
+    assert out["storage"].startswith("postgresql+psycopg2://") and out["complete"] == 2
+    check_front_from_storage(normalise_storage_url(postgres_url), "smoke", search_env / "searches" / "smoke", 2)
+    assert not (search_env / "optuna.db").exists() and not Path("optuna.db").exists()
