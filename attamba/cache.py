@@ -51,8 +51,14 @@ class _BoundaryFlags:
         return self._visible[position]
 
     def ends_tensor(self, length: int) -> torch.Tensor:
+        """bool [length]: chunk ends at positions 0..length-1."""
         self._extend(max(length - 1, 0))
         return torch.tensor(self._ends[:length], dtype=torch.bool)
+
+    def visible_tensor(self, length: int) -> torch.Tensor:
+        """bool [length]: visible boundaries at positions 0..length-1."""
+        self._extend(max(length - 1, 0))
+        return torch.tensor(self._visible[:length], dtype=torch.bool)
 
 
 class KVBuffer:
@@ -122,6 +128,13 @@ def _attend(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> 
     return out
 
 
+def window_slots(cfg: ModelConfig) -> int | None:
+    """Size of the ring of most recent positions: L+1 (attamba), W (swa), or None (every position kept)."""
+    if cfg.attention == "attamba":
+        return None if cfg.pseudo_chunk else cfg.leading_tokens + 1
+    return cfg.window if cfg.attention == "swa" else None
+
+
 class LayerCache:
     """One layer's decoding state for a batch of sequences (see the module docstring)."""
 
@@ -130,10 +143,7 @@ class LayerCache:
         self.cfg, self.layer = cfg, layer
         self.lengths = list(lengths)  # tokens seen per sequence = position of its next token
         self.windows, self.stores = windows, stores
-        if cfg.attention == "attamba":
-            self.slots = None if cfg.pseudo_chunk else cfg.leading_tokens + 1
-        else:
-            self.slots = cfg.window if cfg.attention == "swa" else None
+        self.slots = window_slots(cfg)
         self.flags = _BoundaryFlags(cfg, layer) if cfg.attention == "attamba" else None
         self._ssm = ssm_states  # ((k_conv, k_scan), (v_conv, v_scan)), float32, one row per sequence
 
@@ -261,18 +271,19 @@ def _layer_from_prefill(cfg: ModelConfig, layer: int, kv, length: int):
     """(window, store, ssm_states) of one sequence from the prefill's k, v [1, H, T, D] and SSM states."""
     k, v, states = kv
     k, v = k[0], v[0]
-    lc = LayerCache(cfg, layer, [length], [], None)
-    if lc.slots is None or length <= lc.slots:
+    slots = window_slots(cfg)
+    flags = _BoundaryFlags(cfg, layer) if cfg.attention == "attamba" else None
+    if slots is None or length <= slots:
         window = KVBuffer.copy_of(k, v)
     else:
-        index = _ring_order(length, lc.slots).to(k.device)
+        index = _ring_order(length, slots).to(k.device)
         window = KVBuffer.copy_of(k.index_select(1, index), v.index_select(1, index))
     store = None
     if cfg.attention == "attamba" and not cfg.pseudo_chunk:
-        before = max(length - lc.slots, 0)
-        index = torch.tensor([p for p in range(before) if lc.flags.visible(p)], dtype=torch.int64, device=k.device)
+        before = max(length - slots, 0)
+        index = torch.nonzero(flags.visible_tensor(before))[:, 0].to(k.device)
         store = KVBuffer.copy_of(k.index_select(1, index), v.index_select(1, index))
-    ssm = _prefill_ssm_states(states, lc.flags, length) if states is not None else None
+    ssm = _prefill_ssm_states(states, flags, length) if states is not None else None
     return window, store, ssm
 
 

@@ -155,3 +155,13 @@ def test_causal_transformer_attention_flops_match_the_formula(monkeypatch):
     measured = _attention_op_flops(_count(AttambaLM(cfg).eval(), 1024), cfg.n_layers)
     expected = costs.attention_flops(cfg, 1024)["prefill"]
     assert abs(measured - expected) <= 0.01 * expected
+
+
+def test_bench_decode_measures_what_the_formula_says():
+    from pipeline.bench_decode import bench_decode
+
+    row = bench_decode(96, chunk_size=4, leading_tokens=5, dim=32, n_layers=2, n_heads=2, vocab=97, new_tokens=3)
+    assert row["attamba_cache_bytes"] == row["attamba_analytic_cache_bytes"]
+    assert row["full_cache_bytes"] == row["full_analytic_cache_bytes"]
+    assert row["cache_bytes_ratio"] == row["analytic_cache_bytes_ratio"] < 1
+    assert row["attamba_decode_tokens_per_s"] > 0 and row["full_decode_tokens_per_s"] > 0

@@ -1,0 +1,112 @@
+"""Decoding benchmark: Attamba against the full transformer of the same dims, cache bytes and tokens/s.
+
+Both models decode through attamba.cache: the transformer keeps every position in one preallocated K/V
+buffer per layer and attends with SDPA over it (a standard KV cache); Attamba keeps its boundary store,
+its L+1 window and its SSM states. Cache bytes are measured (bytes of the storages held) right after the
+prefill, before `reserve` makes room for the decoded tokens, and set against attamba.costs.
+
+    python -m pipeline.bench_decode 1024 4096 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from attamba import costs
+from attamba.cache import decode_step, prefill
+from attamba.model import AttambaLM
+from attamba.presets import model_config
+
+
+def _run(model, prompts: list[torch.Tensor], new_tokens: int) -> dict:
+    start = time.perf_counter()
+    cache, logits = prefill(model, prompts)
+    prefill_s = time.perf_counter() - start
+    cache_bytes = cache.nbytes()
+    cache.reserve(new_tokens + 1)
+    tokens = torch.stack([out[-1] for out in logits]).argmax(-1)
+    tokens = decode_step(model, cache, tokens).argmax(-1)  # warm-up step, not timed
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        tokens = decode_step(model, cache, tokens).argmax(-1)
+    decode_s = time.perf_counter() - start
+    return {"prefill_s": prefill_s, "cache_bytes": cache_bytes, "decode_s": decode_s,
+            "decode_tokens_per_s": len(prompts) * new_tokens / decode_s}
+
+
+@torch.no_grad()
+def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, dim: int = 512, n_layers: int = 4,
+                 n_heads: int = 8, vocab: int = 4096, new_tokens: int = 64, batch: int = 1,
+                 boundaries: str = "cyclic", seed: int = 0, threads: int | None = None) -> dict:
+    """Prefill `context` random tokens per sequence into each model, then time `new_tokens` greedy steps.
+
+    Returns per-model prefill seconds, measured and analytic cache bytes (all sequences, after the prefill),
+    decode tokens/s, and the Attamba / transformer ratios cache_bytes_ratio, analytic_cache_bytes_ratio
+    and decode_speedup (Attamba tokens/s over the transformer's). threads sets torch's intra-op threads
+    for the run (restored after): on a loaded shared machine a second thread mostly spins.
+    """
+    if context < 1 or new_tokens < 1 or batch < 1:
+        raise ValueError(f"context, new_tokens and batch must be >= 1, got {context}, {new_tokens}, {batch}")
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab, new_tokens, batch,
+                        boundaries, seed)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab, new_tokens, batch, boundaries,
+             seed) -> dict:
+    common = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab,
+                  max_seq_len=context + new_tokens + 1, seed=seed)
+    configs = {
+        "attamba": model_config("s60m", attention="attamba", chunk_size=chunk_size, leading_tokens=leading_tokens,
+                                boundaries=boundaries, **common),
+        "full": model_config("s60m", attention="full", **common),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (context,), generator=gen) for _ in range(batch)]
+    result: dict = {"context": context, "batch": batch, "chunk_size": chunk_size, "leading_tokens": leading_tokens,
+                    "dim": dim, "n_layers": n_layers, "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+    for name, cfg in configs.items():
+        model = AttambaLM(cfg).eval()
+        run = _run(model, prompts, new_tokens)
+        result[f"{name}_prefill_s"] = run["prefill_s"]
+        result[f"{name}_cache_bytes"] = run["cache_bytes"]
+        result[f"{name}_analytic_cache_bytes"] = batch * costs.kv_cache_bytes(cfg, context)
+        result[f"{name}_decode_tokens_per_s"] = run["decode_tokens_per_s"]
+        del model
+    result["cache_bytes_ratio"] = result["attamba_cache_bytes"] / result["full_cache_bytes"]
+    result["analytic_cache_bytes_ratio"] = result["attamba_analytic_cache_bytes"] / result["full_analytic_cache_bytes"]
+    result["decode_speedup"] = result["attamba_decode_tokens_per_s"] / result["full_decode_tokens_per_s"]
+    return result
+
+
+_COLUMNS = ("context", "threads", "attamba_prefill_s", "full_prefill_s", "attamba_cache_bytes", "full_cache_bytes",
+            "cache_bytes_ratio", "analytic_cache_bytes_ratio", "attamba_decode_tokens_per_s",
+            "full_decode_tokens_per_s", "decode_speedup")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("contexts", type=int, nargs="+")
+    parser.add_argument("--chunk-size", type=int, default=8)
+    parser.add_argument("--leading-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    print(" | ".join(_COLUMNS))
+    for context in args.contexts:
+        row = bench_decode(context, args.chunk_size, args.leading_tokens, new_tokens=args.new_tokens,
+                           batch=args.batch, threads=args.threads)
+        print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in _COLUMNS), flush=True)
+
+
+if __name__ == "__main__":
+    main()
