@@ -1,0 +1,117 @@
+"""The pieces `train` assembles: the process group, the DeepSpeed config, AdamW and its LR schedule.
+
+The optimizer is torch's AdamW handed to DeepSpeed rather than DeepSpeed's own "AdamW" config type:
+that one resolves to FusedAdam (CUDA only) or to cpu_adam, a C++ op JIT-compiled on first use (minutes
+on these 2 cores). ZeRO 1-3 wrap any torch optimizer, and the step is the same on CPU and GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from .config import RunConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world_size). Reuses a group made by Ray Train or a launcher (torchrun, deepspeed set RANK
+    etc.); a plain `python` process gets a single-rank group on a free local port."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # GuardedAdamW is torch AdamW plus a finiteness check
+        "steps_per_print": 1 << 62,
+        "wall_clock_breakdown": False,
+    }
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips its update when any rank saw a non-finite gradient (or was told the loss was).
+
+    DeepSpeed calls `step` once per optimizer step, after clipping, on every rank (under ZeRO each rank
+    holds a partition, hence the all-reduce). Setting `overflow` makes the engine count the step as
+    skipped and leave the LR schedule where it was, exactly as for an fp16 overflow.
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.overflow = False
+        self.bad_loss = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        bad = torch.tensor(float(self.bad_loss))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    bad.fill_(1.0)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            bad = bad.to(next(p for g in self.param_groups for p in g["params"]).device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.overflow = bool(bad.item() > 0)
+        self.bad_loss = False
+        if self.overflow:
+            self.zero_grad(set_to_none=True)
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> GuardedAdamW:
+    """Weight decay on matrices only; norms, biases and the SSMs' per-head scalars are not decayed."""
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return GuardedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine from 1 to `min_ratio` at step `total`."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    o = cfg.optim
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))

@@ -1,0 +1,71 @@
+"""What a training run tells the tracker: tags, the config, cost metrics; and the run id kept for resume."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from attamba import costs
+
+from . import schema
+from .config import RunConfig
+from .tracking import NoopTracker, Tracker, log_config, make_tracker
+
+RUN_ID_FILE = "mlflow_run_id"
+
+
+def run_tags(cfg: RunConfig) -> dict[str, str]:
+    m = cfg.model
+    attamba = m.attention == "attamba"
+    if attamba:
+        variant = f"attamba-P{m.chunk_size}-L{m.leading_tokens}-{m.boundaries}"
+    elif m.attention == "swa":
+        variant = f"swa-W{m.window}"
+    elif m.attention == "iso_kv":
+        variant = f"iso_kv-F{m.kv_dim}"
+    else:
+        variant = "full"
+    tags = {
+        schema.TAG_SIZE: cfg.size, schema.TAG_ATTENTION: m.attention, schema.TAG_VARIANT: variant,
+        schema.TAG_CHUNK: str(m.chunk_size) if attamba else "",
+        schema.TAG_LEADING: str(m.leading_tokens) if attamba else "",
+        schema.TAG_BOUNDARIES: m.boundaries if attamba else "",
+        schema.TAG_SEED: str(cfg.train.seed), schema.TAG_STATUS: "running",
+    }
+    if cfg.train.study:
+        tags[schema.TAG_STUDY] = cfg.train.study
+    if cfg.train.trial:
+        tags[schema.TAG_TRIAL] = cfg.train.trial
+    return tags
+
+
+def cost_metrics(cfg: RunConfig, world_size: int) -> dict[str, float]:
+    t = cfg.train
+    tokens = t.steps * t.batch_size * t.grad_accum * world_size * cfg.data.seq_len
+    return {f"cost/{k}": float(v) for k, v in costs.summary(cfg.model, cfg.data.seq_len, tokens).items()}
+
+
+def open_tracker(cfg: RunConfig, out_dir: Path, rank: int, resuming: bool, given: Tracker | None):
+    """(tracker, owned). Rank 0 gets `given` or a new MLflow run (continuing the stored run id when
+    resuming); other ranks a NoopTracker."""
+    if rank != 0:
+        return NoopTracker(), False
+    if given is not None:
+        given.set_tags(run_tags(cfg))
+        return given, False
+    id_file = out_dir / RUN_ID_FILE
+    tracking = cfg.tracking
+    if resuming and id_file.is_file() and tracking.resume_run_id is None:
+        tracking = replace(tracking, resume_run_id=id_file.read_text().strip())
+    if tracking.run_name is None:
+        tracking = replace(tracking, run_name=cfg.name)
+    tracker = make_tracker(tracking, journal_dir=out_dir / "tracking", rank=rank, tags=run_tags(cfg))
+    if tracker.run_id:
+        id_file.write_text(tracker.run_id)
+    return tracker, True
+
+
+def log_run_start(tracker: Tracker, cfg: RunConfig, config_path: Path, world_size: int) -> None:
+    log_config(tracker, cfg.to_dict())
+    tracker.log_artifact(config_path)
+    tracker.log_metrics(cost_metrics(cfg, world_size), step=0)
