@@ -60,6 +60,9 @@ class TrainConfig:
     out_dir: str = "runs/default"
     device: str = "auto"           # auto | cpu | cuda
     progress: bool = True
+    max_consecutive_skips: int = 8  # non-finite loss/grad-norm steps skipped in a row before training stops
+    study: str | None = None       # tracked as tags when the run belongs to a study
+    trial: str | None = None
 
     def __post_init__(self):
         _at_least("train.steps", self.steps, 1)
@@ -72,6 +75,7 @@ class TrainConfig:
         _at_least("train.eval_every", self.eval_every, 0)
         _at_least("train.ckpt_every", self.ckpt_every, 0)
         _at_least("train.log_every", self.log_every, 1)
+        _at_least("train.max_consecutive_skips", self.max_consecutive_skips, 1)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -84,6 +88,7 @@ class EvalConfig:
     mqar_lengths: tuple[int, ...] = ()
     mqar_examples: int = 64
     mqar_pairs: int = 8
+    seed: int = 0                  # MQAR sequences are drawn from this seed
 
     def __post_init__(self):
         _at_least("eval.batches", self.batches, 0)
