@@ -254,7 +254,7 @@ def _prefill_ssm_states(states, flags: _BoundaryFlags, length: int):
     out = []
     for conv, scan in states:
         width = conv.shape[-1]
-        columns = torch.arange(length - width, length)
+        columns = torch.arange(length - width, length, device=conv.device)
         conv = conv.float() * (columns > last_end).to(torch.float32)
         scan = scan.float() * (0.0 if bool(ends[-1]) else 1.0)
         out.append((conv.contiguous(), scan.contiguous()))
