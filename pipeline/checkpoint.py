@@ -148,6 +148,15 @@ def load(engine, directory: Path) -> dict:
     return client_state
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run's output folder (then its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist; pass a run folder or one of its checkpoints")
+    latest = latest_checkpoint(path) if not (path / MANIFEST).is_file() else None
+    return latest if latest is not None else path
+
+
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, RunConfig, tokenizer) from a verified checkpoint directory."""
     from attamba.model import AttambaLM

@@ -34,12 +34,16 @@ def cmd_eval(args) -> int:
     if args.lm_eval:
         from .lm_eval_adapter import run_lm_eval
 
-        _print_json(run_lm_eval(args.checkpoint, args.lm_eval.split(","), include_path=args.include_path,
+        from .checkpoint import resolve_checkpoint
+
+        _print_json(run_lm_eval(resolve_checkpoint(args.checkpoint), args.lm_eval.split(","), include_path=args.include_path,
                                 limit=args.limit))
         return 0
+    from .checkpoint import resolve_checkpoint
     from .evaluate import evaluate_checkpoint
 
-    _print_json(evaluate_checkpoint(args.checkpoint, paper_metric=args.paper_metric))
+    _print_json(evaluate_checkpoint(resolve_checkpoint(args.checkpoint), split=args.split,
+                                    paper_metric=args.paper_metric, paper_tail=args.paper_tail))
     return 0
 
 
@@ -113,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, bits per byte, or lm-eval tasks")
     p.add_argument("checkpoint")
+    p.add_argument("--split", default="validation", choices=["validation", "test"])
     p.add_argument("--paper-metric", action="store_true", help="also the paper's per-token ppl on document tails")
+    p.add_argument("--paper-tail", type=int, help="tokens kept from each document's end (default: "
+                   "eval.paper_tail capped at the model's max_seq_len)")
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
     p.add_argument("--limit", type=int, help="examples per lm-eval task")

@@ -106,12 +106,19 @@ def evaluate_model(model, data, eval_cfg, batch_size: int, device="cpu", full: b
 
 
 def evaluate_checkpoint(path, split: str = "validation", paper_metric: bool = False, batch_size: int = 8,
-                        device: str = "cpu") -> dict:
-    """`attamba eval CHECKPOINT`: every token of `split`, plus the paper metric and MQAR if asked."""
+                        device: str = "cpu", paper_tail: int | None = None) -> dict:
+    """`attamba eval CHECKPOINT`: every token of `split`, plus the paper metric and MQAR if asked.
+
+    paper_tail: tokens kept from each document's end for the paper metric; default the config's
+    eval.paper_tail, capped at the model's max_seq_len (the paper: 1023 at sequence length 1024)."""
+    import dataclasses
+
     from .checkpoint import load_model
     from .data import prepare
 
     model, cfg, tokenizer = load_model(path, device)
+    tail = paper_tail if paper_tail is not None else min(cfg.eval.paper_tail, cfg.model.max_seq_len)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, paper_tail=tail))
     data = prepare(cfg.data, max_seq_len=cfg.model.max_seq_len)
     fingerprint = getattr(tokenizer, "fingerprint", None)
     if fingerprint != data.tokenizer.fingerprint:

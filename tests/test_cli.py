@@ -1,0 +1,61 @@
+"""The `attamba` command end to end: help, clear config errors, train -> eval -> generate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("train", "eval", "generate", "study", "search", "report", "sync", "bench"):
+        assert command in out
+    assert "configs/studies/quickstart.yaml" in out
+
+
+def test_config_errors_exit_2_with_one_clear_line(capsys, tmp_path):
+    code = main(["train", str(ROOT / "configs/train_tiny.yaml"), "model.chunk_size=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.chunk_size must be >= 1, got 0" in err and "Traceback" not in err
+    assert main(["train", str(ROOT / "configs/train_tiny.yaml"), "train.stepz=3"]) == 2
+    assert "unknown config key(s) train.stepz" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+
+
+def test_train_eval_generate_round_trip(tmp_path):
+    env = {**os.environ, "ATTAMBA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    run = tmp_path / "run"
+    overrides = ["size=micro", "data.vocab_size=300", "data.seq_len=32", "model.max_seq_len=64", "train.steps=4",
+                 "train.batch_size=2", "train.eval_every=4", "train.ckpt_every=4", "train.progress=false",
+                 "eval.batches=2", "eval.mqar_lengths=[]", f"train.out_dir={run}"]
+
+    def attamba(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    done = attamba("train", str(ROOT / "configs/train_tiny.yaml"), *overrides)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["step"] == 4
+    evaluated = attamba("eval", str(run), "--paper-metric")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    metrics = json.loads(evaluated.stdout[evaluated.stdout.index("{"):])
+    assert metrics["val/loss"] > 0 and metrics["val/paper_ppl"] > 1
+    generated = attamba("generate", str(run), "--prompt", "KING:", "--max-new-tokens", "12", "--temperature", "0")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    assert generated.stdout.startswith("KING:") and len(generated.stdout.strip()) > len("KING:")
+
+
+def test_parser_builds():
+    assert build_parser().prog == "attamba"
