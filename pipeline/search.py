@@ -110,7 +110,8 @@ def _tune(search: SearchConfig, study, uri: str | None, parent: str | None, slot
     bar = progress_bar(search, len(completed_trials(study)))
 
     def before_tell(trial) -> None:
-        run_id = _tag_child(search, uri, parent, trial.user_attrs.get("run_name"), trial.number)
+        run_id = _tag_child(search, uri, parent, trial.user_attrs.get("run_name"),
+                            {schema.TAG_OPTUNA_TRIAL: str(trial.number)})
         if run_id:
             trial.set_user_attr(MLFLOW_RUN_ATTR, run_id)
 
@@ -146,7 +147,7 @@ def _train_reference(search: SearchConfig, uri: str | None, parent: str | None) 
 
     from .config import to_dict
     from .ray_adapter import DONE_FILE
-    from .study import TRIAL_CPU
+    from .study import ROLE_TAG, TRIAL_CPU
     from .search_tune import search_trial
 
     cfg = _absolute(search, reference_run_config(search), uri, parent)
@@ -168,7 +169,7 @@ def _train_reference(search: SearchConfig, uri: str | None, parent: str | None) 
     reference = {k: float(result[k]) for k in keep if k in result}
     if schema.M_VAL_PPL not in reference:
         raise RuntimeError(f"the reference transformer {cfg.name} reported no {schema.M_VAL_PPL}")
-    _tag_child(search, uri, parent, cfg.name, "reference")
+    _tag_child(search, uri, parent, cfg.name, {ROLE_TAG: "reference"})
     return reference
 
 
@@ -193,8 +194,8 @@ def _parent_run(search: SearchConfig, study, uri: str) -> str:
 
 
 def _tag_child(search: SearchConfig, uri: str | None, parent: str | None, run_name: str | None,
-               number) -> str | None:
-    """Tag the trial's MLflow run `optuna_trial=<number>`; returns its run id (None when not found)."""
+               tags: dict) -> str | None:
+    """Set `tags` (e.g. optuna_trial=<number>) on the MLflow child run named `run_name`; returns its id."""
     if not (uri and parent and run_name):
         return None
     from .tracking_mlflow import client, find_runs
@@ -204,7 +205,8 @@ def _tag_child(search: SearchConfig, uri: str | None, parent: str | None, run_na
         log.warning("no MLflow run named %s under the search's parent run; not tagged", run_name)
         return None
     run_id = runs[0].info.run_id
-    client(uri).set_tag(run_id, schema.TAG_OPTUNA_TRIAL, str(number))
+    for key, value in tags.items():
+        client(uri).set_tag(run_id, key, value)
     return run_id
 
 

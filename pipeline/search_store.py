@@ -91,7 +91,7 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
     """
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        study.tell(trial.number, state=TrialState.FAIL)
         run_name = trial.user_attrs.get(RUN_NAME_ATTR)
         attrs = {RETRY_OF_ATTR: trial.user_attrs.get(RETRY_OF_ATTR, trial.number)}
         if run_name:
