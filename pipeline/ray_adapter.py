@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
+
+from . import schema
 
 DONE_FILE = "study_done.json"       # written by rank 0 after `train` returned: the run is finished
 ATTEMPTS_FILE = "study_attempts.jsonl"  # one line per trial attempt: when it started and ended
@@ -41,36 +44,82 @@ def _append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+class _FirstStepWatch:
+    """Notes when the first training step of this attempt ends: when train's per-step metrics file grows.
+
+    `train` keeps no clock of its own start-up; this tells start-up (workers, process group, data,
+    DeepSpeed) apart from training without touching the loop."""
+
+    def __init__(self, path: Path):
+        self.path, self.size = path, path.stat().st_size if path.exists() else 0
+        self.first_step_end: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.05):
+            if self.path.exists() and self.path.stat().st_size > self.size:
+                self.first_step_end = time.time()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def step_seconds(metrics_file: Path, tokens_per_step: int, since_line: int = 0) -> tuple[float, float, int]:
+    """(seconds inside training steps, first step's seconds, lines) from train's per-step metrics file.
+
+    train logs each step's throughput measured around forward, backward and optimizer step only."""
+    if not metrics_file.is_file():
+        return 0.0, float("nan"), 0
+    lines = metrics_file.read_text().splitlines()
+    times = [tokens_per_step / json.loads(line)[schema.M_TOKENS_PER_S] for line in lines[since_line:] if line]
+    return sum(times), (times[0] if times else float("nan")), len(lines)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Body of every Ray Train worker: `train(cfg)` with evaluations forwarded to `ray.train.report`.
 
-    `ray.train.report` is a barrier across workers, so every rank reports at each evaluation; only
-    rank 0's metrics reach Tune (TuneReportCallback forwards the first worker's)."""
+    `ray.train.report` is a barrier across workers, and train calls `on_eval` on rank 0 only: with one
+    worker each evaluation is forwarded as it happens; with several, every rank reports once at the end."""
     import ray.train
 
-    from .train import train
+    from .train import METRICS_FILE, train
 
     cfg = loop_config["run"]
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pid_file(out_dir, rank).write_text(str(os.getpid()))
+    metrics_file = out_dir / METRICS_FILE
+    lines_before = step_seconds(metrics_file, 1)[2]
+    watch = _FirstStepWatch(metrics_file) if rank == 0 else None
     if rank == 0:
         _append_line(out_dir.parent / STARTED_LOG, {"run": cfg.name, "pid": os.getpid(), "time": time.time()})
 
-    def on_eval(step: int, metrics: dict) -> None:
-        ray.train.report({**_scalars(metrics), "step": int(step)})
+    def on_eval(step: int, metrics: dict, checkpoint: str | None) -> None:
+        if world == 1:
+            ray.train.report({**_scalars(metrics), "step": int(step)})
 
     loop_start = time.time()
-    result = train(cfg, on_eval=on_eval)
-    loop_end = time.time()
+    try:
+        result = train(cfg, on_eval=on_eval)
+    finally:
+        if watch is not None:
+            watch.stop()
     if rank == 0:
+        tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * world * cfg.data.seq_len
+        steps_s, first_step_s, _ = step_seconds(metrics_file, tokens_per_step, lines_before)
+        first_start = watch.first_step_end - first_step_s if watch.first_step_end else None
         record = {"run": cfg.name, "result": _scalars(result or {}), "loop_start": loop_start,
-                  "loop_end": loop_end}
+                  "loop_end": time.time(), "steps_s": steps_s, "first_step_start": first_start}
         tmp = out_dir / (DONE_FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, out_dir / DONE_FILE)  # atomic: a reader never sees half a marker
-    ray.train.report({**_scalars(result or {}), "done": 1})
+    ray.train.report({**_scalars(result or {}), "run_finished": 1})  # "done" would make Tune stop the trial early
 
 
 def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: float, gpus_per_worker: float,

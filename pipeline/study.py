@@ -56,7 +56,8 @@ def _absolute(spec: RunSpec, uri: str, parent_run_id: str | None) -> RunSpec:
 
     cfg = spec.config
     data = dataclasses.replace(cfg.data, cache_dir=str(Path(cache_root(cfg.data)).resolve()))
-    train = dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir).resolve()))
+    train = dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir).resolve()),
+                                study=cfg.tracking.experiment, trial=spec.name)
     tracking = dataclasses.replace(cfg.tracking, uri=uri, parent_run_id=parent_run_id)
     return dataclasses.replace(spec, config=dataclasses.replace(cfg, data=data, train=train, tracking=tracking))
 
@@ -65,15 +66,17 @@ def _connect(address: str | None) -> bool:
     """Connect to `address` or start a local Ray; True when this process started (and must stop) it."""
     import ray
 
-    # Workers import this package from the same checkout, wherever Ray starts them.
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    common = dict(logging_level=logging.WARNING, log_to_driver=False, runtime_env={"env_vars": env})
+    common = dict(logging_level=logging.WARNING, log_to_driver=False)
     if address:
+        # On a cluster the package comes with the job's runtime env (or is installed on every node); a
+        # second runtime env here would conflict with the job's.
         ray.init(address=address, **common)
         return False
+    # Workers of a local Ray import this package from the same checkout, wherever Ray starts them.
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-             _node_ip_address="127.0.0.1", **common)
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, **common)
     return True
 
 
@@ -118,9 +121,8 @@ def timing_summary(specs: list[RunSpec], wall_s: float, slots: int) -> dict:
         if not done.is_file() or not attempts:
             continue
         marker = json.loads(done.read_text())
-        result = marker["result"]
-        steps_s = float(result.get("time/steps_s", float("nan")))
-        first_step = result.get("time/first_step_unix")
+        steps_s = float(marker["steps_s"])
+        first_step = marker.get("first_step_start")
         last = attempts[-1]
         per_run[spec.name] = {
             "trial_s": sum(a["end"] - a["start"] for a in attempts if "end" in a),

@@ -127,9 +127,222 @@ def test_resources_beyond_the_cluster_fail_before_any_trial(tmp_path, monkeypatc
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     path = _study_file(tmp_path, resources={"workers": 4})
-    with pytest.raises(ValueError, match=r"resources.workers=4 asks 4.01 CPU per trial but the Ray cluster has"):
+    with pytest.raises(ValueError, match=r"resources.workers=4 asks 3.97 CPU per trial but the Ray cluster has"):
         run_study(path)
     import ray
 
     assert not ray.is_initialized()
     assert not (tmp_path / "studies" / "smoke" / STARTED_LOG).exists()
+
+
+# ---- real Ray clusters ----------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_under(marker: str) -> list[int]:
+    """PIDs of our own processes whose command line names `marker` (a unique temp dir), and their children.
+
+    Used instead of `ray stop`, which would stop every Ray on this shared machine, not only ours."""
+    parents, found = {}, set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents[int(entry.name)] = ppid
+        if marker in cmdline:
+            found.add(int(entry.name))
+    grew = True
+    while grew:
+        children = {pid for pid, ppid in parents.items() if ppid in found} - found
+        found |= children
+        grew = bool(children)
+    found.discard(os.getpid())
+    return sorted(found)
+
+
+def _stop_processes(marker: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _processes_under(marker)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while pids and time.time() < deadline and _processes_under(marker):
+            time.sleep(0.2)
+    assert not _processes_under(marker), "Ray processes left behind"
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short, unique Ray temp dir (Unix socket paths must stay under 108 bytes); every process that
+    names it is stopped at the end."""
+    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
+    yield path
+    _stop_processes(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _study_command(tmp_path: Path, *overrides: str) -> list[str]:
+    attamba = shutil.which("attamba")
+    head = [attamba] if attamba else [sys.executable, "-m", "pipeline.cli"]
+    return [*head, "study", str(SMOKE), f"out_dir={tmp_path / 'studies'}",
+            f"run.data.cache_dir={tmp_path / 'cache'}",
+            f"run.tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides]
+
+
+def _mlflow_children(tmp_path: Path, study: str = "smoke") -> tuple[list, list]:
+    from pipeline.tracking_mlflow import find_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parents = find_runs(study, tags={schema.TAG_STUDY: study, "study_role": "parent"}, uri=uri)
+    assert len(parents) == 1, "one parent run per study"
+    return parents, find_runs(study, uri=uri, parent_run_id=parents[0].info.run_id)
+
+
+def _assert_each_run_once(tmp_path: Path, names: list[str]) -> None:
+    parents, children = _mlflow_children(tmp_path)
+    trials = sorted(r.data.tags.get(schema.TAG_TRIAL) for r in children)
+    assert trials == sorted(names), "every run exactly once under the parent"
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags.get(schema.TAG_STUDY) == "smoke"
+        assert schema.M_VAL_LOSS in run.data.metrics
+
+
+def _started(tmp_path: Path) -> list[str]:
+    log = tmp_path / "studies" / "smoke" / STARTED_LOG
+    return [json.loads(line)["run"] for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def _driver_env(ray_tmp: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_path, ray_tmp, monkeypatch):
+    port, dashboard = _free_port(), _free_port()
+    # Token authentication is on by default for new clusters: give the cluster, the job client and the job
+    # one token through the environment rather than ~/.ray/auth_token.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex)
+    env = _driver_env(ray_tmp) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]}
+    subprocess.run(["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                    "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard}", f"--temp-dir={ray_tmp}",
+                    # fixed default ports would collide with another Ray on the same machine
+                    f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                    f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                    "--object-store-memory=100000000"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+        command = " ".join(_study_command(tmp_path))
+        deadline = time.time() + 90
+        while True:  # the dashboard answers before its job agent is up
+            try:
+                job = client.submit_job(entrypoint=f"cd {REPO} && {command}",
+                                        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+                break
+            except RuntimeError as error:
+                if "No available agent" not in str(error) or time.time() > deadline:
+                    raise
+                time.sleep(2)
+        deadline = time.time() + 400
+        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, client.get_job_logs(job)[-3000:]
+            time.sleep(2)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    finally:
+        _stop_processes(ray_tmp)
+    names = [s.name for s in expand(load_study(SMOKE))]
+    _assert_each_run_once(tmp_path, names)
+    assert sorted(_started(tmp_path)) == sorted(names)
+    result = json.loads(logs[logs.index("{\n"):])  # the CLI prints the study's dict last
+    assert result["trained"] == 2 and result["failed"] == []
+    assert result["timing"]["trials_timed"] == 2 and 0 < result["timing"]["step_fraction"] < 1
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}:\n{out[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _checkpointed(out_dir: Path) -> bool:
+    return any(out_dir.glob("checkpoints/*/manifest.json"))
+
+
+@pytest.mark.slow
+def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path, ray_tmp):
+    names = [s.name for s in expand(load_study(SMOKE))]
+    victim = tmp_path / "studies" / "smoke" / names[0]
+    # 400 steps with a checkpoint every 10: long enough to kill the worker mid-run.
+    proc = subprocess.Popen(_study_command(tmp_path, "tokens.tokens=102400"), cwd=tmp_path,
+                            env=_driver_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        _wait_for(lambda: _checkpointed(victim) and pid_file(victim, 0).is_file(), proc, 300, "a checkpoint")
+        pid = int(pid_file(victim, 0).read_text())
+        os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    assert not (victim / DONE_FILE).read_text() == ""
+    assert _started(tmp_path).count(names[0]) == 2, "the killed run was trained again"
+    assert _started(tmp_path).count(names[1]) == 1
+    attempts = [json.loads(line) for line in (victim / "study_attempts.jsonl").read_text().splitlines()]
+    assert [a["status"] for a in attempts] == ["failed", "finished"]
+    _assert_each_run_once(tmp_path, names)
+
+
+@pytest.mark.slow
+def test_interrupted_study_trains_only_the_missing_runs_when_run_again(tmp_path, ray_tmp):
+    names = [s.name for s in expand(load_study(SMOKE))]
+    command = _study_command(tmp_path, "resources.max_concurrent=1", "tokens.tokens=51200")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_driver_env(ray_tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        first = _wait_for(lambda: [n for n in names if (tmp_path / "studies" / "smoke" / n / DONE_FILE).is_file()],
+                          proc, 300, "a finished run")
+        os.kill(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    assert "run the same command again" in out
+    started_before = _started(tmp_path)
+    missing = [n for n in names if not (tmp_path / "studies" / "smoke" / n / DONE_FILE).is_file()]
+    assert missing, "the interrupt came after every run had finished; nothing left to resume"
+
+    again = subprocess.run(command, cwd=tmp_path, env=_driver_env(ray_tmp), capture_output=True, text=True,
+                           timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    started_after = _started(tmp_path)[len(started_before):]
+    assert sorted(started_after) == sorted(missing), "only the missing runs are trained again"
+    for name in first:
+        assert _started(tmp_path).count(name) == 1
+    assert json.loads(again.stdout)["skipped"] == len(names) - len(missing)
+    _assert_each_run_once(tmp_path, names)
