@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from attamba import costs
+
 from . import schema
 from .ray_adapter import ATTEMPTS_FILE, DONE_FILE, run_trial
 from .study_spec import Resources, RunSpec, StudyConfig, expand, load_study
@@ -231,6 +233,9 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         specs = [_absolute(s, uri, parent) for s in specs]
         finished = _finished_in_mlflow(study, uri, parent)
         todo = [s for s in specs if not is_done(s) and s.name not in finished]
+        # Longest runs first: the last round then holds the short ones, and slots idle less at the end.
+        todo.sort(key=lambda s: -costs.training_flops_per_token(s.config.model, s.config.data.seq_len)
+                  * s.tokens)
         log.warning("study %s: %d runs, %d already finished, %d to train, %d at a time", study.name,
                     len(specs), len(specs) - len(todo), len(todo), slots)
         failed = []
