@@ -168,14 +168,15 @@ class Progress:
             def on_trial_complete(self, iteration, trials, trial, **info):
                 last = trial.last_result or {}
                 loss = last.get(schema.M_VAL_LOSS, float("nan"))
-                self.bar.write(f"  done   {trial.config['run']}: val/loss {loss:.3f}")
+                self.bar.write(f"  done   {trial.config['run']}: val/loss {loss:.3f}", file=sys.stderr)
                 self.bar.update(1)
 
             def on_trial_recover(self, iteration, trials, trial, **info):
-                self.bar.write(f"  retry  {trial.config['run']} (resumes from its last checkpoint)")
+                self.bar.write(f"  retry  {trial.config['run']} (resumes from its last checkpoint)",
+                               file=sys.stderr)
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                self.bar.write(f"  FAILED {trial.config['run']}")
+                self.bar.write(f"  FAILED {trial.config['run']}", file=sys.stderr)
                 self.bar.update(1)
 
             def on_experiment_end(self, trials, **info):

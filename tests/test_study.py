@@ -236,6 +236,10 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
     # one token through the environment rather than ~/.ray/auth_token.
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex)
+    from ray._raylet import AuthenticationTokenLoader
+
+    # An earlier local ray.init in this process cached its own token; the job client must send ours.
+    AuthenticationTokenLoader.instance().reset_cache()
     env = _driver_env(ray_tmp) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]}
     subprocess.run(["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                     "--disable-usage-stats", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
@@ -294,7 +298,7 @@ def _checkpointed(out_dir: Path) -> bool:
 
 @pytest.mark.slow
 def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path, ray_tmp):
-    names = [s.name for s in expand(load_study(SMOKE))]
+    names = [s.name for s in expand(load_study(SMOKE, ["tokens.tokens=102400"]))]
     victim = tmp_path / "studies" / "smoke" / names[0]
     # 400 steps with a checkpoint every 10: long enough to kill the worker mid-run.
     proc = subprocess.Popen(_study_command(tmp_path, "tokens.tokens=102400"), cwd=tmp_path,
@@ -314,12 +318,16 @@ def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path,
     assert _started(tmp_path).count(names[1]) == 1
     attempts = [json.loads(line) for line in (victim / "study_attempts.jsonl").read_text().splitlines()]
     assert [a["status"] for a in attempts] == ["failed", "finished"]
+    # The retry went on from a checkpoint (train appends a line per step): a restart from scratch would
+    # have run step 1 twice; every step ran, the last one is the planned 400th.
+    steps = [json.loads(line)["step"] for line in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(1) == 1 and sorted(set(steps)) == list(range(1, 401)) and steps[-1] == 400
     _assert_each_run_once(tmp_path, names)
 
 
 @pytest.mark.slow
 def test_interrupted_study_trains_only_the_missing_runs_when_run_again(tmp_path, ray_tmp):
-    names = [s.name for s in expand(load_study(SMOKE))]
+    names = [s.name for s in expand(load_study(SMOKE, ["tokens.tokens=51200"]))]
     command = _study_command(tmp_path, "resources.max_concurrent=1", "tokens.tokens=51200")
     proc = subprocess.Popen(command, cwd=tmp_path, env=_driver_env(ray_tmp), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
