@@ -82,8 +82,8 @@ def step_seconds(metrics_file: Path, tokens_per_step: int, since_line: int = 0) 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Body of every Ray Train worker: `train(cfg)` with evaluations forwarded to `ray.train.report`.
 
-    `ray.train.report` is a barrier across workers, and train calls `on_eval` on rank 0 only: with one
-    worker each evaluation is forwarded as it happens; with several, every rank reports once at the end."""
+    `ray.train.report` is a barrier across workers; train calls `on_eval` on every rank after each
+    evaluation, so every evaluation is forwarded as it happens (Tune keeps rank 0's metrics)."""
     import ray.train
 
     from .train import METRICS_FILE, train
@@ -101,8 +101,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _append_line(out_dir.parent / STARTED_LOG, {"run": cfg.name, "pid": os.getpid(), "time": time.time()})
 
     def on_eval(step: int, metrics: dict, checkpoint: str | None) -> None:
-        if world == 1:
-            ray.train.report({**_scalars(metrics), "step": int(step)})
+        ray.train.report({**_scalars(metrics), "step": int(step)})
 
     loop_start = time.time()
     try:

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 TRIAL_CPU = 0.01          # the Tune trainable only waits on its TorchTrainer; zero is refused by Tune
 OBJECT_STORE_BYTES = 100 * 2**20
-ROLE_TAG = "study_role"   # "parent" on the run that a study's trials nest under
+ROLE_TAG = schema.TAG_ROLE   # "parent" on the run that a study's trials nest under
 
 
 def check_resources(resources: Resources, cluster: dict) -> None:

@@ -98,7 +98,8 @@ def _check_resume(directory: Path, cfg_dict: dict, world: int) -> None:
 def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) -> dict:
     """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view).
 
-    on_eval(step, metrics, checkpoint_dir_or_None) is called on rank 0 after each evaluation."""
+    on_eval(step, metrics, checkpoint_dir_or_None) is called on every rank after each evaluation (a
+    reporter such as ray.train.report may be a barrier across ranks)."""
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"train() needs a RunConfig, got {type(cfg).__name__}; build one with load_run_config")
     cfg = run_config_from_dict(cfg.to_dict())  # re-checks every field's type, also for configs built in code
@@ -215,11 +216,11 @@ def _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, ran
                 stop = 0.0
                 if rank == 0:
                     tracker.log_metrics(evaluated, step)
-                    try:
-                        if on_eval is not None:
-                            on_eval(step, dict(evaluated), str(saved) if saved else None)
-                    except StopTraining:
-                        stop = 1.0
+                try:
+                    if on_eval is not None:
+                        on_eval(step, dict(evaluated), str(saved) if saved else None)
+                except StopTraining:
+                    stop = 1.0
                 if _mean_over_ranks(stop, world) > 0:  # every rank leaves the loop together
                     break
     finally:

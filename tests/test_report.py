@@ -142,6 +142,9 @@ def study(tmp_path_factory):
     _log_run(client, exp_id, "attamba-P16-L8-cyclic-s1-seed0", "attamba-P16-L8-cyclic", "attamba", "s1", 0,
              "16", "8", 3.0, 0.1 * 2e6, status="FAILED")
     expected += ["attamba-P16-L8-cyclic-s1-seed0", "attamba-P16-L8-cyclic-s2-seed0"]
+    # The study's parent run holds no results: the report must not count it as a failed run.
+    parent = client.create_run(exp_id, run_name="unit-study", tags={schema.TAG_STUDY: "unit", schema.TAG_ROLE: "parent"})
+    client.set_terminated(parent.info.run_id, status="FINISHED")
     out = root / "out"
     result = make_report("unit-study", out, tracking_uri=uri, expected_runs=expected, n_bootstrap=200)
     return {"client": client, "exp_id": exp_id, "result": result, "out": out}
@@ -174,7 +177,8 @@ def test_report_writes_all_files_and_lists_failed_and_missing(study):
 def test_summary_numbers_equal_mlflow_metrics(study):
     client, exp_id, out = study["client"], study["exp_id"], study["out"]
     md = (out / "summary.md").read_text()
-    runs = [r for r in _all_runs(client, exp_id) if r.info.status == "FINISHED"]
+    runs = [r for r in _all_runs(client, exp_id)
+            if r.info.status == "FINISHED" and schema.TAG_ROLE not in r.data.tags]
     best = _md_section(md, "Best run per variant")
     assert {r["variant"] for r in best} == set(VARIANTS) | {"iso_kv-F96"}
     for row in best:

@@ -110,7 +110,10 @@ def load_runs(experiment: str, tracking_uri: str | None = None,
         known = [e.name for e in client.search_experiments(max_results=50)]
         raise ValueError(f"experiment must name an existing MLflow experiment, got {experiment!r}; "
                          f"known experiments: {known}")
-    frame = runs_to_frame(_search_all(client, exp.experiment_id))
+    # The runs a study or search nests its trials under hold no results of their own.
+    runs = [r for r in _search_all(client, exp.experiment_id)
+            if r.data.tags.get(schema.TAG_ROLE) not in schema.CONTAINER_ROLES]
+    frame = runs_to_frame(runs)
     present = set(frame["trial"]) if len(frame) else set()
     missing = [name for name in (expected_runs or []) if name not in present]
     return RunTable(experiment=experiment, runs=frame, missing=missing)
