@@ -14,7 +14,6 @@ import logging
 import math
 import shutil
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any

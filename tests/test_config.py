@@ -1,7 +1,6 @@
 """Model config validation, presets and the cost model's parameter count."""
 
 import pytest
-import torch
 
 from attamba import costs
 from attamba.config import ModelConfig, SSMConfig

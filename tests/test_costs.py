@@ -7,28 +7,16 @@ from torch.utils.flop_counter import FlopCounterMode
 import attamba.ops.attention as attention_ops
 from attamba import costs
 from attamba.cache import decode_step, empty_cache, prefill
-from attamba.config import SSMConfig
 from attamba.model import AttambaLM
+from attamba.config import SSMConfig
 from attamba.presets import model_config
+from decode_models import VOCAB, one_thread, small  # noqa: F401 (fixture)
 
-VOCAB = 61
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
-
-
-def small(**overrides):
-    # Slow decay, large steps and a wider init make the SSM states matter at the 1e-4 tolerance,
-    # so a state carried across a chunk start (or wrongly dropped) shows in the logits.
-    ssm = SSMConfig(state_dim=8, inner_dim=32, heads=2, scan_chunk=8, a_init_min=0.05, a_init_max=0.5,
-                    dt_min=0.1, dt_max=1.0)
-    return model_config("micro", **{"vocab_size": VOCAB, "max_seq_len": 128, "ssm": ssm,
-                                        "init_std": 0.1, **overrides})
 
 
 KINDS = {

@@ -9,8 +9,6 @@ An explicitly requested backend that cannot run raises; nothing falls back silen
 import functools
 import os
 
-import torch
-
 from attamba.ops.ssd._checks import check_scan_inputs
 from attamba.ops.ssd.align import aligned_layout, from_aligned, to_aligned
 from attamba.ops.ssd.chunked import ssd_chunked
