@@ -55,38 +55,18 @@ def run_search(config_path: str | Path, overrides: list[str] | None = None, addr
 
 
 def _run_on_ray(search: SearchConfig, study, uri: str | None, address: str | None) -> tuple[list[int], str]:
-    import ray
+    from .study import ray_session
 
-    from .study import _connect, check_resources, trial_slots
-
-    # Tune's SIGINT handler would stop trials and return normally; the CLI wants a KeyboardInterrupt.
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    started = _connect(address or os.environ.get("RAY_ADDRESS") or search.address)
-    parent, status, failed = None, "FAILED", []
-    try:
-        cluster = ray.cluster_resources()
-        check_resources(search.resources, cluster)
-        slots = trial_slots(search.resources, cluster)
-        parent = _parent_run(search, study, uri) if uri else None
+    address = address or os.environ.get("RAY_ADDRESS") or search.address
+    with ray_session(address, search.resources, uri, lambda: _parent_run(search, study, uri)) as session:
         base = base_run_config(search)
         from .data import prepare
 
         prepare(base.data, base.model.max_seq_len)  # once in the driver, not once per trial
         if search.constraints.max_ppl_gap is not None and REFERENCE_ATTR not in study.user_attrs:
-            study.set_user_attr(REFERENCE_ATTR, _train_reference(search, uri, parent))
-        failed = _tune(search, study, uri, parent, slots)
-        status = "FINISHED" if not failed else "FAILED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if parent is not None:
-            from .tracking_mlflow import end_run
-
-            end_run(parent, status, uri=uri)
-        if started:
-            ray.shutdown()
+            study.set_user_attr(REFERENCE_ATTR, _train_reference(search, uri, session.parent))
+        session.failed = _tune(search, study, uri, session.parent, session.slots)
+    failed, parent = session.failed, session.parent
     return failed, parent
 
 

@@ -92,6 +92,10 @@ def recover_stale_trials(study: optuna.Study) -> list[int]:
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
+        if not trial.params:
+            # Killed between ask and its suggestions: nothing was trained, the sampler will ask afresh.
+            log.warning("trial %d was left RUNNING before its parameters were drawn: marked FAIL", trial.number)
+            continue
         run_name = trial.user_attrs.get(RUN_NAME_ATTR)
         attrs = {RETRY_OF_ATTR: trial.user_attrs.get(RETRY_OF_ATTR, trial.number)}
         if run_name:

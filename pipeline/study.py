@@ -7,6 +7,7 @@ skipped, so running the same command after an interruption trains only what is m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -80,6 +81,44 @@ def _connect(address: str | None) -> bool:
     ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
              _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, **common)
     return True
+
+
+@dataclasses.dataclass
+class RaySession:
+    slots: int                  # trials that fit at once
+    parent: str | None          # the MLflow run the trials nest under (None without tracking)
+    failed: list = dataclasses.field(default_factory=list)  # set by the body; marks the parent FAILED
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, resources: Resources, uri: str | None, open_parent):
+    """Ray connected (a local one started when `address` is empty), the cluster checked against
+    `resources`, and the parent MLflow run opened by `open_parent()`. On exit the parent is marked
+    FINISHED, FAILED (an error, or `session.failed` set) or KILLED (Ctrl-C), and a Ray started here stops."""
+    import ray
+
+    # Tune's own SIGINT handler would stop trials and return normally; a KeyboardInterrupt is what the CLI
+    # turns into "interrupted; run the same command again".
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    started = _connect(address)
+    session, status = None, "FAILED"
+    try:
+        cluster = ray.cluster_resources()
+        check_resources(resources, cluster)
+        session = RaySession(trial_slots(resources, cluster), open_parent() if uri else None)
+        yield session
+        status = "FAILED" if session.failed else "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if session is not None and session.parent is not None:
+            from .tracking_mlflow import end_run
+
+            end_run(session.parent, status, uri=uri)
+        if started:
+            ray.shutdown()
 
 
 def _parent_run(study: StudyConfig, uri: str) -> str:
@@ -217,20 +256,9 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
 
     tracking = specs[0].config.tracking
     uri = resolve_uri(tracking.uri) if tracking.enabled else None
-    # Tune's own SIGINT handler would stop trials and return normally; a KeyboardInterrupt is what the CLI
-    # turns into "interrupted; run the same command again".
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     address = address or os.environ.get("RAY_ADDRESS") or study.address
-    import ray
-
-    started = _connect(address)
-    parent, status = None, "FAILED"
-    try:
-        cluster = ray.cluster_resources()
-        check_resources(study.resources, cluster)
-        slots = trial_slots(study.resources, cluster)
-        parent = _parent_run(study, uri) if uri else None
+    with ray_session(address, study.resources, uri, lambda: _parent_run(study, uri)) as session:
+        parent, slots = session.parent, session.slots
         specs = [_absolute(s, uri, parent) for s in specs]
         finished = _finished_in_mlflow(study, uri, parent)
         todo = [s for s in specs if not is_done(s) and s.name not in finished]
@@ -239,24 +267,13 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
                   * s.tokens)
         log.warning("study %s: %d runs, %d already finished, %d to train, %d at a time", study.name,
                     len(specs), len(specs) - len(todo), len(todo), slots)
-        failed = []
         if todo:
             from .data import prepare
 
             prepare(todo[0].config.data, todo[0].config.model.max_seq_len)  # once, not once per trial
             storage = Path(study.out_dir).resolve() / study.name / "_ray"
-            failed = _tune(study, todo, slots, storage)
-        status = "FINISHED" if not failed else "FAILED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if parent is not None:
-            from .tracking_mlflow import end_run
-
-            end_run(parent, status, uri=uri)
-        if started:
-            ray.shutdown()
+            session.failed = _tune(study, todo, slots, storage)
+    failed = session.failed
     train_wall = time.perf_counter() - wall_start
     report_dir = None
     if study.report and uri:

@@ -276,7 +276,6 @@ def _timed_log(tracker, step, timings):
     timings.append(time.perf_counter() - start)
 
 
-@pytest.mark.slow
 def test_server_killed_mid_run_loses_nothing(server, tmp_path):
     if server.proc is None:
         server.start()
