@@ -116,6 +116,39 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(env):
     assert resumed[1] != resumed[4]
 
 
+def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run(env):
+    """A real kill: the training process gets SIGKILL once a checkpoint exists; the same command resumes."""
+    import signal
+    import time
+
+    common = ["train.steps=12", "train.ckpt_every=4", "train.eval_every=0"]
+    train(load_run_config(None, tiny(env / "full", *common)))
+    out = env / "killed"
+    script = ("import sys, torch; torch.set_num_threads(1); from pipeline.config import load_run_config; "
+              "from pipeline.train import train; train(load_run_config(None, sys.argv[1:]))")
+    command = [sys.executable, "-c", script, *tiny(out, *common)]
+    # A fresh single process: not the rendezvous the in-process run above left in this environment.
+    launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
+    child_env = {k: v for k, v in os.environ.items() if k not in launcher}
+    child_env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(command, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoints/*/manifest.json")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    done_before_kill = max(losses(out))
+    assert done_before_kill < 12, "the run must be killed before it ends"
+    resumed_run = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=600)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-2000:]
+    full, resumed = losses(env / "full"), losses(out)  # the last row of a step wins: the resumed one
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(1, 13):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6, rel=0), step
+
+
 def test_nonfinite_steps_are_skipped_then_training_stops(env):
     cfg = load_run_config(None, tiny(env / "nan", "train.steps=20", "optim.lr=1.0e+30", "optim.warmup_steps=0",
                                      "train.max_consecutive_skips=3", "train.ckpt_every=0", "train.eval_every=0"))
