@@ -85,6 +85,7 @@ class OptunaAskTell(Searcher):
                 trial.set_user_attr(CONSTRAINTS_ATTR, done.user_attrs.get(CONSTRAINTS_ATTR, []))
                 trial.set_user_attr(RUN_NAME_ATTR, done.user_attrs.get(RUN_NAME_ATTR))
                 self.study.tell(trial, list(done.values))
+                self.done += 1  # a completed trial like any other: it counts toward n_trials
                 self._told(trial.number, TrialState.COMPLETE)
                 return True
         return False

@@ -100,6 +100,24 @@ def test_front_matches_optuna_and_skips_infeasible(tmp_path):
 
 # ---- the study: creation, resume, stale trials ---------------------------------------------------------
 
+def test_revisited_points_count_toward_n_trials(tmp_path):
+    """A sampler revisiting a completed point gets its values without training, and that trial counts."""
+    from pipeline.search_tune import OptunaAskTell
+
+    search = load_search(SMOKE, [f"storage=sqlite:///{tmp_path}/o.db", f"out_dir={tmp_path}",
+                                 "space.chunk_size={choices: [4]}", "space.leading_tokens={choices: [8]}"])
+    study = open_study(search)
+    first = study.ask()
+    from pipeline.search_space import suggest
+
+    suggest(first, search.space)
+    study.tell(first, [10.0, 1000.0])
+    searcher = OptunaAskTell(search, study, make_config=lambda *a: pytest.fail("nothing should be trained"))
+    assert searcher.suggest("tune-1") == OptunaAskTell.FINISHED  # the space has one point: all copies
+    complete = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert len(complete) == search.n_trials == 4, "copies fill the study up to n_trials, not beyond"
+
+
 def test_study_resume_marks_stale_trials_failed_and_queues_them_again(tmp_path):
     search = load_search(SMOKE, [f"storage=sqlite:///{tmp_path}/o.db", f"out_dir={tmp_path}"])
     study = open_study(search)
