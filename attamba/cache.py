@@ -130,9 +130,7 @@ def _attend(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> 
 
 def window_slots(cfg: ModelConfig) -> int | None:
     """Size of the ring of most recent positions: L+1 (attamba), W (swa), or None (every position kept)."""
-    if cfg.attention == "attamba":
-        return None if cfg.pseudo_chunk else cfg.leading_tokens + 1
-    return cfg.window if cfg.attention == "swa" else None
+    return None if cfg.leading_window is None else cfg.leading_window + 1
 
 
 class LayerCache:

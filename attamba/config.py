@@ -205,6 +205,13 @@ class ModelConfig:
         return self.kv_dim if self.attention == "iso_kv" else self.n_heads * self.head_dim
 
     @property
+    def leading_window(self) -> int | None:
+        """Recent keys each query sees besides itself: L (attamba), W-1 (swa); None: every earlier key."""
+        if self.attention == "attamba" and not self.pseudo_chunk:
+            return self.leading_tokens
+        return self.window - 1 if self.attention == "swa" else None
+
+    @property
     def attn_head_dim(self) -> int:
         return self.attn_dim // self.n_heads
 

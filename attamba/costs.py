@@ -17,6 +17,7 @@ import torch
 
 from . import boundaries as bnd
 from .config import ModelConfig
+from .ops.attention.mask import visible_keys as mask_visible_keys
 
 STATE_BYTES = 4  # SSM states are float32
 
@@ -38,17 +39,7 @@ def layer_boundaries(cfg: ModelConfig, layer: int, context: int) -> torch.Tensor
 
 def visible_keys(cfg: ModelConfig, layer: int, context: int) -> torch.Tensor:
     """int64 [context]: number of keys query t attends to, for t = 0..context-1."""
-    t = torch.arange(context)
-    if cfg.attention == "swa":
-        return torch.clamp(t + 1, max=cfg.window)
-    vis = layer_boundaries(cfg, layer, context)
-    if vis is None:
-        return t + 1
-    window = torch.clamp(t + 1, max=cfg.leading_tokens + 1)
-    # boundaries strictly before each query's window [t-L, t]
-    before = torch.cumsum(vis.to(torch.int64), 0) - vis.to(torch.int64)  # count of boundaries < index
-    start = torch.clamp(t - cfg.leading_tokens, min=0)
-    return window + before[start]
+    return mask_visible_keys(context, layer_boundaries(cfg, layer, context), cfg.leading_window)
 
 
 def cached_positions(cfg: ModelConfig, layer: int, context: int) -> int:

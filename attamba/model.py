@@ -73,17 +73,14 @@ class AttambaLM(nn.Module):
         cfg = self.config
         training = self.training if training is None else training
         if cfg.attention != "attamba":
-            leading = cfg.window - 1 if cfg.attention == "swa" else None
-            return [LayerLayout(None, None, leading) for _ in range(cfg.n_layers)]
+            return [LayerLayout(None, None, cfg.leading_window) for _ in range(cfg.n_layers)]
         seed = bnd.draw_training_seed() if (training and cfg.boundaries == "random") else cfg.boundary_seed
         out = []
         for layer in range(cfg.n_layers):
             ends = bnd.chunk_ends(cfg.boundaries, cfg.chunk_size, layer, cfg.n_layers, positions, seed)
             seq_idx = bnd.segment_ids(ends) if cfg.ssm_segmentation == "chunk" else bnd.chunk_offsets(ends)
-            if cfg.pseudo_chunk:
-                out.append(LayerLayout(seq_idx, None, None))
-            else:
-                out.append(LayerLayout(seq_idx, bnd.visible_boundaries(ends, positions), cfg.leading_tokens))
+            visible = None if cfg.pseudo_chunk else bnd.visible_boundaries(ends, positions)
+            out.append(LayerLayout(seq_idx, visible, cfg.leading_window))
         return out
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
