@@ -11,7 +11,7 @@ from torch import nn
 from .config import SSMConfig
 from .layers import GatedRMSNorm
 from .ops.conv import causal_conv1d, conv_step
-from .ops.ssd import ssd_scan, ssd_scan_aligned, ssd_step
+from .ops.ssd import resolve_backend, ssd_scan, ssd_scan_aligned, ssd_step
 
 
 class ChunkSSM(nn.Module):
@@ -26,6 +26,7 @@ class ChunkSSM(nn.Module):
         self.cfg = cfg
         # With chunk segmentation every segment is moved onto a grid of this many tokens, so the scan
         # needs no state passing between its own chunks (see ssd_scan_aligned). None: plain scan.
+        # A PyTorch-path speed-up only: the Triton kernels reset on seq_idx at no cost and want long scan chunks.
         self.align_block = min(chunk_size, cfg.scan_chunk) if chunk_size else None
         inner, heads, groups, n = cfg.inner_dim, cfg.heads, cfg.groups, cfg.state_dim
         self.in_proj = nn.Linear(dim, 2 * inner + 2 * groups * n + heads, bias=False)
@@ -82,7 +83,7 @@ class ChunkSSM(nn.Module):
         xbc = causal_conv1d(xbc_raw, self.conv_weight, self.conv_bias, seq_idx=seq_idx, activation="silu")
         x, b, c = self._unpack_xbc(xbc)
         A = -torch.exp(self.A_log.float())
-        if self.align_block:
+        if self.align_block and resolve_backend() == "chunked":
             out = ssd_scan_aligned(x, self._dt(dt), A, b, c, D=self.D, seq_idx=seq_idx, block=self.align_block,
                                    return_final_state=return_states)
         else:

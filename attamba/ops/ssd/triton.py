@@ -1,15 +1,44 @@
 """mamba-ssm's Triton SSD kernel, when it can be imported (CUDA tensors only)."""
 
+import importlib
+import importlib.util
+import sys
+import types
+
 import torch
 
-_IMPORT_ERROR = None
-try:
-    # Importing through mamba_ssm runs its package __init__, which can fail for reasons other than
-    # ImportError (a missing CUDA extension, a Triton mismatch): any failure means "not available".
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as _kernel
-except Exception as err:  # noqa: BLE001
-    _kernel = None
-    _IMPORT_ERROR = f"{type(err).__name__}: {err}"
+_KERNEL_MODULE = "mamba_ssm.ops.triton.ssd_combined"
+
+
+def _load_kernel():
+    """mamba_chunk_scan_combined, or (None, why it cannot be imported).
+
+    `import mamba_ssm` runs a package __init__ that imports the compiled selective-scan extension
+    unguarded, so a Triton-only install (MAMBA_SKIP_CUDA_BUILD=TRUE, see docs) fails there even though
+    the SSD kernels need only Triton. Then load the Triton modules under an empty `mamba_ssm` package.
+    """
+    try:
+        return importlib.import_module(_KERNEL_MODULE).mamba_chunk_scan_combined, None
+    except Exception as err:  # noqa: BLE001 - any failure (missing extension, Triton mismatch) means "try harder"
+        first = f"{type(err).__name__}: {err}"
+    spec = importlib.util.find_spec("mamba_ssm") if "mamba_ssm" not in sys.modules else None
+    if spec is None or not spec.submodule_search_locations:
+        return None, first
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = spec
+    saved = {name: mod for name, mod in sys.modules.items() if name == "mamba_ssm" or name.startswith("mamba_ssm.")}
+    sys.modules["mamba_ssm"] = package
+    try:
+        return importlib.import_module(_KERNEL_MODULE).mamba_chunk_scan_combined, None
+    except Exception as err:  # noqa: BLE001
+        for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        return None, f"{first}; loading only its Triton modules failed too: {type(err).__name__}: {err}"
+
+
+_kernel, _IMPORT_ERROR = _load_kernel()
 
 
 def triton_available() -> bool:
@@ -33,4 +62,3 @@ def ssd_triton(x, dt, A, B, C, *, D=None, seq_idx=None, initial_state=None, scan
     out = _kernel(x, dt, A, B, C, scan_chunk, D=D, initial_states=initial_state, seq_idx=seq_idx,
                   return_final_states=return_final_state)
     return out
-
