@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 try:
@@ -11,6 +13,8 @@ except ImportError:  # torch without FlexAttention
 
 AVAILABLE = flex_attention is not None
 _compiled = None
+_MASK_CACHE: OrderedDict = OrderedDict()
+_MASK_CACHE_SIZE = 64  # one entry per distinct (length, window, boundary pattern): every layer of a deep model
 
 
 def _kernel():
@@ -38,15 +42,34 @@ def flex_attention_forward(
             f"{q.device}; use backend='blocked' on CPU"
         )
     seq_len = q.shape[-2]
+    block_mask = _block_mask(seq_len, leading_tokens, boundaries, q.device)
+    return _kernel()(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def _block_mask(seq_len: int, leading_tokens: int | None, boundaries: torch.Tensor | None, device):
+    """The BlockMask of (T, L, boundaries), built by a compiled create_block_mask and kept in an LRU cache.
+
+    Building one evaluates the mask on every (query block, key block) pair, which costs more than the
+    attention itself when done eagerly each call; a layer's boundaries rarely change between steps
+    (cyclic and uniform never, random once per training step), so the pattern's bytes key the cache.
+    """
     window = seq_len if leading_tokens is None else leading_tokens
-    if boundaries is None:
-        flags = torch.zeros(seq_len, dtype=torch.bool, device=q.device)
-    else:
-        flags = boundaries.to(q.device)
+    flags = (torch.zeros(seq_len, dtype=torch.bool, device=device) if boundaries is None
+             else boundaries.to(device=device, dtype=torch.bool).clone())  # the cached mask keeps its own copy
+    key = (str(device), seq_len, window, flags.cpu().numpy().tobytes())
+    cached = _MASK_CACHE.get(key)
+    if cached is not None:
+        _MASK_CACHE.move_to_end(key)
+        return cached
+    # A tensor, not a Python int: compiled code reads it as an input instead of recompiling for each L.
+    window_t = torch.tensor(window, device=device)
 
     def mask_mod(batch, head, q_idx, kv_idx):
         distance = q_idx - kv_idx
-        return (distance >= 0) & ((distance <= window) | ((distance > 0) & flags[kv_idx]))
+        return (distance >= 0) & ((distance <= window_t) | ((distance > 0) & flags[kv_idx]))
 
-    block_mask = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=q.device)
-    return _kernel()(q, k, v, block_mask=block_mask, scale=scale)
+    block_mask = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, _compile=True)
+    _MASK_CACHE[key] = block_mask
+    if len(_MASK_CACHE) > _MASK_CACHE_SIZE:
+        _MASK_CACHE.popitem(last=False)
+    return block_mask
