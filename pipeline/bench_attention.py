@@ -11,18 +11,28 @@ import torch.nn.functional as F
 from attamba.ops.attention import attention, visible_keys
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock intervals measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _time_step(fn, inputs, repeats: int) -> tuple[float, float]:
     """Median wall and process-CPU seconds of forward + backward after one warm-up.
 
     CPU seconds are reported too because wall time on a shared machine mostly measures the neighbours.
+    On CUDA the first call also compiles kernels (FlexAttention, Triton); it is the warm-up.
     """
     walls, cpus = [], []
+    device = inputs[0].device
     for i in range(repeats + 1):
         for x in inputs:
             x.grad = None
+        synchronize(device)
         wall, cpu = time.perf_counter(), time.process_time()
         out = fn(*inputs)
         out.backward(torch.ones_like(out))
+        synchronize(device)
         if i > 0:
             walls.append(time.perf_counter() - wall)
             cpus.append(time.process_time() - cpu)
@@ -38,6 +48,7 @@ def bench_attention(
     batch: int = 1,
     repeats: int = 3,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> dict:
     """Seconds per forward+backward at q, k, v of shape [batch, heads, seq_len, head_dim].
 
@@ -51,9 +62,11 @@ def bench_attention(
     pos = torch.arange(seq_len)
     boundaries = pos % chunk_size == chunk_size - 1
     boundaries[0] = True
+    boundaries = boundaries.to(device)
     gen = torch.Generator().manual_seed(0)
     inputs = [
-        torch.randn(batch, heads, seq_len, head_dim, generator=gen, dtype=dtype).requires_grad_() for _ in range(3)
+        torch.randn(batch, heads, seq_len, head_dim, generator=gen, dtype=dtype).to(device).requires_grad_()
+        for _ in range(3)
     ]
 
     def run(backend):
@@ -66,7 +79,7 @@ def bench_attention(
     causal_s, causal_cpu_s = _time_step(
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), inputs, repeats
     )
-    visible = int(visible_keys(seq_len, boundaries, leading_tokens).sum())
+    visible = int(visible_keys(seq_len, boundaries.cpu(), leading_tokens).sum())
     return {
         "seq_len": seq_len,
         "chunk_size": chunk_size,
@@ -75,6 +88,7 @@ def bench_attention(
         "heads": heads,
         "head_dim": head_dim,
         "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if inputs[0].is_cuda else "cpu",
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "reference_s": reference_s,

@@ -86,16 +86,24 @@ def cmd_sync(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu")
+    if args.what == "decode" and (args.device != "cpu" or args.dtype != "float32"):
+        raise ValueError("bench decode measures the CPU float32 decode path; drop --device/--dtype")
+    dtype = getattr(torch, args.dtype)
     if args.what == "attention":
         from .bench_attention import bench_attention
 
         result = bench_attention(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
-                                 repeats=args.repeats)
+                                 repeats=args.repeats, device=args.device, dtype=dtype)
     elif args.what == "train-step":
         from .bench_train_step import bench_train_step
 
         result = bench_train_step(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
-                                  repeats=args.repeats)
+                                  repeats=args.repeats, device=args.device, dim=args.dim, n_layers=args.layers,
+                                  batch=args.batch, autocast=None if dtype == torch.float32 else dtype)
     else:
         from .bench_decode import bench_decode
 
@@ -162,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=8)
     p.add_argument("--leading-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="attention, train-step: where to run")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="attention: q/k/v dtype; train-step: autocast dtype (parameters stay float32)")
+    p.add_argument("--dim", type=int, default=512, help="train-step: model width")
+    p.add_argument("--layers", type=int, default=4, help="train-step: number of layers")
+    p.add_argument("--batch", type=int, default=1, help="train-step: sequences per step")
     p.set_defaults(func=cmd_bench)
     return parser
 
