@@ -14,29 +14,33 @@ from attamba.presets import model_config
 from .bench_attention import synchronize
 
 
-def _step_times(model: AttambaLM, tokens: torch.Tensor, repeats: int, autocast: torch.dtype | None) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    device = tokens.device
-    for i in range(repeats + 1):  # the first step warms up allocators and kernels (and compiles on CUDA)
+class _Trainer:
+    """One model, its optimizer and its data: `step()` runs and times one training step."""
+
+    def __init__(self, model: AttambaLM, tokens: torch.Tensor, autocast: torch.dtype | None):
+        self.model, self.tokens, self.autocast = model, tokens, autocast
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(self) -> float:
+        device = self.tokens.device
         synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+        with torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.model(self.tokens[:, :-1], targets=self.tokens[:, 1:])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         synchronize(device)
-        if i:
-            times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
 
 
 def bench_train_step(seq_len: int = 4096, chunk_size: int = 8, leading_tokens: int = 32, dim: int = 512,
                      n_layers: int = 4, n_heads: int = 8, vocab: int = 4096, batch: int = 1,
                      repeats: int = 3, boundaries: str = "cyclic", device: str = "cpu",
                      autocast: torch.dtype | None = None) -> dict:
-    """Median step time of a `dim` x `n_layers` Attamba LM over the transformer's, measured in one run.
+    """Step time of a `dim` x `n_layers` Attamba LM over the transformer's, measured in one run.
+
+    The models step in turn; the ratio is the median of the `repeats` per-pair ratios.
 
     Parameters stay float32; `autocast` (e.g. torch.bfloat16) runs the forward in mixed precision.
     """
@@ -51,12 +55,20 @@ def bench_train_step(seq_len: int = 4096, chunk_size: int = 8, leading_tokens: i
               "n_layers": n_layers, "n_heads": n_heads, "batch": batch, "threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name(tokens.device) if tokens.is_cuda else "cpu",
               "autocast": str(autocast).removeprefix("torch.") if autocast is not None else None}
+    trainers = {name: _Trainer(AttambaLM(cfg).to(device).train(), tokens, autocast) for name, cfg in configs.items()}
+    for trainer in trainers.values():  # warm-up: allocators, kernels, compilation on CUDA
+        trainer.step()
+    # Alternate the two models step by step: a machine whose speed drifts (shared CPUs, clocks) then slows
+    # both alike, and each pair's ratio compares steps taken moments apart.
+    times = {name: [] for name in trainers}
+    for _ in range(repeats):
+        for name, trainer in trainers.items():
+            times[name].append(trainer.step())
     for name, cfg in configs.items():
-        model = AttambaLM(cfg).to(device).train()
-        times = _step_times(model, tokens, repeats, autocast)
-        result[f"{name}_step_s"] = statistics.median(times)
+        result[f"{name}_step_s"] = statistics.median(times[name])
         result[f"{name}_params"] = costs.param_count(cfg, non_embedding=False)
         result[f"{name}_train_flops_per_token"] = costs.training_flops_per_token(cfg, seq_len)
-        del model
-    result["attamba_over_transformer"] = result["attamba_step_s"] / result["transformer_step_s"]
+    ratios = [a / t for a, t in zip(times["attamba"], times["transformer"])]
+    result["attamba_over_transformer"] = statistics.median(ratios)
+    result["pair_ratios"] = ratios
     return result

@@ -16,15 +16,15 @@ def causal_conv1d_fast(x, weight, bias=None, *, seq_idx=None, initial_state=None
     full = torch.cat([past, x], dim=1)                                      # [Bt, W-1+T, Cc]
     if seq_idx is not None:
         ids = torch.cat([torch.zeros(bt, w - 1, dtype=seq_idx.dtype, device=x.device), seq_idx], dim=1)
-    y = full[:, w - 1:] * weight[:, w - 1]
+    # Fused multiply-adds (addcmul): one pass over [Bt, T, Cc] per tap instead of a product and a sum.
+    last = weight[:, w - 1]
+    y = torch.mul(x, last) if bias is None else torch.addcmul(bias, x, last)
     for k in range(1, w):
         tap = full[:, w - 1 - k: w - 1 - k + t_len]
         if seq_idx is not None:
             # Masking the input tap (not the product) keeps the gradient of masked taps exactly zero.
-            tap = tap * (ids[:, w - 1 - k: w - 1 - k + t_len] == seq_idx).to(x.dtype)[..., None]
-        y = y + tap * weight[:, w - 1 - k]
-    if bias is not None:
-        y = y + bias
+            tap = tap * (ids[:, w - 1 - k: w - 1 - k + t_len] == seq_idx).unsqueeze(-1)
+        y = torch.addcmul(y, tap, weight[:, w - 1 - k])
     if activation == "silu":
         y = F.silu(y)
     if return_final_state:

@@ -17,13 +17,14 @@ def ssd_step(x_t, dt_t, A, B_t, C_t, D, state):
     if h % B_t.shape[1] != 0:
         raise ValueError(f"groups G must divide heads H={h}, got G={B_t.shape[1]}")
     cdt = compute_dtype(x_t)
-    r = h // B_t.shape[1]
+    g, n = B_t.shape[1:]
+    rows = (h // g) * pd  # heads of one group share B and C: view the state as [Bt, G, R*Pd, N]
     xs, dts = x_t.to(cdt), dt_t.to(cdt)
-    Bh = B_t.to(cdt).repeat_interleave(r, dim=1)
-    Ch = C_t.to(cdt).repeat_interleave(r, dim=1)
-    decay = torch.exp(dts * A.to(cdt))[..., None, None]
-    new_state = decay * state.to(cdt) + (dts[..., None] * xs)[..., None] * Bh[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", new_state, Ch)
+    decay = torch.exp(dts * A.to(cdt)).view(bt, g, rows // pd, 1, 1)
+    scaled = (state.to(cdt).view(bt, g, rows // pd, pd, n) * decay).view(bt, g, rows, n)
+    dx = (dts.unsqueeze(-1) * xs).view(bt, g, rows, 1)
+    new_state = torch.addcmul(scaled, dx, B_t.to(cdt).view(bt, g, 1, n))
+    y = torch.matmul(new_state, C_t.to(cdt).view(bt, g, n, 1)).view(bt, h, pd)
     if D is not None:
-        y = y + D.to(cdt)[:, None] * xs
-    return y.to(x_t.dtype), new_state
+        y = torch.addcmul(y, D.to(cdt).view(h, 1), xs)
+    return y.to(x_t.dtype), new_state.view(bt, h, pd, n)
