@@ -107,7 +107,8 @@ def cmd_bench(args) -> int:
     else:
         from .bench_decode import bench_decode
 
-        result = bench_decode(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens)
+        result = bench_decode(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
+                              batch=args.batch, new_tokens=args.new_tokens)
     print(json.dumps(result))
     return 0
 
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention: q/k/v dtype; train-step: autocast dtype (parameters stay float32)")
     p.add_argument("--dim", type=int, default=512, help="train-step: model width")
     p.add_argument("--layers", type=int, default=4, help="train-step: number of layers")
-    p.add_argument("--batch", type=int, default=1, help="train-step: sequences per step")
+    p.add_argument("--batch", type=int, default=1, help="train-step, decode: sequences per step")
+    p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated (timed) per sequence")
     p.set_defaults(func=cmd_bench)
     return parser
 
