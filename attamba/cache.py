@@ -1,8 +1,10 @@
 """The decoding cache (method.md section 4): what one layer keeps between generated tokens.
 
 Convention shared with attamba.costs: after T tokens a layer holds exactly the keys visible to query T-1.
-- attamba: the K/V (after RoPE) of the last min(L+1, T) positions, in a ring of L+1 slots, plus a store of
-  the visible boundaries (chunk ends and the sink) that have left that window; plus the K- and V-SSM
+- attamba: the K/V (after RoPE) of the last min(L+1, T) positions, in a ring of L+1 slots, followed in the
+  same tensors by a store of the visible boundaries (chunk ends and the sink) that have left that window
+  (the store only grows once the ring is full, so the two never interleave and one attention call reads
+  both); plus the K- and V-SSM
   states (conv window [B, conv_dim, W-1] and scan state [B, H, head_dim, N], float32) of the unfinished
   chunk, zeroed as soon as a chunk completes.
 - attamba with pseudo_chunk, full, iso_kv: every position (and the SSM states for pseudo_chunk).
@@ -73,10 +75,9 @@ class KVBuffer:
                    torch.empty(heads, 0, head_dim, dtype=dtype, device=device))
 
     @classmethod
-    def copy_of(cls, k: torch.Tensor, v: torch.Tensor) -> "KVBuffer":
-        """Exact-size copies, so the cache never keeps a slice of a larger (prefill) storage alive."""
-        return cls(torch.empty(k.shape, dtype=k.dtype, device=k.device).copy_(k),
-                   torch.empty(v.shape, dtype=v.dtype, device=v.device).copy_(v))
+    def joined(cls, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> "KVBuffer":
+        """Exact-size new tensors holding the parts in order (never a slice of a larger prefill storage)."""
+        return cls(torch.cat(ks, dim=1), torch.cat(vs, dim=1))
 
     def _grow(self, capacity: int):
         heads, _, dim = self.k.shape
@@ -110,22 +111,9 @@ class KVBuffer:
         return [self.k, self.v]
 
 
-def _attend(q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """One query per head over the union of key parts. q: [H, 1, D]; parts: (k, v) [H, n_i, D] -> [H, 1, D]."""
-    parts = [(k, v) for k, v in parts if k.shape[1]]
-    if len(parts) == 1:
-        k, v = parts[0]
-        return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
-    # Two parts (boundary store and window) joined in score space, not by copying keys every step.
-    scale = q.shape[-1] ** -0.5
-    scores = torch.cat([torch.matmul(q, k.transpose(1, 2)) for k, _ in parts], dim=-1) * scale
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    out, start = None, 0
-    for k, v in parts:
-        term = torch.matmul(probs[..., start : start + k.shape[1]], v)
-        out = term if out is None else out + term
-        start += k.shape[1]
-    return out
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One query per head over every held key. q: [H, 1, D]; k, v: [H, n, D] -> [H, 1, D]."""
+    return F.scaled_dot_product_attention(q[None], k[None], v[None])[0]
 
 
 def window_slots(cfg: ModelConfig) -> int | None:
@@ -136,12 +124,12 @@ def window_slots(cfg: ModelConfig) -> int | None:
 class LayerCache:
     """One layer's decoding state for a batch of sequences (see the module docstring)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, lengths: list[int], windows: list[KVBuffer],
-                 stores: list[KVBuffer] | None, ssm_states=None):
+    def __init__(self, cfg: ModelConfig, layer: int, lengths: list[int], keys: list[KVBuffer], ssm_states=None):
         self.cfg, self.layer = cfg, layer
         self.lengths = list(lengths)  # tokens seen per sequence = position of its next token
-        self.windows, self.stores = windows, stores
+        self.keys = keys  # per sequence: the ring of `slots` recent positions, then the boundary store
         self.slots = window_slots(cfg)
+        self.has_store = has_store(cfg)
         self.flags = _BoundaryFlags(cfg, layer) if cfg.attention == "attamba" else None
         self._ssm = ssm_states  # ((k_conv, k_scan), (v_conv, v_scan)), float32, one row per sequence
 
@@ -172,19 +160,22 @@ class LayerCache:
         """q, k, v: [B, H, 1, D] of each sequence's current token -> attention output [B, H, 1, D]."""
         outs = []
         for i, position in enumerate(self.lengths):
-            window = self.windows[i]
-            if self.slots is None or window.n < self.slots:
-                window.append(k[i], v[i])
+            keys = self.keys[i]
+            if self.slots is None or position < self.slots:
+                keys.append(k[i], v[i])
             else:
                 slot = position % self.slots
                 leaving = position - self.slots
-                if self.stores is not None and self.flags.visible(leaving):
-                    self.stores[i].append(window.k[:, slot : slot + 1], window.v[:, slot : slot + 1])
-                window.write(slot, k[i], v[i])
-            parts = [window.view()] if self.stores is None else [self.stores[i].view(), window.view()]
-            outs.append(_attend(q[i], parts))
+                if self.has_store and self.flags.visible(leaving):
+                    keys.append(keys.k[:, slot : slot + 1], keys.v[:, slot : slot + 1])
+                keys.write(slot, k[i], v[i])
+            outs.append(_attend(q[i], *keys.view()))
             self.lengths[i] = position + 1
         return torch.stack(outs)
+
+    def stored_boundaries(self, i: int) -> int:
+        """How many boundaries that left the window sequence i's store holds (0 without a store)."""
+        return self.keys[i].n - min(self.lengths[i], self.slots) if self.has_store else 0
 
     def reserve(self, extra: int):
         """Room for `extra` more tokens per sequence, so decoding appends without reallocating.
@@ -193,17 +184,16 @@ class LayerCache:
         """
         for i, length in enumerate(self.lengths):
             if self.slots is None:
-                self.windows[i].reserve(extra)
+                self.keys[i].reserve(extra)
                 continue
-            self.windows[i].reserve(max(0, min(self.slots, length + extra) - self.windows[i].n))
-            if self.stores is not None:
+            needed = min(self.slots, length + extra) - min(self.slots, length)
+            if self.has_store:
                 leaving = range(max(length - self.slots, 0), max(length + extra - self.slots, 0))
-                self.stores[i].reserve(sum(self.flags.visible(p) for p in leaving))
+                needed += sum(self.flags.visible(p) for p in leaving)
+            self.keys[i].reserve(needed)
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [t for w in self.windows for t in w.tensors()]
-        if self.stores is not None:
-            out += [t for s in self.stores for t in s.tensors()]
+        out = [t for keys in self.keys for t in keys.tensors()]
         if self._ssm is not None:
             out += [t for pair in self._ssm for t in pair]
         return out
@@ -231,6 +221,11 @@ class DecodeCache:
     def reserve(self, extra: int):
         for layer in self.layers:
             layer.reserve(extra)
+
+
+def has_store(cfg: ModelConfig) -> bool:
+    """Whether a layer keeps the boundaries that left its window (Attamba with true chunks)."""
+    return cfg.attention == "attamba" and not cfg.pseudo_chunk
 
 
 def check_decodable(cfg: ModelConfig):
@@ -266,23 +261,22 @@ def _ring_order(length: int, slots: int) -> torch.Tensor:
 
 
 def _layer_from_prefill(cfg: ModelConfig, layer: int, kv, length: int):
-    """(window, store, ssm_states) of one sequence from the prefill's k, v [1, H, T, D] and SSM states."""
+    """(keys, ssm_states) of one sequence from the prefill's k, v [1, H, T, D] and SSM states."""
     k, v, states = kv
     k, v = k[0], v[0]
     slots = window_slots(cfg)
     flags = _BoundaryFlags(cfg, layer) if cfg.attention == "attamba" else None
     if slots is None or length <= slots:
-        window = KVBuffer.copy_of(k, v)
+        ks, vs = [k], [v]
     else:
         index = _ring_order(length, slots).to(k.device)
-        window = KVBuffer.copy_of(k.index_select(1, index), v.index_select(1, index))
-    store = None
-    if cfg.attention == "attamba" and not cfg.pseudo_chunk:
-        before = max(length - slots, 0)
-        index = torch.nonzero(flags.visible_tensor(before))[:, 0].to(k.device)
-        store = KVBuffer.copy_of(k.index_select(1, index), v.index_select(1, index))
+        ks, vs = [k.index_select(1, index)], [v.index_select(1, index)]
+    if has_store(cfg):
+        index = torch.nonzero(flags.visible_tensor(max(length - slots, 0)))[:, 0].to(k.device)
+        ks.append(k.index_select(1, index))
+        vs.append(v.index_select(1, index))
     ssm = _prefill_ssm_states(states, flags, length) if states is not None else None
-    return window, store, ssm
+    return KVBuffer.joined(ks, vs), ssm
 
 
 def _cat_states(rows):
@@ -299,15 +293,12 @@ def empty_cache(model, batch: int) -> DecodeCache:
     dtype, device = model.embed.weight.dtype, model.embed.weight.device
     layers = []
     for layer in range(cfg.n_layers):
-        windows = [KVBuffer.empty(cfg.n_heads, cfg.attn_head_dim, dtype, device) for _ in range(batch)]
-        stores = None
+        keys = [KVBuffer.empty(cfg.n_heads, cfg.attn_head_dim, dtype, device) for _ in range(batch)]
         ssm = None
         if cfg.attention == "attamba":
-            if not cfg.pseudo_chunk:
-                stores = [KVBuffer.empty(cfg.n_heads, cfg.attn_head_dim, dtype, device) for _ in range(batch)]
             shapes = model.layers[layer].attn.ssm_k.state_shapes(batch)
             ssm = tuple(tuple(torch.zeros(s, device=device) for s in shapes) for _ in range(2))
-        layers.append(LayerCache(cfg, layer, [0] * batch, windows, stores, ssm))
+        layers.append(LayerCache(cfg, layer, [0] * batch, keys, ssm))
     return DecodeCache(layers)
 
 
@@ -333,8 +324,7 @@ def prefill(model, prompts: list[torch.Tensor]) -> tuple[DecodeCache, list[torch
     layers = []
     for layer in range(cfg.n_layers):
         rows = [seq[layer] for seq in per_seq]
-        stores = None if rows[0][1] is None else [r[1] for r in rows]
-        layers.append(LayerCache(cfg, layer, lengths, [r[0] for r in rows], stores, _cat_states([r[2] for r in rows])))
+        layers.append(LayerCache(cfg, layer, lengths, [r[0] for r in rows], _cat_states([r[1] for r in rows])))
     return DecodeCache(layers), logits
 
 

@@ -79,7 +79,7 @@ def test_attamba_cache_grows_one_boundary_every_chunk():
     for _ in range(80):
         decode_step(model, cache, torch.randint(0, VOCAB, (1,)))
         sizes.append(cache.nbytes())
-        stored.append(cache.layers[0].stores[0].n)
+        stored.append(cache.layers[0].stored_boundaries(0))
     for t in range(lead + 1, 80 - p):  # sizes[i] is after i + 1 tokens; the window is full from L + 1
         assert sizes[t + p] - sizes[t] == entry
     # the store holds the sink and every chunk end that left the window: (T - L - 1) // P boundaries, plus 0
