@@ -18,7 +18,8 @@ from pathlib import Path
 
 from . import schema
 from .search_results import MLFLOW_RUN_ATTR, export_front
-from .search_space import SearchConfig, base_run_config, load_search, reference_run_config, trial_run_config
+from .search_space import (SearchConfig, base_run_config, load_search, param_names, reference_run_config,
+                           trial_run_config)
 from .search_store import (PARENT_ATTR, REFERENCE_ATTR, completed_trials, normalise_storage_url, open_study,
                            recover_stale_trials, redact)
 
@@ -33,7 +34,7 @@ def run_search(config_path: str | Path, overrides: list[str] | None = None, addr
     search = load_search(config_path, overrides)
     url = normalise_storage_url(search.storage_url())
     study = open_study(search, url)
-    retried = recover_stale_trials(study)
+    retried = recover_stale_trials(study, param_names(search.space))
     base = base_run_config(search)
     from .tracking_config import resolve_uri
 

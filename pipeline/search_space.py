@@ -220,6 +220,11 @@ def _suggest_int(trial, name: str, p: IntParam) -> int:
     return trial.suggest_int(name, p.low, p.high, step=p.step, log=p.log)
 
 
+def param_names(space: Space) -> set[str]:
+    """The parameters of one point of the space: what `suggest` draws."""
+    return {"chunk_size", "leading_tokens", "boundaries"} | ({"state_dim"} if space.state_dim is not None else set())
+
+
 def suggest(trial, space: Space) -> dict:
     """Draw one point of the space on an Optuna trial (ask/tell: the driver calls this right after ask)."""
     params = {"chunk_size": _suggest_int(trial, "chunk_size", space.chunk_size),

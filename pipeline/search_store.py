@@ -83,18 +83,21 @@ def open_study(search: SearchConfig, storage_url: str | None = None) -> optuna.S
     return study
 
 
-def recover_stale_trials(study: optuna.Study) -> list[int]:
+def recover_stale_trials(study: optuna.Study, param_names: set[str]) -> list[int]:
     """Trials left RUNNING by a killed driver: marked FAIL and their parameters enqueued again.
 
-    The retry keeps the original run name, so its training resumes from the killed run's checkpoint.
-    Assumes one driver per study at a time (a second live driver's trials would be taken for stale).
+    `param_names` are the parameters of one point: a trial killed before all of them were drawn trained
+    nothing (training starts from a whole point), so it is only failed. The retry keeps the original run
+    name, so its training resumes from the killed run's checkpoint. Assumes one driver per study at a
+    time (a second live driver's trials would be taken for stale).
     """
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
-        if not trial.params:
-            # Killed between ask and its suggestions: nothing was trained, the sampler will ask afresh.
-            log.warning("trial %d was left RUNNING before its parameters were drawn: marked FAIL", trial.number)
+        if not param_names <= set(trial.params):
+            # Killed between ask and its last suggestion: nothing was trained, the sampler will ask afresh.
+            log.warning("trial %d was left RUNNING before its parameters were all drawn (%s): marked FAIL",
+                        trial.number, sorted(trial.params))
             continue
         run_name = trial.user_attrs.get(RUN_NAME_ATTR)
         attrs = {RETRY_OF_ATTR: trial.user_attrs.get(RETRY_OF_ATTR, trial.number)}

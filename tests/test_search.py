@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from pipeline import schema
 from pipeline.search_results import non_dominated, pareto_trials
-from pipeline.search_space import load_search
+from pipeline.search_space import load_search, param_names
 from pipeline.search_store import (CONSTRAINTS_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, normalise_storage_url,
                                    open_study, recover_stale_trials, redact)
 
@@ -133,16 +133,19 @@ def test_study_resume_marks_stale_trials_failed_and_queues_them_again(tmp_path):
     # a new driver: the same study comes back, the RUNNING trial is failed and its params queued again
     again = open_study(search)
     assert again._study_id == study._study_id
-    assert recover_stale_trials(again) == [stale.number]
+    assert recover_stale_trials(again, param_names(search.space)) == [stale.number]
     states = [t.state for t in again.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     retry = again.ask()
     assert retry.number == 2 and suggest(retry, search.space) == params
     assert retry.user_attrs[RETRY_OF_ATTR] == stale.number and retry.user_attrs[RUN_NAME_ATTR] == "smoke-t0001"
-    # a trial killed between ask and its suggestions is failed and not queued: nothing of it was trained
+    # a trial killed between ask and its suggestions, or between two of them, is failed and not queued:
+    # nothing of it was trained (training starts from a whole point)
     bare = again.ask()
+    partial = again.ask()
+    partial.suggest_categorical("chunk_size", [2, 4, 8])
     third = open_study(search)
-    assert recover_stale_trials(third) == [retry.number, bare.number]
+    assert recover_stale_trials(third, param_names(search.space)) == [retry.number, bare.number, partial.number]
     queued = third.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs[RETRY_OF_ATTR] for t in queued] == [stale.number]
 
@@ -287,8 +290,9 @@ def test_killed_search_resumes_without_losing_or_duplicating_trials(search_env):
     assert sorted(failed) == sorted(running), "only the trials the killed driver left RUNNING are failed"
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     retries = {t.user_attrs["retry_of"]: t for t in study.get_trials() if "retry_of" in t.user_attrs}
-    # A trial killed before its parameters were drawn trained nothing: it is failed, not retried.
-    assert set(retries) == {n for n in running if study.trials[n].params}
+    # A trial killed before all its parameters were drawn trained nothing: it is failed, not retried.
+    names = param_names(load_search(SMOKE).space)
+    assert set(retries) == {n for n in running if names <= set(study.trials[n].params)}
     for number, retry in retries.items():
         assert retry.params == study.trials[number].params
     trained = [t.user_attrs["run_name"] for t in study.get_trials(states=(TrialState.COMPLETE,))
