@@ -282,6 +282,12 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
     assert result["timing"]["trials_timed"] == 2 and 0 < result["timing"]["step_fraction"] < 1
 
 
+def _default_sigint():
+    # A shell starts background jobs with SIGINT ignored, children inherit that, and Python then installs
+    # no KeyboardInterrupt handler: give the driver the default disposition, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -333,7 +339,8 @@ def test_interrupted_study_trains_only_the_missing_runs_when_run_again(tmp_path,
     names = [s.name for s in expand(load_study(SMOKE, ["tokens.tokens=51200"]))]
     command = _study_command(tmp_path, "resources.max_concurrent=1", "tokens.tokens=51200")
     proc = subprocess.Popen(command, cwd=tmp_path, env=_driver_env(ray_tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
     try:
         first = _wait_for(lambda: [n for n in names if (tmp_path / "studies" / "smoke" / n / DONE_FILE).is_file()],
                           proc, 300, "a finished run")
