@@ -61,13 +61,14 @@ def _block_mask(seq_len: int, leading_tokens: int | None, boundaries: torch.Tens
     (cyclic and uniform never, random once per training step), so the pattern's bytes key the cache.
     """
     window = seq_len if leading_tokens is None else leading_tokens
-    flags = (torch.zeros(seq_len, dtype=torch.bool, device=device) if boundaries is None
-             else boundaries.to(device=device, dtype=torch.bool).clone())  # the cached mask keeps its own copy
-    key = (str(device), seq_len, window, flags.cpu().numpy().tobytes())
+    pattern = b"" if boundaries is None else boundaries.to(dtype=torch.bool).cpu().numpy().tobytes()
+    key = (str(device), seq_len, window, pattern)
     cached = _MASK_CACHE.get(key)
     if cached is not None:
         _MASK_CACHE.move_to_end(key)
         return cached
+    flags = (torch.zeros(seq_len, dtype=torch.bool, device=device) if boundaries is None
+             else boundaries.to(device=device, dtype=torch.bool).clone())  # the cached mask keeps its own copy
     # A tensor, not a Python int: compiled code reads it as an input instead of recompiling for each L.
     window_t = torch.tensor(window, device=device)
 

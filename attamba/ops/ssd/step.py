@@ -18,10 +18,11 @@ def ssd_step(x_t, dt_t, A, B_t, C_t, D, state):
         raise ValueError(f"groups G must divide heads H={h}, got G={B_t.shape[1]}")
     cdt = compute_dtype(x_t)
     g, n = B_t.shape[1:]
-    rows = (h // g) * pd  # heads of one group share B and C: view the state as [Bt, G, R*Pd, N]
+    r = h // g
+    rows = r * pd  # the R heads of one group share B and C: view the state as [Bt, G, R*Pd, N]
     xs, dts = x_t.to(cdt), dt_t.to(cdt)
-    decay = torch.exp(dts * A.to(cdt)).view(bt, g, rows // pd, 1, 1)
-    scaled = (state.to(cdt).view(bt, g, rows // pd, pd, n) * decay).view(bt, g, rows, n)
+    decay = torch.exp(dts * A.to(cdt)).view(bt, g, r, 1, 1)
+    scaled = (state.to(cdt).view(bt, g, r, pd, n) * decay).view(bt, g, rows, n)
     dx = (dts.unsqueeze(-1) * xs).view(bt, g, rows, 1)
     new_state = torch.addcmul(scaled, dx, B_t.to(cdt).view(bt, g, 1, n))
     y = torch.matmul(new_state, C_t.to(cdt).view(bt, g, n, 1)).view(bt, h, pd)

@@ -10,6 +10,10 @@ import torch
 _KERNEL_MODULE = "mamba_ssm.ops.triton.ssd_combined"
 
 
+def _mamba_modules() -> list[str]:
+    return [name for name in sys.modules if name == "mamba_ssm" or name.startswith("mamba_ssm.")]
+
+
 def _load_kernel():
     """mamba_chunk_scan_combined, or (None, why it cannot be imported).
 
@@ -27,12 +31,12 @@ def _load_kernel():
     package = types.ModuleType("mamba_ssm")
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
-    saved = {name: mod for name, mod in sys.modules.items() if name == "mamba_ssm" or name.startswith("mamba_ssm.")}
+    saved = {name: sys.modules[name] for name in _mamba_modules()}
     sys.modules["mamba_ssm"] = package
     try:
         return importlib.import_module(_KERNEL_MODULE).mamba_chunk_scan_combined, None
     except Exception as err:  # noqa: BLE001
-        for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+        for name in _mamba_modules():
             del sys.modules[name]
         sys.modules.update(saved)
         return None, f"{first}; loading only its Triton modules failed too: {type(err).__name__}: {err}"
