@@ -21,6 +21,7 @@ def _load_kernel():
     unguarded, so a Triton-only install (MAMBA_SKIP_CUDA_BUILD=TRUE, see docs) fails there even though
     the SSD kernels need only Triton. Then load the Triton modules under an empty `mamba_ssm` package.
     """
+    saved = {name: sys.modules[name] for name in _mamba_modules()}  # restored if both attempts fail
     try:
         return importlib.import_module(_KERNEL_MODULE).mamba_chunk_scan_combined, None
     except Exception as err:  # noqa: BLE001 - any failure (missing extension, Triton mismatch) means "try harder"
@@ -31,7 +32,6 @@ def _load_kernel():
     package = types.ModuleType("mamba_ssm")
     package.__path__ = list(spec.submodule_search_locations)
     package.__spec__ = spec
-    saved = {name: sys.modules[name] for name in _mamba_modules()}
     sys.modules["mamba_ssm"] = package
     try:
         return importlib.import_module(_KERNEL_MODULE).mamba_chunk_scan_combined, None
