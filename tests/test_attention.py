@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import attamba.ops.attention as attn
 from attamba.ops.attention import attention, attention_mask, blocked_attention, einsum_attention, naive_attention
 from attamba.ops.attention import visible_keys
-from attamba.ops.attention.blocked import make_plan
+from attamba.ops.attention.blocked import BACKWARD_WINDOW_BLOCK, make_plan
 
 
 def make_boundaries(strategy: str, seq_len: int, chunk_size: int, seed: int = 0) -> torch.Tensor | None:
@@ -109,11 +109,17 @@ def test_blocked_matches_einsum_float64(chunk_size, leading, strategy):
 
 
 def test_blocked_forced_block_sizes_and_scale():
-    """Every block size and a custom scale give the same exact result (padding and superblock edges)."""
+    """Every block size and a custom scale give the same exact result (padding and superblock edges).
+
+    Blocks under BACKWARD_WINDOW_BLOCK also check the backward's window part on its larger blocks: rows of
+    one backward block then split their keys between window and boundary part at different places.
+    """
     seq_len, boundaries = 100, make_boundaries("random", 100, 3)
     q, k, v = qkv(seq_len, dtype=torch.float64, seed=5)
     ref = outputs_and_grads(lambda *x: einsum_attention(*x, boundaries, 5, scale=0.3), q, k, v)
     for block in (1, 4, 8, 64, 128):
+        plan = make_plan(seq_len, boundaries, 5, torch.float64, torch.device("cpu"), block)
+        assert plan.backward_window.block_size == max(block, BACKWARD_WINDOW_BLOCK)
         fast = outputs_and_grads(lambda *x: blocked_attention(*x, boundaries, 5, scale=0.3, block_size=block), q, k, v)
         assert_matches(fast, ref, 1e-10)
 

@@ -9,7 +9,8 @@ Each query's visible keys split into two disjoint parts:
             masked only where a block's prefix is shorter than the superblock's longest.
 The parts are merged with their log-sum-exps into one softmax. The backward calls the SDPA backward
 per part with the merged output and log-sum-exp, which yields exactly that part's share of dq, dk, dv
-(as in ring attention).
+(as in ring attention). The backward's window part runs on larger query blocks (BACKWARD_WINDOW_BLOCK)
+with a mask that keeps each row's split between the parts where the forward put it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ import torch.nn.functional as F
 WINDOW_WASTE = 0.04
 BOUNDARY_WASTE = 0.05
 BLOCK_SIZES = (64, 32, 16, 8)
+# The CPU flash backward kernel pays a large fixed cost per query block: on blocks of 8 rows it ran ~4x
+# slower than on blocks of 32 (T=4096, L=32), although 32 rows multiply more masked keys. The window part
+# of the backward therefore runs on blocks of at least this many rows (the forward keeps the tight size).
+BACKWARD_WINDOW_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,22 @@ class Superblock:
 
 
 @dataclass(frozen=True)
+class WindowLayout:
+    """Query blocks of the window part: block b holds rows [b*Bq, (b+1)*Bq) and keys [b*Bq - L, (b+1)*Bq)."""
+
+    block_size: int
+    num_blocks: int
+    mask: torch.Tensor  # [1, num_blocks, Bq, L + Bq] additive float
+
+
+@dataclass(frozen=True)
 class BlockedPlan:
     seq_len: int
     leading_tokens: int  # clamped to T - 1: a longer window is full causal
-    block_size: int
+    block_size: int  # forward query blocks (window part and superblock granularity)
     num_blocks: int
     window_mask: torch.Tensor  # [1, num_blocks, Bq, L + Bq] additive float
+    backward_window: WindowLayout  # the window part of the backward (blocks of >= BACKWARD_WINDOW_BLOCK rows)
     boundary_index: torch.Tensor | None  # int64 [nb]
     superblocks: tuple[Superblock, ...]
     work: int  # query-key pairs the kernels multiply, padding included
@@ -97,6 +112,29 @@ def _superblocks(
     return result, work
 
 
+def _window_layout(seq_len: int, boundaries: torch.Tensor | None, leading: int, block: int, dtype: torch.dtype,
+                   device: torch.device, partition_block: int | None = None) -> WindowLayout:
+    """Window-part blocks of `block` rows. The window part of row t owns the keys from s - L on, s being the
+    start of t's block of `partition_block` rows (default: `block`); the boundary part owns those before.
+    """
+    partition_block = partition_block or block
+    nblk = math.ceil(seq_len / block)
+    padded = nblk * block
+    span = leading + block
+    flags = torch.zeros(padded, dtype=torch.bool, device=device)
+    if boundaries is not None:
+        flags[:seq_len] = boundaries.to(device)
+    t = torch.arange(padded, device=device).view(nblk, block, 1)
+    key = (torch.arange(nblk, device=device) * block - leading).view(nblk, 1, 1) + torch.arange(span, device=device)
+    distance = t - key
+    # Padded rows keep their own (zero) key visible so no row is empty; real rows never reach padded keys.
+    flags_at_key = torch.where(key >= 0, flags[key.clamp(0, padded - 1)], torch.zeros_like(distance, dtype=torch.bool))
+    visible = (key >= 0) & (distance >= 0) & ((distance <= leading) | ((distance > 0) & flags_at_key))
+    if partition_block != block:
+        visible &= key >= t // partition_block * partition_block - leading
+    return WindowLayout(block, nblk, _additive(visible, dtype)[None])
+
+
 def make_plan(
     seq_len: int,
     boundaries: torch.Tensor | None,
@@ -113,20 +151,12 @@ def make_plan(
         boundaries = None  # the window already holds every earlier key
     exact = int(visible_keys(seq_len, boundaries, leading).sum())
     block = block_size or _choose_block_size(seq_len, leading, exact)
-    nblk = math.ceil(seq_len / block)
-    padded = nblk * block
-    span = leading + block
-    flags = torch.zeros(padded, dtype=torch.bool, device=device)
-    if boundaries is not None:
-        flags[:seq_len] = boundaries.to(device)
-    t = torch.arange(padded, device=device).view(nblk, block, 1)
-    key = (torch.arange(nblk, device=device) * block - leading).view(nblk, 1, 1) + torch.arange(span, device=device)
-    distance = t - key
-    # Padded rows keep their own (zero) key visible so no row is empty; real rows never reach padded keys.
-    flags_at_key = torch.where(key >= 0, flags[key.clamp(0, padded - 1)], torch.zeros_like(distance, dtype=torch.bool))
-    visible = (key >= 0) & (distance >= 0) & ((distance <= leading) | ((distance > 0) & flags_at_key))
-    window_mask = _additive(visible, dtype)[None]
-    work = padded * span
+    window = _window_layout(seq_len, boundaries, leading, block, dtype, device)
+    nblk, padded = window.num_blocks, window.num_blocks * block
+    backward_block = max(block, BACKWARD_WINDOW_BLOCK)
+    backward_window = window if backward_block == block else _window_layout(
+        seq_len, boundaries, leading, backward_block, dtype, device, partition_block=block)
+    work = padded * (leading + block)  # forward work: what the FLOP accounting compares with the analytic count
     index, groups = None, []
     if boundaries is not None and bool(boundaries.any()):
         index = torch.nonzero(boundaries.to(device), as_tuple=False)[:, 0]
@@ -134,37 +164,37 @@ def make_plan(
         prefix = torch.searchsorted(index, starts).tolist()
         groups, boundary_work = _superblocks(prefix, block, leading, dtype, device)
         work += boundary_work
-    return BlockedPlan(seq_len, leading, block, nblk, window_mask, index, tuple(groups), work, exact)
+    return BlockedPlan(seq_len, leading, block, nblk, window.mask, backward_window, index, tuple(groups), work, exact)
 
 
-def _windows(x: torch.Tensor, plan: BlockedPlan) -> torch.Tensor:
+def _windows(x: torch.Tensor, seq_len: int, leading: int, layout: WindowLayout) -> torch.Tensor:
     """[N, T, D] -> overlapping key windows [N, nblk, L + Bq, D], a view of one left-padded copy."""
-    padded = plan.num_blocks * plan.block_size
-    xp = F.pad(x, (0, 0, plan.leading_tokens, padded - plan.seq_len))
-    span = plan.leading_tokens + plan.block_size
+    block, nblk = layout.block_size, layout.num_blocks
+    xp = F.pad(x, (0, 0, leading, nblk * block - seq_len))
     n, _, d = xp.shape
-    return xp.as_strided((n, plan.num_blocks, span, d), (xp.stride(0), plan.block_size * d, d, 1))
+    return xp.as_strided((n, nblk, leading + block, d), (xp.stride(0), block * d, d, 1))
 
 
-def _fold(windows: torch.Tensor, plan: BlockedPlan) -> torch.Tensor:
+def _fold(windows: torch.Tensor, seq_len: int, leading: int, layout: WindowLayout) -> torch.Tensor:
     """Adjoint of _windows: sum overlapping window gradients [N, nblk, L + Bq, D] back to [N, T, D]."""
     n, nblk, span, d = windows.shape
-    block = plan.block_size
+    block = layout.block_size
     slabs = math.ceil(span / block)
     acc = windows.new_zeros(n, nblk + slabs, block, d)
     for r in range(slabs):
         width = min(block, span - r * block)
         acc[:, r : r + nblk, :width] += windows[:, :, r * block : r * block + width]
     flat = acc.view(n, (nblk + slabs) * block, d)
-    return flat[:, plan.leading_tokens : plan.leading_tokens + plan.seq_len]
+    return flat[:, leading : leading + seq_len]
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows appended along dim 1 up to `rows` (which may be fewer than x has: then a slice)."""
+    return F.pad(x, (0, 0, 0, rows - x.shape[1])) if rows >= x.shape[1] else x[:, :rows]
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def _pad_rows(x: torch.Tensor, plan: BlockedPlan) -> torch.Tensor:
-    return F.pad(x, (0, 0, 0, plan.num_blocks * plan.block_size - plan.seq_len))
 
 
 class _BlockedAttention(torch.autograd.Function):
@@ -173,10 +203,11 @@ class _BlockedAttention(torch.autograd.Function):
         b, h, t, d = q.shape
         n, nblk, block = b * h, plan.num_blocks, plan.block_size
         qf, kf, vf = (x.reshape(n, t, d) for x in (q, k, v))
-        qp = _pad_rows(qf, plan)
+        qp = _pad_rows(qf, nblk * block)
+        window = WindowLayout(block, nblk, plan.window_mask)
         out_w, lse_w = _flash(
-            qp.view(n, nblk, block, d), _windows(kf, plan), _windows(vf, plan), 0.0, False,
-            attn_mask=plan.window_mask, scale=scale,
+            qp.view(n, nblk, block, d), _windows(kf, t, plan.leading_tokens, window),
+            _windows(vf, t, plan.leading_tokens, window), 0.0, False, attn_mask=plan.window_mask, scale=scale,
         )
         out, lse = out_w.reshape(n, -1, d), lse_w.reshape(n, -1)
         if plan.superblocks:
@@ -211,16 +242,23 @@ class _BlockedAttention(torch.autograd.Function):
         b, h, t, d = q.shape
         n, nblk, block = b * h, plan.num_blocks, plan.block_size
         qf, kf, vf = (x.reshape(n, t, d) for x in (q, k, v))
-        qp = _pad_rows(qf, plan)
-        go = _pad_rows(grad_out.reshape(n, t, d), plan).contiguous()
+        # Window part on the backward layout (larger query blocks, see BACKWARD_WINDOW_BLOCK): every row
+        # that is padding there has a zero gradient, so its (zero) log-sum-exp only has to be finite.
+        win, leading = plan.backward_window, plan.leading_tokens
+        padded = win.num_blocks * win.block_size
+        go_w = _pad_rows(grad_out.reshape(n, t, d), padded).contiguous()
         dq_w, dk_w, dv_w = _flash_backward(
-            go.view(n, nblk, block, d), qp.view(n, nblk, block, d), _windows(kf, plan), _windows(vf, plan),
-            out.view(n, nblk, block, d), lse.view(n, nblk, block), 0.0, False,
-            attn_mask=plan.window_mask, scale=scale,
+            go_w.view(n, win.num_blocks, win.block_size, d),
+            _pad_rows(qf, padded).view(n, win.num_blocks, win.block_size, d),
+            _windows(kf, t, leading, win), _windows(vf, t, leading, win),
+            _pad_rows(out, padded).view(n, win.num_blocks, win.block_size, d),
+            _pad_rows(lse[..., None], padded).view(n, win.num_blocks, win.block_size), 0.0, False,
+            attn_mask=win.mask, scale=scale,
         )
-        dq = dq_w.reshape(n, -1, d)
-        dk, dv = _fold(dk_w, plan), _fold(dv_w, plan)
+        dq = _pad_rows(dq_w.reshape(n, padded, d), nblk * block)
+        dk, dv = _fold(dk_w, t, leading, win), _fold(dv_w, t, leading, win)
         if plan.superblocks:
+            go, qp = _pad_rows(go_w, nblk * block), _pad_rows(qf, nblk * block)
             index = plan.boundary_index
             kb, vb = kf.index_select(1, index), vf.index_select(1, index)
             dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
