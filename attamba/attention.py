@@ -55,8 +55,9 @@ class Attention(nn.Module):
         if self.kind != "attamba":
             return self.wk(x), self.wv(x), None
         xk, xv = self.kv_inputs(x)
-        k_out = self.ssm_k(xk, layout.seq_idx, return_states=return_states)
-        v_out = self.ssm_v(xv, layout.seq_idx, return_states=return_states)
+        blocks = None if return_states else self.ssm_k.blocks(layout.seq_idx, x.shape[0])  # shared by both SSMs
+        k_out = self.ssm_k(xk, layout.seq_idx, return_states=return_states, blocks=blocks)
+        v_out = self.ssm_v(xv, layout.seq_idx, return_states=return_states, blocks=blocks)
         (k, k_states), (v, v_states) = (k_out, v_out) if return_states else ((k_out, None), (v_out, None))
         if self.cfg.ssm_residual:
             k, v = xk + k, xv + v

@@ -11,7 +11,9 @@ from torch import nn
 from .config import SSMConfig
 from .layers import GatedRMSNorm
 from .ops.conv import causal_conv1d, conv_step
+from .ops.conv.block import block_causal_conv1d
 from .ops.ssd import resolve_backend, ssd_scan, ssd_scan_aligned, ssd_step
+from .ops.ssd.align import BlockLayout, block_layout
 
 
 class ChunkSSM(nn.Module):
@@ -74,9 +76,27 @@ class ChunkSSM(nn.Module):
                 b.reshape(*shape, cfg.groups, cfg.state_dim),
                 c.reshape(*shape, cfg.groups, cfg.state_dim))
 
-    def forward(self, u: torch.Tensor, seq_idx: torch.Tensor, return_states: bool = False):
-        """u: [B, T, dim]; seq_idx: int32 [T] or [B, T]. Returns [B, T, dim] (and (conv_state, ssm_state))."""
+    def blocks(self, seq_idx: torch.Tensor, batch: int) -> BlockLayout | None:
+        """The block layout `forward` can use for this seq_idx ([T] or [B, T]), or None where it cannot:
+        not chunk segmentation, not the PyTorch scan, or a segment longer than the aligned block."""
+        if not self.align_block or resolve_backend() != "chunked":
+            return None
+        if seq_idx.dim() == 1:
+            seq_idx = seq_idx.unsqueeze(0).expand(batch, seq_idx.shape[0])
+        return block_layout(seq_idx, self.align_block)
+
+    def forward(self, u: torch.Tensor, seq_idx: torch.Tensor, return_states: bool = False,
+                blocks: BlockLayout | None = None):
+        """u: [B, T, dim]; seq_idx: int32 [T] or [B, T]. Returns [B, T, dim] (and (conv_state, ssm_state)).
+
+        Without return_states the block layout is used where it applies (`blocks`, from `self.blocks`, may be
+        passed in to share it between the K and V SSMs); the results are the same.
+        """
         bsz, seqlen, _ = u.shape
+        if not return_states:
+            blocks = blocks if blocks is not None else self.blocks(seq_idx, bsz)
+            if blocks is not None:
+                return self._forward_blocks(u, blocks)
         if seq_idx.dim() == 1:
             seq_idx = seq_idx.unsqueeze(0).expand(bsz, seqlen)
         z, xbc_raw, dt = self._split(self.in_proj(u))
@@ -98,6 +118,22 @@ class ChunkSSM(nn.Module):
         if seqlen < width:
             conv_state = F.pad(conv_state, (width - seqlen, 0))
         return y, (conv_state.contiguous(), ssm_state)
+
+    def _forward_blocks(self, u: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
+        """forward on the block layout: the projections moved once into blocks that each hold one segment,
+        conv and scan with no segment masks or state passing, the normed output moved back once.
+        Padding tokens sit after their segment's tokens in its block, so causality keeps them out of every
+        real token's output; their own outputs are dropped."""
+        cfg = self.cfg
+        bsz = u.shape[0]
+        q, nb = blocks.block, blocks.num_blocks
+        z, xbc, dt = self._split(blocks.to_blocks(self.in_proj(u)))
+        xbc = block_causal_conv1d(xbc.view(bsz, nb, q, -1), self.conv_weight, self.conv_bias, activation="silu")
+        x, b, c = self._unpack_xbc(xbc.view(bsz, nb * q, -1))
+        A = -torch.exp(self.A_log.float())
+        y = ssd_scan(x, self._dt(dt), A, b, c, D=self.D, seq_idx=blocks.seq_idx, scan_chunk=q, backend="chunked")
+        y = self.norm(y.reshape(bsz, nb * q, -1), z)
+        return self.out_proj(blocks.from_blocks(y))
 
     def step(self, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One token. u: [B, dim]; conv_state: [B, conv_dim, W-1]; ssm_state: [B, H, head_dim, N].

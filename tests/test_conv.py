@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attamba.ops.conv import causal_conv1d, causal_conv1d_fast, causal_conv1d_naive, conv_step
+from attamba.ops.conv.block import block_causal_conv1d
 
 
 def make_inputs(bt, t, cc, w, seed=0):
@@ -102,3 +103,33 @@ def test_validation_names_the_field():
         causal_conv1d(x, weight, bias, initial_state=torch.zeros(1, 6, 4))
     with pytest.raises(ValueError, match="weight"):
         causal_conv1d(x, weight[:3], bias)
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 8])
+@pytest.mark.parametrize("w", [1, 4])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_block_conv_matches_naive_with_a_reset_per_block(q, w, activation, with_bias):
+    """block_causal_conv1d = causal_conv1d with a new segment at every block start, outputs and grads."""
+    nb = 5
+    x, weight, bias, _ = make_inputs(2, nb * q, 6, w, seed=q + w)
+    bias = bias if with_bias else None
+    seq_idx = (torch.arange(nb * q) // q).expand(2, nb * q)
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()] + ([bias.clone().requires_grad_()] if with_bias else [])
+    got = block_causal_conv1d(leaves[0].view(2, nb, q, 6), leaves[1], leaves[2] if with_bias else None,
+                              activation=activation).reshape(2, nb * q, 6)
+    ref = causal_conv1d_naive(leaves[0], leaves[1], leaves[2] if with_bias else None, seq_idx=seq_idx,
+                              activation=activation)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=ref.dtype)
+    for g, r in zip(torch.autograd.grad(got, leaves, cot), torch.autograd.grad(ref, leaves, cot)):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_block_conv_reads_strided_views():
+    """The SSM hands the conv a column slice of its projections: a non-contiguous view."""
+    x, weight, bias, _ = make_inputs(1, 16, 10, 4, seed=9)
+    wide = x.view(1, 4, 4, 10)
+    got = block_causal_conv1d(wide[..., 2:8], weight[2:8], bias[2:8], activation="silu")
+    ref = block_causal_conv1d(wide[..., 2:8].contiguous(), weight[2:8], bias[2:8], activation="silu")
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)

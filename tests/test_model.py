@@ -5,6 +5,7 @@ import torch
 
 from attamba import boundaries as bnd
 from attamba.config import SSMConfig
+from attamba.layers import GatedRMSNorm, gated_rms_norm_reference
 from attamba.model import AttambaLM
 from attamba.presets import model_config
 from attamba.ssm import ChunkSSM
@@ -93,11 +94,13 @@ def _dependency(ssm: ChunkSSM, seq_idx: torch.Tensor, T: int, dim: int) -> torch
 
 
 @pytest.mark.parametrize("strategy, P, layer", [("uniform", 4, 0), ("cyclic", 5, 1), ("random", 3, 2), ("uniform", 1, 0)])
-def test_ssm_jacobian_chunk_segmentation(strategy, P, layer):
-    """Output t depends on exactly the inputs of t's chunk up to t."""
+@pytest.mark.parametrize("blocked", [True, False])
+def test_ssm_jacobian_chunk_segmentation(strategy, P, layer, blocked):
+    """Output t depends on exactly the inputs of t's chunk up to t (the model's block layout and the plain scan)."""
     torch.manual_seed(0)
     T, dim = 29, 8
-    ssm = ChunkSSM(dim, SSMConfig(state_dim=4, inner_dim=8, heads=2, scan_chunk=8).resolved(dim)).double()
+    cfg = SSMConfig(state_dim=4, inner_dim=8, heads=2, scan_chunk=8).resolved(dim)
+    ssm = ChunkSSM(dim, cfg, chunk_size=P if blocked else None).double()
     ssm.reset_parameters(0.5)
     ends = bnd.chunk_ends(strategy, P, layer, 4, torch.arange(T), seed=7)
     seg = bnd.segment_ids(ends)
@@ -128,3 +131,55 @@ def test_ssm_jacobian_offset_segmentation_reproduces_released_mixing():
     # and the faithful segmentation of the same chunks confines t to its own chunk
     seg = bnd.segment_ids(bnd.chunk_ends("uniform", 4, 0, 1, t))
     assert torch.equal(_dependency(ssm, seg, T, dim), (seg[:, None] == seg[None, :]) & (t[None, :] <= t[:, None]))
+
+
+def _irregular_seq_idx(batch: int, seq_len: int, longest: int, seed: int) -> torch.Tensor:
+    """Monotone ids whose segments are 1..longest tokens, different in every row."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch):
+        lengths = torch.randint(1, longest + 1, (seq_len,), generator=gen)
+        rows.append(torch.repeat_interleave(torch.arange(seq_len), lengths)[:seq_len])
+    return torch.stack(rows).int()
+
+
+@pytest.mark.parametrize("case", ["uniform", "cyclic", "irregular", "too_long"])
+def test_ssm_block_path_matches_plain_path(case):
+    """ChunkSSM on the block layout (shift or gather) against the plain masked path: outputs and every grad."""
+    torch.manual_seed(0)
+    T, dim, P, batch = 45, 8, 4, 2
+    cfg = SSMConfig(state_dim=4, inner_dim=8, heads=2, scan_chunk=8).resolved(dim)
+    ssm = ChunkSSM(dim, cfg, chunk_size=P).double()
+    ssm.reset_parameters(0.5)
+    if case in ("uniform", "cyclic"):
+        seq_idx = bnd.segment_ids(bnd.chunk_ends(case, P, 1, 4, torch.arange(T), seed=0))
+    else:
+        seq_idx = _irregular_seq_idx(batch, T, P if case == "irregular" else P + 3, seed=5)
+    blocks = ssm.blocks(seq_idx, batch)
+    if case == "too_long":
+        assert blocks is None  # the plain path runs: nothing to compare
+        return
+    assert (blocks.shift is not None) == (case != "irregular")
+    u = torch.randn(batch, T, dim, dtype=torch.float64, requires_grad=True)
+    leaves = [u, *ssm.parameters()]
+    got = ssm(u, seq_idx, blocks=blocks)
+    ref, _ = ssm(u, seq_idx, return_states=True)  # the plain path (decoding prefill)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2), dtype=ref.dtype)
+    for g, r in zip(torch.autograd.grad(got, leaves, cot), torch.autograd.grad(ref, leaves, cot)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_gated_rms_norm_matches_autograd_reference(dtype, tol):
+    norm = GatedRMSNorm(24, eps=1e-5).to(dtype)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(24, generator=gen, dtype=dtype))
+    y, z = (torch.randn(3, 7, 24, generator=gen, dtype=dtype).requires_grad_() for _ in range(2))
+    got, ref = norm(y, z), gated_rms_norm_reference(y, z, norm.weight, norm.eps)
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+    cot = torch.randn(ref.shape, generator=gen, dtype=dtype)
+    leaves = (y, z, norm.weight)
+    for g, r in zip(torch.autograd.grad(got, leaves, cot), torch.autograd.grad(ref, leaves, cot)):
+        torch.testing.assert_close(g, r, rtol=tol, atol=tol)

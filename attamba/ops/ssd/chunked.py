@@ -47,6 +47,9 @@ def ssd_chunked(x, dt, A, B, C, *, D=None, seq_idx=None, initial_state=None, sca
     decay = torch.exp(diff.masked_fill(~allowed[:, :, None, None], float("-inf")))
     cb = torch.einsum("bctgn,bcsgn->bcgts", Cc, Bc)                         # [Bt, nc, G, Q, Q]
     w = decay * cb[:, :, :, None] * dtc.permute(0, 1, 3, 4, 2)[..., None, :]
+    if D is not None:
+        # The skip D x_t rides on the diagonal of the (small) mixing weights: no pass over y and x for it.
+        w = w + D.to(cdt).view(g, r, 1, 1) * torch.eye(q, dtype=cdt, device=x.device)
     y = torch.einsum("bcgrts,bcsgrp->bctgrp", w, xc)
 
     end_sid = sid[:, :, -1]                                                 # [Bt, nc]
@@ -94,10 +97,7 @@ def ssd_chunked(x, dt, A, B, C, *, D=None, seq_idx=None, initial_state=None, sca
                 s = carry(s, c) + local[:, c - c0]
             final = s
 
-    y = y.reshape(bt, nc * q, h, pd)[:, :t_len]
-    if D is not None:
-        y = y + D.to(cdt)[:, None] * x.to(cdt)
-    y = y.to(x.dtype)
+    y = y.reshape(bt, nc * q, h, pd)[:, :t_len].to(x.dtype)
     if return_final_state:
         return y, final.reshape(bt, h, pd, n)
     return y
