@@ -10,7 +10,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers import apply_rope
 from .ops.attention import attention
-from .ssm import ChunkSSM
+from .ssm import ChunkSSM, paired_step
 
 
 @dataclass
@@ -94,12 +94,10 @@ class Attention(nn.Module):
         cos, sin = (t[:, None, None, :] for t in rope)
         if self.kind == "attamba":
             xk, xv = self.kv_inputs(x)
-            (k_conv, k_scan), (v_conv, v_scan) = cache.ssm_states()
-            k, k_conv, k_scan = self.ssm_k.step(xk, k_conv, k_scan)
-            v, v_conv, v_scan = self.ssm_v.step(xv, v_conv, v_scan)
+            k, v, conv, scan = paired_step(self.ssm_k, self.ssm_v, xk, xv, *cache.ssm_states())
             if self.cfg.ssm_residual:
                 k, v = xk + k, xv + v
-            cache.set_ssm_states((k_conv, k_scan), (v_conv, v_scan))
+            cache.set_ssm_states(conv, scan)
         else:
             k, v = self.wk(x), self.wv(x)
         q = apply_rope(self.heads(self.wq(x)[:, None]), cos, sin)

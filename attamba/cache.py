@@ -131,28 +131,25 @@ class LayerCache:
         self.slots = window_slots(cfg)
         self.has_store = has_store(cfg)
         self.flags = _BoundaryFlags(cfg, layer) if cfg.attention == "attamba" else None
-        self._ssm = ssm_states  # ((k_conv, k_scan), (v_conv, v_scan)), float32, one row per sequence
+        # Given as ((k_conv, k_scan), (v_conv, v_scan)); held stacked, K over V: conv [2, B, conv_dim, W-1]
+        # and scan [2, B, H, head_dim, N], float32, one row per sequence (one step updates both SSMs).
+        self._ssm = None if ssm_states is None else tuple(torch.stack(pair) for pair in zip(*ssm_states))
 
     # ---- SSM states -----------------------------------------------------------------------------------
 
-    def ssm_states(self):
+    def ssm_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conv [2, B, conv_dim, W-1], scan [2, B, H, head_dim, N]): the K-SSM's states over the V-SSM's."""
         return self._ssm
 
-    def set_ssm_states(self, k_states, v_states):
+    def set_ssm_states(self, conv: torch.Tensor, scan: torch.Tensor):
         """States after the current token; rows whose token ended a chunk are zeroed for the next one."""
+        conv, scan = conv.float().contiguous(), scan.float().contiguous()  # exactly the bytes the formula counts
         ends = [self.flags.end(p) for p in self.lengths]
-        keep = None
         if any(ends):
-            keep = torch.tensor([not e for e in ends], device=k_states[0].device)
-        out = []
-        for conv, scan in (k_states, v_states):
-            # conv_step returns a view of a wider window: copy so the cache holds exactly W-1 columns.
-            conv, scan = conv.float().contiguous(), scan.float()
-            if keep is not None:
-                conv = conv * keep[:, None, None]
-                scan = scan * keep[:, None, None, None]
-            out.append((conv, scan))
-        self._ssm = tuple(out)
+            keep = torch.tensor([not e for e in ends], dtype=torch.float32, device=conv.device)
+            conv = conv * keep[:, None, None]
+            scan = scan * keep[:, None, None, None]
+        self._ssm = (conv, scan)
 
     # ---- keys -----------------------------------------------------------------------------------------
 
@@ -195,7 +192,7 @@ class LayerCache:
     def tensors(self) -> list[torch.Tensor]:
         out = [t for keys in self.keys for t in keys.tensors()]
         if self._ssm is not None:
-            out += [t for pair in self._ssm for t in pair]
+            out += list(self._ssm)
         return out
 
 

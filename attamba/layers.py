@@ -59,7 +59,9 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return _GatedRMSNorm.apply(y, z, self.weight, self.eps)
+        if torch.is_grad_enabled() and (y.requires_grad or z.requires_grad or self.weight.requires_grad):
+            return _GatedRMSNorm.apply(y, z, self.weight, self.eps)
+        return gated_rms_norm_reference(y, z, self.weight, self.eps)  # no backward: PyTorch's fused rms_norm
 
 
 class SwiGLU(nn.Module):

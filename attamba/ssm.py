@@ -61,8 +61,8 @@ class ChunkSSM(nn.Module):
         z, xbc, dt = torch.split(proj, [inner, inner + 2 * gn, cfg.heads], dim=-1)
         return z, xbc, dt
 
-    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
-        dt = F.softplus(dt + self.dt_bias)
+    def _dt(self, dt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        dt = F.softplus(dt + (self.dt_bias if bias is None else bias))
         if self.cfg.dt_limit_min > 0.0 or math.isfinite(self.cfg.dt_limit_max):
             dt = dt.clamp(self.cfg.dt_limit_min, self.cfg.dt_limit_max)
         return dt
@@ -151,3 +151,30 @@ class ChunkSSM(nn.Module):
     def state_shapes(self, batch: int):
         cfg = self.cfg
         return (batch, cfg.conv_dim, cfg.conv_width - 1), (batch, cfg.heads, cfg.head_dim, cfg.state_dim)
+
+
+def paired_step(ssm_k: ChunkSSM, ssm_v: ChunkSSM, uk: torch.Tensor, uv: torch.Tensor, conv_state: torch.Tensor,
+                ssm_state: torch.Tensor):
+    """One decoding step of the K- and V-SSM together: their small elementwise work runs as one batch of
+    2B rows (per-token overhead, not arithmetic, is what a step costs). Same result as two ChunkSSM.step.
+
+    uk, uv: [B, dim]; conv_state: [2, B, conv_dim, W-1] and ssm_state: [2, B, H, head_dim, N], K first.
+    Returns (yk, yv [B, dim], conv_state, ssm_state); the caller zeroes the states at a chunk start.
+    """
+    cfg, pair = ssm_k.cfg, (ssm_k, ssm_v)
+    bsz = uk.shape[0]
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.stack([getattr(m, name) for m in pair]).unsqueeze(1)  # [2, 1, ...]
+
+    z, xbc, dt = ssm_k._split(torch.stack([ssm_k.in_proj(uk), ssm_v.in_proj(uv)]))  # [2, B, ...]
+    window = torch.cat([conv_state.to(xbc.dtype), xbc.unsqueeze(-1)], dim=-1)       # [2, B, conv_dim, W]
+    xbc = F.silu(torch.linalg.vecdot(window, stacked("conv_weight")) + stacked("conv_bias"))
+    x, b, c = ssm_k._unpack_xbc(xbc.view(2 * bsz, -1))
+    A = -torch.exp(stacked("A_log").float()).expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
+    dt = ssm_k._dt(dt, bias=stacked("dt_bias")).view(2 * bsz, cfg.heads)
+    D = stacked("D").expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
+    y, state = ssd_step(x, dt, A, b, c, D, ssm_state.view(2 * bsz, *ssm_state.shape[2:]))
+    y = y.view(2, bsz, -1)
+    y = F.rms_norm(y * F.silu(z), (y.shape[-1],), None, ssm_k.norm.eps) * torch.stack([m.norm.weight for m in pair]).unsqueeze(1)
+    return ssm_k.out_proj(y[0]), ssm_v.out_proj(y[1]), window[..., 1:].contiguous(), state.view(ssm_state.shape)

@@ -6,7 +6,8 @@ from attamba.ops.ssd._checks import compute_dtype
 
 
 def ssd_step(x_t, dt_t, A, B_t, C_t, D, state):
-    """x_t [Bt, H, Pd], dt_t [Bt, H], A [H], B_t/C_t [Bt, G, N], D [H] or None, state [Bt, H, Pd, N]
+    """x_t [Bt, H, Pd], dt_t [Bt, H], A [H] or [Bt, H], B_t/C_t [Bt, G, N], D [H], [Bt, H] or None,
+    state [Bt, H, Pd, N]
     -> (y_t [Bt, H, Pd] in x_t.dtype, new_state [Bt, H, Pd, N] in float32/64).
 
     A segment reset is the caller zeroing `state` before the step.
@@ -27,5 +28,5 @@ def ssd_step(x_t, dt_t, A, B_t, C_t, D, state):
     new_state = torch.addcmul(scaled, dx, B_t.to(cdt).view(bt, g, 1, n))
     y = torch.matmul(new_state, C_t.to(cdt).view(bt, g, n, 1)).view(bt, h, pd)
     if D is not None:
-        y = torch.addcmul(y, D.to(cdt).view(h, 1), xs)
+        y = torch.addcmul(y, D.to(cdt).unsqueeze(-1), xs)
     return y.to(x_t.dtype), new_state.view(bt, h, pd, n)
