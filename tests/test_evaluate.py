@@ -172,7 +172,7 @@ metric_list:
             seq = torch.tensor([[tok.bos_id] + tok.encode(r["question"] + c)])
             logp = F.log_softmax(model(seq[:, :-1])[0], -1)
             n = len(tok.encode(c))
-            scores.append(float(logp[-n:].gather(1, seq[0, -n:, None]).sum()))
+            scores.append(float(logp[-n:].gather(1, seq[0, -n:, None]).sum().detach()))
         expected += int(np.argmax(scores) == r["label"])
         assert scores[0] == pytest.approx(lm._continuation_logprob(tok.encode(r["question"]),
                                                                     tok.encode(r["choices"][0]))[0], rel=1e-5)
