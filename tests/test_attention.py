@@ -244,3 +244,16 @@ def test_flex_matches_naive_on_cuda(seq_len, strategy):
         assert_matches(fast, ref, 1e-5)
         worst = max(worst, *(float((a - b).abs().max()) for a, b in zip(fast, ref)))
     print(f"\nflex vs naive, T={seq_len}, {strategy}: max abs error {worst:.2e}")
+
+
+def test_plan_cache_keys_on_the_boundary_pattern():
+    from attamba.ops.attention.blocked import cached_plan
+
+    cpu = torch.device("cpu")
+    flags = make_boundaries("uniform", 200, 8)
+    first = cached_plan(200, flags, 16, torch.float32, cpu)
+    assert cached_plan(200, flags.clone(), 16, torch.float32, cpu) is first
+    flags[100] = not bool(flags[100])  # the same tensor, changed in place: a new pattern, a new plan
+    second = cached_plan(200, flags, 16, torch.float32, cpu)
+    assert second is not first and second.exact != first.exact
+    assert cached_plan(200, flags, 15, torch.float32, cpu) is not second

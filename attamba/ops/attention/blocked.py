@@ -16,6 +16,7 @@ with a mask that keeps each row's split between the parts where the forward put 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,28 @@ def make_plan(
     return BlockedPlan(seq_len, leading, block, nblk, window.mask, backward_window, index, tuple(groups), work, exact)
 
 
+_PLAN_CACHE: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 64  # one entry per distinct (length, window, boundary pattern): every layer of a deep model
+
+
+def cached_plan(seq_len: int, boundaries: torch.Tensor | None, leading_tokens: int | None, dtype: torch.dtype,
+                device: torch.device, block_size: int | None = None) -> BlockedPlan:
+    """make_plan behind an LRU cache keyed by the boundary pattern's bytes: a layer's boundaries rarely
+    change between steps (cyclic and uniform never, random once per training step), and a plan costs
+    several milliseconds of small ops to build. Plans hold no tensor that a caller could modify."""
+    pattern = b"" if boundaries is None else boundaries.to(dtype=torch.bool).cpu().numpy().tobytes()
+    key = (str(device), dtype, seq_len, leading_tokens, block_size, pattern)
+    plan = _PLAN_CACHE.get(key)
+    if plan is not None:
+        _PLAN_CACHE.move_to_end(key)
+        return plan
+    plan = make_plan(seq_len, boundaries, leading_tokens, dtype, device, block_size)
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
 def _windows(x: torch.Tensor, seq_len: int, leading: int, layout: WindowLayout) -> torch.Tensor:
     """[N, T, D] -> overlapping key windows [N, nblk, L + Bq, D], a view of one left-padded copy."""
     block, nblk = layout.block_size, layout.num_blocks
@@ -292,5 +315,5 @@ def blocked_attention(
         raise ValueError(f"backend 'blocked' runs on CPU tensors only, got device {q.device}; use 'flex' on CUDA")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    plan = make_plan(q.shape[-2], boundaries, leading_tokens, q.dtype, q.device, block_size)
+    plan = cached_plan(q.shape[-2], boundaries, leading_tokens, q.dtype, q.device, block_size)
     return _BlockedAttention.apply(q, k, v, plan, float(scale))
