@@ -213,7 +213,9 @@ def _fold(windows: torch.Tensor, seq_len: int, leading: int, layout: WindowLayou
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """Zero rows appended along dim 1 up to `rows` (which may be fewer than x has: then a slice)."""
-    return F.pad(x, (0, 0, 0, rows - x.shape[1])) if rows >= x.shape[1] else x[:, :rows]
+    if rows == x.shape[1]:
+        return x  # F.pad would copy
+    return F.pad(x, (0, 0, 0, rows - x.shape[1])) if rows > x.shape[1] else x[:, :rows]
 
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
