@@ -153,3 +153,16 @@ def test_bench_decode_measures_what_the_formula_says():
     assert row["full_cache_bytes"] == row["full_analytic_cache_bytes"]
     assert row["cache_bytes_ratio"] == row["analytic_cache_bytes_ratio"] < 1
     assert row["attamba_decode_tokens_per_s"] > 0 and row["full_decode_tokens_per_s"] > 0
+
+
+def test_bench_train_step_reports_both_clocks():
+    import statistics
+
+    from pipeline.bench_train_step import bench_train_step
+
+    row = bench_train_step(seq_len=64, dim=32, n_layers=1, n_heads=2, vocab=97, repeats=3)
+    assert len(row["pair_ratios"]) == 3
+    assert row["attamba_over_transformer"] == statistics.median(row["pair_ratios"])
+    for key in ("attamba_step_s", "transformer_step_s", "attamba_step_cpu_s", "transformer_step_cpu_s",
+                "attamba_over_transformer_cpu"):
+        assert row[key] > 0, key
