@@ -153,6 +153,30 @@ class ChunkSSM(nn.Module):
         return (batch, cfg.conv_dim, cfg.conv_width - 1), (batch, cfg.heads, cfg.head_dim, cfg.state_dim)
 
 
+_STACKED = ("conv_weight", "conv_bias", "A_log", "dt_bias", "D", "norm.weight")
+
+
+def _stacked_parameters(ssm_k: ChunkSSM, ssm_v: ChunkSSM) -> tuple[torch.Tensor, ...]:
+    """The two SSMs' per-channel parameters stacked [2, 1, ...] (A as -exp(A_log), float32).
+
+    Without autograd (decoding) the stack is kept on ssm_k until a parameter changes, in place (which
+    bumps its version) or by moving (which changes its storage), so no token restacks them."""
+    params = [m.get_parameter(name) for name in _STACKED for m in (ssm_k, ssm_v)]
+
+    def stack():
+        out = [torch.stack(params[i: i + 2]).unsqueeze(1) for i in range(0, len(params), 2)]
+        out[2] = -torch.exp(out[2].float())
+        return tuple(out)
+
+    if torch.is_grad_enabled():
+        return stack()
+    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    cached = getattr(ssm_k, "_pair_cache", None)
+    if cached is None or cached[0] != key:
+        cached = ssm_k._pair_cache = (key, stack())
+    return cached[1]
+
+
 def paired_step(ssm_k: ChunkSSM, ssm_v: ChunkSSM, uk: torch.Tensor, uv: torch.Tensor, conv_state: torch.Tensor,
                 ssm_state: torch.Tensor):
     """One decoding step of the K- and V-SSM together: their small elementwise work runs as one batch of
@@ -161,20 +185,17 @@ def paired_step(ssm_k: ChunkSSM, ssm_v: ChunkSSM, uk: torch.Tensor, uv: torch.Te
     uk, uv: [B, dim]; conv_state: [2, B, conv_dim, W-1] and ssm_state: [2, B, H, head_dim, N], K first.
     Returns (yk, yv [B, dim], conv_state, ssm_state); the caller zeroes the states at a chunk start.
     """
-    cfg, pair = ssm_k.cfg, (ssm_k, ssm_v)
+    cfg = ssm_k.cfg
     bsz = uk.shape[0]
-
-    def stacked(name: str) -> torch.Tensor:
-        return torch.stack([getattr(m, name) for m in pair]).unsqueeze(1)  # [2, 1, ...]
-
+    conv_weight, conv_bias, A, dt_bias, D, norm_weight = _stacked_parameters(ssm_k, ssm_v)
     z, xbc, dt = ssm_k._split(torch.stack([ssm_k.in_proj(uk), ssm_v.in_proj(uv)]))  # [2, B, ...]
     window = torch.cat([conv_state.to(xbc.dtype), xbc.unsqueeze(-1)], dim=-1)       # [2, B, conv_dim, W]
-    xbc = F.silu(torch.linalg.vecdot(window, stacked("conv_weight")) + stacked("conv_bias"))
+    xbc = F.silu(torch.linalg.vecdot(window, conv_weight) + conv_bias)
     x, b, c = ssm_k._unpack_xbc(xbc.view(2 * bsz, -1))
-    A = -torch.exp(stacked("A_log").float()).expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
-    dt = ssm_k._dt(dt, bias=stacked("dt_bias")).view(2 * bsz, cfg.heads)
-    D = stacked("D").expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
+    A = A.expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
+    dt = ssm_k._dt(dt, bias=dt_bias).view(2 * bsz, cfg.heads)
+    D = D.expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
     y, state = ssd_step(x, dt, A, b, c, D, ssm_state.view(2 * bsz, *ssm_state.shape[2:]))
     y = y.view(2, bsz, -1)
-    y = F.rms_norm(y * F.silu(z), (y.shape[-1],), None, ssm_k.norm.eps) * torch.stack([m.norm.weight for m in pair]).unsqueeze(1)
+    y = F.rms_norm(y * F.silu(z), (y.shape[-1],), None, ssm_k.norm.eps) * norm_weight
     return ssm_k.out_proj(y[0]), ssm_v.out_proj(y[1]), window[..., 1:].contiguous(), state.view(ssm_state.shape)

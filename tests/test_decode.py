@@ -148,3 +148,32 @@ def test_sample_temperature_scales_logits():
     freq = torch.bincount(sample(logits, temperature=2.0, generator=gen), minlength=3).float() / 6000
     expected = F.softmax(torch.tensor([2.0, 1.0, 0.0]) / 2.0, dim=0)
     assert (freq - expected).abs().max().item() < 0.03
+
+
+def test_paired_step_equals_two_single_steps_and_sees_parameter_changes():
+    from attamba.config import SSMConfig
+    from attamba.ssm import ChunkSSM, paired_step
+
+    torch.manual_seed(0)
+    dim, batch = 16, 3
+    cfg = SSMConfig(state_dim=4, inner_dim=16, heads=4).resolved(dim)
+    ssm_k, ssm_v = ChunkSSM(dim, cfg), ChunkSSM(dim, cfg)
+    for m in (ssm_k, ssm_v):
+        m.reset_parameters(0.5)
+    uk, uv = torch.randn(batch, dim), torch.randn(batch, dim)
+    conv_shape, scan_shape = ssm_k.state_shapes(batch)
+    conv, scan = torch.randn(2, *conv_shape), torch.randn(2, *scan_shape)
+
+    def check():
+        with torch.no_grad():
+            yk, yv, conv2, scan2 = paired_step(ssm_k, ssm_v, uk, uv, conv, scan)
+            k_ref = ssm_k.step(uk, conv[0], scan[0])
+            v_ref = ssm_v.step(uv, conv[1], scan[1])
+        for got, ref in zip((yk, conv2[0], scan2[0], yv, conv2[1], scan2[1]), (*k_ref, *v_ref)):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+    check()
+    with torch.no_grad():
+        ssm_v.D.add_(0.5)          # in place: the stacked copy must follow
+        ssm_k.A_log.mul_(1.1)
+    check()
