@@ -5,8 +5,8 @@ Convention shared with attamba.costs: after T tokens a layer holds exactly the k
   same tensors by a store of the visible boundaries (chunk ends and the sink) that have left that window
   (the store only grows once the ring is full, so the two never interleave and one attention call reads
   both); plus the K- and V-SSM
-  states (conv window [B, conv_dim, W-1] and scan state [B, H, head_dim, N], float32) of the unfinished
-  chunk, zeroed as soon as a chunk completes.
+  states of the unfinished chunk, stacked K over V (conv windows [2, B, conv_dim, W-1] and scan states
+  [2, B, H, head_dim, N], float32), zeroed as soon as a chunk completes.
 - attamba with pseudo_chunk, full, iso_kv: every position (and the SSM states for pseudo_chunk).
 - swa: the last W positions, in a ring of W slots.
 Keys sit in ring order, not position order: RoPE is already applied and softmax does not care about order.
