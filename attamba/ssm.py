@@ -153,7 +153,8 @@ class ChunkSSM(nn.Module):
         return (batch, cfg.conv_dim, cfg.conv_width - 1), (batch, cfg.heads, cfg.head_dim, cfg.state_dim)
 
 
-_STACKED = ("conv_weight", "conv_bias", "A_log", "dt_bias", "D", "norm.weight")
+def _per_channel(m: ChunkSSM) -> tuple[torch.Tensor, ...]:
+    return m.conv_weight, m.conv_bias, m.A_log, m.dt_bias, m.D, m.norm.weight
 
 
 def _stacked_parameters(ssm_k: ChunkSSM, ssm_v: ChunkSSM) -> tuple[torch.Tensor, ...]:
@@ -161,16 +162,17 @@ def _stacked_parameters(ssm_k: ChunkSSM, ssm_v: ChunkSSM) -> tuple[torch.Tensor,
 
     Without autograd (decoding) the stack is kept on ssm_k until a parameter changes, in place (which
     bumps its version) or by moving (which changes its storage), so no token restacks them."""
-    params = [m.get_parameter(name) for name in _STACKED for m in (ssm_k, ssm_v)]
+    params = _per_channel(ssm_k) + _per_channel(ssm_v)
 
     def stack():
-        out = [torch.stack(params[i: i + 2]).unsqueeze(1) for i in range(0, len(params), 2)]
+        out = [torch.stack((a, b)).unsqueeze(1) for a, b in zip(params[:6], params[6:])]
         out[2] = -torch.exp(out[2].float())
         return tuple(out)
 
     if torch.is_grad_enabled():
         return stack()
-    key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+    # In-place updates bump versions; moving a module (to(), half()) gives every parameter new storage.
+    key = [p._version for p in params] + [params[0].data_ptr(), params[6].data_ptr()]
     cached = getattr(ssm_k, "_pair_cache", None)
     if cached is None or cached[0] != key:
         cached = ssm_k._pair_cache = (key, stack())
