@@ -86,21 +86,19 @@ class Attention(nn.Module):
             return out, (k, v, states if self.kind == "attamba" else None)
         return out
 
-    def step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache) -> torch.Tensor:
-        """One token per sequence. x: [B, dim]; rope: cos, sin [B, D/2] at each sequence's position;
-        cache: this layer's attamba.cache.LayerCache (SSM states, stored keys), updated in place -> [B, dim].
-        """
-        bsz = x.shape[0]
-        cos, sin = (t[:, None, None, :] for t in rope)
+    def step_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ssm_states):
+        """The tensor work of a decoding step before the cache: x [B, dim], cos/sin [B, 1, 1, D/2], the SSM
+        states (conv, scan) stacked K over V (attamba) or None -> q, k (after RoPE), v [B, H, 1, D] and the
+        SSM states after this token (not yet zeroed at a chunk end) or None."""
+        states = None
         if self.kind == "attamba":
             xk, xv = self.kv_inputs(x)
-            k, v, conv, scan = paired_step(self.ssm_k, self.ssm_v, xk, xv, *cache.ssm_states())
+            k, v, conv, scan = paired_step(self.ssm_k, self.ssm_v, xk, xv, *ssm_states)
             if self.cfg.ssm_residual:
                 k, v = xk + k, xv + v
-            cache.set_ssm_states(conv, scan)
+            states = (conv, scan)
         else:
             k, v = self.wk(x), self.wv(x)
         q = apply_rope(self.heads(self.wq(x)[:, None]), cos, sin)
         k = apply_rope(self.heads(k[:, None]), cos, sin)
-        out = cache.append_and_attend(q, k, self.heads(v[:, None]))  # [B, H, 1, D]
-        return self.wo(out.reshape(bsz, -1))
+        return q, k, self.heads(v[:, None]), states

@@ -29,9 +29,22 @@ class Block(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, layout)
         return h + self.ffn(self.ffn_norm(h))
 
-    def step(self, x, rope, cache):
-        """x: [B, dim], one token per sequence -> [B, dim]; `cache` is this layer's LayerCache."""
-        h = x + self.attn.step(self.attn_norm(x), rope, cache)
+    def step(self, x, rope, cache, compiled=None):
+        """x: [B, dim], one token per sequence -> [B, dim]; `cache` is this layer's LayerCache.
+
+        The tensor work before and after the cache (step_pre, step_post) may be given `compiled`."""
+        step_pre, step_post = compiled or (self.step_pre, self.step_post)
+        cos, sin = (t[:, None, None, :] for t in rope)
+        q, k, v, states = step_pre(x, cos, sin, cache.ssm_states() if self.attn.kind == "attamba" else None)
+        if states is not None:
+            cache.set_ssm_states(*states)
+        return step_post(x, cache.append_and_attend(q, k, v))
+
+    def step_pre(self, x, cos, sin, ssm_states):
+        return self.attn.step_qkv(self.attn_norm(x), cos, sin, ssm_states)
+
+    def step_post(self, x, attn_out):
+        h = x + self.attn.wo(attn_out.reshape(x.shape[0], -1))
         return h + self.ffn(self.ffn_norm(h))
 
 
@@ -46,6 +59,7 @@ class AttambaLM(nn.Module):
             self.norm = RMSNorm(config.dim, config.norm_eps)
             self.output = None if config.tied_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters(config.seed)
+        self._compiled_steps = None  # see compile_decoding
 
     @torch.no_grad()
     def reset_parameters(self, seed: int):
@@ -136,6 +150,17 @@ class AttambaLM(nn.Module):
         caches: one attamba.cache.LayerCache per layer, updated in place -> logits [B, V]."""
         h = self.embed(tokens)
         rope = self.rope(positions, h.dtype)
-        for block, cache in zip(self.layers, caches):
-            h = block.step(h, rope, cache)
+        compiled = self._compiled_steps or [None] * len(self.layers)
+        for block, cache, fns in zip(self.layers, caches, compiled):
+            h = block.step(h, rope, cache, fns)
         return self.logits(h)
+
+    def compile_decoding(self, enable: bool = True) -> "AttambaLM":
+        """Decode with each block's tensor work before and after the cache compiled by torch.compile
+        (Inductor: fused C++ on CPU, needs a C compiler), which removes most of eager PyTorch's per-op
+        overhead at small batch. The cache's bookkeeping stays eager. Compiles on the first steps (seconds
+        per block and batch size); enable=False goes back to eager."""
+        self._compiled_steps = [
+            (torch.compile(block.step_pre, dynamic=False), torch.compile(block.step_post, dynamic=False))
+            for block in self.layers] if enable else None
+        return self

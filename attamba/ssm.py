@@ -169,7 +169,7 @@ def _stacked_parameters(ssm_k: ChunkSSM, ssm_v: ChunkSSM) -> tuple[torch.Tensor,
         out[2] = -torch.exp(out[2].float())
         return tuple(out)
 
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # compiled code fuses the stacking anyway
         return stack()
     # In-place updates bump versions; moving a module (to(), half()) gives every parameter new storage.
     key = [p._version for p in params] + [params[0].data_ptr(), params[6].data_ptr()]

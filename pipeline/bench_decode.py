@@ -33,9 +33,9 @@ class _Decoder:
         self.cache, logits = prefill(model, prompts)
         self.prefill_s = time.perf_counter() - start
         self.cache_bytes = self.cache.nbytes()  # before `reserve` makes room for the decoded tokens
-        self.cache.reserve(new_tokens + 1)
+        self.cache.reserve(new_tokens + 2)
         self.tokens = torch.stack([out[-1] for out in logits]).argmax(-1)
-        self.block(1)  # warm-up step, not timed
+        self.block(2)  # warm-up steps (and compilation), not timed
 
     def block(self, steps: int) -> float:
         start = time.perf_counter()
@@ -47,14 +47,16 @@ class _Decoder:
 @torch.no_grad()
 def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, dim: int = 512, n_layers: int = 4,
                  n_heads: int = 8, vocab: int = 4096, new_tokens: int = 64, batch: int = 1,
-                 boundaries: str = "cyclic", seed: int = 0, threads: int | None = None) -> dict:
+                 boundaries: str = "cyclic", seed: int = 0, threads: int | None = None, compile: bool = False) -> dict:
     """Prefill `context` random tokens per sequence into each model, then time `new_tokens` greedy steps.
 
     Returns per-model prefill seconds, measured and analytic cache bytes (all sequences, after the prefill),
     decode tokens/s, and the Attamba / transformer ratios cache_bytes_ratio, analytic_cache_bytes_ratio
     and decode_speedup (the median over blocks of 8 steps, taken in turn by the two models, of Attamba's
     tokens/s over the transformer's; block_speedups lists them). threads sets torch's intra-op threads
-    for the run (restored after): on a loaded shared machine a second thread mostly spins.
+    for the run (restored after): on a loaded shared machine a second thread mostly spins. compile: both
+    models decode through AttambaLM.compile_decoding (torch.compile of each block's tensor work; the
+    compilation happens during the untimed warm-up).
     """
     if context < 1 or new_tokens < 1 or batch < 1:
         raise ValueError(f"context, new_tokens and batch must be >= 1, got {context}, {new_tokens}, {batch}")
@@ -63,15 +65,15 @@ def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, di
         torch.set_num_threads(threads)
     try:
         return _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab, new_tokens, batch,
-                        boundaries, seed)
+                        boundaries, seed, compile)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab, new_tokens, batch, boundaries,
-             seed) -> dict:
+             seed, compile) -> dict:
     common = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab,
-                  max_seq_len=context + new_tokens + 1, seed=seed)
+                  max_seq_len=context + new_tokens + 2, seed=seed)
     configs = {
         "attamba": model_config("s60m", attention="attamba", chunk_size=chunk_size, leading_tokens=leading_tokens,
                                 boundaries=boundaries, **common),
@@ -80,8 +82,10 @@ def _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab,
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, vocab, (context,), generator=gen) for _ in range(batch)]
     result: dict = {"context": context, "batch": batch, "chunk_size": chunk_size, "leading_tokens": leading_tokens,
-                    "dim": dim, "n_layers": n_layers, "new_tokens": new_tokens, "threads": torch.get_num_threads()}
-    decoders = {name: _Decoder(AttambaLM(cfg).eval(), prompts, new_tokens) for name, cfg in configs.items()}
+                    "dim": dim, "n_layers": n_layers, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+                    "compiled": compile}
+    decoders = {name: _Decoder(AttambaLM(cfg).eval().compile_decoding(compile), prompts, new_tokens)
+                for name, cfg in configs.items()}
     # The models decode in turn, BLOCK tokens at a time: a shared machine's drifting speed then slows both
     # alike, and the speedup is the median over blocks of the per-block ratio.
     seconds = {name: [] for name in decoders}
@@ -114,11 +118,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="decode through torch.compile (both models)")
     args = parser.parse_args(argv)
     print(" | ".join(_COLUMNS))
     for context in args.contexts:
         row = bench_decode(context, args.chunk_size, args.leading_tokens, new_tokens=args.new_tokens,
-                           batch=args.batch, threads=args.threads)
+                           batch=args.batch, threads=args.threads, compile=args.compile)
         print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in _COLUMNS), flush=True)
 
 

@@ -51,7 +51,8 @@ def cmd_generate(args) -> int:
     from .generate_cli import generate_from_checkpoint
 
     generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             compile=args.compile)
     return 0
 
 
@@ -108,7 +109,7 @@ def cmd_bench(args) -> int:
         from .bench_decode import bench_decode
 
         result = bench_decode(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
-                              batch=args.batch, new_tokens=args.new_tokens)
+                              batch=args.batch, new_tokens=args.new_tokens, compile=args.compile)
     print(json.dumps(result))
     return 0
 
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: faster per token at small batch, compiles first (seconds)")
     p.set_defaults(func=cmd_generate)
 
     for name, func, text in (("study", cmd_study, "run a study grid on Ray Tune and write its report"),
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="train-step: number of layers")
     p.add_argument("--batch", type=int, default=1, help="train-step, decode: sequences per step")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated (timed) per sequence")
+    p.add_argument("--compile", action="store_true",
+                   help="decode: both models decode through torch.compile (needs a C compiler; compiles first)")
     p.set_defaults(func=cmd_bench)
     return parser
 

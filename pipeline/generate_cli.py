@@ -10,8 +10,9 @@ from .checkpoint import load_model, resolve_checkpoint
 
 def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
                              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                             out=sys.stdout) -> str:
+                             out=sys.stdout, compile: bool = False) -> str:
     model, _, tokenizer = load_model(resolve_checkpoint(checkpoint))
+    model.compile_decoding(compile)
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
     new: list[int] = []
     shown = 0

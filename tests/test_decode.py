@@ -177,3 +177,13 @@ def test_paired_step_equals_two_single_steps_and_sees_parameter_changes():
         ssm_v.D.add_(0.5)          # in place: the stacked copy must follow
         ssm_k.A_log.mul_(1.1)
     check()
+
+
+@pytest.mark.parametrize("name", ["cyclic-P3-L2", "full"])
+def test_compiled_decoding_matches_parallel(name):
+    """compile_decoding (torch.compile of each block's tensor work) gives the parallel forward's logits."""
+    model = model_of(**VARIANTS[name]).compile_decoding()
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    stepped = decode_logits(model, tokens, 11)
+    assert (stepped - model(tokens)).abs().max().item() <= TOL
+    assert model.compile_decoding(False)._compiled_steps is None
