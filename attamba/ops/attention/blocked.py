@@ -55,14 +55,20 @@ class WindowLayout:
 class BlockedPlan:
     seq_len: int
     leading_tokens: int  # clamped to T - 1: a longer window is full causal
-    block_size: int  # forward query blocks (window part and superblock granularity)
-    num_blocks: int
-    window_mask: torch.Tensor  # [1, num_blocks, Bq, L + Bq] additive float
+    window: WindowLayout  # the forward's window part; its blocks are also the superblocks' granularity
     backward_window: WindowLayout  # the window part of the backward (blocks of >= BACKWARD_WINDOW_BLOCK rows)
     boundary_index: torch.Tensor | None  # int64 [nb]
     superblocks: tuple[Superblock, ...]
     work: int  # query-key pairs the kernels multiply, padding included
     exact: int  # query-key pairs the mask makes visible
+
+    @property
+    def block_size(self) -> int:
+        return self.window.block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.window.num_blocks
 
 
 def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -165,7 +171,7 @@ def make_plan(
         prefix = torch.searchsorted(index, starts).tolist()
         groups, boundary_work = _superblocks(prefix, block, leading, dtype, device)
         work += boundary_work
-    return BlockedPlan(seq_len, leading, block, nblk, window.mask, backward_window, index, tuple(groups), work, exact)
+    return BlockedPlan(seq_len, leading, window, backward_window, index, tuple(groups), work, exact)
 
 
 _PLAN_CACHE: OrderedDict = OrderedDict()
@@ -229,10 +235,9 @@ class _BlockedAttention(torch.autograd.Function):
         n, nblk, block = b * h, plan.num_blocks, plan.block_size
         qf, kf, vf = (x.reshape(n, t, d) for x in (q, k, v))
         qp = _pad_rows(qf, nblk * block)
-        window = WindowLayout(block, nblk, plan.window_mask)
         out_w, lse_w = _flash(
-            qp.view(n, nblk, block, d), _windows(kf, t, plan.leading_tokens, window),
-            _windows(vf, t, plan.leading_tokens, window), 0.0, False, attn_mask=plan.window_mask, scale=scale,
+            qp.view(n, nblk, block, d), _windows(kf, t, plan.leading_tokens, plan.window),
+            _windows(vf, t, plan.leading_tokens, plan.window), 0.0, False, attn_mask=plan.window.mask, scale=scale,
         )
         out, lse = out_w.reshape(n, -1, d), lse_w.reshape(n, -1)
         if plan.superblocks:
