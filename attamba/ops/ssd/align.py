@@ -11,6 +11,15 @@ import torch
 import torch.nn.functional as F
 
 
+def _segments(seq_idx: torch.Tensor):
+    """seq_idx [Bt, T] -> (positions [Bt, T], is_start bool [Bt, T], start of each token's segment [Bt, T])."""
+    bt, t_len = seq_idx.shape
+    pos = torch.arange(t_len, device=seq_idx.device).expand(bt, t_len)
+    is_start = torch.ones_like(seq_idx, dtype=torch.bool)
+    is_start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return pos, is_start, torch.cummax(torch.where(is_start, pos, 0), dim=1).values
+
+
 def aligned_layout(seq_idx: torch.Tensor, block: int):
     """seq_idx [Bt, T] monotone -> (new_pos [Bt, T], src [Bt, T'], aligned_seq_idx [Bt, T']).
 
@@ -26,11 +35,8 @@ def aligned_layout(seq_idx: torch.Tensor, block: int):
                          "use ssd_scan for the kernels' rules on arbitrary seq_idx")
     bt, t_len = seq_idx.shape
     dev = seq_idx.device
-    pos = torch.arange(t_len, device=dev).expand(bt, t_len)
-    is_start = torch.ones_like(seq_idx, dtype=torch.bool)
-    is_start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    pos, is_start, seg_start = _segments(seq_idx)
     seg = torch.cumsum(is_start.long(), dim=1) - 1                          # segment number of each token
-    seg_start = torch.cummax(torch.where(is_start, pos, 0), dim=1).values
     lengths = torch.zeros(bt, t_len, dtype=torch.long, device=dev).scatter_add_(1, seg, torch.ones_like(seg))
     padded = (lengths + block - 1) // block * block
     aligned_start = torch.cumsum(padded, dim=1) - padded
@@ -63,9 +69,10 @@ class BlockLayout:
 
     Where every sequence's segments are the same and all but the first and last are `block` long (uniform
     and cyclic chunks), the layout is a shift: aligned position = t + shift (the first segment ends its
-    block), so moving there is a pad and moving back a slice. Otherwise gather: int64 [Bt * nb * block], rows of the [Bt * (T + 1), F] table
-    that stacks each sequence's T rows and one zero row (padding), and scatter: int64 [Bt * T], rows of the
-    [Bt * nb * block] aligned table in token order. seq_idx: [Bt, nb * block], the aligned segment ids.
+    block), so moving there is a pad and moving back a slice. Otherwise gather: int64 [Bt * nb * block],
+    rows of the [Bt * (T + 1), F] table that stacks each sequence's T rows and one zero row (padding), and
+    scatter: int64 [Bt * T], rows of the [Bt * nb * block] aligned table in token order.
+    seq_idx: [Bt, nb * block], the aligned segment ids.
     """
 
     block: int
@@ -96,10 +103,7 @@ def block_layout(seq_idx: torch.Tensor, block: int) -> BlockLayout | None:
     """BlockLayout for monotone seq_idx [Bt, T], or None when a segment is longer than `block`."""
     bt, t_len = seq_idx.shape
     dev = seq_idx.device
-    pos = torch.arange(t_len, device=dev).expand(bt, t_len)
-    is_start = torch.ones_like(seq_idx, dtype=torch.bool)
-    is_start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    seg_start = torch.cummax(torch.where(is_start, pos, 0), dim=1).values
+    pos, is_start, seg_start = _segments(seq_idx)
     if int((pos - seg_start).max()) >= block:
         return None
     starts = torch.nonzero(is_start[0])[:, 0]
