@@ -29,12 +29,12 @@ class Block(nn.Module):
         h = x + self.attn(self.attn_norm(x), rope, layout)
         return h + self.ffn(self.ffn_norm(h))
 
-    def step(self, x, rope, cache, compiled=None):
-        """x: [B, dim], one token per sequence -> [B, dim]; `cache` is this layer's LayerCache.
+    def step(self, x, cos, sin, cache, compiled=None):
+        """x: [B, dim], one token per sequence -> [B, dim]; cos, sin: [B, 1, 1, D/2] at each sequence's
+        position; `cache` is this layer's LayerCache.
 
         The tensor work before and after the cache (step_pre, step_post) may be given `compiled`."""
         step_pre, step_post = compiled or (self.step_pre, self.step_post)
-        cos, sin = (t[:, None, None, :] for t in rope)
         q, k, v, states = step_pre(x, cos, sin, cache.ssm_states() if self.attn.kind == "attamba" else None)
         if states is not None:
             cache.set_ssm_states(*states)
@@ -149,10 +149,10 @@ class AttambaLM(nn.Module):
         """One decoding step. tokens, positions: int64 [B] (each sequence at its own position);
         caches: one attamba.cache.LayerCache per layer, updated in place -> logits [B, V]."""
         h = self.embed(tokens)
-        rope = self.rope(positions, h.dtype)
+        cos, sin = (t[:, None, None, :] for t in self.rope(positions, h.dtype))  # broadcast over heads
         compiled = self._compiled_steps or [None] * len(self.layers)
         for block, cache, fns in zip(self.layers, caches, compiled):
-            h = block.step(h, rope, cache, fns)
+            h = block.step(h, cos, sin, cache, fns)
         return self.logits(h)
 
     def compile_decoding(self, enable: bool = True) -> "AttambaLM":
