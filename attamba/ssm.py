@@ -191,8 +191,7 @@ def paired_step(ssm_k: ChunkSSM, ssm_v: ChunkSSM, uk: torch.Tensor, uv: torch.Te
     bsz = uk.shape[0]
     conv_weight, conv_bias, A, dt_bias, D, norm_weight = _stacked_parameters(ssm_k, ssm_v)
     z, xbc, dt = ssm_k._split(torch.stack([ssm_k.in_proj(uk), ssm_v.in_proj(uv)]))  # [2, B, ...]
-    window = torch.cat([conv_state.to(xbc.dtype), xbc.unsqueeze(-1)], dim=-1)       # [2, B, conv_dim, W]
-    xbc = F.silu(torch.linalg.vecdot(window, conv_weight) + conv_bias)
+    xbc, conv_state = conv_step(xbc, conv_state, conv_weight, conv_bias, activation="silu")
     x, b, c = ssm_k._unpack_xbc(xbc.view(2 * bsz, -1))
     A = A.expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
     dt = ssm_k._dt(dt, bias=dt_bias).view(2 * bsz, cfg.heads)
@@ -200,4 +199,4 @@ def paired_step(ssm_k: ChunkSSM, ssm_v: ChunkSSM, uk: torch.Tensor, uv: torch.Te
     y, state = ssd_step(x, dt, A, b, c, D, ssm_state.view(2 * bsz, *ssm_state.shape[2:]))
     y = y.view(2, bsz, -1)
     y = F.rms_norm(y * F.silu(z), (y.shape[-1],), None, ssm_k.norm.eps) * norm_weight
-    return ssm_k.out_proj(y[0]), ssm_v.out_proj(y[1]), window[..., 1:].contiguous(), state.view(ssm_state.shape)
+    return ssm_k.out_proj(y[0]), ssm_v.out_proj(y[1]), conv_state.contiguous(), state.view(ssm_state.shape)

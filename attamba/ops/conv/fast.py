@@ -33,18 +33,19 @@ def causal_conv1d_fast(x, weight, bias=None, *, seq_idx=None, initial_state=None
 
 
 def conv_step(x_t, conv_state, weight, bias=None, activation=None):
-    """x_t [Bt, Cc], conv_state [Bt, Cc, W-1] (oldest first) -> (y_t [Bt, Cc], new_state [Bt, Cc, W-1]).
+    """x_t [..., Cc], conv_state [..., Cc, W-1] (oldest first) -> (y_t [..., Cc], new_state [..., Cc, W-1]).
 
-    A segment reset is the caller zeroing conv_state before the step.
+    weight [..., Cc, W] and bias [..., Cc] broadcast against the leading dims (decoding steps the K- and
+    V-SSM together with their parameters stacked). A segment reset is the caller zeroing conv_state first.
     """
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    w = weight.shape[1]
-    if conv_state.shape != (x_t.shape[0], x_t.shape[1], w - 1):
-        raise ValueError(f"conv_state must be [Bt, Cc, W-1] = {(x_t.shape[0], x_t.shape[1], w - 1)}, "
+    w = weight.shape[-1]
+    if conv_state.shape != (*x_t.shape, w - 1):
+        raise ValueError(f"conv_state must be [..., Cc, W-1] = {(*x_t.shape, w - 1)}, "
                          f"got {tuple(conv_state.shape)}")
-    window = torch.cat([conv_state.to(x_t.dtype), x_t[..., None]], dim=-1)  # [Bt, Cc, W]
-    y = (window * weight).sum(-1)
+    window = torch.cat([conv_state.to(x_t.dtype), x_t[..., None]], dim=-1)  # [..., Cc, W]
+    y = torch.linalg.vecdot(window, weight)
     if bias is not None:
         y = y + bias
     if activation == "silu":
