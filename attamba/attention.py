@@ -55,7 +55,8 @@ class Attention(nn.Module):
         if self.kind != "attamba":
             return self.wk(x), self.wv(x), None
         xk, xv = self.kv_inputs(x)
-        blocks = None if return_states else self.ssm_k.blocks(layout.seq_idx, x.shape[0])  # shared by both SSMs
+        # Computed once for both SSMs (None, the plain path, included); decoding's prefill needs the states.
+        blocks = None if return_states else self.ssm_k.blocks(layout.seq_idx, x.shape[0])
         k_out = self.ssm_k(xk, layout.seq_idx, return_states=return_states, blocks=blocks)
         v_out = self.ssm_v(xv, layout.seq_idx, return_states=return_states, blocks=blocks)
         (k, k_states), (v, v_states) = (k_out, v_out) if return_states else ((k_out, None), (v_out, None))

@@ -86,15 +86,17 @@ class ChunkSSM(nn.Module):
         return block_layout(seq_idx, self.align_block)
 
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor, return_states: bool = False,
-                blocks: BlockLayout | None = None):
+                blocks: BlockLayout | None | str = "auto"):
         """u: [B, T, dim]; seq_idx: int32 [T] or [B, T]. Returns [B, T, dim] (and (conv_state, ssm_state)).
 
-        Without return_states the block layout is used where it applies (`blocks`, from `self.blocks`, may be
-        passed in to share it between the K and V SSMs); the results are the same.
+        Without return_states the block layout is used where it applies; the results are the same.
+        `blocks` is self.blocks(seq_idx, B) computed by the caller (shared by the K and V SSMs; None: the
+        plain path), or "auto" to compute it here.
         """
         bsz, seqlen, _ = u.shape
         if not return_states:
-            blocks = blocks if blocks is not None else self.blocks(seq_idx, bsz)
+            if isinstance(blocks, str):
+                blocks = self.blocks(seq_idx, bsz)
             if blocks is not None:
                 return self._forward_blocks(u, blocks)
         if seq_idx.dim() == 1:
