@@ -10,6 +10,7 @@ from torch import nn
 from .config import ModelConfig
 from .layers import apply_rope
 from .ops.attention import attention
+from .ops.matvec import matvec
 from .ssm import ChunkSSM, paired_step
 
 
@@ -93,13 +94,13 @@ class Attention(nn.Module):
         SSM states after this token (not yet zeroed at a chunk end) or None."""
         states = None
         if self.kind == "attamba":
-            xk, xv = self.kv_inputs(x)
+            xk, xv = (matvec(x, self.wk.weight), matvec(x, self.wv.weight)) if self.cfg.kv_proj else (x, x)
             k, v, conv, scan = paired_step(self.ssm_k, self.ssm_v, xk, xv, *ssm_states)
             if self.cfg.ssm_residual:
                 k, v = xk + k, xv + v
             states = (conv, scan)
         else:
-            k, v = self.wk(x), self.wv(x)
-        q = apply_rope(self.heads(self.wq(x)[:, None]), cos, sin)
+            k, v = matvec(x, self.wk.weight), matvec(x, self.wv.weight)
+        q = apply_rope(self.heads(matvec(x, self.wq.weight)[:, None]), cos, sin)
         k = apply_rope(self.heads(k[:, None]), cos, sin)
         return q, k, self.heads(v[:, None]), states

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops.matvec import matvec
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -73,6 +75,11 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """forward for decoding, x [B, dim] (products through ops.matvec)."""
+        gate, up = matvec(x, self.w13.weight).chunk(2, dim=-1)
+        return matvec(F.silu(gate) * up, self.w2.weight)
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):

@@ -10,6 +10,7 @@ from . import boundaries as bnd
 from .attention import Attention, LayerLayout
 from .config import ModelConfig
 from .layers import GatedRMSNorm, RMSNorm, SwiGLU, rope_tables
+from .ops.matvec import matvec
 from .ssm import ChunkSSM
 
 
@@ -44,8 +45,8 @@ class Block(nn.Module):
         return self.attn.step_qkv(self.attn_norm(x), cos, sin, ssm_states)
 
     def step_post(self, x, attn_out):
-        h = x + self.attn.wo(attn_out.reshape(x.shape[0], -1))
-        return h + self.ffn(self.ffn_norm(h))
+        h = x + matvec(attn_out.reshape(x.shape[0], -1), self.attn.wo.weight)
+        return h + self.ffn.step(self.ffn_norm(h))
 
 
 class AttambaLM(nn.Module):
@@ -59,7 +60,7 @@ class AttambaLM(nn.Module):
             self.norm = RMSNorm(config.dim, config.norm_eps)
             self.output = None if config.tied_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.reset_parameters(config.seed)
-        self._compiled_steps = None  # see compile_decoding
+        self._compiled_steps = self._compiled_logits = None  # see compile_decoding
 
     @torch.no_grad()
     def reset_parameters(self, seed: int):
@@ -102,7 +103,7 @@ class AttambaLM(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         h = self.norm(h)
-        return F.linear(h, self.embed.weight) if self.output is None else self.output(h)
+        return matvec(h, self.embed.weight if self.output is None else self.output.weight)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
                 layouts: list[LayerLayout] | None = None):
@@ -153,14 +154,15 @@ class AttambaLM(nn.Module):
         compiled = self._compiled_steps or [None] * len(self.layers)
         for block, cache, fns in zip(self.layers, caches, compiled):
             h = block.step(h, cos, sin, cache, fns)
-        return self.logits(h)
+        return (self._compiled_logits or self.logits)(h)
 
     def compile_decoding(self, enable: bool = True) -> "AttambaLM":
-        """Decode with each block's tensor work before and after the cache compiled by torch.compile
+        """Decode with each block's tensor work before and after the cache, and the output head, compiled by torch.compile
         (Inductor: fused C++ on CPU, needs a C compiler), which removes most of eager PyTorch's per-op
         overhead at small batch. The cache's bookkeeping stays eager. Compiles on the first steps (seconds
         per block and batch size); enable=False goes back to eager."""
         self._compiled_steps = [
             (torch.compile(block.step_pre, dynamic=False), torch.compile(block.step_post, dynamic=False))
             for block in self.layers] if enable else None
+        self._compiled_logits = torch.compile(self.logits, dynamic=False) if enable else None
         return self

@@ -12,6 +12,7 @@ from .config import SSMConfig
 from .layers import GatedRMSNorm
 from .ops.conv import causal_conv1d, conv_step
 from .ops.conv.block import block_causal_conv1d
+from .ops.matvec import matvec
 from .ops.ssd import resolve_backend, ssd_scan, ssd_scan_aligned, ssd_step
 from .ops.ssd.align import BlockLayout, block_layout
 
@@ -192,7 +193,7 @@ def paired_step(ssm_k: ChunkSSM, ssm_v: ChunkSSM, uk: torch.Tensor, uv: torch.Te
     cfg = ssm_k.cfg
     bsz = uk.shape[0]
     conv_weight, conv_bias, A, dt_bias, D, norm_weight = _stacked_parameters(ssm_k, ssm_v)
-    z, xbc, dt = ssm_k._split(torch.stack([ssm_k.in_proj(uk), ssm_v.in_proj(uv)]))  # [2, B, ...]
+    z, xbc, dt = ssm_k._split(torch.stack([matvec(uk, ssm_k.in_proj.weight), matvec(uv, ssm_v.in_proj.weight)]))
     xbc, conv_state = conv_step(xbc, conv_state, conv_weight, conv_bias, activation="silu")
     x, b, c = ssm_k._unpack_xbc(xbc.view(2 * bsz, -1))
     A = A.expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
@@ -201,4 +202,4 @@ def paired_step(ssm_k: ChunkSSM, ssm_v: ChunkSSM, uk: torch.Tensor, uv: torch.Te
     y, state = ssd_step(x, dt, A, b, c, D, ssm_state.view(2 * bsz, *ssm_state.shape[2:]))
     y = y.view(2, bsz, -1)
     y = F.rms_norm(y * F.silu(z), (y.shape[-1],), None, ssm_k.norm.eps) * norm_weight
-    return ssm_k.out_proj(y[0]), ssm_v.out_proj(y[1]), conv_state.contiguous(), state.view(ssm_state.shape)
+    return matvec(y[0], ssm_k.out_proj.weight), matvec(y[1], ssm_v.out_proj.weight), conv_state.contiguous(), state.view(ssm_state.shape)

@@ -1,0 +1,43 @@
+"""ops.matvec (decoding's weight products) against F.linear: outputs and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attamba.ops.matvec import matvec, matvec_naive
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (64,), (1, 1, 63)])
+@pytest.mark.parametrize("out", [1, 5, 130])
+def test_one_row_matches_linear_with_grads(shape, out):
+    gen = torch.Generator().manual_seed(out)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(out, shape[-1], generator=gen, dtype=torch.float64, requires_grad=True)
+    y, y_ref = matvec(x, w), matvec_naive(x, w)
+    assert y.shape == y_ref.shape == (*shape[:-1], out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(y, (x, w), g)
+    grads_ref = torch.autograd.grad(y_ref, (x, w), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_one_row_float32_and_strided_weight():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 512, generator=gen)
+    w = torch.randn(600, 1024, generator=gen)[:, ::2]  # not contiguous
+    torch.testing.assert_close(matvec(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(matvec(x, w), (x.unsqueeze(-2) * w).sum(-1))  # the fast form ran, not a silent fallback
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_more_rows_and_half_types_are_linear(dtype):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 32, generator=gen).to(dtype)
+    for x in (torch.randn(3, 32, generator=gen), torch.randn(2, 5, 32, generator=gen)):
+        x = x.to(dtype)
+        assert torch.equal(matvec(x, w), F.linear(x, w))
+    if dtype == torch.bfloat16:  # one row in a half type rounds each product: F.linear instead
+        x = torch.randn(1, 32, generator=gen).to(dtype)
+        assert torch.equal(matvec(x, w), F.linear(x, w))
