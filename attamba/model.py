@@ -49,6 +49,16 @@ class Block(nn.Module):
         return h + self.ffn.step(self.ffn_norm(h))
 
 
+def can_compile_decoding() -> bool:
+    """Whether torch.compile can build CPU code here (Inductor needs a C++ compiler), for compile_decoding."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return bool(get_cpp_compiler())
+    except Exception:  # no compiler found, or an Inductor without this helper
+        return False
+
+
 class AttambaLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()

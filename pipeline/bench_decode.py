@@ -18,7 +18,7 @@ import torch
 
 from attamba import costs
 from attamba.cache import decode_step, prefill
-from attamba.model import AttambaLM
+from attamba.model import AttambaLM, can_compile_decoding
 from attamba.presets import model_config
 
 _BLOCK = 8  # decoding steps timed per turn
@@ -47,7 +47,8 @@ class _Decoder:
 @torch.no_grad()
 def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, dim: int = 512, n_layers: int = 4,
                  n_heads: int = 8, vocab: int = 4096, new_tokens: int = 64, batch: int = 1,
-                 boundaries: str = "cyclic", seed: int = 0, threads: int | None = None, compile: bool = False) -> dict:
+                 boundaries: str = "cyclic", seed: int = 0, threads: int | None = None,
+                 compile: bool | None = None) -> dict:
     """Prefill `context` random tokens per sequence into each model, then time `new_tokens` greedy steps.
 
     Returns per-model prefill seconds, measured and analytic cache bytes (all sequences, after the prefill),
@@ -55,9 +56,11 @@ def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, di
     and decode_speedup (the median over blocks of 8 steps, taken in turn by the two models, of Attamba's
     tokens/s over the transformer's; block_speedups lists them). threads sets torch's intra-op threads
     for the run (restored after): on a loaded shared machine a second thread mostly spins. compile: both
-    models decode through AttambaLM.compile_decoding (torch.compile of each block's tensor work; the
-    compilation happens during the untimed warm-up).
+    models decode through AttambaLM.compile_decoding (torch.compile of each block's tensor work and of the
+    output head; the compilation happens during the untimed warm-up); None (the default) compiles where a
+    C++ compiler is found, as a deployment would, and `compiled` in the result says which ran.
     """
+    compile = can_compile_decoding() if compile is None else compile
     if context < 1 or new_tokens < 1 or batch < 1:
         raise ValueError(f"context, new_tokens and batch must be >= 1, got {context}, {new_tokens}, {batch}")
     previous_threads = torch.get_num_threads()
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="decode through torch.compile (both models)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="decode through torch.compile, both models (default: where a C++ compiler is found)")
     args = parser.parse_args(argv)
     print(" | ".join(_COLUMNS))
     for context in args.contexts:

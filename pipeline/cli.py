@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="train-step: number of layers")
     p.add_argument("--batch", type=int, default=1, help="train-step, decode: sequences per step")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated (timed) per sequence")
-    p.add_argument("--compile", action="store_true",
-                   help="decode: both models decode through torch.compile (needs a C compiler; compiles first)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode: both models decode through torch.compile, compiled during the untimed warm-up "
+                   "(default: on where a C++ compiler is found; --no-compile measures eager PyTorch)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -184,6 +184,7 @@ def test_compiled_decoding_matches_parallel(name):
     """compile_decoding (torch.compile of each block's tensor work) gives the parallel forward's logits."""
     model = model_of(**VARIANTS[name]).compile_decoding()
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
-    stepped = decode_logits(model, tokens, 11)
-    assert (stepped - model(tokens)).abs().max().item() <= TOL
+    for rows in (2, 1):  # one row: the weight products are ops.matvec's sums, fused by Inductor
+        stepped = decode_logits(model, tokens[:rows], 11)
+        assert (stepped - model(tokens[:rows])).abs().max().item() <= TOL
     assert model.compile_decoding(False)._compiled_steps is None
