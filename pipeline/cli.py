@@ -91,8 +91,8 @@ def cmd_bench(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu")
-    if args.what == "decode" and (args.device != "cpu" or args.dtype != "float32"):
-        raise ValueError("bench decode measures the CPU float32 decode path; drop --device/--dtype")
+    if args.what in ("decode", "matvec") and (args.device != "cpu" or args.dtype != "float32"):
+        raise ValueError(f"bench {args.what} measures the CPU float32 decode path; drop --device/--dtype")
     dtype = getattr(torch, args.dtype)
     if args.what == "attention":
         from .bench_attention import bench_attention
@@ -105,6 +105,10 @@ def cmd_bench(args) -> int:
         result = bench_train_step(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
                                   repeats=args.repeats, device=args.device, dim=args.dim, n_layers=args.layers,
                                   batch=args.batch, autocast=None if dtype == torch.float32 else dtype)
+    elif args.what == "matvec":
+        from .bench_matvec import bench_matvec
+
+        result = bench_matvec(rounds=args.repeats, compile=args.compile)
     else:
         from .bench_decode import bench_decode
 
@@ -168,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("bench", help="benchmarks that print one JSON object with same-run ratios")
-    p.add_argument("what", choices=["attention", "train-step", "decode"])
+    p.add_argument("what", choices=["attention", "train-step", "decode", "matvec"])
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--context", type=int, default=4096, help="decode: context length")
     p.add_argument("--chunk-size", type=int, default=8)
@@ -182,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="train-step, decode: sequences per step")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated (timed) per sequence")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode: both models decode through torch.compile, compiled during the untimed warm-up "
-                   "(default: on where a C++ compiler is found; --no-compile measures eager PyTorch)")
+                   help="decode: both models decode through torch.compile, compiled during the untimed warm-up; "
+                   "matvec: also time the compiled product (default: on where a C++ compiler is found; "
+                   "--no-compile: eager PyTorch only)")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -2,12 +2,12 @@
 
 At batch 1 a decoding step reads every weight once per token, so its speed is the memory bandwidth those
 reads get. PyTorch's CPU BLAS computes a single-row product (sgemv) on one thread: ~10 GB/s on the 2-core
-machines this project is checked on, whichever the shape. The same product written as `weight * x` summed
-over `in` is two elementwise/reduction ops, which ATen splits over the intra-op threads and vectorizes
-(14-21 GB/s eager, despite the temporary), and which torch.compile (Inductor) fuses into one parallel
-dot-product loop that reads each weight once with no temporary (13-27 GB/s); measured by
-`attamba bench matvec`. More than one row keeps F.linear: a GEMM reads each weight once for all rows,
-where this form would read it once per row.
+machines this project is checked on, whatever the shape. The same product written as `weight * x` summed
+over `in` is an elementwise op and a reduction, which ATen splits over the intra-op threads and vectorizes
+(faster despite the temporary), and which torch.compile (Inductor) fuses into one parallel dot-product
+loop that reads each weight once. `attamba bench matvec` measures all three with the weights cold, as in
+decoding. More than one row keeps F.linear: a GEMM reads each weight once for all rows, where this form
+would read it once per row.
 """
 
 import torch
