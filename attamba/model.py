@@ -167,10 +167,10 @@ class AttambaLM(nn.Module):
         return (self._compiled_logits or self.logits)(h)
 
     def compile_decoding(self, enable: bool = True) -> "AttambaLM":
-        """Decode with each block's tensor work before and after the cache, and the output head, compiled by torch.compile
-        (Inductor: fused C++ on CPU, needs a C compiler), which removes most of eager PyTorch's per-op
-        overhead at small batch. The cache's bookkeeping stays eager. Compiles on the first steps (seconds
-        per block and batch size); enable=False goes back to eager."""
+        """Decode with each block's tensor work before and after the cache, and the output head, compiled
+        by torch.compile (Inductor: fused C++ on CPU, needs a C compiler), which removes most of eager
+        PyTorch's per-op overhead at small batch (the blocks share their graphs). The cache's bookkeeping
+        stays eager. Compiles on the first steps (seconds per batch size); enable=False goes back to eager."""
         self._compiled_steps = [
             (torch.compile(block.step_pre, dynamic=False), torch.compile(block.step_post, dynamic=False))
             for block in self.layers] if enable else None

@@ -190,16 +190,12 @@ def paired_step(ssm_k: ChunkSSM, ssm_v: ChunkSSM, uk: torch.Tensor, uv: torch.Te
     uk, uv: [B, dim]; conv_state: [2, B, conv_dim, W-1] and ssm_state: [2, B, H, head_dim, N], K first.
     Returns (yk, yv [B, dim], conv_state, ssm_state); the caller zeroes the states at a chunk start.
     """
-    cfg = ssm_k.cfg
     bsz = uk.shape[0]
     conv_weight, conv_bias, A, dt_bias, D, norm_weight = _stacked_parameters(ssm_k, ssm_v)
     z, xbc, dt = ssm_k._split(torch.stack([matvec(uk, ssm_k.in_proj.weight), matvec(uv, ssm_v.in_proj.weight)]))
     xbc, conv_state = conv_step(xbc, conv_state, conv_weight, conv_bias, activation="silu")
-    x, b, c = ssm_k._unpack_xbc(xbc.view(2 * bsz, -1))
-    A = A.expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
-    dt = ssm_k._dt(dt, bias=dt_bias).view(2 * bsz, cfg.heads)
-    D = D.expand(2, bsz, cfg.heads).reshape(2 * bsz, cfg.heads)
-    y, state = ssd_step(x, dt, A, b, c, D, ssm_state.view(2 * bsz, *ssm_state.shape[2:]))
+    x, b, c = ssm_k._unpack_xbc(xbc)  # [2, B, ...]
+    y, state = ssd_step(x, ssm_k._dt(dt, bias=dt_bias), A, b, c, D, ssm_state)  # A, D: [2, 1, H]
     y = y.view(2, bsz, -1)
     y = F.rms_norm(y * F.silu(z), (y.shape[-1],), None, ssm_k.norm.eps) * norm_weight
-    return matvec(y[0], ssm_k.out_proj.weight), matvec(y[1], ssm_v.out_proj.weight), conv_state.contiguous(), state.view(ssm_state.shape)
+    return matvec(y[0], ssm_k.out_proj.weight), matvec(y[1], ssm_v.out_proj.weight), conv_state.contiguous(), state

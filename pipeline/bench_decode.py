@@ -108,8 +108,8 @@ def _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab,
     return result
 
 
-_COLUMNS = ("context", "threads", "compiled", "attamba_prefill_s", "full_prefill_s", "attamba_cache_bytes", "full_cache_bytes",
-            "cache_bytes_ratio", "analytic_cache_bytes_ratio", "attamba_decode_tokens_per_s",
+_COLUMNS = ("context", "threads", "compiled", "attamba_prefill_s", "full_prefill_s", "attamba_cache_bytes",
+            "full_cache_bytes", "cache_bytes_ratio", "analytic_cache_bytes_ratio", "attamba_decode_tokens_per_s",
             "full_decode_tokens_per_s", "decode_speedup")
 
 

@@ -185,6 +185,24 @@ def test_step_chained_equals_parallel_scan_with_resets():
     assert rel_err(state, final_ref) < 1e-12
 
 
+def test_step_leading_dims_broadcast_parameters():
+    """ssd_step on [2, Bt, ...] with per-slice A and D [2, 1, H] equals one call per slice."""
+    gen = torch.Generator().manual_seed(13)
+    h, pd, g, n = 4, 3, 2, 5
+    x, B, C = (torch.randn(2, 3, *shape, generator=gen, dtype=torch.float64) for shape in ((h, pd), (g, n), (g, n)))
+    dt = torch.rand(2, 3, h, generator=gen, dtype=torch.float64)
+    A = -torch.rand(2, 1, h, generator=gen, dtype=torch.float64)
+    D = torch.randn(2, 1, h, generator=gen, dtype=torch.float64)
+    state = torch.randn(2, 3, h, pd, n, generator=gen, dtype=torch.float64)
+    y, new_state = ssd_step(x, dt, A, B, C, D, state)
+    for i in range(2):
+        y_i, state_i = ssd_step(x[i], dt[i], A[i, 0], B[i], C[i], D[i, 0], state[i])
+        torch.testing.assert_close(y[i], y_i, rtol=0, atol=0)
+        torch.testing.assert_close(new_state[i], state_i, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="state must be"):
+        ssd_step(x, dt, A, B, C, D, state[0])
+
+
 def test_input_validation_names_the_field():
     x, dt, A, B, C, _, _ = make_inputs(1, 10, 4, 2, 1, 2, torch.float32)
     with pytest.raises(ValueError, match="scan_chunk"):
