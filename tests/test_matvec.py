@@ -23,12 +23,32 @@ def test_one_row_matches_linear_with_grads(shape, out):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_one_row_float32_and_strided_weight():
+@torch.no_grad()
+def test_one_row_without_grad_through_the_scratch_buffer():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 512, generator=gen)
     w = torch.randn(600, 1024, generator=gen)[:, ::2]  # not contiguous
     torch.testing.assert_close(matvec(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    assert torch.equal(matvec(x, w), (x.unsqueeze(-2) * w).sum(-1))  # the fast form ran, not a silent fallback
+    w = w.contiguous()
+    y, plain = matvec(x, w), (x.unsqueeze(-2) * w).sum(-1)
+    # the fast form ran, no silent fallback: its sums are the plain form's, bit for bit, and not the GEMM's
+    assert torch.equal(y, plain) and not torch.equal(F.linear(x, w), plain)
+    # the scratch is reused across shapes and dtypes without leaking one product into the next
+    for out, n, dtype in ((3, 7, torch.float64), (700, 512, torch.float32), (2, 5, torch.float32)):
+        a = torch.randn(n, generator=gen, dtype=dtype)
+        b = torch.randn(out, n, generator=gen, dtype=dtype)
+        torch.testing.assert_close(matvec(a, b), F.linear(a, b), rtol=1e-5, atol=1e-4)
+        assert matvec(a, b).shape == (out,)
+
+
+@torch.no_grad()
+def test_weights_over_the_scratch_limit_are_linear(monkeypatch):
+    from attamba.ops.matvec import fast
+
+    monkeypatch.setattr(fast, "SCRATCH_LIMIT", 100)
+    gen = torch.Generator().manual_seed(2)
+    x, w = torch.randn(1, 11, generator=gen), torch.randn(10, 11, generator=gen)
+    assert torch.equal(matvec(x, w), F.linear(x, w))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
