@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 
@@ -58,9 +59,11 @@ def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, di
     for the run (restored after): on a loaded shared machine a second thread mostly spins. compile: both
     models decode through AttambaLM.compile_decoding (torch.compile of each block's tensor work and of the
     output head; the compilation happens during the untimed warm-up); None (the default) compiles where a
-    C++ compiler is found, as a deployment would, and `compiled` in the result says which ran.
+    C++ compiler is found, as a deployment would, and falls back to eager if compiling fails
+    (`compiled` in the result says which ran, `compile_error` why it fell back).
     """
-    compile = can_compile_decoding() if compile is None else compile
+    auto = compile is None
+    compile = can_compile_decoding() if auto else compile
     if context < 1 or new_tokens < 1 or batch < 1:
         raise ValueError(f"context, new_tokens and batch must be >= 1, got {context}, {new_tokens}, {batch}")
     previous_threads = torch.get_num_threads()
@@ -68,13 +71,13 @@ def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, di
         torch.set_num_threads(threads)
     try:
         return _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab, new_tokens, batch,
-                        boundaries, seed, compile)
+                        boundaries, seed, compile, auto)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab, new_tokens, batch, boundaries,
-             seed, compile) -> dict:
+             seed, compile, auto) -> dict:
     common = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab,
                   max_seq_len=context + new_tokens + 2, seed=seed)
     configs = {
@@ -87,8 +90,16 @@ def _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab,
     result: dict = {"context": context, "batch": batch, "chunk_size": chunk_size, "leading_tokens": leading_tokens,
                     "dim": dim, "n_layers": n_layers, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
                     "compiled": compile}
-    decoders = {name: _Decoder(AttambaLM(cfg).eval().compile_decoding(compile), prompts, new_tokens)
-                for name, cfg in configs.items()}
+    try:
+        decoders = {name: _Decoder(AttambaLM(cfg).eval().compile_decoding(compile), prompts, new_tokens)
+                    for name, cfg in configs.items()}
+    except Exception as exc:  # Inductor's errors (a compiler without Python's headers, say) are plain Exceptions
+        if not (compile and auto):
+            raise
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        warnings.warn(f"torch.compile failed ({first_line}); measuring both models eager instead", stacklevel=2)
+        result.update(compiled=False, compile_error=first_line)
+        decoders = {name: _Decoder(AttambaLM(cfg).eval(), prompts, new_tokens) for name, cfg in configs.items()}
     # The models decode in turn, BLOCK tokens at a time: a shared machine's drifting speed then slows both
     # alike, and the speedup is the median over blocks of the per-block ratio.
     seconds = {name: [] for name in decoders}

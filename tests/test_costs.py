@@ -157,6 +157,30 @@ def test_bench_decode_measures_what_the_formula_says():
     assert row["attamba_decode_tokens_per_s"] > 0 and row["full_decode_tokens_per_s"] > 0
 
 
+def test_bench_decode_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from pipeline import bench_decode as bd
+
+    monkeypatch.setattr(bd, "can_compile_decoding", lambda: True)  # a compiler is found, but it does not work
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no cached kernels to hide the failure
+    torch._dynamo.reset()
+    try:
+        with pytest.warns(UserWarning, match="torch.compile failed"):
+            row = bd.bench_decode(48, chunk_size=4, leading_tokens=5, dim=32, n_layers=1, n_heads=2, vocab=97,
+                                  new_tokens=2)
+    finally:
+        torch._dynamo.reset()
+    assert row["compiled"] is False and row["compile_error"]
+    assert row["attamba_cache_bytes"] == row["attamba_analytic_cache_bytes"] and row["decode_speedup"] > 0
+    with pytest.raises(Exception):  # asked for explicitly, a failure is not hidden
+        bd.bench_decode(48, chunk_size=4, leading_tokens=5, dim=32, n_layers=1, n_heads=2, vocab=97, new_tokens=2,
+                        compile=True)
+    torch._dynamo.reset()
+
+
 def test_bench_train_step_reports_both_clocks():
     import statistics
 
