@@ -48,7 +48,7 @@ class Attention(nn.Module):
     def kv_inputs(self, x: torch.Tensor):
         """What the K and V SSMs read: x itself, or W_k x and W_v x with kv_proj."""
         if self.cfg.kv_proj:
-            return self.wk(x), self.wv(x)
+            return matvec(x, self.wk.weight), matvec(x, self.wv.weight)  # F.linear but for one decoding row
         return x, x
 
     def keys_values(self, x: torch.Tensor, layout: LayerLayout, return_states: bool = False):
@@ -94,7 +94,7 @@ class Attention(nn.Module):
         SSM states after this token (not yet zeroed at a chunk end) or None."""
         states = None
         if self.kind == "attamba":
-            xk, xv = (matvec(x, self.wk.weight), matvec(x, self.wv.weight)) if self.cfg.kv_proj else (x, x)
+            xk, xv = self.kv_inputs(x)
             k, v, conv, scan = paired_step(self.ssm_k, self.ssm_v, xk, xv, *ssm_states)
             if self.cfg.ssm_residual:
                 k, v = xk + k, xv + v

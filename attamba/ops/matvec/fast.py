@@ -4,10 +4,10 @@ At batch 1 a decoding step reads every weight once per token, so its speed is th
 reads get. PyTorch's CPU BLAS computes a single-row product (sgemv) on one thread: ~10 GB/s on the 2-core
 machines this project is checked on, whatever the shape. The same product written as `weight * x` summed
 over `in` is an elementwise op and a reduction, which ATen splits over the intra-op threads and vectorizes
-(faster, though it writes the products out), and which torch.compile (Inductor) fuses into one parallel dot-product
-loop that reads each weight once. `attamba bench matvec` measures all three with the weights cold, as in
-decoding. More than one row keeps F.linear: a GEMM reads each weight once for all rows, where this form
-would read it once per row.
+(faster, though it writes the products out), and which torch.compile (Inductor) fuses into one parallel
+dot-product loop that reads each weight once. `attamba bench matvec` measures all three with the weights
+cold, as in decoding. More than one row keeps F.linear: a GEMM reads each weight once for all rows,
+where this form would read it once per row.
 
 The product's temporary is written into a scratch buffer kept per thread (the size of the largest weight
 multiplied so far, up to SCRATCH_LIMIT elements; larger weights go to F.linear): a fresh temporary of
