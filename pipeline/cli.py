@@ -22,8 +22,8 @@ def _print_json(obj) -> None:
 
 
 def cmd_train(args) -> int:
-    from .config import load_run_config
-    from .train import train
+    from pipeline.config import load_run_config
+    from pipeline.train.loop import train
 
     cfg = load_run_config(args.config, args.overrides)
     _print_json(train(cfg))
@@ -32,24 +32,52 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     if args.lm_eval:
-        from .lm_eval_adapter import run_lm_eval
-
-        from .checkpoint import resolve_checkpoint
+        from pipeline.eval.harness import run_lm_eval
+        from pipeline.train.checkpoint import resolve_checkpoint
 
         _print_json(run_lm_eval(resolve_checkpoint(args.checkpoint), args.lm_eval.split(","), include_path=args.include_path,
                                 limit=args.limit))
         return 0
-    from .checkpoint import resolve_checkpoint
-    from .evaluate import evaluate_checkpoint
+    from pipeline.train.checkpoint import resolve_checkpoint
+    from pipeline.eval.evaluate import evaluate_checkpoint
 
     _print_json(evaluate_checkpoint(resolve_checkpoint(args.checkpoint), split=args.split,
                                     paper_metric=args.paper_metric, paper_tail=args.paper_tail))
     return 0
 
 
-def cmd_generate(args) -> int:
-    from .generate_cli import generate_from_checkpoint
+def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+                             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                             out=sys.stdout, compile: bool = False) -> str:
+    """Stream a continuation of `prompt` from a checkpoint through the compressed KV-cache; returns the text."""
+    from attamba.generate import generate
+    from pipeline.train.checkpoint import load_model, resolve_checkpoint
 
+    model, _, tokenizer = load_model(resolve_checkpoint(checkpoint))
+    model.compile_decoding(compile)
+    ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    new: list[int] = []
+    shown = 0
+
+    def stream(_index: int, token: int) -> None:
+        # Decode the whole continuation each time: a multi-byte character can span several tokens.
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+        if not text.endswith("\ufffd"):
+            out.write(text[shown:])
+            out.flush()
+            shown = len(text)
+
+    out.write(prompt)
+    generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+             eos_id=tokenizer.eos_id, stream=stream)
+    text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    out.write(text[shown:] + "\n")
+    return prompt + text
+
+
+def cmd_generate(args) -> int:
     generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                              compile=args.compile)
@@ -57,21 +85,21 @@ def cmd_generate(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import run_study
+    from pipeline.study.driver import run_study
 
     _print_json(run_study(args.config, args.overrides, address=args.address))
     return 0
 
 
 def cmd_search(args) -> int:
-    from .search import run_search
+    from pipeline.search.driver import run_search
 
     _print_json(run_search(args.config, args.overrides, address=args.address))
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import make_report
+    from pipeline.report import make_report
 
     out = Path(args.out or f"reports/{args.experiment}")
     result = make_report(args.experiment, out, tracking_uri=args.tracking_uri)
@@ -80,7 +108,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_sync(args) -> int:
-    from .tracking import sync_journal
+    from pipeline.tracking import sync_journal
 
     _print_json(sync_journal(args.dir, uri=args.tracking_uri))
     return 0
@@ -95,22 +123,22 @@ def cmd_bench(args) -> int:
         raise ValueError(f"bench {args.what} measures the CPU float32 decode path; drop --device/--dtype")
     dtype = getattr(torch, args.dtype)
     if args.what == "attention":
-        from .bench_attention import bench_attention
+        from pipeline.bench.attention import bench_attention
 
         result = bench_attention(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
                                  repeats=args.repeats, device=args.device, dtype=dtype)
     elif args.what == "train-step":
-        from .bench_train_step import bench_train_step
+        from pipeline.bench.train_step import bench_train_step
 
         result = bench_train_step(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
                                   repeats=args.repeats, device=args.device, dim=args.dim, n_layers=args.layers,
                                   batch=args.batch, autocast=None if dtype == torch.float32 else dtype)
     elif args.what == "matvec":
-        from .bench_matvec import bench_matvec
+        from pipeline.bench.matvec import bench_matvec
 
         result = bench_matvec(rounds=args.repeats, compile=args.compile)
     else:
-        from .bench_decode import bench_decode
+        from pipeline.bench.decode import bench_decode
 
         result = bench_decode(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
                               batch=args.batch, new_tokens=args.new_tokens, compile=args.compile)

@@ -18,8 +18,8 @@ import yaml
 from attamba.config import ModelConfig
 from attamba.presets import PRESETS, model_config
 
-from .data import DataConfig
-from .tracking import TrackingConfig
+from pipeline.data.prepare import DataConfig
+from pipeline.tracking.config import TrackingConfig
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -146,7 +146,7 @@ def test_causal_transformer_attention_flops_match_the_formula(monkeypatch):
 
 
 def test_bench_decode_measures_what_the_formula_says():
-    from pipeline.bench_decode import bench_decode
+    from pipeline.bench.decode import bench_decode
 
     row = bench_decode(96, chunk_size=4, leading_tokens=5, dim=32, n_layers=2, n_heads=2, vocab=97, new_tokens=3,
                        compile=False)
@@ -161,7 +161,7 @@ def test_bench_decode_falls_back_to_eager_when_compiling_fails(monkeypatch):
     import torch._dynamo
     import torch._inductor.config as inductor_config
 
-    from pipeline import bench_decode as bd
+    from pipeline.bench import decode as bd
 
     monkeypatch.setattr(bd, "can_compile_decoding", lambda: True)  # a compiler is found, but it does not work
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
@@ -184,7 +184,7 @@ def test_bench_decode_falls_back_to_eager_when_compiling_fails(monkeypatch):
 def test_bench_train_step_reports_both_clocks():
     import statistics
 
-    from pipeline.bench_train_step import bench_train_step
+    from pipeline.bench.train_step import bench_train_step
 
     row = bench_train_step(seq_len=64, dim=32, n_layers=1, n_heads=2, vocab=97, repeats=3)
     assert len(row["pair_ratios"]) == 3

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import data_sources
-from pipeline.data import DataConfig, bits_per_byte, prepare
-from pipeline.tokenizer import ByteTokenizer
+from pipeline.data import sources as data_sources
+from pipeline.data.prepare import DataConfig, bits_per_byte, prepare
+from pipeline.data.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +114,7 @@ def test_bpe_is_trained_then_reused_from_cache(bundled_bpe):
 
 
 def test_pieced_batch_encoding_equals_whole_text_encoding(bundled_bpe):
-    from pipeline.tokenizer import split_at_word_starts
+    from pipeline.data.tokenizer import split_at_word_starts
 
     _, data = bundled_bpe
     tok = data.tokenizer

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from attamba.model import AttambaLM
-from pipeline import checkpoint as ckpt
+from pipeline.train import checkpoint as ckpt
 from pipeline.config import load_run_config
-from pipeline.data import prepare
-from pipeline.evaluate import evaluate_split, paper_metric
-from pipeline.mqar import IGNORE, make_mqar, mqar_accuracy, score
+from pipeline.data.prepare import prepare
+from pipeline.eval.evaluate import evaluate_split, paper_metric
+from pipeline.eval.mqar import IGNORE, make_mqar, mqar_accuracy, score
 
 TEXT = ["The quick brown fox jumps over the lazy dog. " * 6, "Ünïcödé bytes cost more: żółć ", "short",
         "To be, or not to be, that is the question: " * 5] * 3
@@ -139,7 +139,7 @@ def test_checkpoint_verification_refuses_tampering(setup, tmp_path):
 
 
 def test_lm_eval_adapter_runs_a_local_multiple_choice_task(setup, tmp_path):
-    from pipeline.lm_eval_adapter import AttambaEvalLM, run_lm_eval
+    from pipeline.eval.harness import AttambaEvalLM, run_lm_eval
 
     directory = _export(setup, tmp_path / "ck")
     rows = [{"question": "The quick brown fox jumps over the lazy", "choices": [" dog.", " cat!", " sky?"], "label": 0},

@@ -64,7 +64,7 @@ def test_more_rows_and_half_types_are_linear(dtype):
 
 
 def test_bench_matvec_reports_bandwidth_and_ratio():
-    from pipeline.bench_matvec import bench_matvec
+    from pipeline.bench.matvec import bench_matvec
 
     row = bench_matvec(shapes=((8, 16), (3, 5)), sweep_bytes=4096, rounds=2, compile=False)
     assert row["compiled"] is False and [r["shape"] for r in row["shapes"]] == [[8, 16], [3, 5]]

@@ -20,9 +20,9 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline import schema
-from pipeline.search_results import non_dominated, pareto_trials
-from pipeline.search_space import load_search, param_names
-from pipeline.search_store import (CONSTRAINTS_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, normalise_storage_url,
+from pipeline.search.results import non_dominated, pareto_trials
+from pipeline.search.space import load_search, param_names
+from pipeline.search.store import (CONSTRAINTS_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, normalise_storage_url,
                                    open_study, recover_stale_trials, redact)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ SMOKE = ROOT / "configs" / "search" / "smoke.yaml"
     (["run.model.attention=full"], "run.model.attention must be attamba"),
 ])
 def test_bad_search_fails_before_any_trial(tmp_path, overrides, message):
-    from pipeline.search import run_search
+    from pipeline.search.driver import run_search
 
     db = tmp_path / "optuna.db"
     with pytest.raises(ValueError) as err:
@@ -102,13 +102,13 @@ def test_front_matches_optuna_and_skips_infeasible(tmp_path):
 
 def test_revisited_points_count_toward_n_trials(tmp_path):
     """A sampler revisiting a completed point gets its values without training, and that trial counts."""
-    from pipeline.search_tune import OptunaAskTell
+    from pipeline.search.searcher import OptunaAskTell
 
     search = load_search(SMOKE, [f"storage=sqlite:///{tmp_path}/o.db", f"out_dir={tmp_path}",
                                  "space.chunk_size={choices: [4]}", "space.leading_tokens={choices: [8]}"])
     study = open_study(search)
     first = study.ask()
-    from pipeline.search_space import suggest
+    from pipeline.search.space import suggest
 
     suggest(first, search.space)
     study.tell(first, [10.0, 1000.0])
@@ -126,7 +126,7 @@ def test_study_resume_marks_stale_trials_failed_and_queues_them_again(tmp_path):
                       "boundaries": optuna.distributions.CategoricalDistribution(["cyclic"])})
     study.tell(done, [10.0, 1000.0])
     stale = study.ask()
-    from pipeline.search_space import suggest
+    from pipeline.search.space import suggest
 
     params = suggest(stale, search.space)
     stale.set_user_attr(RUN_NAME_ATTR, "smoke-t0001")
@@ -207,7 +207,7 @@ def check_front_from_storage(url: str, name: str, folder: Path, n_trials: int) -
 def test_small_search_on_ray_gives_a_non_dominated_front(search_env):
     from mlflow import MlflowClient
 
-    from pipeline.search import run_search
+    from pipeline.search.driver import run_search
 
     url = f"sqlite:///{search_env}/optuna.db"
     out = run_search(SMOKE, [f"storage={url}", f"out_dir={search_env}/searches", "n_trials=3"])
@@ -347,7 +347,7 @@ def postgres_url(tmp_path):
 
 
 def test_search_stored_in_postgresql(search_env, postgres_url, monkeypatch):
-    from pipeline.search import run_search
+    from pipeline.search.driver import run_search
 
     monkeypatch.setenv("ATTAMBA_OPTUNA_STORAGE", postgres_url)  # storage: null -> the environment
     out = run_search(SMOKE, [f"out_dir={search_env}/searches", "n_trials=2"])

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from pipeline import schema
-from pipeline.ray_adapter import DONE_FILE, STARTED_LOG, pid_file
-from pipeline.study import check_resources, trial_slots
-from pipeline.study_spec import Resources, expand, load_study
+from pipeline.ray.trainer import DONE_FILE, STARTED_LOG, pid_file
+from pipeline.study.driver import check_resources, trial_slots
+from pipeline.study.spec import Resources, expand, load_study
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "studies" / "smoke.yaml"
@@ -100,7 +100,7 @@ def test_changing_a_parameter_changes_only_that_runs_name(tmp_path):
     ({"seeds": [0, 0]}, ["seeds", "distinct"]),
 ])
 def test_bad_study_files_fail_before_ray_starts(tmp_path, change, words):
-    from pipeline.study import run_study
+    from pipeline.study.driver import run_study
 
     with pytest.raises(ValueError) as info:
         run_study(_study_file(tmp_path, **change), address="127.0.0.1:1")  # would fail to connect
@@ -122,7 +122,7 @@ def test_check_resources_names_the_field_and_the_cluster():
 
 def test_resources_beyond_the_cluster_fail_before_any_trial(tmp_path, monkeypatch):
     """A real local Ray with 2 CPUs refuses a study that wants 4 workers per trial."""
-    from pipeline.study import run_study
+    from pipeline.study.driver import run_study
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="ray", dir="/tmp"))
@@ -201,7 +201,7 @@ def _study_command(tmp_path: Path, *overrides: str) -> list[str]:
 
 
 def _mlflow_children(tmp_path: Path, study: str = "smoke") -> tuple[list, list]:
-    from pipeline.tracking_mlflow import find_runs
+    from pipeline.tracking.mlflow_client import find_runs
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parents = find_runs(study, tags={schema.TAG_STUDY: study, "study_role": "parent"}, uri=uri)

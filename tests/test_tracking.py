@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.tracking import (
+from pipeline.tracking.tracker import (
     PARENT_RUN_TAG, MlflowTracker, NoopTracker, TrackingConfig, end_run, find_runs, flatten_config,
     log_config, make_tracker, resolve_uri, start_parent_run, sync_journal,
 )

@@ -16,9 +16,9 @@ import torch
 
 from pipeline import schema
 from pipeline.config import load_run_config
-from pipeline.data import prepare
-from pipeline.train import StopTraining, train
-from pipeline.train_engine import free_port
+from pipeline.data.prepare import prepare
+from pipeline.train.loop import StopTraining, train
+from pipeline.train.engine import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,7 +125,7 @@ def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run
     train(load_run_config(None, tiny(env / "full", *common)))
     out = env / "killed"
     script = ("import sys, torch; torch.set_num_threads(1); from pipeline.config import load_run_config; "
-              "from pipeline.train import train; train(load_run_config(None, sys.argv[1:]))")
+              "from pipeline.train.loop import train; train(load_run_config(None, sys.argv[1:]))")
     command = [sys.executable, "-c", script, *tiny(out, *common)]
     # A fresh single process: not the rendezvous the in-process run above left in this environment.
     launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
@@ -191,7 +191,7 @@ DP_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
     from pipeline.config import load_run_config
-    from pipeline.train import train
+    from pipeline.train.loop import train
     train(load_run_config(None, json.loads(sys.argv[1])))
 """)
 

@@ -17,9 +17,9 @@ import yaml
 
 from attamba.config import BOUNDARY_STRATEGIES
 
-from . import schema
-from .config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
-from .study_spec import Resources
+from pipeline import schema
+from pipeline.config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
+from pipeline.study.spec import Resources
 
 SAMPLERS = ("nsga2", "tpe")
 STORAGE_ENV = "ATTAMBA_OPTUNA_STORAGE"

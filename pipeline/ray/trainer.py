@@ -1,4 +1,4 @@
-"""Runs `pipeline.train.train` inside Ray Train workers and forwards its evaluations to Ray Train (and Tune).
+"""Runs `pipeline.train.loop.train` inside Ray Train workers and forwards its evaluations to Ray Train (and Tune).
 
 The training loop knows nothing of Ray: this module is the only place where the two meet. A Tune trial
 is `run_trial`, which builds a `TorchTrainer` of `resources.workers` workers; each worker calls `train`,
@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import schema
+from pipeline import schema
 
 DONE_FILE = "study_done.json"       # written by rank 0 after `train` returned: the run is finished
 ATTEMPTS_FILE = "study_attempts.jsonl"  # one line per trial attempt: when it started and ended
@@ -86,7 +86,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     evaluation, so every evaluation is forwarded as it happens (Tune keeps rank 0's metrics)."""
     import ray.train
 
-    from .train import METRICS_FILE, train
+    from pipeline.train.loop import METRICS_FILE, train
 
     cfg = loop_config["run"]
     context = ray.train.get_context()

@@ -3,7 +3,7 @@
 Tune calls `suggest` whenever a trial slot is free: the searcher asks Optuna (which hands out queued
 retries first), and returns the run config of that trial. When a Tune trial ends, `on_trial_complete`
 tells Optuna its objectives (or FAIL). Both run in the driver, so the Optuna storage has one writer,
-as SQLite requires. Each Tune trial trains through the study's adapter (`ray_adapter.run_trial`).
+as SQLite requires. Each Tune trial trains through the study's adapter (`pipeline.ray.trainer.run_trial`).
 
 Why not Ray's `OptunaSearch`: it keeps its own view of the study and restores from Tune's experiment
 checkpoint, so after a killed driver the Optuna storage and Tune's state disagree (RUNNING trials
@@ -19,11 +19,11 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from . import schema
-from .config import to_dict
-from .search_results import constraint_values, cost_values, objective_values
-from .search_space import SearchConfig, suggest, trial_name
-from .search_store import CONSTRAINTS_ATTR, REFERENCE_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, completed_trials
+from pipeline import schema
+from pipeline.config import to_dict
+from pipeline.search.results import constraint_values, cost_values, objective_values
+from pipeline.search.space import SearchConfig, suggest, trial_name
+from pipeline.search.store import CONSTRAINTS_ATTR, REFERENCE_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, completed_trials
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def progress_bar(search: SearchConfig, initial: int):
 def search_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gpus_per_worker: float,
                  storage_path: str) -> None:
     """The Tune trainable of one search trial: the study's adapter on the trial's own run config."""
-    from .config import run_config_from_dict
-    from .ray_adapter import run_trial
+    from pipeline.config import run_config_from_dict
+    from pipeline.ray.trainer import run_trial
 
     cfg = run_config_from_dict(trial_config["run_config"])
     run_trial({"run": cfg.name}, runs={cfg.name: cfg}, workers=workers, cpus_per_worker=cpus_per_worker,

@@ -22,9 +22,9 @@ import torch
 from attamba import costs
 from attamba.config import ModelConfig
 
-from . import schema
-from .search_space import SearchConfig
-from .search_store import CONSTRAINTS_ATTR, REFERENCE_ATTR, RUN_NAME_ATTR, redact
+from pipeline import schema
+from pipeline.search.space import SearchConfig
+from pipeline.search.store import CONSTRAINTS_ATTR, REFERENCE_ATTR, RUN_NAME_ATTR, redact
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from attamba import costs
 
-from . import schema
-from .ray_adapter import ATTEMPTS_FILE, DONE_FILE, run_trial
-from .study_spec import Resources, RunSpec, StudyConfig, expand, load_study
+from pipeline import schema
+from pipeline.ray.trainer import ATTEMPTS_FILE, DONE_FILE, run_trial
+from pipeline.study.spec import Resources, RunSpec, StudyConfig, expand, load_study
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def trial_slots(resources: Resources, cluster: dict) -> int:
 
 def _absolute(spec: RunSpec, uri: str, parent_run_id: str | None) -> RunSpec:
     """Paths made absolute and the parent run filled in: Ray workers do not share the driver's cwd."""
-    from .data import cache_root
+    from pipeline.data.prepare import cache_root
 
     cfg = spec.config
     data = dataclasses.replace(cfg.data, cache_dir=str(Path(cache_root(cfg.data)).resolve()))
@@ -114,7 +114,7 @@ def ray_session(address: str | None, resources: Resources, uri: str | None, open
         raise
     finally:
         if session is not None and session.parent is not None:
-            from .tracking_mlflow import end_run
+            from pipeline.tracking.mlflow_client import end_run
 
             end_run(session.parent, status, uri=uri)
         if started:
@@ -123,7 +123,7 @@ def ray_session(address: str | None, resources: Resources, uri: str | None, open
 
 def _parent_run(study: StudyConfig, uri: str) -> str:
     """The study's parent MLflow run, found again by name on resume (and marked RUNNING again)."""
-    from .tracking_mlflow import client, find_runs, start_parent_run
+    from pipeline.tracking.mlflow_client import client, find_runs, start_parent_run
 
     found = find_runs(study.name, tags={schema.TAG_STUDY: study.name, ROLE_TAG: "parent"}, uri=uri)
     if found:
@@ -137,7 +137,7 @@ def _parent_run(study: StudyConfig, uri: str) -> str:
 def _finished_in_mlflow(study: StudyConfig, uri: str, parent: str | None) -> set[str]:
     if parent is None:
         return set()
-    from .tracking_mlflow import find_runs
+    from pipeline.tracking.mlflow_client import find_runs
 
     return {r.data.tags.get(schema.TAG_TRIAL) for r in find_runs(study.name, uri=uri, parent_run_id=parent)
             if r.info.status == "FINISHED"}
@@ -252,7 +252,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     wall_start = time.perf_counter()
     study = load_study(config_path, overrides)
     specs = expand(study)
-    from .tracking_config import resolve_uri
+    from pipeline.tracking.config import resolve_uri
 
     tracking = specs[0].config.tracking
     uri = resolve_uri(tracking.uri) if tracking.enabled else None
@@ -268,7 +268,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         log.warning("study %s: %d runs, %d already finished, %d to train, %d at a time", study.name,
                     len(specs), len(specs) - len(todo), len(todo), slots)
         if todo:
-            from .data import prepare
+            from pipeline.data.prepare import prepare
 
             prepare(todo[0].config.data, todo[0].config.model.max_seq_len)  # once, not once per trial
             storage = Path(study.out_dir).resolve() / study.name / "_ray"
@@ -277,7 +277,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     train_wall = time.perf_counter() - wall_start
     report_dir = None
     if study.report and uri:
-        from .report import make_report
+        from pipeline.report import make_report
 
         report_dir = Path("reports") / study.name
         make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])

@@ -3,7 +3,7 @@
 The whole search is validated before any trial. The Optuna storage is the search's only state: running
 the same command again loads the same study, keeps its completed trials, marks trials a killed driver
 left RUNNING as FAIL and queues their parameters again, and asks only for the trials still missing.
-Results: pareto.csv, pareto.json and pareto.png in `out_dir/name` (format in search_results), also
+Results: pareto.csv, pareto.json and pareto.png in `out_dir/name` (format in search/results.py), also
 logged on the search's MLflow parent run; `optuna-dashboard STORAGE_URL` shows the study live.
 """
 
@@ -16,11 +16,11 @@ import os
 import time
 from pathlib import Path
 
-from . import schema
-from .search_results import MLFLOW_RUN_ATTR, export_front
-from .search_space import (SearchConfig, base_run_config, load_search, param_names, reference_run_config,
+from pipeline import schema
+from pipeline.search.results import MLFLOW_RUN_ATTR, export_front
+from pipeline.search.space import (SearchConfig, base_run_config, load_search, param_names, reference_run_config,
                            trial_run_config)
-from .search_store import (PARENT_ATTR, REFERENCE_ATTR, completed_trials, normalise_storage_url, open_study,
+from pipeline.search.store import (PARENT_ATTR, REFERENCE_ATTR, completed_trials, normalise_storage_url, open_study,
                            recover_stale_trials, redact)
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def run_search(config_path: str | Path, overrides: list[str] | None = None, addr
     study = open_study(search, url)
     retried = recover_stale_trials(study, param_names(search.space))
     base = base_run_config(search)
-    from .tracking_config import resolve_uri
+    from pipeline.tracking.config import resolve_uri
 
     uri = resolve_uri(base.tracking.uri) if base.tracking.enabled else None
     done_before = len(completed_trials(study))
@@ -56,12 +56,12 @@ def run_search(config_path: str | Path, overrides: list[str] | None = None, addr
 
 
 def _run_on_ray(search: SearchConfig, study, uri: str | None, address: str | None) -> tuple[list[int], str]:
-    from .study import ray_session
+    from pipeline.study.driver import ray_session
 
     address = address or os.environ.get("RAY_ADDRESS") or search.address
     with ray_session(address, search.resources, uri, lambda: _parent_run(search, study, uri)) as session:
         base = base_run_config(search)
-        from .data import prepare
+        from pipeline.data.prepare import prepare
 
         prepare(base.data, base.model.max_seq_len)  # once in the driver, not once per trial
         if search.constraints.max_ppl_gap is not None and REFERENCE_ATTR not in study.user_attrs:
@@ -72,7 +72,7 @@ def _run_on_ray(search: SearchConfig, study, uri: str | None, address: str | Non
 
 
 def _absolute(search: SearchConfig, cfg, uri: str | None, parent: str | None):
-    from .data import cache_root
+    from pipeline.data.prepare import cache_root
 
     data = dataclasses.replace(cfg.data, cache_dir=str(Path(cache_root(cfg.data)).resolve()))
     tracking = dataclasses.replace(cfg.tracking, uri=uri, parent_run_id=parent) if uri else cfg.tracking
@@ -82,8 +82,8 @@ def _absolute(search: SearchConfig, cfg, uri: str | None, parent: str | None):
 def _tune(search: SearchConfig, study, uri: str | None, parent: str | None, slots: int) -> list[int]:
     from ray import tune
 
-    from .study import TRIAL_CPU
-    from .search_tune import OptunaAskTell, progress_bar, search_trial
+    from pipeline.study.driver import TRIAL_CPU
+    from pipeline.search.searcher import OptunaAskTell, progress_bar, search_trial
 
     def make_config(params: dict, run_name: str, number: int):
         return _absolute(search, trial_run_config(search, params, number, run_name=run_name), uri, parent)
@@ -126,10 +126,10 @@ def _train_reference(search: SearchConfig, uri: str | None, parent: str | None) 
     """Train the same-size transformer once (a Tune trial like the others); its metrics go to the study."""
     from ray import tune
 
-    from .config import to_dict
-    from .ray_adapter import DONE_FILE
-    from .study import ROLE_TAG, TRIAL_CPU
-    from .search_tune import search_trial
+    from pipeline.config import to_dict
+    from pipeline.ray.trainer import DONE_FILE
+    from pipeline.study.driver import ROLE_TAG, TRIAL_CPU
+    from pipeline.search.searcher import search_trial
 
     cfg = _absolute(search, reference_run_config(search), uri, parent)
     res = search.resources
@@ -158,8 +158,8 @@ def _parent_run(search: SearchConfig, study, uri: str) -> str:
     """The search's MLflow parent run: kept in the study's user attrs, so a resumed search reuses it."""
     from mlflow.exceptions import MlflowException
 
-    from .study import ROLE_TAG
-    from .tracking_mlflow import client, start_parent_run
+    from pipeline.study.driver import ROLE_TAG
+    from pipeline.tracking.mlflow_client import client, start_parent_run
 
     run_id = study.user_attrs.get(PARENT_ATTR)
     if run_id:
@@ -179,7 +179,7 @@ def _tag_child(search: SearchConfig, uri: str | None, parent: str | None, run_na
     """Set `tags` (e.g. optuna_trial=<number>) on the MLflow child run named `run_name`; returns its id."""
     if not (uri and parent and run_name):
         return None
-    from .tracking_mlflow import client, find_runs
+    from pipeline.tracking.mlflow_client import client, find_runs
 
     runs = find_runs(search.name, tags={"mlflow.runName": run_name}, uri=uri, parent_run_id=parent)
     if not runs:
@@ -192,7 +192,7 @@ def _tag_child(search: SearchConfig, uri: str | None, parent: str | None, run_na
 
 
 def _log_front(parent: str, uri: str, folder: Path) -> None:
-    from .tracking_mlflow import client
+    from pipeline.tracking.mlflow_client import client
 
     c = client(uri)
     for name in ("pareto.json", "pareto.csv", "pareto.png"):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from attamba import costs
 
-from . import schema
-from .config import RunConfig
-from .tracking import NoopTracker, Tracker, log_config, make_tracker
+from pipeline import schema
+from pipeline.config import RunConfig
+from pipeline.tracking.tracker import NoopTracker, Tracker, log_config, make_tracker
 
 RUN_ID_FILE = "mlflow_run_id"
 

@@ -17,7 +17,7 @@ import yaml
 from attamba import costs
 from attamba.presets import PRESETS
 
-from .config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
+from pipeline.config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
 
 BASELINES = ("full", "swa", "iso_kv", "iso_flop")
 TOKEN_RULES = ("fixed", "per_param")

@@ -21,14 +21,14 @@ import torch.distributed as dist
 
 from attamba.model import AttambaLM
 
-from . import checkpoint as ckpt
-from . import schema
-from .config import RunConfig, dump_yaml, run_config_from_dict
-from .data import prepare
-from .evaluate import evaluate_model
-from .train_engine import (build_optimizer, build_scheduler, deepspeed_config, init_distributed,
+from pipeline.train import checkpoint as ckpt
+from pipeline import schema
+from pipeline.config import RunConfig, dump_yaml, run_config_from_dict
+from pipeline.data.prepare import prepare
+from pipeline.eval.evaluate import evaluate_model
+from pipeline.train.engine import (build_optimizer, build_scheduler, deepspeed_config, init_distributed,
                            resolve_device)
-from .train_tracking import log_run_start, open_tracker
+from pipeline.train.run_tracking import log_run_start, open_tracker
 
 log = logging.getLogger(__name__)
 

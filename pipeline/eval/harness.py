@@ -21,7 +21,7 @@ class AttambaEvalLM(LM):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "AttambaEvalLM":
-        from .checkpoint import load_model
+        from pipeline.train.checkpoint import load_model
 
         model, _, tokenizer = load_model(path, device)
         return cls(model, tokenizer, device)

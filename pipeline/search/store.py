@@ -13,7 +13,7 @@ import warnings
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .search_space import SearchConfig
+from pipeline.search.space import SearchConfig
 
 log = logging.getLogger(__name__)
 

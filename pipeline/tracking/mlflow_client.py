@@ -10,7 +10,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from .tracking_config import check_status, resolve_uri
+from pipeline.tracking.config import check_status, resolve_uri
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 

@@ -161,8 +161,8 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, RunConfig, tokenizer) from a verified checkpoint directory."""
     from attamba.model import AttambaLM
 
-    from .config import run_config_from_dict
-    from .tokenizer import ByteTokenizer, HFTokenizer
+    from pipeline.config import run_config_from_dict
+    from pipeline.data.tokenizer import ByteTokenizer, HFTokenizer
 
     directory = Path(checkpoint_dir)
     verify(directory)

@@ -1,7 +1,7 @@
 """Experiment tracking behind a tiny interface: `Tracker`, a no-op one, and a journaled MLflow one.
 
 `MlflowTracker` never talks to MLflow on the caller's thread. Each call is appended to a local journal
-(see tracking_journal) and a background thread delivers the journal to MLflow in batches, retrying with
+(see journal.py) and a background thread delivers the journal to MLflow in batches, retrying with
 backoff while the server is down. The journal itself is the queue: it is bounded by disk, not memory,
 so an outage of any length neither blocks the training loop nor drops a metric. What `finish()` could
 not deliver in time stays in the journal; `sync_journal(dir)` (`attamba sync DIR`) uploads it later.
@@ -18,9 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .tracking_config import RUN_STATUSES, TrackingConfig, check_status, resolve_uri
-from .tracking_journal import Delivery, JournalWriter, new_journal_id, now_ms, sync_journal
-from .tracking_mlflow import PARENT_RUN_TAG, end_run, find_runs, is_permanent, start_parent_run
+from pipeline.tracking.config import RUN_STATUSES, TrackingConfig, check_status, resolve_uri
+from pipeline.tracking.journal import Delivery, JournalWriter, new_journal_id, now_ms, sync_journal
+from pipeline.tracking.mlflow_client import PARENT_RUN_TAG, end_run, find_runs, is_permanent, start_parent_run
 
 __all__ = [
     "RUN_STATUSES", "PARENT_RUN_TAG", "TrackingConfig", "Tracker", "NoopTracker", "MlflowTracker",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data_sources import SPLITS
-from pipeline.tokenizer import ByteTokenizer, show_progress
+from pipeline.data.sources import SPLITS
+from pipeline.data.tokenizer import ByteTokenizer, show_progress
 
 CACHE_FORMAT = 1
 _ENCODE_BATCH_DOCS = 16

@@ -11,7 +11,7 @@ from attamba import costs
 from attamba.model import AttambaLM
 from attamba.presets import model_config
 
-from .bench_attention import synchronize
+from pipeline.bench.attention import synchronize
 
 
 class _Trainer:

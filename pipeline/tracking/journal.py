@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import tracking_mlflow
+from pipeline.tracking import mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Delivery:
 
     def _mlflow(self):
         if self._client is None:
-            self._client = tracking_mlflow.client(self.uri)
+            self._client = mlflow_client.client(self.uri)
         return self._client
 
     def _deliver(self, items: list[tuple[int, dict]]) -> None:
@@ -182,7 +182,7 @@ class Delivery:
             try:
                 self._mlflow().log_batch(self.run_id, **batch.kwargs())
             except Exception as error:
-                if not tracking_mlflow.is_permanent(error):
+                if not mlflow_client.is_permanent(error):
                     raise
                 self._send_one_by_one(batch)
         if batch.complete_end is not None:
@@ -194,7 +194,7 @@ class Delivery:
             try:
                 self._mlflow().log_batch(self.run_id, **{kind: [entity]})
             except Exception as error:
-                if not tracking_mlflow.is_permanent(error):
+                if not mlflow_client.is_permanent(error):
                     raise
                 self._reject({"entity": kind, "key": entity.key, "value": entity.value}, error)
 
@@ -216,8 +216,8 @@ class Delivery:
         else:
             tags = dict(record.get("tags") or {})
             if record.get("parent_run_id"):
-                tags[tracking_mlflow.PARENT_RUN_TAG] = record["parent_run_id"]
-            experiment_id = tracking_mlflow.ensure_experiment(c, self.uri, record["experiment"])
+                tags[mlflow_client.PARENT_RUN_TAG] = record["parent_run_id"]
+            experiment_id = mlflow_client.ensure_experiment(c, self.uri, record["experiment"])
             run_id = c.create_run(experiment_id, start_time=record["time"], tags=tags,
                                   run_name=record.get("run_name")).info.run_id
         self.run_id = run_id
@@ -238,7 +238,7 @@ class Delivery:
             else:
                 raise ValueError(f"unknown journal op {op!r} in {self.path}")
         except Exception as error:
-            if not tracking_mlflow.is_permanent(error):
+            if not mlflow_client.is_permanent(error):
                 raise
             self._reject({"op": op}, error)
 
@@ -325,7 +325,7 @@ def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None) -> dict
             try:
                 delivery.deliver_pending()
             except Exception as error:
-                if tracking_mlflow.is_permanent(error):
+                if mlflow_client.is_permanent(error):
                     raise
                 counts["failed"] += 1
                 log.warning("journal %s: tracking server unreachable: %s", jid, error)

@@ -14,7 +14,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig
+from pipeline.config import RunConfig
 
 
 def free_port() -> int:

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import data_cache, data_sources
-from pipeline.data_loader import TrainBatches, eval_batches, num_sequences
-from pipeline.data_sources import SPLITS
-from pipeline.tokenizer import MIN_BPE_VOCAB, build_tokenizer
+from pipeline.data import cache as data_cache
+from pipeline.data import sources as data_sources
+from pipeline.data.loader import TrainBatches, eval_batches, num_sequences
+from pipeline.data.sources import SPLITS
+from pipeline.data.tokenizer import MIN_BPE_VOCAB, build_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-from .data import bits_per_byte
-from .data_loader import num_sequences
+from pipeline.data.prepare import bits_per_byte
+from pipeline.data.loader import num_sequences
 
 
 def _windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
@@ -89,8 +89,8 @@ def paper_metric(model, documents: list[np.ndarray], tail: int, device="cpu") ->
 def evaluate_model(model, data, eval_cfg, batch_size: int, device="cpu", full: bool = False,
                    split: str = "validation", paper: bool | None = None) -> dict[str, float]:
     """The metrics a run logs (names from pipeline.schema) for one evaluation."""
-    from . import schema
-    from .mqar import mqar_accuracy
+    from pipeline import schema
+    from pipeline.eval.mqar import mqar_accuracy
 
     res = evaluate_split(model, data, split, batch_size, 0 if full else eval_cfg.batches, device)
     out = {schema.M_VAL_LOSS: res["loss"], schema.M_VAL_PPL: res["ppl"], schema.M_VAL_BPB: res["bpb"]}
@@ -113,8 +113,8 @@ def evaluate_checkpoint(path, split: str = "validation", paper_metric: bool = Fa
     eval.paper_tail, capped at the model's max_seq_len (the paper: 1023 at sequence length 1024)."""
     import dataclasses
 
-    from .checkpoint import load_model
-    from .data import prepare
+    from pipeline.train.checkpoint import load_model
+    from pipeline.data.prepare import prepare
 
     model, cfg, tokenizer = load_model(path, device)
     tail = paper_tail if paper_tail is not None else min(cfg.eval.paper_tail, cfg.model.max_seq_len)

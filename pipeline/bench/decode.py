@@ -5,7 +5,7 @@ buffer per layer and attends with SDPA over it (a standard KV cache); Attamba ke
 its L+1 window and its SSM states. Cache bytes are measured (bytes of the storages held) right after the
 prefill, before `reserve` makes room for the decoded tokens, and set against attamba.costs.
 
-    python -m pipeline.bench_decode 1024 4096 16384
+    python -m pipeline.bench.decode 1024 4096 16384
 """
 
 from __future__ import annotations
