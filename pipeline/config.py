@@ -118,6 +118,14 @@ class RunConfig:
     def to_dict(self) -> dict:
         return to_dict(self)
 
+    def sequences_per_step(self, world_size: int) -> int:
+        """Sequences in one optimizer step over all ranks (DeepSpeed's train_batch_size)."""
+        return self.train.batch_size * self.train.grad_accum * world_size
+
+    def tokens_per_step(self, world_size: int) -> int:
+        """Tokens in one optimizer step over all ranks."""
+        return self.sequences_per_step(world_size) * self.data.seq_len
+
 
 # ---- checks --------------------------------------------------------------------------------------------
 

@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if watch is not None:
             watch.stop()
     if rank == 0:
-        tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * world * cfg.data.seq_len
+        tokens_per_step = cfg.tokens_per_step(world)
         steps_s, first_step_s, _ = step_seconds(metrics_file, tokens_per_step, lines_before)
         first_start = watch.first_step_end - first_step_s if watch.first_step_end else None
         record = {"run": cfg.name, "result": _scalars(result or {}), "loop_start": loop_start,

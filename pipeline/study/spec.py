@@ -183,8 +183,7 @@ def expand(study: StudyConfig) -> list[RunSpec]:
         base = run_config_from_dict({**study.run, "size": size})
         for variant in _variants(study):
             run = _resolve_model(base, variant)
-            tokens_per_step = (run.train.batch_size * run.train.grad_accum * study.resources.workers
-                               * run.data.seq_len)
+            tokens_per_step = run.tokens_per_step(study.resources.workers)
             for budget in study.tokens.budgets:
                 if study.tokens.rule == "fixed":
                     tokens = study.tokens.tokens * budget

@@ -53,7 +53,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "train_batch_size": cfg.sequences_per_step(world_size),
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},

@@ -160,7 +160,7 @@ def _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, ran
     from tqdm.auto import tqdm
 
     t = cfg.train
-    tokens_per_step = t.batch_size * t.grad_accum * world * cfg.data.seq_len
+    tokens_per_step = cfg.tokens_per_step(world)
     bar = tqdm(total=t.steps, initial=step, disable=rank != 0 or not t.progress, unit="step", desc=cfg.name)
     metrics_file = open(out_dir / METRICS_FILE, "a") if rank == 0 else None
     params = list(engine.module.parameters())

@@ -40,8 +40,7 @@ def run_tags(cfg: RunConfig) -> dict[str, str]:
 
 
 def cost_metrics(cfg: RunConfig, world_size: int) -> dict[str, float]:
-    t = cfg.train
-    tokens = t.steps * t.batch_size * t.grad_accum * world_size * cfg.data.seq_len
+    tokens = cfg.train.steps * cfg.tokens_per_step(world_size)
     return {f"cost/{k}": float(v) for k, v in costs.summary(cfg.model, cfg.data.seq_len, tokens).items()}
 
 
