@@ -1,4 +1,4 @@
-"""Where chunks end (method.md section 2): per layer, per strategy, as a function of absolute position.
+"""Where chunks end (docs/method.md section 2): per layer, per strategy, as a function of absolute position.
 
 Every rule here is a pure function of (strategy, P, layer, position, seed), never of the sequence length,
 so the parallel forward over a prefix and step-by-step decoding see the same boundaries.

@@ -1,4 +1,4 @@
-"""The decoding cache (method.md section 4): what one layer keeps between generated tokens.
+"""The decoding cache (docs/method.md section 4): what one layer keeps between generated tokens.
 
 Convention shared with attamba.costs: after T tokens a layer holds exactly the keys visible to query T-1.
 - attamba: the K/V (after RoPE) of the last min(L+1, T) positions, in a ring of L+1 slots, followed in the

@@ -1,7 +1,7 @@
 """Model configuration: frozen dataclasses, validated at construction.
 
 Every invalid value raises a ValueError naming the field, the value and the fix, so a bad config fails
-before any compute. Defaults follow method.md (the paper's 60M setting); size presets are in presets.py.
+before any compute. Defaults follow docs/method.md (the paper's 60M setting); size presets are in presets.py.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _check_choice(name: str, value, choices):
 
 @dataclass(frozen=True)
 class SSMConfig:
-    """The Mamba2 (SSD) block used for K and V (method.md section 2).
+    """The Mamba2 (SSD) block used for K and V (docs/method.md section 2).
 
     `inner_dim=None` means dim // 2 (the paper's 256 at dim 512); `heads=None` means inner_dim // 32
     (the paper's head dim 32).

@@ -1,4 +1,4 @@
-"""Analytic costs (method.md section 5): parameters, KV-cache bytes, attention and training FLOPs.
+"""Analytic costs (docs/method.md section 5): parameters, KV-cache bytes, attention and training FLOPs.
 
 Conventions, shared with the decoding cache so that measurement and formula agree exactly:
 - After processing T tokens a layer caches exactly the keys visible to the last query (position T-1):

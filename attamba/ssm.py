@@ -1,4 +1,4 @@
-"""The K/V SSM: a Mamba2 (SSD) block whose scan and conv restart at every chunk start (method.md 2)."""
+"""The K/V SSM: a Mamba2 (SSD) block whose scan and conv restart at every chunk start (docs/method.md section 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Attamba attention (method.md section 3) with a dense-mask reference and fast paths.
+"""Attamba attention (docs/method.md section 3) with a dense-mask reference and fast paths.
 
 Backends: "naive" (dense T x T mask + SDPA), "blocked" (exact, O(T * (T/P + L)) work, CPU flash kernels),
 "flex" (FlexAttention BlockMask, CUDA only) and "auto": full causal attention goes to SDPA(is_causal=True),

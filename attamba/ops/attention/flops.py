@@ -4,7 +4,7 @@ Without them FlopCounterMode reports zero attention FLOPs for every SDPA call on
 and the blocked fast path alike). Counts follow torch's own CUDA formulas: 4*B*H*Lq*Lk*D forward and
 2.5x that backward, i.e. every query-key pair a kernel multiplies, masked or not. One exception:
 is_causal=True counts only the Lq*(Lq+1)/2 (Lq == Lk) pairs the kernel computes, so a causal transformer is
-charged its visible keys, as method.md section 5 asks, not the full square.
+charged its visible keys, as docs/method.md section 5 asks, not the full square.
 """
 
 from __future__ import annotations

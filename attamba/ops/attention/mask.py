@@ -1,4 +1,4 @@
-"""The Attamba attention mask (method.md section 3) and argument checks shared by every backend."""
+"""The Attamba attention mask (docs/method.md section 3) and argument checks shared by every backend."""
 
 from __future__ import annotations
 
