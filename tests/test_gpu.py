@@ -12,7 +12,7 @@ from attamba.model import AttambaLM
 from attamba.presets import model_config
 
 from attamba.generate import decode_logits
-from tests.decode_models import small
+from tests.model.decode_models import small
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

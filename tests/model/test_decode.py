@@ -10,7 +10,7 @@ from attamba.cache import decode_step, empty_cache, prefill
 from attamba.generate import decode_logits, decode_perplexity, generate, sample
 from attamba.model import AttambaLM
 from tests.conftest import assert_close
-from tests.decode_models import VOCAB, one_thread, small  # noqa: F401 (fixture)
+from tests.model.decode_models import VOCAB, one_thread, small  # noqa: F401 (fixture)
 
 TOL = 1e-4
 
