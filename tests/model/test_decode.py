@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from attamba.cache import decode_step, empty_cache, prefill
 from attamba.generate import decode_logits, decode_perplexity, generate, sample
 from attamba.model import AttambaLM
-from tests.conftest import assert_close
-from tests.model.decode_models import VOCAB, one_thread, small  # noqa: F401 (fixture)
+from attamba.ops import ssd
+from tests.conftest import assert_close, errors
+from tests.model.decode_models import CUDA_KINDS, VOCAB, cuda_backends, one_thread, small  # noqa: F401 (fixtures)
 
 TOL = 1e-4
 
@@ -189,3 +190,21 @@ def test_compiled_decoding_matches_parallel(name):
         stepped = decode_logits(model, tokens[:rows], 11)
         assert_close(f"{rows} rows", model(tokens[:rows]), stepped, TOL)
     assert model.compile_decoding(False)._compiled_steps is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestDecodeOnCuda:
+    @pytest.mark.parametrize("kind", [k for k in CUDA_KINDS if k != "attamba-offset"])  # offset: no decoding (tested)
+    def test_decode_matches_parallel_on_cuda(self, kind, monkeypatch, cuda_backends):
+        """Prefill through the fast kernels, then token-by-token decoding on the GPU: the parallel logits."""
+        monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+        cuda_backends("auto", "triton" if ssd.triton_available() else "chunked")
+        model = AttambaLM(small(**CUDA_KINDS[kind])).cuda().eval()
+        tokens = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(2)).cuda()
+        parallel = model(tokens)
+        for prefill_length in (0, 37):
+            stepped = decode_logits(model, tokens, prefill_length)
+            print(f"\n{kind}: decode (prefill {prefill_length}) vs parallel max abs diff "
+                  f"{errors(parallel, stepped)['abs']:.2e}")
+            assert_close(f"prefill {prefill_length}", parallel, stepped, 1e-4)

@@ -244,23 +244,24 @@ def test_triton_request_without_it_is_a_clear_error():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and mamba_ssm")
-@pytest.mark.parametrize("seq_kind,segment", [("chunk", 3), ("chunk", 8), ("chunk", 64), ("chunk", 100),
-                                              ("offset", 8), ("random", 0)])
-@pytest.mark.parametrize("t,g", [(300, 1), (1000, 2)])
-def test_triton_matches_chunked(seq_kind, segment, t, g, monkeypatch):
-    """mamba-ssm's kernels (IEEE fp32 dots) against the PyTorch chunked SSD: outputs, final state, all grads."""
-    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
-    x, dt, A, B, C, D, h0 = make_inputs(2, t, 8, 32, g, 32, torch.float32, seed=13 + t + segment)
-    if seq_kind == "chunk":
-        ids = (torch.arange(t) // segment).expand(2, t)
-    elif seq_kind == "offset":
-        ids = (torch.arange(t) % segment).expand(2, t)
-    else:
-        ids = random_monotone_seq_idx(2, t, seed=t)
-    inputs = {k: v.cuda() for k, v in dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=h0).items()}
-    kw = dict(seq_idx=ids.contiguous().cuda(), scan_chunk=64)
-    ref = outputs_and_grads(ssd_chunked, inputs, list(inputs), **kw)
-    got = outputs_and_grads(ssd.ssd_triton, inputs, list(inputs), **kw)
-    print(f"\ntriton vs chunked ({seq_kind}, segment={segment}, T={t}, groups={g}): "
-          + ", ".join(f"{k} {errors(ref[k], got[k])['rel']:.2e}" for k in ref))
-    assert_all_close(got, ref, 1e-4)
+class TestTritonOnCuda:
+    @pytest.mark.parametrize("seq_kind,segment", [("chunk", 3), ("chunk", 8), ("chunk", 64), ("chunk", 100),
+                                                  ("offset", 8), ("random", 0)])
+    @pytest.mark.parametrize("t,g", [(300, 1), (1000, 2)])
+    def test_triton_matches_chunked(self, seq_kind, segment, t, g, monkeypatch):
+        """mamba-ssm's kernels (IEEE fp32 dots) against the PyTorch chunked SSD: outputs, final state, all grads."""
+        monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+        x, dt, A, B, C, D, h0 = make_inputs(2, t, 8, 32, g, 32, torch.float32, seed=13 + t + segment)
+        if seq_kind == "chunk":
+            ids = (torch.arange(t) // segment).expand(2, t)
+        elif seq_kind == "offset":
+            ids = (torch.arange(t) % segment).expand(2, t)
+        else:
+            ids = random_monotone_seq_idx(2, t, seed=t)
+        inputs = {k: v.cuda() for k, v in dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=h0).items()}
+        kw = dict(seq_idx=ids.contiguous().cuda(), scan_chunk=64)
+        ref = outputs_and_grads(ssd_chunked, inputs, list(inputs), **kw)
+        got = outputs_and_grads(ssd.ssd_triton, inputs, list(inputs), **kw)
+        print(f"\ntriton vs chunked ({seq_kind}, segment={segment}, T={t}, groups={g}): "
+              + ", ".join(f"{k} {errors(ref[k], got[k])['rel']:.2e}" for k in ref))
+        assert_all_close(got, ref, 1e-4)
