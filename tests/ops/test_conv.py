@@ -5,6 +5,7 @@ import torch
 
 from attamba.ops.conv import causal_conv1d, causal_conv1d_fast, causal_conv1d_naive, conv_step
 from attamba.ops.conv.block import block_causal_conv1d
+from tests.conftest import assert_close
 
 
 def make_inputs(bt, t, cc, w, seed=0):
@@ -49,8 +50,9 @@ def test_fast_matches_naive(t, w, ids, activation, with_state):
     if with_state:
         leaves["initial_state"] = h0
     kw = dict(seq_idx=seq_ids(ids, 2, t, seed=t), activation=activation)
-    for got, ref in zip(run(causal_conv1d_fast, leaves, **kw), run(causal_conv1d_naive, leaves, **kw)):
-        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    names = ["y", "final state", *(f"d{k}" for k in leaves)]
+    for name, got, ref in zip(names, run(causal_conv1d_fast, leaves, **kw), run(causal_conv1d_naive, leaves, **kw)):
+        assert_close(name, ref, got, 1e-12)
 
 
 def test_window_never_crosses_a_segment_start():
@@ -68,13 +70,13 @@ def test_window_never_crosses_a_segment_start():
 def test_matches_torch_conv1d_without_seq_idx():
     x, weight, bias, _ = make_inputs(2, 20, 6, 4, seed=3)
     ref = torch.nn.functional.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=3, groups=6)[..., :20]
-    torch.testing.assert_close(causal_conv1d(x, weight, bias), ref.transpose(1, 2))
+    assert_close("y", ref.transpose(1, 2), causal_conv1d(x, weight, bias), 1e-7)
 
 
 def test_final_state_is_last_inputs_before_activation():
     x, weight, bias, h0 = make_inputs(2, 2, 6, 4, seed=4)
     _, final = causal_conv1d(x, weight, bias, initial_state=h0, activation="silu", return_final_state=True)
-    torch.testing.assert_close(final, torch.cat([h0[..., 2:], x.transpose(1, 2)], dim=-1))
+    assert_close("final state", torch.cat([h0[..., 2:], x.transpose(1, 2)], dim=-1), final, 1e-7)
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])
@@ -90,9 +92,9 @@ def test_step_chained_equals_parallel_with_resets(activation):
             state = state * (seq_idx[:, i] == seq_idx[:, i - 1]).double()[:, None, None]
         y_t, state = conv_step(x[:, i], state, weight, bias, activation)
         ys.append(y_t)
-    torch.testing.assert_close(torch.stack(ys, 1), y_ref)
+    assert_close("y", y_ref, torch.stack(ys, 1), 1e-7)
     # The conv state carries raw inputs even across a reset; only the parallel op's masking differs.
-    torch.testing.assert_close(state, final_ref * (seq_idx[:, -3:] == seq_idx[:, -1:]).double()[:, None])
+    assert_close("final state", final_ref * (seq_idx[:, -3:] == seq_idx[:, -1:]).double()[:, None], state, 1e-7)
 
 
 def test_validation_names_the_field():
@@ -120,10 +122,11 @@ def test_block_conv_matches_naive_with_a_reset_per_block(q, w, activation, with_
                               activation=activation).reshape(2, nb * q, 6)
     ref = causal_conv1d_naive(leaves[0], leaves[1], leaves[2] if with_bias else None, seq_idx=seq_idx,
                               activation=activation)
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert_close("y", ref, got, 1e-12)
     cot = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3), dtype=ref.dtype)
-    for g, r in zip(torch.autograd.grad(got, leaves, cot), torch.autograd.grad(ref, leaves, cot)):
-        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+    for name, g, r in zip(("dx", "dweight", "dbias"), torch.autograd.grad(got, leaves, cot),
+                          torch.autograd.grad(ref, leaves, cot)):
+        assert_close(name, r, g, 1e-12)
 
 
 def test_block_conv_reads_strided_views():
@@ -132,4 +135,4 @@ def test_block_conv_reads_strided_views():
     wide = x.view(1, 4, 4, 10)
     got = block_causal_conv1d(wide[..., 2:8], weight[2:8], bias[2:8], activation="silu")
     ref = block_causal_conv1d(wide[..., 2:8].contiguous(), weight[2:8], bias[2:8], activation="silu")
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert_close("y", ref, got, 0)

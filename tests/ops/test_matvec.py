@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attamba.ops.matvec import matvec, matvec_naive
+from tests.conftest import assert_close
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (64,), (1, 1, 63)])
@@ -15,12 +16,12 @@ def test_one_row_matches_linear_with_grads(shape, out):
     w = torch.randn(out, shape[-1], generator=gen, dtype=torch.float64, requires_grad=True)
     y, y_ref = matvec(x, w), matvec_naive(x, w)
     assert y.shape == y_ref.shape == (*shape[:-1], out)
-    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert_close("y", y_ref, y, 1e-12)
     g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     grads = torch.autograd.grad(y, (x, w), g)
     grads_ref = torch.autograd.grad(y_ref, (x, w), g)
-    for a, b in zip(grads, grads_ref):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("dx", "dw"), grads, grads_ref):
+        assert_close(name, b, a, 1e-12)
 
 
 @torch.no_grad()
@@ -28,7 +29,7 @@ def test_one_row_without_grad_through_the_scratch_buffer():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 512, generator=gen)
     w = torch.randn(600, 1024, generator=gen)[:, ::2]  # not contiguous
-    torch.testing.assert_close(matvec(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert_close("strided weight", F.linear(x, w), matvec(x, w), 1e-5, measure="elem")
     w = w.contiguous()
     y, plain = matvec(x, w), (x.unsqueeze(-2) * w).sum(-1)
     # the fast form ran, no silent fallback: its sums are the plain form's, bit for bit, and not the GEMM's
@@ -37,7 +38,7 @@ def test_one_row_without_grad_through_the_scratch_buffer():
     for out, n, dtype in ((3, 7, torch.float64), (700, 512, torch.float32), (2, 5, torch.float32)):
         a = torch.randn(n, generator=gen, dtype=dtype)
         b = torch.randn(out, n, generator=gen, dtype=dtype)
-        torch.testing.assert_close(matvec(a, b), F.linear(a, b), rtol=1e-5, atol=1e-4)
+        assert_close(f"{out} x {n} {dtype}", F.linear(a, b), matvec(a, b), 1e-4)
         assert matvec(a, b).shape == (out,)
 
 

@@ -6,6 +6,7 @@ import torch
 from attamba.ops import ssd
 from attamba.ops.ssd import (default_backend, resolve_backend, ssd_chunked, ssd_naive, ssd_naive_kernel_semantics,
                              ssd_scan, ssd_scan_aligned, ssd_step, triton_available)
+from tests.conftest import assert_close, errors
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -31,10 +32,6 @@ def random_monotone_seq_idx(bt, t, seed, p_start=0.15):
     return torch.cumsum(starts.long(), dim=1)
 
 
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def outputs_and_grads(fn, inputs, names, seed=1, **kw):
     """Runs fn, contracts y and final_state with fixed random cotangents, returns outputs + grads by name."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items()}
@@ -49,7 +46,7 @@ def outputs_and_grads(fn, inputs, names, seed=1, **kw):
 
 def assert_all_close(got, ref, tol):
     for key in ref:
-        assert rel_err(got[key], ref[key]) < tol, f"{key}: relative error {rel_err(got[key], ref[key]):.3g}"
+        assert_close(key, ref[key], got[key], tol, measure="rel")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -136,7 +133,8 @@ def test_chunk_seq_idx_is_independent_of_scan_chunk():
     seq_idx = (torch.arange(130) // 8).expand(2, 130)
     ref = ssd_naive(x, dt, A, B, C, D=D, seq_idx=seq_idx)
     for q in (1, 5, 8, 13, 64, 256):
-        assert rel_err(ssd_chunked(x, dt, A, B, C, D=D, seq_idx=seq_idx, scan_chunk=q), ref) < 1e-10
+        y = ssd_chunked(x, dt, A, B, C, D=D, seq_idx=seq_idx, scan_chunk=q)
+        assert_close(f"y, scan chunk {q}", ref, y, 1e-10, measure="rel")
 
 
 @pytest.mark.parametrize("block", [4, 8, 16])
@@ -166,7 +164,7 @@ def test_bf16_accumulates_in_float32():
     bf = [v.to(torch.bfloat16) for v in (x, dt, B, C)]
     y = ssd_chunked(bf[0], bf[1], A, bf[2], bf[3], D=D, seq_idx=seq_idx)
     assert y.dtype == torch.bfloat16
-    assert rel_err(y.double(), ref) < 3e-2
+    assert_close("y", ref, y.double(), 3e-2, measure="rel")
 
 
 def test_step_chained_equals_parallel_scan_with_resets():
@@ -181,8 +179,8 @@ def test_step_chained_equals_parallel_scan_with_resets():
             state = state * (seq_idx[:, i] == seq_idx[:, i - 1]).double()[:, None, None, None]
         y_t, state = ssd_step(x[:, i], dt[:, i], A, B[:, i], C[:, i], D, state)
         ys.append(y_t)
-    assert rel_err(torch.stack(ys, 1), y_ref) < 1e-12
-    assert rel_err(state, final_ref) < 1e-12
+    assert_close("y", y_ref, torch.stack(ys, 1), 1e-12, measure="rel")
+    assert_close("final state", final_ref, state, 1e-12, measure="rel")
 
 
 def test_step_leading_dims_broadcast_parameters():
@@ -197,8 +195,8 @@ def test_step_leading_dims_broadcast_parameters():
     y, new_state = ssd_step(x, dt, A, B, C, D, state)
     for i in range(2):
         y_i, state_i = ssd_step(x[i], dt[i], A[i, 0], B[i], C[i], D[i, 0], state[i])
-        torch.testing.assert_close(y[i], y_i, rtol=0, atol=0)
-        torch.testing.assert_close(new_state[i], state_i, rtol=0, atol=0)
+        assert_close(f"y[{i}]", y_i, y[i], 0)
+        assert_close(f"state[{i}]", state_i, new_state[i], 0)
     with pytest.raises(ValueError, match="state must be"):
         ssd_step(x, dt, A, B, C, D, state[0])
 
@@ -223,8 +221,8 @@ def test_backend_dispatch(monkeypatch):
         assert resolve_backend("chunked") == "chunked"
         # "naive" on non-monotone ids is the kernel-rule reference, so it agrees with chunked.
         y_naive = ssd_scan(x, dt, A, B, C, D=D, seq_idx=seq_idx, scan_chunk=8)
-        assert rel_err(ssd_scan(x, dt, A, B, C, D=D, seq_idx=seq_idx, scan_chunk=8, backend="chunked"),
-                       y_naive) < 1e-10
+        y_chunked = ssd_scan(x, dt, A, B, C, D=D, seq_idx=seq_idx, scan_chunk=8, backend="chunked")
+        assert_close("chunked y", y_naive, y_chunked, 1e-10, measure="rel")
         monkeypatch.setenv(ssd.BACKEND_ENV, "fastest")
         default_backend.cache_clear()
         with pytest.raises(ValueError, match="ATTAMBA_SSD_BACKEND"):
@@ -246,23 +244,24 @@ def test_triton_request_without_it_is_a_clear_error():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and triton_available()), reason="needs CUDA and mamba_ssm")
-@pytest.mark.parametrize("seq_kind,segment", [("chunk", 3), ("chunk", 8), ("chunk", 64), ("chunk", 100),
-                                              ("offset", 8), ("random", 0)])
-@pytest.mark.parametrize("t,g", [(300, 1), (1000, 2)])
-def test_triton_matches_chunked(seq_kind, segment, t, g, monkeypatch):
-    """mamba-ssm's kernels (IEEE fp32 dots) against the PyTorch chunked SSD: outputs, final state, all grads."""
-    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
-    x, dt, A, B, C, D, h0 = make_inputs(2, t, 8, 32, g, 32, torch.float32, seed=13 + t + segment)
-    if seq_kind == "chunk":
-        ids = (torch.arange(t) // segment).expand(2, t)
-    elif seq_kind == "offset":
-        ids = (torch.arange(t) % segment).expand(2, t)
-    else:
-        ids = random_monotone_seq_idx(2, t, seed=t)
-    inputs = {k: v.cuda() for k, v in dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=h0).items()}
-    kw = dict(seq_idx=ids.contiguous().cuda(), scan_chunk=64)
-    ref = outputs_and_grads(ssd_chunked, inputs, list(inputs), **kw)
-    got = outputs_and_grads(ssd.ssd_triton, inputs, list(inputs), **kw)
-    print(f"\ntriton vs chunked ({seq_kind}, segment={segment}, T={t}, groups={g}): "
-          + ", ".join(f"{k} {rel_err(got[k], ref[k]):.2e}" for k in ref))
-    assert_all_close(got, ref, 1e-4)
+class TestTritonOnCuda:
+    @pytest.mark.parametrize("seq_kind,segment", [("chunk", 3), ("chunk", 8), ("chunk", 64), ("chunk", 100),
+                                                  ("offset", 8), ("random", 0)])
+    @pytest.mark.parametrize("t,g", [(300, 1), (1000, 2)])
+    def test_triton_matches_chunked(self, seq_kind, segment, t, g, monkeypatch):
+        """mamba-ssm's kernels (IEEE fp32 dots) against the PyTorch chunked SSD: outputs, final state, all grads."""
+        monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+        x, dt, A, B, C, D, h0 = make_inputs(2, t, 8, 32, g, 32, torch.float32, seed=13 + t + segment)
+        if seq_kind == "chunk":
+            ids = (torch.arange(t) // segment).expand(2, t)
+        elif seq_kind == "offset":
+            ids = (torch.arange(t) % segment).expand(2, t)
+        else:
+            ids = random_monotone_seq_idx(2, t, seed=t)
+        inputs = {k: v.cuda() for k, v in dict(x=x, dt=dt, A=A, B=B, C=C, D=D, initial_state=h0).items()}
+        kw = dict(seq_idx=ids.contiguous().cuda(), scan_chunk=64)
+        ref = outputs_and_grads(ssd_chunked, inputs, list(inputs), **kw)
+        got = outputs_and_grads(ssd.ssd_triton, inputs, list(inputs), **kw)
+        print(f"\ntriton vs chunked ({seq_kind}, segment={segment}, T={t}, groups={g}): "
+              + ", ".join(f"{k} {errors(ref[k], got[k])['rel']:.2e}" for k in ref))
+        assert_all_close(got, ref, 1e-4)

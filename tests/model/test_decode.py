@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from attamba.cache import decode_step, empty_cache, prefill
 from attamba.generate import decode_logits, decode_perplexity, generate, sample
 from attamba.model import AttambaLM
-from decode_models import VOCAB, one_thread, small  # noqa: F401 (fixture)
+from attamba.ops import ssd
+from tests.conftest import assert_close, errors
+from tests.model.decode_models import CUDA_KINDS, VOCAB, cuda_backends, one_thread, small  # noqa: F401 (fixtures)
 
 TOL = 1e-4
 
@@ -47,14 +49,13 @@ def test_decode_matches_parallel(name):
     parallel = model(tokens)
     for prefill_length in (0, 29):
         stepped = decode_logits(model, tokens, prefill_length)
-        err = (stepped - parallel).abs().max().item()
-        assert err <= TOL, f"prefill {prefill_length}: max abs diff {err:.2e}"
+        assert_close(f"prefill {prefill_length}", parallel, stepped, TOL)
 
 
 def test_decode_long_sequence_many_chunks():
     model = AttambaLM(small(boundaries="cyclic", chunk_size=3, leading_tokens=2, max_seq_len=100)).eval()
     tokens = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(2))
-    assert (decode_logits(model, tokens, 7) - model(tokens)).abs().max().item() <= TOL
+    assert_close("logits", model(tokens), decode_logits(model, tokens, 7), TOL)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -77,8 +78,8 @@ def test_batch_of_uneven_prompts(overrides):
     assert cache.positions().tolist() == [n + steps for n in lengths]
     for i, (s, n) in enumerate(zip(seqs, lengths)):
         parallel = model(s[None])[0]
-        assert (logits[i] - parallel[:n]).abs().max().item() <= TOL
-        assert (torch.stack(stepped[i]) - parallel[n:]).abs().max().item() <= TOL, f"sequence {i}"
+        assert_close(f"sequence {i} prefill", parallel[:n], logits[i], TOL)
+        assert_close(f"sequence {i} steps", parallel[n:], torch.stack(stepped[i]), TOL)
 
 
 def test_perplexity_through_decode_path_equals_parallel():
@@ -147,7 +148,7 @@ def test_sample_temperature_scales_logits():
     gen = torch.Generator().manual_seed(1)
     freq = torch.bincount(sample(logits, temperature=2.0, generator=gen), minlength=3).float() / 6000
     expected = F.softmax(torch.tensor([2.0, 1.0, 0.0]) / 2.0, dim=0)
-    assert (freq - expected).abs().max().item() < 0.03
+    assert_close("frequencies", expected, freq, 0.03)
 
 
 def test_paired_step_equals_two_single_steps_and_sees_parameter_changes():
@@ -169,8 +170,9 @@ def test_paired_step_equals_two_single_steps_and_sees_parameter_changes():
             yk, yv, conv2, scan2 = paired_step(ssm_k, ssm_v, uk, uv, conv, scan)
             k_ref = ssm_k.step(uk, conv[0], scan[0])
             v_ref = ssm_v.step(uv, conv[1], scan[1])
-        for got, ref in zip((yk, conv2[0], scan2[0], yv, conv2[1], scan2[1]), (*k_ref, *v_ref)):
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        names = ("k", "k conv state", "k scan state", "v", "v conv state", "v scan state")
+        for name, got, ref in zip(names, (yk, conv2[0], scan2[0], yv, conv2[1], scan2[1]), (*k_ref, *v_ref)):
+            assert_close(name, ref, got, 1e-6)
 
     check()
     with torch.no_grad():
@@ -186,5 +188,23 @@ def test_compiled_decoding_matches_parallel(name):
     tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
     for rows in (2, 1):  # one row: the weight products are ops.matvec's sums, fused by Inductor
         stepped = decode_logits(model, tokens[:rows], 11)
-        assert (stepped - model(tokens[:rows])).abs().max().item() <= TOL
+        assert_close(f"{rows} rows", model(tokens[:rows]), stepped, TOL)
     assert model.compile_decoding(False)._compiled_steps is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestDecodeOnCuda:
+    @pytest.mark.parametrize("kind", [k for k in CUDA_KINDS if k != "attamba-offset"])  # offset: no decoding (tested)
+    def test_decode_matches_parallel_on_cuda(self, kind, monkeypatch, cuda_backends):
+        """Prefill through the fast kernels, then token-by-token decoding on the GPU: the parallel logits."""
+        monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")
+        cuda_backends("auto", "triton" if ssd.triton_available() else "chunked")
+        model = AttambaLM(small(**CUDA_KINDS[kind])).cuda().eval()
+        tokens = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(2)).cuda()
+        parallel = model(tokens)
+        for prefill_length in (0, 37):
+            stepped = decode_logits(model, tokens, prefill_length)
+            print(f"\n{kind}: decode (prefill {prefill_length}) vs parallel max abs diff "
+                  f"{errors(parallel, stepped)['abs']:.2e}")
+            assert_close(f"prefill {prefill_length}", parallel, stepped, 1e-4)
