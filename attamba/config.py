@@ -122,7 +122,8 @@ class ModelConfig:
             at_least(name, getattr(self, name), 1, integer=True)
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                fail("dim", self.dim, f"divisible by n_heads ({self.n_heads})", "change dim or n_heads, or set head_dim")
+                fail("dim", self.dim, f"divisible by n_heads ({self.n_heads})",
+                     "change dim or n_heads, or set head_dim")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         at_least("head_dim", self.head_dim, 2, integer=True)
         if self.head_dim % 2:
