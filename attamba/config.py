@@ -7,41 +7,13 @@ before any compute. Defaults follow docs/method.md (the paper's 60M setting); si
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
+
+from .checks import at_least, boolean, fail, integer, number, one_of, positive
 
 ATTENTION_KINDS = ("attamba", "full", "swa", "iso_kv")
 BOUNDARY_STRATEGIES = ("uniform", "cyclic", "cyclic_released", "random")
 SSM_SEGMENTATIONS = ("chunk", "offset")
-
-
-def _fail(name: str, value, fix: str):
-    raise ValueError(f"{name} {fix}, got {value!r}")
-
-
-def _check_int(name: str, value, minimum: int | None = None):
-    if isinstance(value, bool) or not isinstance(value, int):
-        _fail(name, value, "must be an integer")
-    if minimum is not None and value < minimum:
-        _fail(name, value, f"must be >= {minimum}")
-
-
-def _check_float(name: str, value, positive: bool = False, minimum: float | None = None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(name, value, "must be a finite number")
-    if positive and value <= 0:
-        _fail(name, value, "must be > 0")
-    if minimum is not None and value < minimum:
-        _fail(name, value, f"must be >= {minimum}")
-
-
-def _check_bool(name: str, value):
-    if not isinstance(value, bool):
-        _fail(name, value, "must be true or false")
-
-
-def _check_choice(name: str, value, choices):
-    if value not in choices:
-        _fail(name, value, f"must be one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -67,38 +39,31 @@ class SSMConfig:
     dt_limit_max: float = math.inf
 
     def __post_init__(self):
-        _check_int("ssm.state_dim", self.state_dim, 1)
-        if self.inner_dim is not None:
-            _check_int("ssm.inner_dim", self.inner_dim, 1)
-        if self.heads is not None:
-            _check_int("ssm.heads", self.heads, 1)
-        _check_int("ssm.groups", self.groups, 1)
-        _check_int("ssm.conv_width", self.conv_width, 1)
-        _check_int("ssm.scan_chunk", self.scan_chunk, 1)
-        _check_float("ssm.a_init_min", self.a_init_min, positive=True)
-        _check_float("ssm.a_init_max", self.a_init_max, positive=True)
+        at_least("ssm.state_dim", self.state_dim, 1, integer=True)
+        at_least("ssm.inner_dim", self.inner_dim, 1, integer=True, or_none=True)
+        at_least("ssm.heads", self.heads, 1, integer=True, or_none=True)
+        for name in ("groups", "conv_width", "scan_chunk"):
+            at_least(f"ssm.{name}", getattr(self, name), 1, integer=True)
+        for name in ("a_init_min", "a_init_max", "dt_min", "dt_max", "dt_init_floor"):
+            positive(f"ssm.{name}", getattr(self, name), finite=True)
         if self.a_init_max < self.a_init_min:
-            _fail("ssm.a_init_max", self.a_init_max, f"must be >= ssm.a_init_min ({self.a_init_min})")
-        _check_float("ssm.dt_min", self.dt_min, positive=True)
-        _check_float("ssm.dt_max", self.dt_max, positive=True)
+            fail("ssm.a_init_max", self.a_init_max, f">= ssm.a_init_min ({self.a_init_min})",
+                 "raise ssm.a_init_max or lower ssm.a_init_min")
         if self.dt_max < self.dt_min:
-            _fail("ssm.dt_max", self.dt_max, f"must be >= ssm.dt_min ({self.dt_min})")
-        _check_float("ssm.dt_init_floor", self.dt_init_floor, positive=True)
-        if not (isinstance(self.dt_limit_min, (int, float)) and self.dt_limit_min >= 0):
-            _fail("ssm.dt_limit_min", self.dt_limit_min, "must be a number >= 0")
-        if not (isinstance(self.dt_limit_max, (int, float)) and self.dt_limit_max > self.dt_limit_min):
-            _fail("ssm.dt_limit_max", self.dt_limit_max, "must be a number > ssm.dt_limit_min")
+            fail("ssm.dt_max", self.dt_max, f">= ssm.dt_min ({self.dt_min})", "raise ssm.dt_max or lower ssm.dt_min")
+        at_least("ssm.dt_limit_min", self.dt_limit_min, 0)
+        number("ssm.dt_limit_max", self.dt_limit_max)   # inf: no upper limit
+        if not self.dt_limit_max > self.dt_limit_min:
+            fail("ssm.dt_limit_max", self.dt_limit_max, f"> ssm.dt_limit_min ({self.dt_limit_min})")
 
     def resolved(self, dim: int) -> "SSMConfig":
         """The same config with inner_dim and heads filled in for a model of width `dim`."""
-        from dataclasses import replace
-
         inner = self.inner_dim if self.inner_dim is not None else max(dim // 2, 8)
         heads = self.heads if self.heads is not None else max(inner // 32, 1)
         if inner % heads:
-            _fail("ssm.inner_dim", inner, f"must be divisible by ssm.heads ({heads})")
+            fail("ssm.inner_dim", inner, f"divisible by ssm.heads ({heads})", "set ssm.inner_dim or ssm.heads")
         if heads % self.groups:
-            _fail("ssm.heads", heads, f"must be divisible by ssm.groups ({self.groups})")
+            fail("ssm.heads", heads, f"divisible by ssm.groups ({self.groups})", "set ssm.heads or ssm.groups")
         return replace(self, inner_dim=inner, heads=heads)
 
     @property
@@ -151,53 +116,49 @@ class ModelConfig:
         if isinstance(self.ssm, dict):
             object.__setattr__(self, "ssm", SSMConfig(**self.ssm))
         if not isinstance(self.ssm, SSMConfig):
-            _fail("ssm", self.ssm, "must be an SSMConfig or a mapping of its fields")
-        _check_int("vocab_size", self.vocab_size, 2)
-        _check_int("dim", self.dim, 1)
-        _check_int("n_layers", self.n_layers, 1)
-        _check_int("n_heads", self.n_heads, 1)
+            fail("ssm", self.ssm, "an SSMConfig or a mapping of its fields")
+        at_least("vocab_size", self.vocab_size, 2, integer=True)
+        for name in ("dim", "n_layers", "n_heads"):
+            at_least(name, getattr(self, name), 1, integer=True)
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                _fail("dim", self.dim, f"must be divisible by n_heads ({self.n_heads}), or set head_dim")
+                fail("dim", self.dim, f"divisible by n_heads ({self.n_heads})",
+                     "change dim or n_heads, or set head_dim")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        _check_int("head_dim", self.head_dim, 2)
+        at_least("head_dim", self.head_dim, 2, integer=True)
         if self.head_dim % 2:
-            _fail("head_dim", self.head_dim, "must be even (RoPE rotates pairs of channels)")
+            fail("head_dim", self.head_dim, "even (RoPE rotates pairs of channels)")
         if self.ffn_dim is None:
             object.__setattr__(self, "ffn_dim", 64 * math.ceil(8 * self.dim / 3 / 64))
-        _check_int("ffn_dim", self.ffn_dim, 1)
-        _check_float("norm_eps", self.norm_eps, positive=True)
-        _check_float("rope_theta", self.rope_theta, positive=True)
-        _check_int("max_seq_len", self.max_seq_len, 1)
-        _check_bool("tied_embeddings", self.tied_embeddings)
-        _check_float("init_std", self.init_std, positive=True)
-        _check_int("seed", self.seed)
+        at_least("ffn_dim", self.ffn_dim, 1, integer=True)
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            positive(name, getattr(self, name), finite=True)
+        at_least("max_seq_len", self.max_seq_len, 1, integer=True)
+        integer("seed", self.seed)
 
-        _check_choice("attention", self.attention, ATTENTION_KINDS)
-        _check_int("chunk_size", self.chunk_size, 1)
-        _check_int("leading_tokens", self.leading_tokens, 0)
-        _check_choice("boundaries", self.boundaries, BOUNDARY_STRATEGIES)
-        _check_int("boundary_seed", self.boundary_seed)
-        _check_bool("kv_proj", self.kv_proj)
-        _check_bool("ssm_residual", self.ssm_residual)
-        _check_bool("pseudo_chunk", self.pseudo_chunk)
-        _check_choice("ssm_segmentation", self.ssm_segmentation, SSM_SEGMENTATIONS)
-        _check_int("window", self.window, 1)
+        one_of("attention", self.attention, ATTENTION_KINDS)
+        at_least("chunk_size", self.chunk_size, 1, integer=True)
+        at_least("leading_tokens", self.leading_tokens, 0, integer=True)
+        one_of("boundaries", self.boundaries, BOUNDARY_STRATEGIES)
+        integer("boundary_seed", self.boundary_seed)
+        for name in ("tied_embeddings", "kv_proj", "ssm_residual", "pseudo_chunk"):
+            boolean(name, getattr(self, name))
+        one_of("ssm_segmentation", self.ssm_segmentation, SSM_SEGMENTATIONS)
+        at_least("window", self.window, 1, integer=True)
 
         if self.attention == "attamba":
             if self.n_heads * self.head_dim != self.dim:
-                _fail("head_dim", self.head_dim,
-                      f"must equal dim / n_heads ({self.dim} / {self.n_heads}) for attention=attamba: "
-                      "the SSM keys and values have the model's width")
+                fail("head_dim", self.head_dim, f"dim / n_heads ({self.dim} / {self.n_heads}) for attention=attamba",
+                     "the SSM keys and values have the model's width; leave head_dim unset")
             object.__setattr__(self, "ssm", self.ssm.resolved(self.dim))
         if self.attention == "iso_kv":
             if self.kv_dim is None:
-                _fail("kv_dim", self.kv_dim, "must be set for attention=iso_kv (see attamba.costs.iso_kv_config)")
-            _check_int("kv_dim", self.kv_dim, 1)
+                fail("kv_dim", self.kv_dim, "set for attention=iso_kv", "see attamba.costs.iso_kv_config")
+            at_least("kv_dim", self.kv_dim, 1, integer=True)
             if self.kv_dim % (2 * self.n_heads):
-                _fail("kv_dim", self.kv_dim, f"must be a multiple of 2 * n_heads ({2 * self.n_heads})")
-        elif self.kv_dim is not None:
-            _check_int("kv_dim", self.kv_dim, 1)
+                fail("kv_dim", self.kv_dim, f"a multiple of 2 * n_heads ({2 * self.n_heads})")
+        else:
+            at_least("kv_dim", self.kv_dim, 1, integer=True, or_none=True)
 
     @property
     def attn_dim(self) -> int:
@@ -234,6 +195,3 @@ class ModelConfig:
             return f"iso_kv-F{self.kv_dim}"
         return "full"
 
-
-def config_fields(cls) -> list[str]:
-    return [f.name for f in fields(cls)]

@@ -6,8 +6,9 @@ come from the run's config. The parameter counts in comments are for vocab 32000
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import fields
 
+from .checks import one_of
 from .config import ModelConfig
 
 # name: (dim, n_layers, n_heads)
@@ -24,14 +25,9 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 }
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def model_config(size: str, **overrides) -> ModelConfig:
     """ModelConfig for a named size, with any field overridden (e.g. attention="full", chunk_size=4)."""
-    if size not in PRESETS:
-        raise ValueError(f"size must be one of {', '.join(PRESETS)}, got {size!r}")
+    one_of("size", size, PRESETS)
     dim, n_layers, n_heads = PRESETS[size]
     known = {f.name for f in fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
@@ -39,9 +35,3 @@ def model_config(size: str, **overrides) -> ModelConfig:
         raise ValueError(f"unknown model field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
     return ModelConfig(**{"dim": dim, "n_layers": n_layers, "n_heads": n_heads, **overrides})
 
-
-def with_size(config: ModelConfig, size: str) -> ModelConfig:
-    """The same variant at another size."""
-    dim, n_layers, n_heads = PRESETS[size]
-    return replace(config, dim=dim, n_layers=n_layers, n_heads=n_heads, head_dim=None, ffn_dim=None,
-                   ssm=replace(config.ssm, inner_dim=None, heads=None))

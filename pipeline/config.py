@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from attamba.checks import at_least, boolean, fail, in_range, integer, number, one_of, positive
 from attamba.config import ModelConfig
 from attamba.presets import PRESETS, model_config
 
@@ -22,6 +23,8 @@ from pipeline.data.prepare import DataConfig
 from pipeline.tracking.config import TrackingConfig
 
 PRECISIONS = ("fp32", "bf16")
+ZERO_STAGES = (0, 1, 2, 3)
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -36,14 +39,14 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        _positive("optim.lr", self.lr)
-        _in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
-        _at_least("optim.warmup_steps", self.warmup_steps, 0)
-        _at_least("optim.weight_decay", self.weight_decay, 0.0)
-        _in_range("optim.beta1", self.beta1, 0.0, 1.0)
-        _in_range("optim.beta2", self.beta2, 0.0, 1.0)
-        _positive("optim.eps", self.eps)
-        _at_least("optim.grad_clip", self.grad_clip, 0.0)
+        positive("optim.lr", self.lr)
+        in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        at_least("optim.warmup_steps", self.warmup_steps, 0, integer=True)
+        at_least("optim.weight_decay", self.weight_decay, 0.0)
+        in_range("optim.beta1", self.beta1, 0.0, 1.0)
+        in_range("optim.beta2", self.beta2, 0.0, 1.0)
+        positive("optim.eps", self.eps)
+        at_least("optim.grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass(frozen=True)
@@ -65,19 +68,13 @@ class TrainConfig:
     trial: str | None = None
 
     def __post_init__(self):
-        _at_least("train.steps", self.steps, 1)
-        _at_least("train.batch_size", self.batch_size, 1)
-        _at_least("train.grad_accum", self.grad_accum, 1)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
-        _at_least("train.eval_every", self.eval_every, 0)
-        _at_least("train.ckpt_every", self.ckpt_every, 0)
-        _at_least("train.log_every", self.log_every, 1)
-        _at_least("train.max_consecutive_skips", self.max_consecutive_skips, 1)
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 0),
+                          ("ckpt_every", 0), ("log_every", 1), ("max_consecutive_skips", 1)):
+            at_least(f"train.{name}", getattr(self, name), low, integer=True)
+        integer("train.seed", self.seed)
+        one_of("train.precision", self.precision, PRECISIONS)
+        one_of("train.zero_stage", self.zero_stage, ZERO_STAGES)
+        one_of("train.device", self.device, DEVICES)
 
 
 @dataclass(frozen=True)
@@ -91,12 +88,13 @@ class EvalConfig:
     seed: int = 0                  # MQAR sequences are drawn from this seed
 
     def __post_init__(self):
-        _at_least("eval.batches", self.batches, 0)
-        _at_least("eval.paper_tail", self.paper_tail, 2)
-        for n in self.mqar_lengths:
-            _at_least("eval.mqar_lengths", n, 8)
-        _at_least("eval.mqar_examples", self.mqar_examples, 1)
-        _at_least("eval.mqar_pairs", self.mqar_pairs, 1)
+        at_least("eval.batches", self.batches, 0, integer=True)
+        at_least("eval.paper_tail", self.paper_tail, 2, integer=True)
+        for i, n in enumerate(self.mqar_lengths):
+            at_least(f"eval.mqar_lengths[{i}]", n, 8, integer=True)
+        at_least("eval.mqar_examples", self.mqar_examples, 1, integer=True)
+        at_least("eval.mqar_pairs", self.mqar_pairs, 1, integer=True)
+        integer("eval.seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -112,8 +110,8 @@ class RunConfig:
 
     def __post_init__(self):
         if self.model.max_seq_len < self.data.seq_len:
-            raise ValueError(f"data.seq_len must be <= model.max_seq_len ({self.model.max_seq_len}), got "
-                             f"{self.data.seq_len}; lower data.seq_len or raise model.max_seq_len")
+            fail("data.seq_len", self.data.seq_len, f"<= model.max_seq_len ({self.model.max_seq_len})",
+                 "lower data.seq_len or raise model.max_seq_len")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -125,31 +123,6 @@ class RunConfig:
     def tokens_per_step(self, world_size: int) -> int:
         """Tokens in one optimizer step over all ranks."""
         return self.sequences_per_step(world_size) * self.data.seq_len
-
-
-# ---- checks --------------------------------------------------------------------------------------------
-
-def _number(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-
-
-def _positive(name, value):
-    _number(name, value)
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-
-
-def _at_least(name, value, low):
-    _number(name, value)
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-
-
-def _in_range(name, value, low, high):
-    _number(name, value)
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
 
 
 # ---- building from dicts -------------------------------------------------------------------------------
@@ -172,28 +145,20 @@ def _check_type(name: str, value, hint):
         raise ValueError(errors[0] if errors else f"{name}: bad value {value!r}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list, got {value!r}")
+            fail(name, value, "a list")
         inner = typing.get_args(hint)[0] if typing.get_args(hint) else typing.Any
         items = [_check_type(name, v, inner) for v in value]
         return tuple(items) if origin is tuple else items
     if hint is typing.Any:
         return value
     if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}")
-        return value
+        return boolean(name, value)
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-        return value
+        return integer(name, value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r}")
-        return value
+        return float(number(name, value))
+    if hint is str and not isinstance(value, str):
+        fail(name, value, "a string")
     return value
 
 
@@ -212,7 +177,7 @@ def build(cls, data: dict | None, prefix: str = ""):
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                raise ValueError(f"{prefix}{key} must be a mapping of {hint.__name__} fields, got {value!r}")
+                fail(prefix + key, value, f"a mapping of {hint.__name__} fields")
             kwargs[key] = build(hint, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _check_type(prefix + key, value, hint)
@@ -226,27 +191,9 @@ def build(cls, data: dict | None, prefix: str = ""):
         raise ValueError(message) from None
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`a.b.c=value` strings; the value is parsed as YAML (so 8 is an int, true a bool, [1,2] a list)."""
-    data = dict(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.path=value")
-        path, raw = item.split("=", 1)
-        keys = path.strip().split(".")
-        node = data
-        for k in keys[:-1]:
-            node[k] = dict(node.get(k) or {})
-            node = node[k]
-        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
-    return data
-
-
 def run_config_from_dict(data: dict) -> RunConfig:
     data = dict(data)
-    size = data.get("size", RunConfig.size)
-    if size not in PRESETS:
-        raise ValueError(f"size must be one of {', '.join(PRESETS)}, got {size!r}")
+    size = one_of("size", data.get("size", RunConfig.size), PRESETS)
     model = dict(data.get("model") or {})
     preset = dataclasses.asdict(model_config(size))
     # The preset sets width and depth; explicit model keys win; derived sizes follow the preset's width.
@@ -257,15 +204,81 @@ def run_config_from_dict(data: dict) -> RunConfig:
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    data = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist; pass a YAML file from configs/")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
-    return run_config_from_dict(apply_overrides(data, overrides or []))
+    """A RunConfig from a YAML file (None: the defaults) plus `key.path=value` overrides."""
+    return run_config_from_dict(load_yaml(path, overrides, kind="config", hint="pass a YAML file from configs/"))
+
+
+# ---- YAML files and overrides: the one loader of run, study and search files ---------------------------
+
+def load_yaml(path: str | Path | None, overrides: list[str] | None = None, *, kind: str = "config",
+              hint: str = "", includes: tuple[str, ...] = ()) -> dict:
+    """The mapping in YAML file `path` (None: an empty one) with `key.path=value` overrides applied.
+
+    Errors name the file as "{kind} file 'path'" and end with `hint` (where to find examples).
+    `includes` are top-level keys whose value may be the path of another YAML file, relative to this one,
+    read in its place (a study's base `run`): before the overrides, so `run.train.steps=8` reaches into
+    it, and after them, so `run=other.yaml` works too.
+    """
+    data = {} if path is None else _read_mapping(Path(path), kind, hint)
+    data = _read_includes(data, path, kind, includes)
+    data = apply_overrides(data, overrides or [])
+    return _read_includes(data, path, kind, includes)   # an override may name another file
+
+
+def _read_includes(data: dict, path: str | Path | None, kind: str, includes: tuple[str, ...]) -> dict:
+    for key in includes:
+        name = data.get(key)
+        if isinstance(name, str):
+            where = Path(path).parent if path is not None else Path(".")
+            hint = f"give a path relative to the {kind} file's folder {str(where)!r}"
+            data = {**data, key: _read_mapping(where / name, key, hint)}   # an absolute name stays absolute
+    return data
+
+
+def _read_mapping(path: Path, kind: str, hint: str) -> dict:
+    tail = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise ValueError(f"{kind} file {str(path)!r} does not exist{tail}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{kind} file {str(path)!r} is not valid YAML: {_one_line(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{kind} file {str(path)!r} must hold a mapping of keys at the top level, got a "
+                         f"{type(data).__name__}")
+    return data
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`a.b.c=value` strings; the value is parsed as YAML (so 8 is an int, true a bool, [1,2] a list).
+    Returns a new dict; the mappings on each override's path are copied, never changed in place."""
+    data = dict(data)
+    for item in overrides:
+        path, eq, raw = item.partition("=")
+        keys = path.strip().split(".")
+        if not eq or not all(keys):
+            raise ValueError(f"override {item!r} must look like key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: the value is not valid YAML: {_one_line(exc)}") from None
+        node = data
+        for depth, k in enumerate(keys[:-1]):
+            child = node.get(k)
+            if child is not None and not isinstance(child, dict):
+                where = ".".join(keys[:depth + 1])
+                raise ValueError(f"override {item!r}: {where} is {child!r}, not a mapping; override {where} "
+                                 f"itself or fix the path")
+            node[k] = dict(child or {})
+            node = node[k]
+        node[keys[-1]] = value
+    return data
 
 
 def to_dict(obj) -> dict:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +108,17 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(env):
     cut = load_run_config(None, tiny(env / "cut", *common))
     first = train(cut, on_eval=stop)
     assert first["step"] == 3
+    before = time.time()
     second = train(cut)
     assert second["step"] == 6 and second["run_id"] == first["run_id"]  # the same MLflow run continues
+    # this call's timings only: its first step began after the call did; steps_s sums steps 4-6
+    assert before < second["first_step_start"] < time.time()
+    rows = [json.loads(line) for line in (env / "cut" / "metrics.jsonl").read_text().splitlines()]
+    tokens_per_step = cut.tokens_per_step(1)
+    assert second["steps_s"] == pytest.approx(sum(tokens_per_step / r[schema.M_TOKENS_PER_S] for r in rows[3:]))
+    assert first["steps_s"] == pytest.approx(sum(tokens_per_step / r[schema.M_TOKENS_PER_S] for r in rows[:3]))
+    idle = train(cut)  # already at train.steps: no step runs
+    assert idle["step"] == 6 and idle["first_step_start"] is None and idle["steps_s"] == 0
     full, resumed = losses(env / "full"), losses(env / "cut")
     assert list(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
@@ -156,6 +166,118 @@ def test_nonfinite_steps_are_skipped_then_training_stops(env):
         train(cfg)
     rows = [json.loads(line) for line in (env / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert not rows[0]["skipped"] and all(r["skipped"] for r in rows[-3:]) and len(rows) < 20
+
+
+# ---- the guarded optimizer ------------------------------------------------------------------------------
+
+def _guarded_pair(seed=0):
+    """A small model with matrices, a bias and norm weights; GuardedAdamW on it (as build_optimizer
+    groups them) and a plain torch AdamW, single-tensor path, on an identical copy."""
+    import copy
+
+    from pipeline.train.engine import GuardedAdamW
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3, bias=False))
+    reference = copy.deepcopy(model)
+
+    def groups(m):
+        return [{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+    kwargs = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    return (model, GuardedAdamW(groups(model), foreach=True, **kwargs),
+            reference, torch.optim.AdamW(groups(reference), foreach=False, **kwargs))
+
+
+def _backward(model, seed):
+    torch.manual_seed(seed)
+    model(torch.randn(4, 6)).square().mean().backward()
+
+
+def test_guarded_step_matches_adamw_and_returns_false_when_finite():
+    model, opt, reference, ref_opt = _guarded_pair()
+    for step in range(3):
+        for m, o in ((model, opt), (reference, ref_opt)):
+            o.zero_grad()
+            _backward(m, step)
+        assert opt.step() is False
+        ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_nonfinite_gradient_anywhere_skips_the_whole_step(bad):
+    model, opt, _, _ = _guarded_pair()
+    _backward(model, 0)
+    opt.step()  # moments exist, so an update after a skip would move every parameter
+    names = [n for n, _ in model.named_parameters()]
+    for index, name in enumerate(names):
+        for where in (0, -1):
+            opt.zero_grad()
+            _backward(model, 1)
+            grad = list(model.parameters())[index].grad
+            grad.view(-1)[where] = bad
+            params = [p.detach().clone() for p in model.parameters()]
+            state = {k: v.clone() for p in model.parameters() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+            assert opt.step() is True, (name, where)
+            for (n, p), before in zip(model.named_parameters(), params):
+                assert torch.equal(p, before), f"{n} changed after a non-finite gradient in {name}"
+            after = {k: v for p in model.parameters() for k, v in opt.state[p].items() if torch.is_tensor(v)}
+            assert all(torch.equal(after[k], v) for k, v in state.items())
+            assert all(p.grad is None for p in model.parameters()), "the bad gradients are dropped"
+    opt.zero_grad()
+    _backward(model, 2)
+    assert opt.step(bad_loss=True) is True, "a non-finite loss skips the step even when gradients are finite"
+    _backward(model, 3)
+    assert opt.step() is False
+
+
+def test_any_nonfinite_matches_an_elementwise_check():
+    from pipeline.train.engine import any_nonfinite
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        tensors = [torch.randn(int(n), generator=g) * 10.0 ** float(torch.randint(-30, 38, (1,), generator=g))
+                   for n in torch.randint(1, 50, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)]
+        tensors.append(torch.randn(3, 4, dtype=torch.float64, generator=g))
+        if trial % 2:
+            t = tensors[int(torch.randint(0, len(tensors), (1,), generator=g))]
+            bad = (float("nan"), float("inf"))[trial % 4 // 2]
+            t.view(-1)[int(torch.randint(0, t.numel(), (1,), generator=g))] = bad
+        naive = any(not bool(torch.isfinite(t).all()) for t in tensors)
+        assert any_nonfinite(tensors) == naive, trial
+    big = [torch.full((1000,), 3e38)]   # finite: a sum of squares would overflow, the max-abs does not
+    assert not any_nonfinite(big) and any_nonfinite(big, also=True) and not any_nonfinite([])
+
+
+def test_engine_step_returns_the_skip_and_deepspeed_holds_the_schedule(env):
+    import deepspeed
+
+    from pipeline.train.engine import init_distributed
+
+    init_distributed(torch.device("cpu"))
+    model, opt, _, _ = _guarded_pair()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config={
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
+        "gradient_clipping": 1.0, "zero_optimization": {"stage": 0}, "steps_per_print": 1 << 62,
+        "zero_allow_untested_optimizer": True})
+    x = torch.randn(4, 6)
+    engine.backward(engine(x).square().mean())
+    assert opt.engine_step(engine, bad_loss=False) is False
+    lr = engine.get_lr()[0]
+    engine.backward(engine(x).square().mean())
+    list(engine.module.parameters())[1].grad[0] = float("nan")
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    assert opt.engine_step(engine, bad_loss=False) is True
+    assert all(torch.equal(p, b) for p, b in zip(engine.module.parameters(), before))
+    assert engine.skipped_steps == 1 and engine.get_lr()[0] == lr, "a skipped step leaves the LR schedule"
+    engine.backward(engine(x).square().mean())
+    assert opt.engine_step(engine, bad_loss=True) is True and engine.skipped_steps == 2
+    engine.backward(engine(x).square().mean())
+    assert opt.engine_step(engine, bad_loss=False) is False and engine.get_lr()[0] < lr
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from attamba.checks import boolean, fail, in_range, integer, text
+
 from pipeline.data import cache as data_cache
 from pipeline.data import sources as data_sources
 from pipeline.data.loader import TrainBatches, eval_batches, num_sequences
@@ -44,41 +46,23 @@ class DataConfig:
 
     def __post_init__(self):
         for name in ("source", "text_field", "tokenizer"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+            text(name, getattr(self, name))
         if self.tokenizer not in ("bpe", "byte") and not self.tokenizer.endswith(".json"):
-            raise ValueError(
-                f"tokenizer must be 'bpe', 'byte' or a path to a tokenizer.json, got {self.tokenizer!r}"
-            )
-        if not _is_int(self.vocab_size) or not MIN_BPE_VOCAB <= self.vocab_size <= 2**32:
-            raise ValueError(
-                f"vocab_size must be an integer in [{MIN_BPE_VOCAB}, 2**32] (256 bytes + BOS/EOS/PAD), "
-                f"got {self.vocab_size!r}"
-            )
-        if not _is_int(self.seq_len) or self.seq_len < 1:
-            raise ValueError(f"seq_len must be an integer >= 1, got {self.seq_len!r}")
+            fail("tokenizer", self.tokenizer, "'bpe', 'byte' or a path to a tokenizer.json")
+        integer("vocab_size", self.vocab_size, MIN_BPE_VOCAB, 2**32,
+                fix=f"a BPE vocabulary holds the 256 bytes and BOS/EOS/PAD, so at least {MIN_BPE_VOCAB} entries")
+        integer("seq_len", self.seq_len, 1)
         for name in ("val_fraction", "test_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+            in_range(name, getattr(self, name), 0, 1, high_open=True)
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction must be < 1 to leave training data, got "
                 f"{self.val_fraction} + {self.test_fraction}; lower one of them"
             )
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if self.max_documents is not None and (not _is_int(self.max_documents) or self.max_documents < 1):
-            raise ValueError(f"max_documents must be None or an integer >= 1, got {self.max_documents!r}")
-        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir):
-            raise ValueError(f"cache_dir must be None or a non-empty path, got {self.cache_dir!r}")
-        if not isinstance(self.progress, bool):
-            raise ValueError(f"progress must be true or false, got {self.progress!r}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+        integer("seed", self.seed)
+        integer("max_documents", self.max_documents, 1, or_none=True)
+        text("cache_dir", self.cache_dir, or_none=True, fix="a folder path, or None for the default")
+        boolean("progress", self.progress)
 
 
 def cache_root(config: DataConfig) -> Path:

@@ -13,12 +13,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from attamba.checks import at_least, fail, one_of
 from attamba.config import BOUNDARY_STRATEGIES
 
 from pipeline import schema
-from pipeline.config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
+from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
 from pipeline.study.spec import Resources
 
 SAMPLERS = ("nsga2", "tpe")
@@ -61,20 +60,14 @@ class Objectives:
     context: int = 4096                                       # tokens at which the costs are computed
 
     def __post_init__(self):
-        if self.quality not in QUALITY_OBJECTIVES:
-            raise ValueError(f"objectives.quality: unknown objective {self.quality!r}; choose one of "
-                             f"{', '.join(QUALITY_OBJECTIVES)}")
+        one_of("objectives.quality", self.quality, QUALITY_OBJECTIVES, what="objective")
         if not self.costs:
-            raise ValueError("objectives.costs must list at least one cost, got []; choose from "
-                             f"{', '.join(COST_OBJECTIVES)}")
+            fail("objectives.costs", [], "a list of at least one cost", f"choose from {', '.join(COST_OBJECTIVES)}")
         for cost in self.costs:
-            if cost not in COST_OBJECTIVES:
-                raise ValueError(f"objectives.costs: unknown objective {cost!r}; choose from "
-                                 f"{', '.join(COST_OBJECTIVES)}")
+            one_of("objectives.costs", cost, COST_OBJECTIVES, what="objective")
         if len(set(self.costs)) != len(self.costs):
-            raise ValueError(f"objectives.costs lists a cost twice, got {list(self.costs)!r}")
-        if self.context < 1:
-            raise ValueError(f"objectives.context must be >= 1 token, got {self.context!r}")
+            fail("objectives.costs", list(self.costs), "distinct costs", "list each cost once")
+        at_least("objectives.context", self.context, 1, integer=True, fix="the context is a number of tokens")
 
     @property
     def metrics(self) -> list[str]:
@@ -88,12 +81,10 @@ class Constraints:
     max_ppl_gap: float | None = None          # ppl at most (1 + gap) x the same-size transformer's
 
     def __post_init__(self):
-        if self.max_kv_cache_bytes is not None and self.max_kv_cache_bytes < 1:
-            raise ValueError(f"constraints.max_kv_cache_bytes must be >= 1 byte or null, got "
-                             f"{self.max_kv_cache_bytes!r}")
-        if self.max_ppl_gap is not None and self.max_ppl_gap < 0:
-            raise ValueError(f"constraints.max_ppl_gap must be >= 0 (0.1 = 10% above the transformer) or "
-                             f"null, got {self.max_ppl_gap!r}")
+        at_least("constraints.max_kv_cache_bytes", self.max_kv_cache_bytes, 1, integer=True, or_none=True,
+                 fix="a number of bytes, or null for no limit")
+        at_least("constraints.max_ppl_gap", self.max_ppl_gap, 0, or_none=True,
+                 fix="0.1 = 10% above the transformer's perplexity, or null for no limit")
 
     @property
     def names(self) -> list[str]:
@@ -121,26 +112,19 @@ class SearchConfig:
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name or ""):
-            raise ValueError(f"name must be letters, digits, '.', '_' or '-', got {self.name!r}")
-        if self.n_trials < 1:
-            raise ValueError(f"n_trials must be >= 1, got {self.n_trials!r}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.population_size < 2:
-            raise ValueError(f"population_size must be >= 2, got {self.population_size!r}")
-        if self.max_failed_trials < 0:
-            raise ValueError(f"max_failed_trials must be >= 0, got {self.max_failed_trials!r}")
+            fail("name", self.name, "letters, digits, '.', '_' or '-'")
+        at_least("n_trials", self.n_trials, 1, integer=True)
+        one_of("sampler", self.sampler, SAMPLERS)
+        at_least("population_size", self.population_size, 2, integer=True)
+        at_least("max_failed_trials", self.max_failed_trials, 0, integer=True)
         _check_int_param("space.chunk_size", self.space.chunk_size, minimum=1)
         _check_int_param("space.leading_tokens", self.space.leading_tokens, minimum=0)
         if self.space.state_dim is not None:
             _check_int_param("space.state_dim", self.space.state_dim, minimum=1)
         if not self.space.boundaries:
-            raise ValueError(f"space.boundaries must list at least one of {', '.join(BOUNDARY_STRATEGIES)}, "
-                             "got []")
+            fail("space.boundaries", [], f"a list of at least one of {', '.join(BOUNDARY_STRATEGIES)}")
         for b in self.space.boundaries:
-            if b not in BOUNDARY_STRATEGIES:
-                raise ValueError(f"space.boundaries: unknown strategy {b!r}; choose from "
-                                 f"{', '.join(BOUNDARY_STRATEGIES)}")
+            one_of("space.boundaries", b, BOUNDARY_STRATEGIES, what="strategy")
 
     def storage_url(self) -> str:
         return self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
@@ -155,19 +139,16 @@ def _check_int_param(name: str, p: IntParam, minimum: int) -> None:
         if p.low is not None or p.high is not None:
             raise ValueError(f"{name}: give either choices or low/high, not both")
         if not p.choices:
-            raise ValueError(f"{name}.choices must list at least one value, got []")
+            fail(f"{name}.choices", [], "a list of at least one value")
         for v in p.choices:
-            if v < minimum:
-                raise ValueError(f"{name}.choices values must be >= {minimum}, got {v!r}")
+            at_least(f"{name}.choices values", v, minimum, integer=True)
         return
     if p.low is None or p.high is None:
         raise ValueError(f"{name}: set both low and high (an integer range) or choices (a list)")
-    if p.low < minimum:
-        raise ValueError(f"{name}.low must be >= {minimum}, got {p.low!r}")
+    at_least(f"{name}.low", p.low, minimum, integer=True)
     if p.low > p.high:
         raise ValueError(f"{name}: empty range, low ({p.low}) > high ({p.high}); swap them or widen the range")
-    if p.step < 1:
-        raise ValueError(f"{name}.step must be >= 1, got {p.step!r}")
+    at_least(f"{name}.step", p.step, 1, integer=True)
     if p.log and p.step != 1:
         raise ValueError(f"{name}: log=true needs step=1 (Optuna's rule), got step={p.step}")
     if p.log and p.low < 1:
@@ -176,14 +157,7 @@ def _check_int_param(name: str, p: IntParam, minimum: int) -> None:
 
 def load_search(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
     """SearchConfig from a YAML file plus `key.path=value` overrides; the base run is validated too."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"search file {str(path)!r} does not exist; see configs/search/ for examples")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"search file {str(path)!r} must hold a mapping at the top level")
-    search = search_from_dict(apply_overrides(data, overrides or []))
-    return search
+    return search_from_dict(load_yaml(path, overrides, kind="search", hint="see configs/search/ for examples"))
 
 
 def search_from_dict(data: dict) -> SearchConfig:

@@ -12,12 +12,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from attamba import costs
+from attamba.checks import at_least, fail, integer, one_of, positive
 from attamba.presets import PRESETS
 
-from pipeline.config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
+from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
 
 BASELINES = ("full", "swa", "iso_kv", "iso_flop")
 TOKEN_RULES = ("fixed", "per_param")
@@ -32,12 +31,10 @@ class AttambaGrid:
     boundaries: tuple[str, ...] = ("cyclic",)
 
     def __post_init__(self):
-        for p in self.chunk_size:
-            if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-                raise ValueError(f"attamba.chunk_size values must be integers >= 1, got {p!r}")
-        for n in self.leading_tokens:
-            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise ValueError(f"attamba.leading_tokens values must be integers >= 0, got {n!r}")
+        for i, p in enumerate(self.chunk_size):
+            integer(f"attamba.chunk_size[{i}]", p, 1)
+        for i, n in enumerate(self.leading_tokens):
+            integer(f"attamba.leading_tokens[{i}]", n, 0)
 
 
 @dataclass(frozen=True)
@@ -48,14 +45,13 @@ class TokenBudget:
     budgets: tuple[float, ...] = (1.0,)   # multipliers: several token budgets per size for L(N, D) fits
 
     def __post_init__(self):
-        if self.rule not in TOKEN_RULES:
-            raise ValueError(f"tokens.rule must be one of {', '.join(TOKEN_RULES)}, got {self.rule!r}")
-        if self.tokens < 1:
-            raise ValueError(f"tokens.tokens must be >= 1, got {self.tokens!r}")
-        if self.tokens_per_param <= 0:
-            raise ValueError(f"tokens.tokens_per_param must be > 0, got {self.tokens_per_param!r}")
-        if not self.budgets or any(b <= 0 for b in self.budgets):
-            raise ValueError(f"tokens.budgets must be positive multipliers, got {list(self.budgets)!r}")
+        one_of("tokens.rule", self.rule, TOKEN_RULES)
+        at_least("tokens.tokens", self.tokens, 1, integer=True)
+        positive("tokens.tokens_per_param", self.tokens_per_param)
+        if not self.budgets:
+            fail("tokens.budgets", [], "a list of positive multipliers", "e.g. [1.0]")
+        for i, b in enumerate(self.budgets):
+            positive(f"tokens.budgets[{i}]", b)
 
 
 @dataclass(frozen=True)
@@ -67,14 +63,10 @@ class Resources:
     max_failures: int = 2          # retries of a failed trial, from its last checkpoint
 
     def __post_init__(self):
-        if self.workers < 1:
-            raise ValueError(f"resources.workers must be >= 1, got {self.workers!r}")
-        if self.cpus_per_worker <= 0:
-            raise ValueError(f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
-        if self.gpus_per_worker < 0:
-            raise ValueError(f"resources.gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
-        if self.max_concurrent < 0:
-            raise ValueError(f"resources.max_concurrent must be >= 0, got {self.max_concurrent!r}")
+        at_least("resources.workers", self.workers, 1, integer=True)
+        positive("resources.cpus_per_worker", self.cpus_per_worker)
+        at_least("resources.gpus_per_worker", self.gpus_per_worker, 0)
+        at_least("resources.max_concurrent", self.max_concurrent, 0, integer=True)
 
 
 @dataclass(frozen=True)
@@ -93,22 +85,19 @@ class StudyConfig:
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
+            fail("name", self.name, "a non-empty name without '/'")
         if not self.sizes:
-            raise ValueError("sizes must list at least one size preset, got []")
+            fail("sizes", [], "a list of at least one size preset", f"choose from {', '.join(PRESETS)}")
         for size in self.sizes:
-            if size not in PRESETS:
-                raise ValueError(f"sizes: unknown size preset {size!r}; choose from {', '.join(PRESETS)}")
+            one_of("sizes", size, PRESETS, what="size preset")
         for b in self.baselines:
-            if b not in BASELINES:
-                raise ValueError(f"baselines: unknown baseline {b!r}; choose from {', '.join(BASELINES)}")
+            one_of("baselines", b, BASELINES, what="baseline")
         if not self.seeds:
-            raise ValueError("seeds must list at least one seed, got []")
+            fail("seeds", [], "a list of at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {list(self.seeds)!r}")
+            fail("seeds", list(self.seeds), "distinct")
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
-            raise ValueError(f"address must be a Ray address such as 'auto' or 'ray://host:10001', or null, "
-                             f"got {self.address!r}")
+            fail("address", self.address, "a Ray address such as 'auto' or 'ray://host:10001', or null")
 
 
 @dataclass(frozen=True)
@@ -126,20 +115,10 @@ class RunSpec:
 
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"study file {str(path)!r} does not exist; see configs/studies/ for examples")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"study file {str(path)!r} must hold a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
-    base = data.get("run") or {}
-    if isinstance(base, str):  # a path to a run YAML, relative to the study file
-        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-        if not base_path.is_file():
-            raise ValueError(f"run {base!r}: run config file {str(base_path)!r} does not exist")
-        data["run"] = yaml.safe_load(base_path.read_text()) or {}
-    return build(StudyConfig, data)
+    """StudyConfig from a YAML file plus `key.path=value` overrides; `run` may be the path of a run YAML,
+    relative to the study file."""
+    return build(StudyConfig, load_yaml(path, overrides, kind="study", hint="see configs/studies/ for examples",
+                                        includes=("run",)))
 
 
 def _variants(study: StudyConfig) -> list[dict]:

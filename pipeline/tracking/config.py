@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from attamba.checks import at_least, boolean, fail, positive, text
+
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 DEFAULT_DB_NAME = "mlflow.db"
 
@@ -33,19 +35,16 @@ class TrackingConfig:
     flush_timeout_s: float = 30.0          # how long finish() waits for undelivered records
 
     def __post_init__(self):
+        boolean("tracking.enabled", self.enabled)
         if self.uri is not None:
             check_uri("tracking.uri", self.uri)
-        if not isinstance(self.experiment, str) or not self.experiment.strip():
-            raise ValueError(f"tracking.experiment must be a non-empty name, got {self.experiment!r}")
+        text("tracking.experiment", self.experiment)
         for name in ("run_name", "parent_run_id", "resume_run_id", "journal_dir"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ValueError(f"tracking.{name} must be a non-empty string or null, got {value!r}")
+            text(f"tracking.{name}", getattr(self, name), or_none=True)
+        boolean("tracking.system_metrics", self.system_metrics)
         for name in ("system_metrics_interval_s", "flush_interval_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"tracking.{name} must be > 0 seconds, got {getattr(self, name)!r}")
-        if not self.flush_timeout_s >= 0:
-            raise ValueError(f"tracking.flush_timeout_s must be >= 0 seconds, got {self.flush_timeout_s!r}")
+            positive(f"tracking.{name}", getattr(self, name), fix="a number of seconds")
+        at_least("tracking.flush_timeout_s", self.flush_timeout_s, 0, fix="a number of seconds")
         if self.system_metrics and importlib.util.find_spec("psutil") is None:
             raise ValueError(
                 "tracking.system_metrics=true needs psutil, which is not installed: "
@@ -56,7 +55,7 @@ class TrackingConfig:
 def check_uri(field: str, uri: str) -> None:
     """Refuse URIs MLflow 3 would not serve (or would serve from the deprecated ./mlruns file store)."""
     if not isinstance(uri, str) or not uri.strip():
-        raise ValueError(f"{field} must be a non-empty URI, got {uri!r}")
+        fail(field, uri, "a non-empty URI", f"e.g. sqlite:///{DEFAULT_DB_NAME}")
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
     if scheme == "file" or scheme == "":
         raise ValueError(

@@ -63,44 +63,85 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     }
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that skips its update when any rank saw a non-finite gradient (or was told the loss was).
+def any_nonfinite(tensors: list[torch.Tensor], also: bool = False, device: torch.device | None = None) -> bool:
+    """True when any element of any tensor is NaN or infinite, or `also` is true, on any rank.
 
-    DeepSpeed calls `step` once per optimizer step, after clipping, on every rank (under ZeRO each rank
-    holds a partition, hence the all-reduce). Setting `overflow` makes the engine count the step as
-    skipped and leave the LR schedule where it was, exactly as for an fp16 overflow.
+    The max-abs norms of all tensors of one dtype come from one multi-tensor kernel on their device
+    (a finite value cannot overflow a max, unlike a sum of squares); then one all-reduce across ranks and
+    a single host synchronisation. `device` places the flag when `tensors` is empty (a rank may hold no
+    gradient)."""
+    if tensors:
+        by_dtype = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        finite = [torch.stack(torch._foreach_norm(group, float("inf"))).isfinite().all() for group in by_dtype.values()]
+        bad = (~torch.stack(finite).all()).float()
+    else:
+        bad = torch.zeros((), device=device)
+    if also:
+        bad = torch.ones_like(bad)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips its update when any rank saw a non-finite gradient (or a non-finite loss).
+
+    `step()` returns True when it skipped: no parameter or moment changed, the gradients were dropped.
+    DeepSpeed calls `step` inside `engine.step()` (under ZeRO 1/2 once per parameter group, on each
+    rank's partition, hence the all-reduce), so the loop calls `engine_step(engine, bad_loss=...)`, which
+    runs `engine.step()` and returns whether the optimizer step was skipped by this optimizer or by
+    DeepSpeed. `overflow` is kept only for DeepSpeed: at ZeRO stage 0 the engine reads that attribute to
+    count the step as skipped and hold the LR schedule, as for an fp16 overflow.
     """
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
-        self.overflow = False
-        self.bad_loss = False
+        self.overflow = False      # read by DeepSpeed's engine after each step
+        self._bad_loss = False     # set for the duration of one `engine_step`
+        self._skipped = False      # whether a `step` call inside the current `engine_step` skipped
+
+    def _device(self) -> torch.device:
+        return next(p.device for g in self.param_groups for p in g["params"])
 
     @torch.no_grad()
-    def step(self, closure=None):
-        bad = torch.tensor(float(self.bad_loss))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not torch.isfinite(p.grad).all():
-                    bad.fill_(1.0)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            bad = bad.to(next(p for g in self.param_groups for p in g["params"]).device)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        self.overflow = bool(bad.item() > 0)
-        self.bad_loss = False
-        if self.overflow:
+    def step(self, closure=None, *, bad_loss: bool | None = None) -> bool:
+        """One AdamW update, or none when a gradient here or on another rank is non-finite, or `bad_loss`
+        (default: what `engine_step` was given) is true on any rank. Returns True when it skipped."""
+        if closure is not None:
+            raise ValueError("GuardedAdamW.step takes no closure: compute the loss and call backward first")
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        skipped = any_nonfinite(grads, also=self._bad_loss if bad_loss is None else bad_loss, device=self._device())
+        self.overflow = skipped
+        self._skipped |= skipped
+        if skipped:
             self.zero_grad(set_to_none=True)
-            return None
-        return super().step(closure)
+            return True
+        super().step()
+        return False
+
+    def engine_step(self, engine, *, bad_loss: bool) -> bool:
+        """`engine.step()` at a gradient-accumulation boundary; True when the optimizer step was skipped:
+        here (a non-finite gradient, or `bad_loss` on any rank) or by DeepSpeed before calling `step`
+        (its ZeRO wrapper skips on a non-finite gradient norm and counts it in `skipped_steps`)."""
+        skipped_before = engine.skipped_steps
+        self._bad_loss, self._skipped = bad_loss, False
+        try:
+            engine.step()
+        finally:
+            self._bad_loss = False
+        return self._skipped or engine.skipped_steps > skipped_before
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> GuardedAdamW:
-    """Weight decay on matrices only; norms, biases and the SSMs' per-head scalars are not decayed."""
+    """Weight decay on matrices only; norms, biases and the SSMs' per-head scalars are not decayed.
+    `foreach`: one multi-tensor kernel per AdamW operation instead of a loop over parameters."""
     o = cfg.optim
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return GuardedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=False)
+    return GuardedAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, foreach=True)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

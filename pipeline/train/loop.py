@@ -12,8 +12,9 @@ import logging
 import math
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ from pipeline import schema
 from pipeline.config import RunConfig, dump_yaml, run_config_from_dict
 from pipeline.data.prepare import prepare
 from pipeline.eval.evaluate import evaluate_model
-from pipeline.train.engine import (build_optimizer, build_scheduler, deepspeed_config, init_distributed,
-                           resolve_device)
+from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
+                                   init_distributed, resolve_device)
 from pipeline.train.run_tracking import log_run_start, open_tracker
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,37 @@ METRICS_FILE = "metrics.jsonl"
 
 class StopTraining(Exception):
     """Raised by an `on_eval` callback to end the run after that evaluation (and its checkpoint)."""
+
+
+@dataclass
+class Progress:
+    """Where the loop is. The first three fields are saved in every checkpoint and restored on resume;
+    the timings cover this call of `train` only."""
+
+    step: int = 0                          # optimizer steps done, skipped ones included
+    consecutive_skips: int = 0             # non-finite steps in a row up to `step`
+    skipped_total: int = 0
+    first_step_start: float | None = None  # time.time() when this call's first training step began
+    steps_s: float = 0.0                   # seconds inside training steps (forward, backward, optimizer)
+
+
+@dataclass
+class _Run:
+    """What `train` builds once and its loop uses: the engine and everything around it."""
+
+    cfg: RunConfig
+    cfg_dict: dict                         # cfg.to_dict(), hashed into every checkpoint
+    engine: object                         # deepspeed.DeepSpeedEngine
+    optimizer: GuardedAdamW
+    data: object                           # PreparedData
+    batches: object                        # TrainBatches, resumable through .position
+    tracker: object                        # Tracker
+    on_eval: Callable | None
+    rank: int
+    world: int
+    device: torch.device
+    out_dir: Path
+    tok_path: str | None                   # tokenizer.json copied into checkpoints
 
 
 def _on_all_ranks(fn, rank: int, what: str):
@@ -96,7 +128,10 @@ def _check_resume(directory: Path, cfg_dict: dict, world: int) -> None:
 
 
 def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) -> dict:
-    """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view).
+    """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view) with
+    step, skipped_steps, tokens, out_dir and run_id, and this call's timings: first_step_start
+    (time.time() when its first training step began; None if no step ran) and steps_s (seconds spent
+    inside training steps, the sum of the per-step times behind tokens/s).
 
     on_eval(step, metrics, checkpoint_dir_or_None) is called on every rank after each evaluation (a
     reporter such as ray.train.report may be a barrier across ranks)."""
@@ -129,20 +164,20 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg),
                                            config=deepspeed_config(cfg, world))
-    step, consecutive_skips, skipped_total, position = 0, 0, 0, 0
+    progress, position = Progress(), 0
     if found is not None:
         state = ckpt.load(engine, found)
-        step, position = state["step"], state["data_position"]
-        consecutive_skips, skipped_total = state["consecutive_skips"], state["skipped_total"]
+        progress = Progress(state["step"], state["consecutive_skips"], state["skipped_total"])
+        position = state["data_position"]
         _set_rng_state(state["rng"][rank])
     batches = data.batches("train", t.batch_size, rank, world, start=position)
     tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker)
-    tok_path = getattr(data.tokenizer, "path", None)
+    run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, rank, world, device, out_dir,
+               getattr(data.tokenizer, "path", None))
     try:
         if found is None and rank == 0:
             log_run_start(tracker, cfg, out_dir / "config.yaml", world)
-        result = _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, rank, world,
-                       device, out_dir, tok_path, step, consecutive_skips, skipped_total)
+        result = _loop(run, progress)
         tracker.set_tags({schema.TAG_STATUS: "finished"})
     except BaseException:
         tracker.set_tags({schema.TAG_STATUS: "failed"})
@@ -155,80 +190,93 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
     return result
 
 
-def _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, rank, world, device,
-          out_dir, tok_path, step, consecutive_skips, skipped_total) -> dict:
+def _loop(run: _Run, progress: Progress) -> dict:
+    """Steps from `progress.step` to cfg.train.steps (or an on_eval StopTraining), with logging,
+    checkpoints and evaluations; `progress` is updated in place."""
     from tqdm.auto import tqdm
 
-    t = cfg.train
-    tokens_per_step = cfg.tokens_per_step(world)
-    bar = tqdm(total=t.steps, initial=step, disable=rank != 0 or not t.progress, unit="step", desc=cfg.name)
-    metrics_file = open(out_dir / METRICS_FILE, "a") if rank == 0 else None
-    params = list(engine.module.parameters())
+    cfg, t, tracker = run.cfg, run.cfg.train, run.tracker
+    tokens_per_step = cfg.tokens_per_step(run.world)
+    bar = tqdm(total=t.steps, initial=progress.step, disable=run.rank != 0 or not t.progress, unit="step",
+               desc=cfg.name)
+    metrics_file = open(run.out_dir / METRICS_FILE, "a") if run.rank == 0 else None
     last, evaluated = {}, {}
     try:
-        while step < t.steps:
+        while progress.step < t.steps:
+            if progress.first_step_start is None:
+                progress.first_step_start = time.time()
             start = time.perf_counter()
-            engine.train()
-            loss_sum, bad_loss, norm = 0.0, False, None
-            for _ in range(t.grad_accum):
-                batch = next(batches).to(device)
-                loss = engine(batch[:, :-1], batch[:, 1:])
-                value = float(loss.detach())
-                bad_loss |= not math.isfinite(value)
-                loss_sum += value
-                engine.backward(loss)
-                if engine.is_gradient_accumulation_boundary():
-                    optimizer.bad_loss, optimizer.overflow = bad_loss, False
-                    skips_before = engine.skipped_steps
-                    if t.zero_stage == 0 and t.precision == "fp32":
-                        norm = _grad_norm(params)  # DeepSpeed reports none at stage 0; pre-clip, reduced
-                engine.step()
-            step += 1
-            skipped = optimizer.overflow or engine.skipped_steps > skips_before
-            ds_norm = engine.get_global_grad_norm()
-            norm = float(ds_norm) if ds_norm is not None else norm
-            consecutive_skips = consecutive_skips + 1 if skipped else 0
-            skipped_total += int(skipped)
-            loss_mean = _mean_over_ranks(loss_sum / t.grad_accum, world)
-            tok_s = tokens_per_step / (time.perf_counter() - start)
-            last = {schema.M_LOSS: loss_mean, schema.M_LR: engine.get_lr()[0],
-                    schema.M_GRAD_NORM: norm if norm is not None else float("nan"), schema.M_TOKENS_PER_S: tok_s}
-            if rank == 0:
+            loss_mean, norm, skipped = _train_step(run)
+            step_s = time.perf_counter() - start
+            progress.steps_s += step_s
+            progress.step += 1
+            step = progress.step
+            progress.consecutive_skips = progress.consecutive_skips + 1 if skipped else 0
+            progress.skipped_total += int(skipped)
+            tok_s = tokens_per_step / step_s
+            last = {schema.M_LOSS: loss_mean, schema.M_LR: run.engine.get_lr()[0],
+                    schema.M_GRAD_NORM: norm, schema.M_TOKENS_PER_S: tok_s}
+            if run.rank == 0:
                 metrics_file.write(json.dumps({"step": step, **last, "skipped": skipped}) + "\n")
                 metrics_file.flush()
                 if step % t.log_every == 0 or step == t.steps:
                     tracker.log_metrics({k: v for k, v in last.items() if math.isfinite(v)}, step)
                 bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
-            if consecutive_skips >= t.max_consecutive_skips:
-                raise RuntimeError(f"training stopped at step {step}: {consecutive_skips} consecutive steps had a "
-                                   f"non-finite loss or gradient norm (train.max_consecutive_skips="
+            if progress.consecutive_skips >= t.max_consecutive_skips:
+                raise RuntimeError(f"training stopped at step {step}: {progress.consecutive_skips} consecutive steps "
+                                   f"had a non-finite loss or gradient norm (train.max_consecutive_skips="
                                    f"{t.max_consecutive_skips}); lower optim.lr or check the data")
             final = step == t.steps
             saved = None
             if (t.ckpt_every and step % t.ckpt_every == 0) or (final and t.ckpt_every):
-                client = {"step": step, "data_position": batches.position, "consecutive_skips": consecutive_skips,
-                          "skipped_total": skipped_total, "rng": _gather_rng(world),
-                          "mlflow_run_id": tracker.run_id, "world_size": world}
-                saved = ckpt.save(engine, out_dir, step, client, cfg_dict, tok_path, rank)
+                client = {"step": step, "data_position": run.batches.position,
+                          "consecutive_skips": progress.consecutive_skips, "skipped_total": progress.skipped_total,
+                          "rng": _gather_rng(run.world), "mlflow_run_id": tracker.run_id, "world_size": run.world}
+                saved = ckpt.save(run.engine, run.out_dir, step, client, run.cfg_dict, run.tok_path, run.rank)
             if (t.eval_every and step % t.eval_every == 0) or final:
-                evaluated = evaluate_model(engine.module, data, cfg.eval, t.batch_size, device)
+                evaluated = evaluate_model(run.engine.module, run.data, cfg.eval, t.batch_size, run.device)
                 stop = 0.0
-                if rank == 0:
+                if run.rank == 0:
                     tracker.log_metrics(evaluated, step)
                 try:
-                    if on_eval is not None:
-                        on_eval(step, dict(evaluated), str(saved) if saved else None)
+                    if run.on_eval is not None:
+                        run.on_eval(step, dict(evaluated), str(saved) if saved else None)
                 except StopTraining:
                     stop = 1.0
-                if _mean_over_ranks(stop, world) > 0:  # every rank leaves the loop together
+                if _mean_over_ranks(stop, run.world) > 0:  # every rank leaves the loop together
                     break
     finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
-    return {"step": step, **last, **evaluated, "skipped_steps": skipped_total,
-            "tokens": step * tokens_per_step, "out_dir": str(out_dir)}
+    return {"step": progress.step, **last, **evaluated, "skipped_steps": progress.skipped_total,
+            "tokens": progress.step * tokens_per_step, "out_dir": str(run.out_dir),
+            "first_step_start": progress.first_step_start, "steps_s": progress.steps_s}
+
+
+def _train_step(run: _Run) -> tuple[float, float, bool]:
+    """One optimizer step over train.grad_accum micro-batches: (loss averaged over micro-batches and ranks,
+    gradient norm before clipping (NaN where none is known), whether the update was skipped)."""
+    t, engine = run.cfg.train, run.engine
+    engine.train()
+    loss_sum, bad_loss, norm, skipped = 0.0, False, None, False
+    for _ in range(t.grad_accum):
+        batch = next(run.batches).to(run.device)
+        loss = engine(batch[:, :-1], batch[:, 1:])
+        value = float(loss.detach())
+        bad_loss |= not math.isfinite(value)
+        loss_sum += value
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary():
+            if t.zero_stage == 0 and t.precision == "fp32":
+                norm = _grad_norm(engine.module.parameters())  # DeepSpeed reports none at stage 0; pre-clip
+            skipped = run.optimizer.engine_step(engine, bad_loss=bad_loss)
+        else:
+            engine.step()
+    ds_norm = engine.get_global_grad_norm()
+    norm = float(ds_norm) if ds_norm is not None else norm
+    return _mean_over_ranks(loss_sum / t.grad_accum, run.world), (float("nan") if norm is None else norm), skipped
 
 
 def _gather_rng(world: int) -> list:

@@ -89,3 +89,123 @@ def test_iso_baselines_match_their_targets():
     assert abs(a - b) / a < 0.15
     with pytest.raises(ValueError, match="attention must be attamba"):
         costs.iso_kv_config(iso_kv, T)
+
+
+# ---- the shared field validators (attamba/checks.py) -----------------------------------------------------
+
+def test_checks_name_the_field_the_requirement_the_value_and_the_fix():
+    from attamba import checks
+
+    cases = [
+        (lambda: checks.integer("n", 2.0), "n must be an integer, got 2.0"),
+        (lambda: checks.integer("n", True), "n must be an integer, got True"),
+        (lambda: checks.integer("n", 0, 1), "n must be an integer >= 1, got 0"),
+        (lambda: checks.integer("n", 9, 1, 8), "n must be an integer in [1, 8], got 9"),
+        (lambda: checks.integer("n", 0, 1, or_none=True), "n must be None or an integer >= 1, got 0"),
+        (lambda: checks.at_least("x", -1, 0), "x must be >= 0, got -1"),
+        (lambda: checks.at_least("x", "a", 0), "x must be a number >= 0, got 'a'"),
+        (lambda: checks.at_least("x", 1.5, 0, integer=True), "x must be an integer >= 0, got 1.5"),
+        (lambda: checks.positive("x", 0, fix="try 1"), "x must be > 0, got 0; try 1"),
+        (lambda: checks.positive("x", float("nan")), "x must be a number > 0, got nan"),
+        (lambda: checks.positive("x", float("inf"), finite=True), "x must be a finite number > 0, got inf"),
+        (lambda: checks.number("x", False), "x must be a number, got False"),
+        (lambda: checks.in_range("f", 1, 0, 1, high_open=True), "f must be a number in [0, 1), got 1"),
+        (lambda: checks.in_range("f", -0.5, 0.0, 1.0), "f must be a number in [0.0, 1.0], got -0.5"),
+        (lambda: checks.one_of("m", "c", ("a", "b")), "m must be one of a, b, got 'c'"),
+        (lambda: checks.one_of("z", True, (0, 1)), "z must be one of 0, 1, got True"),
+        (lambda: checks.one_of("s", "c", ("a", "b"), what="size"), "s: unknown size 'c'; choose from a, b"),
+        (lambda: checks.boolean("b", 1), "b must be true or false, got 1"),
+        (lambda: checks.text("t", "  "), "t must be a non-empty string, got '  '"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message
+
+
+def test_checks_return_good_values_unchanged():
+    import math
+
+    import numpy as np
+
+    from attamba import checks
+
+    assert checks.integer("n", np.int64(3), 1) == 3
+    assert checks.integer("n", None, 1, or_none=True) is None
+    assert checks.at_least("x", math.inf, 0) == math.inf      # only finite=True refuses infinities
+    assert checks.positive("x", 1e-9) == 1e-9
+    assert checks.in_range("f", 0, 0, 1, high_open=True) == 0
+    assert checks.one_of("z", 0, (0, 1)) == 0
+    assert checks.text("t", None, or_none=True) is None
+
+
+# ---- the one YAML loader of run, study and search files --------------------------------------------------
+
+def test_load_yaml_applies_dotted_overrides_without_changing_its_input(tmp_path):
+    from pipeline.config import apply_overrides, load_yaml
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 5\nmodel:\n  ssm:\n    state_dim: 8\n")
+    data = load_yaml(path, ["train.steps=7", "model.ssm.state_dim=16", "eval.mqar_lengths=[32, 64]",
+                            "name=x", "tracking.uri="])
+    assert data == {"train": {"steps": 7}, "model": {"ssm": {"state_dim": 16}}, "eval": {"mqar_lengths": [32, 64]},
+                    "name": "x", "tracking": {"uri": ""}}
+    base = {"train": {"steps": 5}}
+    assert apply_overrides(base, ["train.steps=6"]) == {"train": {"steps": 6}} and base == {"train": {"steps": 5}}
+    assert load_yaml(None, ["a.b=true"]) == {"a": {"b": True}}
+
+
+@pytest.mark.parametrize("content, overrides, words", [
+    (None, [], ["study file", "missing.yaml", "does not exist", "configs/studies/"]),
+    ("a: [1, 2\n", [], ["study file", "is not valid YAML"]),
+    ("- 1\n- 2\n", [], ["study file", "mapping", "got a list"]),
+    ("a: 1\n", ["a.b=2"], ["override 'a.b=2'", "a is 1, not a mapping"]),
+    ("a: 1\n", ["a"], ["override 'a' must look like key.path=value"]),
+    ("a: 1\n", ["a..b=1"], ["override 'a..b=1' must look like key.path=value"]),
+    ("a: 1\n", ["a=[1, 2"], ["override 'a=[1, 2'", "not valid YAML"]),
+    ("run: base.yaml\n", [], ["run file", "base.yaml", "does not exist", "relative to the study file's folder"]),
+])
+def test_load_yaml_errors_name_the_file_or_the_override(tmp_path, content, overrides, words):
+    from pipeline.config import load_yaml
+
+    path = tmp_path / ("missing.yaml" if content is None else "study.yaml")
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError) as err:
+        load_yaml(path, overrides, kind="study", hint="see configs/studies/ for examples", includes=("run",))
+    for word in words:
+        assert word in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_included_run_file_is_read_before_and_after_the_overrides(tmp_path):
+    from pipeline.config import load_yaml
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "base.yaml").write_text("train:\n  steps: 5\n  seed: 1\n")
+    (tmp_path / "runs" / "other.yaml").write_text("train:\n  steps: 9\n")
+    study = tmp_path / "study.yaml"
+    study.write_text("name: s\nrun: runs/base.yaml\n")
+    assert load_yaml(study, ["run.train.steps=7"], includes=("run",))["run"] == {"train": {"steps": 7, "seed": 1}}
+    assert load_yaml(study, ["run=runs/other.yaml"], includes=("run",))["run"] == {"train": {"steps": 9}}
+    assert load_yaml(study)["run"] == "runs/base.yaml"   # only listed keys are files
+
+
+def test_run_study_and_search_files_share_the_loader(tmp_path):
+    from pipeline.config import load_run_config
+    from pipeline.search.space import load_search
+    from pipeline.study.spec import load_study
+
+    for load, kind in ((load_run_config, "config"), (load_study, "study"), (load_search, "search")):
+        with pytest.raises(ValueError, match=f"^{kind} file .*nothing.yaml' does not exist"):
+            load(tmp_path / "nothing.yaml")
+        bad = tmp_path / f"{kind}.yaml"
+        bad.write_text("name: [unclosed\n")
+        with pytest.raises(ValueError, match=f"^{kind} file .* is not valid YAML"):
+            load(bad)
+    run = tmp_path / "run.yaml"
+    run.write_text("size: micro\ntrain:\n  steps: 3\n")
+    assert load_run_config(run, ["train.steps=4"]).train.steps == 4
+    study = tmp_path / "study.yaml"
+    study.write_text("name: s\nsizes: [micro]\nrun: run.yaml\n")
+    assert load_study(study, ["run.train.steps=6"]).run == {"size": "micro", "train": {"steps": 6}}
