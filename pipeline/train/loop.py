@@ -29,6 +29,7 @@ from pipeline.eval.evaluate import evaluate_model
 from pipeline.train.engine import (build_optimizer, build_scheduler, deepspeed_config, init_distributed,
                            resolve_device)
 from pipeline.train.run_tracking import log_run_start, open_tracker
+from pipeline.train.throughput import throughput
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, ran
 
     t = cfg.train
     tokens_per_step = cfg.tokens_per_step(world)
+    rates = throughput(cfg.model, cfg.data.seq_len, world, device)
     bar = tqdm(total=t.steps, initial=step, disable=rank != 0 or not t.progress, unit="step", desc=cfg.name)
     metrics_file = open(out_dir / METRICS_FILE, "a") if rank == 0 else None
     params = list(engine.module.parameters())
@@ -192,7 +194,8 @@ def _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, ran
             loss_mean = _mean_over_ranks(loss_sum / t.grad_accum, world)
             tok_s = tokens_per_step / (time.perf_counter() - start)
             last = {schema.M_LOSS: loss_mean, schema.M_LR: engine.get_lr()[0],
-                    schema.M_GRAD_NORM: norm if norm is not None else float("nan"), schema.M_TOKENS_PER_S: tok_s}
+                    schema.M_GRAD_NORM: norm if norm is not None else float("nan"), schema.M_TOKENS_PER_S: tok_s,
+                    **rates.metrics(tok_s)}
             if rank == 0:
                 metrics_file.write(json.dumps({"step": step, **last, "skipped": skipped}) + "\n")
                 metrics_file.flush()
