@@ -15,8 +15,9 @@ from .ssm import ChunkSSM, paired_step
 
 
 @dataclass
-class LayerLayout:
-    """Per-layer chunk structure of one forward: SSM segment ids and visible boundaries (bool [T])."""
+class LayerChunks:
+    """Where one layer's chunks end in one forward: the K/V SSMs' segment ids (int32 [T]), the visible
+    boundaries (bool [T]) and the window L; None fields for the transformer baselines."""
 
     seq_idx: torch.Tensor | None
     boundaries: torch.Tensor | None
@@ -51,15 +52,15 @@ class Attention(nn.Module):
             return matvec(x, self.wk.weight), matvec(x, self.wv.weight)  # F.linear but for one decoding row
         return x, x
 
-    def keys_values(self, x: torch.Tensor, layout: LayerLayout, return_states: bool = False):
+    def keys_values(self, x: torch.Tensor, chunks: LayerChunks, return_states: bool = False):
         """x: [B, T, dim] -> k, v: [B, T, attn_dim] before RoPE (and the SSM states for decoding)."""
         if self.kind != "attamba":
             return self.wk(x), self.wv(x), None
         xk, xv = self.kv_inputs(x)
         # Computed once for both SSMs (None, the plain path, included); decoding's prefill needs the states.
-        blocks = None if return_states else self.ssm_k.blocks(layout.seq_idx, x.shape[0])
-        k_out = self.ssm_k(xk, layout.seq_idx, return_states=return_states, blocks=blocks)
-        v_out = self.ssm_v(xv, layout.seq_idx, return_states=return_states, blocks=blocks)
+        blocks = None if return_states else self.ssm_k.blocks(chunks.seq_idx, x.shape[0])
+        k_out = self.ssm_k(xk, chunks.seq_idx, return_states=return_states, blocks=blocks)
+        v_out = self.ssm_v(xv, chunks.seq_idx, return_states=return_states, blocks=blocks)
         (k, k_states), (v, v_states) = (k_out, v_out) if return_states else ((k_out, None), (v_out, None))
         if self.cfg.ssm_residual:
             k, v = xk + k, xv + v
@@ -70,7 +71,7 @@ class Attention(nn.Module):
         bsz, seqlen, _ = t.shape
         return t.view(bsz, seqlen, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: LayerLayout,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], chunks: LayerChunks,
                 return_cache: bool = False):
         """x: [B, T, dim] -> [B, T, dim].
 
@@ -78,11 +79,11 @@ class Attention(nn.Module):
         both [B, H, T, D]; ssm_states ((conv, scan) of the K-SSM, same of the V-SSM) or None.
         """
         cos, sin = rope
-        k, v, states = self.keys_values(x, layout, return_states=return_cache and self.kind == "attamba")
+        k, v, states = self.keys_values(x, chunks, return_states=return_cache and self.kind == "attamba")
         q = apply_rope(self.heads(self.wq(x)), cos, sin)
         k = apply_rope(self.heads(k), cos, sin)
         v = self.heads(v)
-        out = attention(q, k, v, boundaries=layout.boundaries, leading_tokens=layout.leading_tokens)
+        out = attention(q, k, v, boundaries=chunks.boundaries, leading_tokens=chunks.leading_tokens)
         out = self.wo(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
         if return_cache:
             return out, (k, v, states if self.kind == "attamba" else None)

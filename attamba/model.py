@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import boundaries as bnd
-from .attention import Attention, LayerLayout
+from .attention import Attention, LayerChunks
 from .config import ModelConfig
 from .layers import GatedRMSNorm, RMSNorm, SwiGLU, rope_tables
 from .ops.matvec import matvec
@@ -22,12 +22,12 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, rope, layout, return_cache: bool = False):
+    def forward(self, x, rope, chunks, return_cache: bool = False):
         if return_cache:
-            out, kv = self.attn(self.attn_norm(x), rope, layout, return_cache=True)
+            out, kv = self.attn(self.attn_norm(x), rope, chunks, return_cache=True)
             h = x + out
             return h + self.ffn(self.ffn_norm(h)), kv
-        h = x + self.attn(self.attn_norm(x), rope, layout)
+        h = x + self.attn(self.attn_norm(x), rope, chunks)
         return h + self.ffn(self.ffn_norm(h))
 
     def step(self, x, cos, sin, cache, compiled=None):
@@ -93,19 +93,19 @@ class AttambaLM(nn.Module):
                 n -= self.output.weight.numel()
         return n
 
-    def layouts(self, positions: torch.Tensor, training: bool | None = None) -> list[LayerLayout]:
+    def layer_chunks(self, positions: torch.Tensor, training: bool | None = None) -> list[LayerChunks]:
         """Per-layer chunk structure for int64 absolute positions [T]."""
         cfg = self.config
         training = self.training if training is None else training
         if cfg.attention != "attamba":
-            return [LayerLayout(None, None, cfg.leading_window) for _ in range(cfg.n_layers)]
+            return [LayerChunks(None, None, cfg.leading_window) for _ in range(cfg.n_layers)]
         seed = bnd.draw_training_seed() if (training and cfg.boundaries == "random") else cfg.boundary_seed
         out = []
         for layer in range(cfg.n_layers):
             ends = bnd.chunk_ends(cfg.boundaries, cfg.chunk_size, layer, cfg.n_layers, positions, seed)
             seq_idx = bnd.segment_ids(ends) if cfg.ssm_segmentation == "chunk" else bnd.chunk_offsets(ends)
             visible = None if cfg.pseudo_chunk else bnd.visible_boundaries(ends, positions)
-            out.append(LayerLayout(seq_idx, visible, cfg.leading_window))
+            out.append(LayerChunks(seq_idx, visible, cfg.leading_window))
         return out
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype):
@@ -116,7 +116,7 @@ class AttambaLM(nn.Module):
         return matvec(h, self.embed.weight if self.output is None else self.output.weight)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
-                layouts: list[LayerLayout] | None = None):
+                layer_chunks: list[LayerChunks] | None = None):
         """tokens: [B, T] int64 -> logits [B, T, V]; with targets [B, T], the cross-entropy loss instead
         (a scalar, or [B, T] with reduction="none"). Targets equal to -100 are ignored."""
         bsz, seqlen = tokens.shape
@@ -124,11 +124,11 @@ class AttambaLM(nn.Module):
             raise ValueError(f"sequence length {seqlen} exceeds max_seq_len ({self.config.max_seq_len}); "
                              "raise model.max_seq_len or shorten the input")
         positions = torch.arange(seqlen, device=tokens.device)
-        layouts = self.layouts(positions) if layouts is None else layouts
+        layer_chunks = self.layer_chunks(positions) if layer_chunks is None else layer_chunks
         h = self.embed(tokens)
         rope = self.rope(positions, h.dtype)
-        for block, layout in zip(self.layers, layouts):
-            h = block(h, rope, layout)
+        for block, chunks in zip(self.layers, layer_chunks):
+            h = block(h, rope, chunks)
         logits = self.logits(h)
         if targets is None:
             return logits
@@ -150,8 +150,8 @@ class AttambaLM(nn.Module):
         h = self.embed(tokens)
         rope = self.rope(positions, h.dtype)
         kvs = []
-        for block, layout in zip(self.layers, self.layouts(positions, training=False)):
-            h, kv = block(h, rope, layout, return_cache=True)
+        for block, chunks in zip(self.layers, self.layer_chunks(positions, training=False)):
+            h, kv = block(h, rope, chunks, return_cache=True)
             kvs.append(kv)
         return self.logits(h), kvs
 

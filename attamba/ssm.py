@@ -14,7 +14,7 @@ from .ops.conv import causal_conv1d, conv_step
 from .ops.conv.block import block_causal_conv1d
 from .ops.matvec import matvec
 from .ops.ssd import resolve_backend, ssd_scan, ssd_scan_aligned, ssd_step
-from .ops.ssd.align import BlockLayout, block_layout
+from .ops.ssd.align import ScanBlocks, scan_blocks
 
 
 class ChunkSSM(nn.Module):
@@ -77,20 +77,20 @@ class ChunkSSM(nn.Module):
                 b.reshape(*shape, cfg.groups, cfg.state_dim),
                 c.reshape(*shape, cfg.groups, cfg.state_dim))
 
-    def blocks(self, seq_idx: torch.Tensor, batch: int) -> BlockLayout | None:
-        """The block layout `forward` can use for this seq_idx ([T] or [B, T]), or None where it cannot:
+    def blocks(self, seq_idx: torch.Tensor, batch: int) -> ScanBlocks | None:
+        """The scan blocks `forward` can use for this seq_idx ([T] or [B, T]), or None where it cannot:
         not chunk segmentation, not the PyTorch scan, or a segment longer than the aligned block."""
         if not self.align_block or resolve_backend() != "chunked":
             return None
         if seq_idx.dim() == 1:
             seq_idx = seq_idx.unsqueeze(0).expand(batch, seq_idx.shape[0])
-        return block_layout(seq_idx, self.align_block)
+        return scan_blocks(seq_idx, self.align_block)
 
     def forward(self, u: torch.Tensor, seq_idx: torch.Tensor, return_states: bool = False,
-                blocks: BlockLayout | None | str = "auto"):
+                blocks: ScanBlocks | None | str = "auto"):
         """u: [B, T, dim]; seq_idx: int32 [T] or [B, T]. Returns [B, T, dim] (and (conv_state, ssm_state)).
 
-        Without return_states the block layout is used where it applies; the results are the same.
+        Without return_states the scan blocks are used where they apply; the results are the same.
         `blocks` is self.blocks(seq_idx, B) computed by the caller (shared by the K and V SSMs; None: the
         plain path), or "auto" to compute it here.
         """
@@ -122,8 +122,8 @@ class ChunkSSM(nn.Module):
             conv_state = F.pad(conv_state, (width - seqlen, 0))
         return y, (conv_state.contiguous(), ssm_state)
 
-    def _forward_blocks(self, u: torch.Tensor, blocks: BlockLayout) -> torch.Tensor:
-        """forward on the block layout: the projections moved once into blocks that each hold one segment,
+    def _forward_blocks(self, u: torch.Tensor, blocks: ScanBlocks) -> torch.Tensor:
+        """forward on the scan blocks: the projections moved once into blocks that each hold one segment,
         conv and scan with no segment masks or state passing, the normed output moved back once.
         Padding tokens sit after their segment's tokens in its block, so causality keeps them out of every
         real token's output; their own outputs are dropped."""

@@ -126,13 +126,15 @@ def cmd_bench(args) -> int:
         from pipeline.bench.attention import bench_attention
 
         result = bench_attention(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
-                                 repeats=args.repeats, device=args.device, dtype=dtype)
+                                 repeats=args.repeats, device=args.device, dtype=dtype, heads=args.heads,
+                                 reference=args.reference)
     elif args.what == "train-step":
         from pipeline.bench.train_step import bench_train_step
 
         result = bench_train_step(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
                                   repeats=args.repeats, device=args.device, dim=args.dim, n_layers=args.layers,
-                                  batch=args.batch, autocast=None if dtype == torch.float32 else dtype)
+                                  batch=args.batch, autocast=None if dtype == torch.float32 else dtype,
+                                  size=args.size)
     elif args.what == "matvec":
         from pipeline.bench.matvec import bench_matvec
 
@@ -211,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention: q/k/v dtype; train-step: autocast dtype (parameters stay float32)")
     p.add_argument("--dim", type=int, default=512, help="train-step: model width")
     p.add_argument("--layers", type=int, default=4, help="train-step: number of layers")
+    p.add_argument("--size", help="train-step: a size preset (e.g. s125m) instead of --dim/--layers")
+    p.add_argument("--heads", type=int, default=8, help="attention: number of heads")
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="attention: also time the dense T x T mask reference (--no-reference skips it)")
     p.add_argument("--batch", type=int, default=1, help="train-step, decode: sequences per step")
     p.add_argument("--new-tokens", type=int, default=64, help="decode: tokens generated (timed) per sequence")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

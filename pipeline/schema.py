@@ -25,6 +25,8 @@ M_LOSS = "train/loss"
 M_LR = "train/lr"
 M_GRAD_NORM = "train/grad_norm"
 M_TOKENS_PER_S = "train/tokens_per_s"
+M_FLOPS_PER_S = "train/flops_per_s"  # model FLOPs (attamba.costs) per second, all ranks together
+M_MFU = "train/mfu"                  # M_FLOPS_PER_S over the devices' peak dense bf16 rate; only where known
 
 # Metrics logged per evaluation (step = training step); the last one is the run's result.
 M_VAL_LOSS = "val/loss"

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 JOBS = ROOT / "jobs"
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile.*") if p.suffix != ".dockerignore")
-SHELL_SCRIPTS = sorted([*JOBS.glob("*.sh"), *(DOCKER / "postgres-init").glob("*.sh")])
+SHELL_SCRIPTS = sorted([*JOBS.glob("*.sh"), *(DOCKER / "postgres-init").glob("*.sh"),
+                        *(ROOT / "scripts").glob("*.sh")])
 RAY_SERVICES = ("ray-head", "ray-worker")
 # versions.env keys that pin a Python distribution the project's pyproject also constrains.
 PINNED_DISTRIBUTIONS = {

@@ -90,6 +90,12 @@ def test_learns_below_unigram_entropy_and_tracks_everything(env):
                  schema.M_ATTN_FLOPS_PER_TOKEN, schema.M_TRAIN_FLOPS, schema.M_TRAIN_TOKENS, schema.M_EVAL_CONTEXT):
         assert name in metrics, name
     assert metrics[schema.M_TRAIN_TOKENS] == 240 * 8 * 64
+    # Model FLOP/s on every step; no MFU on a CPU (no known peak rate) unless an override names one.
+    from attamba import costs
+    resolved = load_run_config(env / "run" / "config.yaml")  # the model as trained: vocabulary from the data
+    assert metrics[schema.M_FLOPS_PER_S] == pytest.approx(
+        metrics[schema.M_TOKENS_PER_S] * costs.training_flops_per_token(resolved.model, cfg.data.seq_len), rel=1e-9)
+    assert (schema.M_MFU in metrics) == bool(os.environ.get("ATTAMBA_PEAK_FLOPS"))
     assert len(client.get_metric_history(run.info.run_id, schema.M_LOSS)) == 240
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts

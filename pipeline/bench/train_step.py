@@ -12,6 +12,7 @@ from attamba.model import AttambaLM
 from attamba.presets import model_config
 
 from pipeline.bench.attention import synchronize
+from pipeline.train.throughput import device_peak
 
 
 class _Trainer:
@@ -38,22 +39,28 @@ class _Trainer:
 def bench_train_step(seq_len: int = 4096, chunk_size: int = 8, leading_tokens: int = 32, dim: int = 512,
                      n_layers: int = 4, n_heads: int = 8, vocab: int = 4096, batch: int = 1,
                      repeats: int = 3, boundaries: str = "cyclic", device: str = "cpu",
-                     autocast: torch.dtype | None = None) -> dict:
+                     autocast: torch.dtype | None = None, size: str | None = None) -> dict:
     """Step time of a `dim` x `n_layers` Attamba LM over the transformer's, measured in one run.
 
     The models step in turn; the ratio is the median of the `repeats` per-pair ratios (wall clock; the same
     from process CPU time is attamba_over_transformer_cpu).
 
     Parameters stay float32; `autocast` (e.g. torch.bfloat16) runs the forward in mixed precision.
+    `size` (a preset such as "s125m") takes dim, n_layers and n_heads from the preset instead.
+    Model FLOP/s (attamba.costs) of each, and MFU where the device's peak bf16 rate is known
+    (pipeline.train.throughput).
     """
-    common = dict(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=n_heads, max_seq_len=seq_len)
+    common = dict(vocab_size=vocab, max_seq_len=seq_len)
+    if size is None:
+        size, common = "small", dict(common, dim=dim, n_layers=n_layers, n_heads=n_heads)
     configs = {
-        "attamba": model_config("small", **common, chunk_size=chunk_size, leading_tokens=leading_tokens,
+        "attamba": model_config(size, **common, chunk_size=chunk_size, leading_tokens=leading_tokens,
                                 boundaries=boundaries),
-        "transformer": model_config("small", **common, attention="full"),
+        "transformer": model_config(size, **common, attention="full"),
     }
+    dim, n_layers, n_heads = configs["attamba"].dim, configs["attamba"].n_layers, configs["attamba"].n_heads
     tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
-    result = {"seq_len": seq_len, "chunk_size": chunk_size, "leading_tokens": leading_tokens, "dim": dim,
+    result = {"size": size, "seq_len": seq_len, "chunk_size": chunk_size, "leading_tokens": leading_tokens, "dim": dim,
               "n_layers": n_layers, "n_heads": n_heads, "batch": batch, "threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name(tokens.device) if tokens.is_cuda else "cpu",
               "autocast": str(autocast).removeprefix("torch.") if autocast is not None else None}
@@ -69,11 +76,16 @@ def bench_train_step(seq_len: int = 4096, chunk_size: int = 8, leading_tokens: i
             wall, cpu = trainer.step()
             times[name].append(wall)
             cpu_times[name].append(cpu)
+    peak = device_peak(tokens.device)
+    result["peak_flops_per_s"] = peak
     for name, cfg in configs.items():
         result[f"{name}_step_s"] = statistics.median(times[name])
         result[f"{name}_step_cpu_s"] = statistics.median(cpu_times[name])
         result[f"{name}_params"] = costs.param_count(cfg, non_embedding=False)
         result[f"{name}_train_flops_per_token"] = costs.training_flops_per_token(cfg, seq_len)
+        flops_per_s = result[f"{name}_train_flops_per_token"] * batch * seq_len / result[f"{name}_step_s"]
+        result[f"{name}_flops_per_s"] = flops_per_s
+        result[f"{name}_mfu"] = None if peak is None else flops_per_s / peak
     ratios = [a / t for a, t in zip(times["attamba"], times["transformer"])]
     result["attamba_over_transformer"] = statistics.median(ratios)
     result["pair_ratios"] = ratios

@@ -30,6 +30,7 @@ from pipeline.eval.evaluate import evaluate_model
 from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
                                    init_distributed, resolve_device)
 from pipeline.train.run_tracking import log_run_start, open_tracker
+from pipeline.train.throughput import throughput
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def _loop(run: _Run, progress: Progress) -> dict:
 
     cfg, t, tracker = run.cfg, run.cfg.train, run.tracker
     tokens_per_step = cfg.tokens_per_step(run.world)
+    rates = throughput(cfg.model, cfg.data.seq_len, run.world, run.device)
     bar = tqdm(total=t.steps, initial=progress.step, disable=run.rank != 0 or not t.progress, unit="step",
                desc=cfg.name)
     metrics_file = open(run.out_dir / METRICS_FILE, "a") if run.rank == 0 else None
@@ -215,7 +217,7 @@ def _loop(run: _Run, progress: Progress) -> dict:
             progress.skipped_total += int(skipped)
             tok_s = tokens_per_step / step_s
             last = {schema.M_LOSS: loss_mean, schema.M_LR: run.engine.get_lr()[0],
-                    schema.M_GRAD_NORM: norm, schema.M_TOKENS_PER_S: tok_s}
+                    schema.M_GRAD_NORM: norm, schema.M_TOKENS_PER_S: tok_s, **rates.metrics(tok_s)}
             if run.rank == 0:
                 metrics_file.write(json.dumps({"step": step, **last, "skipped": skipped}) + "\n")
                 metrics_file.flush()

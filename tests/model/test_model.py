@@ -79,10 +79,10 @@ def test_random_boundaries_redrawn_in_training_fixed_in_eval():
     model = AttambaLM(small(boundaries="random", chunk_size=4))
     pos = torch.arange(64)
     model.train()
-    draws = [model.layouts(pos)[0].boundaries for _ in range(3)]
+    draws = [model.layer_chunks(pos)[0].boundaries for _ in range(3)]
     assert not (torch.equal(draws[0], draws[1]) and torch.equal(draws[1], draws[2]))
     model.eval()
-    assert torch.equal(model.layouts(pos)[0].boundaries, model.layouts(pos)[0].boundaries)
+    assert torch.equal(model.layer_chunks(pos)[0].boundaries, model.layer_chunks(pos)[0].boundaries)
 
 
 def test_sequence_longer_than_max_is_refused():

@@ -1,9 +1,11 @@
 """Attamba attention (docs/method.md section 3) with a dense-mask reference and fast paths.
 
 Backends: "naive" (dense T x T mask + SDPA), "blocked" (exact, O(T * (T/P + L)) work, CPU flash kernels),
-"flex" (FlexAttention BlockMask, CUDA only) and "auto": full causal attention goes to SDPA(is_causal=True),
-what a transformer pays; otherwise "flex" on CUDA and "blocked" elsewhere. The default comes from the
-environment variable ATTAMBA_ATTENTION_BACKEND, read once at import; `backend=` overrides it per call.
+"concat" (SDPA over [window keys ; gathered boundary keys] with a dense mask: the reference of "flex"),
+"flex" (FlexAttention over those concatenated keys with a block-sparse mask, O(T * (T/P + L)) work, CUDA
+only) and "auto": full causal attention goes to SDPA(is_causal=True), what a transformer pays; otherwise
+"flex" on CUDA and "blocked" elsewhere. The default comes from the environment variable
+ATTAMBA_ATTENTION_BACKEND, read once at import; `backend=` overrides it per call.
 An explicitly named backend that cannot run raises; it never falls back silently.
 """
 
@@ -17,10 +19,11 @@ import torch.nn.functional as F
 from attamba.ops.attention import flex as _flex
 from attamba.ops.attention import flops as _flops
 from attamba.ops.attention.blocked import blocked_attention
+from attamba.ops.attention.concat import concat_attention
 from attamba.ops.attention.mask import attention_mask, check_mask_args, visible_keys
 from attamba.ops.attention.naive import einsum_attention, naive_attention
 
-BACKENDS = ("auto", "naive", "blocked", "flex")
+BACKENDS = ("auto", "naive", "blocked", "concat", "flex")
 ENV_VAR = "ATTAMBA_ATTENTION_BACKEND"
 
 _flops.register()
@@ -40,7 +43,7 @@ DEFAULT_BACKEND = _check_backend(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
 def resolve_backend(backend: str | None, device: torch.device, full_causal: bool) -> str:
-    """The kernel a call will use: "causal", "naive", "blocked" or "flex"."""
+    """The kernel a call will use: "causal", "naive", "blocked", "concat" or "flex"."""
     name = DEFAULT_BACKEND if backend is None else _check_backend(backend, "backend")
     if name != "auto":
         return name
@@ -80,6 +83,8 @@ def attention(
         return naive_attention(q, k, v, boundaries, leading_tokens, scale)
     if kernel == "blocked":
         return blocked_attention(q, k, v, boundaries, leading_tokens, scale)
+    if kernel == "concat":
+        return concat_attention(q, k, v, boundaries, leading_tokens, scale)
     return _flex.flex_attention_forward(q, k, v, boundaries, leading_tokens, scale)
 
 
@@ -88,6 +93,7 @@ __all__ = [
     "attention",
     "attention_mask",
     "blocked_attention",
+    "concat_attention",
     "einsum_attention",
     "naive_attention",
     "resolve_backend",

@@ -43,8 +43,11 @@ class Superblock:
 
 
 @dataclass(frozen=True)
-class WindowLayout:
-    """Query blocks of the window part: block b holds rows [b*Bq, (b+1)*Bq) and keys [b*Bq - L, (b+1)*Bq)."""
+class WindowBlocks:
+    """The window part cut into query blocks: block b holds rows [b*Bq, (b+1)*Bq) and keys [b*Bq - L, (b+1)*Bq).
+
+    (Not to be confused with the SSM's ScanBlocks, tokens moved into scan blocks, nor with a layer's
+    LayerChunks, where its chunks end.)"""
 
     block_size: int
     num_blocks: int
@@ -55,8 +58,8 @@ class WindowLayout:
 class BlockedPlan:
     seq_len: int
     leading_tokens: int  # clamped to T - 1: a longer window is full causal
-    window: WindowLayout  # the forward's window part; its blocks are also the superblocks' granularity
-    backward_window: WindowLayout  # the window part of the backward (blocks of >= BACKWARD_WINDOW_BLOCK rows)
+    window: WindowBlocks  # the forward's window part; its blocks are also the superblocks' granularity
+    backward_window: WindowBlocks  # the window part of the backward (blocks of >= BACKWARD_WINDOW_BLOCK rows)
     boundary_index: torch.Tensor | None  # int64 [nb]
     superblocks: tuple[Superblock, ...]
     work: int  # query-key pairs the kernels multiply, padding included
@@ -119,8 +122,8 @@ def _superblocks(
     return result, work
 
 
-def _window_layout(seq_len: int, boundaries: torch.Tensor | None, leading: int, block: int, dtype: torch.dtype,
-                   device: torch.device, partition_block: int | None = None) -> WindowLayout:
+def _window_blocks(seq_len: int, boundaries: torch.Tensor | None, leading: int, block: int, dtype: torch.dtype,
+                   device: torch.device, partition_block: int | None = None) -> WindowBlocks:
     """Window-part blocks of `block` rows. The window part of row t owns the keys from s - L on, s being the
     start of t's block of `partition_block` rows (default: `block`); the boundary part owns those before.
     """
@@ -139,7 +142,7 @@ def _window_layout(seq_len: int, boundaries: torch.Tensor | None, leading: int, 
     visible = (key >= 0) & (distance >= 0) & ((distance <= leading) | ((distance > 0) & flags_at_key))
     if partition_block != block:
         visible &= key >= t // partition_block * partition_block - leading
-    return WindowLayout(block, nblk, _additive(visible, dtype)[None])
+    return WindowBlocks(block, nblk, _additive(visible, dtype)[None])
 
 
 def make_plan(
@@ -150,7 +153,7 @@ def make_plan(
     device: torch.device,
     block_size: int | None = None,
 ) -> BlockedPlan:
-    """Block layout and masks for one (T, boundaries, L); they depend on neither batch nor heads."""
+    """Query blocks and masks for one (T, boundaries, L); they depend on neither batch nor heads."""
     from attamba.ops.attention.mask import visible_keys
 
     leading = seq_len - 1 if leading_tokens is None else min(leading_tokens, seq_len - 1)
@@ -158,10 +161,10 @@ def make_plan(
         boundaries = None  # the window already holds every earlier key
     exact = int(visible_keys(seq_len, boundaries, leading).sum())
     block = block_size or _choose_block_size(seq_len, leading, exact)
-    window = _window_layout(seq_len, boundaries, leading, block, dtype, device)
+    window = _window_blocks(seq_len, boundaries, leading, block, dtype, device)
     nblk, padded = window.num_blocks, window.num_blocks * block
     backward_block = max(block, BACKWARD_WINDOW_BLOCK)
-    backward_window = window if backward_block == block else _window_layout(
+    backward_window = window if backward_block == block else _window_blocks(
         seq_len, boundaries, leading, backward_block, dtype, device, partition_block=block)
     work = padded * (leading + block)  # forward work: what the FLOP accounting compares with the analytic count
     index, groups = None, []
@@ -196,18 +199,18 @@ def cached_plan(seq_len: int, boundaries: torch.Tensor | None, leading_tokens: i
     return plan
 
 
-def _windows(x: torch.Tensor, seq_len: int, leading: int, layout: WindowLayout) -> torch.Tensor:
+def _windows(x: torch.Tensor, seq_len: int, leading: int, blocks: WindowBlocks) -> torch.Tensor:
     """[N, T, D] -> overlapping key windows [N, nblk, L + Bq, D], a view of one left-padded copy."""
-    block, nblk = layout.block_size, layout.num_blocks
+    block, nblk = blocks.block_size, blocks.num_blocks
     xp = F.pad(x, (0, 0, leading, nblk * block - seq_len))
     n, _, d = xp.shape
     return xp.as_strided((n, nblk, leading + block, d), (xp.stride(0), block * d, d, 1))
 
 
-def _fold(windows: torch.Tensor, seq_len: int, leading: int, layout: WindowLayout) -> torch.Tensor:
+def _fold(windows: torch.Tensor, seq_len: int, leading: int, blocks: WindowBlocks) -> torch.Tensor:
     """Adjoint of _windows: sum overlapping window gradients [N, nblk, L + Bq, D] back to [N, T, D]."""
     n, nblk, span, d = windows.shape
-    block = layout.block_size
+    block = blocks.block_size
     slabs = math.ceil(span / block)
     acc = windows.new_zeros(n, nblk + slabs, block, d)
     for r in range(slabs):
@@ -272,7 +275,7 @@ class _BlockedAttention(torch.autograd.Function):
         b, h, t, d = q.shape
         n, nblk, block = b * h, plan.num_blocks, plan.block_size
         qf, kf, vf = (x.reshape(n, t, d) for x in (q, k, v))
-        # Window part on the backward layout (larger query blocks, see BACKWARD_WINDOW_BLOCK): every row
+        # Window part on the backward blocks (larger query blocks, see BACKWARD_WINDOW_BLOCK): every row
         # that is padding there has a zero gradient, so its (zero) log-sum-exp only has to be finite.
         win, leading = plan.backward_window, plan.leading_tokens
         padded = win.num_blocks * win.block_size

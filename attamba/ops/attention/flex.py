@@ -1,27 +1,29 @@
-"""FlexAttention with a block-sparse BlockMask: the CUDA path (no backward on CPU, so CUDA only).
+"""FlexAttention over concatenated keys: the CUDA path (FlexAttention has no backward on CPU).
 
-Exact (tested against the dense mask on an H100) but not yet fast: with a visible boundary every P tokens,
-every 128-key block below the diagonal holds one, so the BlockMask skips no block and the kernel does
-full causal work plus mask evaluation (measured 3-4x the dense-mask SDPA time at T=4096, batch 1).
-The fix is the CPU path's decomposition (attamba/ops/attention/blocked.py): a banded window part and a
-part over the gathered boundary keys, merged through their log-sum-exps.
+The keys are [window ; compressed] as laid out by concat.py: the padded sequence, then the gathered
+boundary keys. The BlockMask lists, per 128-row query block, the key blocks that hold a visible key:
+a band of about (L + 128) / 128 + 1 window blocks and a staircase over the compressed blocks (boundaries
+strictly before the block's window), so the kernel's work follows T x (T/P + L) instead of T x T.
+Blocks where every pair is visible are listed as full (no mask evaluation); the others as partial,
+where the kernel evaluates concat.py's mask_mod. The block tables are computed from the layout in
+O(T/128 x (T + nb)/128), not by evaluating the mask on every pair; a CPU test checks them against the
+dense mask.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 
+from attamba.ops.attention.concat import ConcatLayout, cached, cached_layout, concat_keys, pad_queries, pattern_key
+
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch without FlexAttention
-    create_block_mask = flex_attention = None
+    BlockMask = flex_attention = None
 
 AVAILABLE = flex_attention is not None
+BLOCK_SIZE = 128  # FlexAttention's sparse block size; the layout pads both parts to multiples of it
 _compiled = None
-_MASK_CACHE: OrderedDict = OrderedDict()
-_MASK_CACHE_SIZE = 64  # one entry per distinct (length, window, boundary pattern): every layer of a deep model
 
 
 def _kernel():
@@ -30,6 +32,48 @@ def _kernel():
     if _compiled is None:
         _compiled = torch.compile(flex_attention, dynamic=False)
     return _compiled
+
+
+def block_grids(layout: ConcatLayout, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, full): bool [window_len / block, kv_len / block]; any = the block holds a visible pair,
+    full = every pair in it is visible. Needs layout.pad == block."""
+    if layout.pad != block:
+        raise ValueError(f"block_grids needs a layout padded to the block size {block}, got pad={layout.pad}")
+    device, leading = layout.key_position.device, layout.leading_tokens
+    num_q, num_window = layout.window_len // block, layout.window_len // block
+    first = torch.arange(num_q, device=device)[:, None] * block  # first row of each query block
+    last = first + block - 1
+    # Window part, key block c: keys [c*B, c*B + B - 1]; visible iff 0 <= t - k <= L.
+    key_first = torch.arange(num_window, device=device)[None, :] * block
+    key_last = key_first + block - 1
+    window_any = (key_first <= last) & (key_last >= first - leading)
+    window_full = (key_last <= first) & (last - key_first <= leading)
+    # Compressed part: row t sees the first count(t) entries, count(t) = #{b : b < t - L} (positions sorted).
+    positions = layout.key_position[layout.window_len: layout.window_len + layout.num_compressed]
+    count_first = torch.searchsorted(positions, first - leading)
+    count_last = torch.searchsorted(positions, last - leading)
+    entry_first = torch.arange(layout.compressed_len // block, device=device)[None, :] * block
+    compressed_any = entry_first < count_last
+    compressed_full = entry_first + block <= count_first
+    return torch.cat([window_any, compressed_any], 1), torch.cat([window_full, compressed_full], 1)
+
+
+def _tables(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [num_q, num_kv] -> (number of listed blocks int32 [1, 1, num_q], their ids int32 [1, 1, num_q, num_kv])."""
+    count = grid.sum(-1, dtype=torch.int32)
+    ids = torch.argsort(grid.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return count[None, None], ids[None, None]
+
+
+def block_mask(layout: ConcatLayout):
+    """The BlockMask of a layout padded to BLOCK_SIZE."""
+    any_visible, full = block_grids(layout, BLOCK_SIZE)
+    partial_count, partial_ids = _tables(any_visible & ~full)
+    full_count, full_ids = _tables(full)
+    return BlockMask.from_kv_blocks(
+        partial_count, partial_ids, full_count, full_ids, BLOCK_SIZE=BLOCK_SIZE, mask_mod=layout.mask_mod(),
+        seq_lengths=(layout.window_len, layout.kv_len),
+    )
 
 
 def flex_attention_forward(
@@ -48,36 +92,16 @@ def flex_attention_forward(
             f"backend 'flex' runs on CUDA tensors only (FlexAttention has no CPU backward), got device "
             f"{q.device}; use backend='blocked' on CPU"
         )
+    return attend(q, k, v, boundaries, leading_tokens, scale)
+
+
+def attend(q, k, v, boundaries, leading_tokens, scale=None) -> torch.Tensor:
+    """The kernel call without the device check: on CPU it runs forward only (the CPU test of the block
+    tables, which the compiled CPU kernel honours as the CUDA one does)."""
     seq_len = q.shape[-2]
-    block_mask = _block_mask(seq_len, leading_tokens, boundaries, q.device)
-    return _kernel()(q, k, v, block_mask=block_mask, scale=scale)
-
-
-def _block_mask(seq_len: int, leading_tokens: int | None, boundaries: torch.Tensor | None, device):
-    """The BlockMask of (T, L, boundaries), built by a compiled create_block_mask and kept in an LRU cache.
-
-    Building one evaluates the mask on every (query block, key block) pair, which costs more than the
-    attention itself when done eagerly each call; a layer's boundaries rarely change between steps
-    (cyclic and uniform never, random once per training step), so the pattern's bytes key the cache.
-    """
-    window = seq_len if leading_tokens is None else leading_tokens
-    pattern = b"" if boundaries is None else boundaries.to(dtype=torch.bool).cpu().numpy().tobytes()
-    key = (str(device), seq_len, window, pattern)
-    cached = _MASK_CACHE.get(key)
-    if cached is not None:
-        _MASK_CACHE.move_to_end(key)
-        return cached
-    flags = (torch.zeros(seq_len, dtype=torch.bool, device=device) if boundaries is None
-             else boundaries.to(device=device, dtype=torch.bool).clone())  # the cached mask keeps its own copy
-    # A tensor, not a Python int: compiled code reads it as an input instead of recompiling for each L.
-    window_t = torch.tensor(window, device=device)
-
-    def mask_mod(batch, head, q_idx, kv_idx):
-        distance = q_idx - kv_idx
-        return (distance >= 0) & ((distance <= window_t) | ((distance > 0) & flags[kv_idx]))
-
-    block_mask = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device, _compile=True)
-    _MASK_CACHE[key] = block_mask
-    if len(_MASK_CACHE) > _MASK_CACHE_SIZE:
-        _MASK_CACHE.popitem(last=False)
-    return block_mask
+    pattern = pattern_key(boundaries)
+    layout = cached_layout(seq_len, boundaries, leading_tokens, q.device, BLOCK_SIZE, pattern)
+    mask = cached(("block_mask", str(q.device), seq_len, leading_tokens, pattern), lambda: block_mask(layout))
+    out = _kernel()(pad_queries(q, layout), concat_keys(k, layout), concat_keys(v, layout), block_mask=mask,
+                    scale=scale)
+    return out[:, :, :seq_len]

@@ -64,8 +64,9 @@ def from_aligned(t: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class BlockLayout:
-    """The aligned layout of a batch as blocks of `block` tokens: [Bt, T, ...] <-> [Bt, nb * block, ...].
+class ScanBlocks:
+    """A batch's tokens moved into SSD scan blocks of `block` tokens, each segment starting a block (the
+    aligned layout): [Bt, T, ...] <-> [Bt, nb * block, ...].
 
     Where every sequence's segments are the same and all but the first and last are `block` long (uniform
     and cyclic chunks), the layout is a shift: aligned position = t + shift (the first segment ends its
@@ -99,8 +100,8 @@ class BlockLayout:
         return x.reshape(-1, feat).index_select(0, self.scatter).view(bt, self.seq_len, feat)
 
 
-def block_layout(seq_idx: torch.Tensor, block: int) -> BlockLayout | None:
-    """BlockLayout for monotone seq_idx [Bt, T], or None when a segment is longer than `block`."""
+def scan_blocks(seq_idx: torch.Tensor, block: int) -> ScanBlocks | None:
+    """ScanBlocks for monotone seq_idx [Bt, T], or None when a segment is longer than `block`."""
     bt, t_len = seq_idx.shape
     dev = seq_idx.device
     pos, is_start, seg_start = _segments(seq_idx)
@@ -116,10 +117,10 @@ def block_layout(seq_idx: torch.Tensor, block: int) -> BlockLayout | None:
         nb = -(-(t_len + shift) // block)
         ids = seq_idx + 1
         aligned_idx = torch.cat([ids.new_zeros(bt, shift), ids, ids[:, -1:].expand(bt, nb * block - t_len - shift)], 1)
-        return BlockLayout(block, nb, t_len, shift, None, None, aligned_idx)
+        return ScanBlocks(block, nb, t_len, shift, None, None, aligned_idx)
     new_pos, src, aligned_idx = aligned_layout(seq_idx, block)
     nb = src.shape[1] // block
     rows = torch.arange(bt, device=dev)
     gather = (src + (rows * (t_len + 1))[:, None]).reshape(-1)
     scatter = (new_pos + (rows * nb * block)[:, None]).reshape(-1)
-    return BlockLayout(block, nb, t_len, None, gather, scatter, aligned_idx)
+    return ScanBlocks(block, nb, t_len, None, gather, scatter, aligned_idx)
