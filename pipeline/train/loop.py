@@ -165,8 +165,11 @@ def _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, ran
     metrics_file = open(out_dir / METRICS_FILE, "a") if rank == 0 else None
     params = list(engine.module.parameters())
     last, evaluated = {}, {}
+    first_step_start, steps_s = None, 0.0  # wall clock at this call's first step; seconds inside steps
     try:
         while step < t.steps:
+            if first_step_start is None:
+                first_step_start = time.time()
             start = time.perf_counter()
             engine.train()
             loss_sum, bad_loss, norm = 0.0, False, None
@@ -190,7 +193,9 @@ def _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, ran
             consecutive_skips = consecutive_skips + 1 if skipped else 0
             skipped_total += int(skipped)
             loss_mean = _mean_over_ranks(loss_sum / t.grad_accum, world)
-            tok_s = tokens_per_step / (time.perf_counter() - start)
+            step_s = time.perf_counter() - start
+            steps_s += step_s
+            tok_s = tokens_per_step / step_s
             last = {schema.M_LOSS: loss_mean, schema.M_LR: engine.get_lr()[0],
                     schema.M_GRAD_NORM: norm if norm is not None else float("nan"), schema.M_TOKENS_PER_S: tok_s}
             if rank == 0:
@@ -228,7 +233,8 @@ def _loop(engine, optimizer, cfg, cfg_dict, data, batches, tracker, on_eval, ran
         if metrics_file:
             metrics_file.close()
     return {"step": step, **last, **evaluated, "skipped_steps": skipped_total,
-            "tokens": step * tokens_per_step, "out_dir": str(out_dir)}
+            "tokens": step * tokens_per_step, "out_dir": str(out_dir), "first_step_start": first_step_start,
+            "steps_s": steps_s}
 
 
 def _gather_rng(world: int) -> list:
