@@ -18,6 +18,7 @@ from attamba import costs
 from attamba.presets import PRESETS
 
 from pipeline.config import RunConfig, apply_overrides, build, run_config_from_dict, to_dict
+from pipeline.ray.cluster import Resources
 
 BASELINES = ("full", "swa", "iso_kv", "iso_flop")
 TOKEN_RULES = ("fixed", "per_param")
@@ -56,25 +57,6 @@ class TokenBudget:
             raise ValueError(f"tokens.tokens_per_param must be > 0, got {self.tokens_per_param!r}")
         if not self.budgets or any(b <= 0 for b in self.budgets):
             raise ValueError(f"tokens.budgets must be positive multipliers, got {list(self.budgets)!r}")
-
-
-@dataclass(frozen=True)
-class Resources:
-    workers: int = 1               # DeepSpeed data-parallel workers per run (Ray Train workers)
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    max_concurrent: int = 0        # trials at once; 0 = as many as the cluster fits
-    max_failures: int = 2          # retries of a failed trial, from its last checkpoint
-
-    def __post_init__(self):
-        if self.workers < 1:
-            raise ValueError(f"resources.workers must be >= 1, got {self.workers!r}")
-        if self.cpus_per_worker <= 0:
-            raise ValueError(f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
-        if self.gpus_per_worker < 0:
-            raise ValueError(f"resources.gpus_per_worker must be >= 0, got {self.gpus_per_worker!r}")
-        if self.max_concurrent < 0:
-            raise ValueError(f"resources.max_concurrent must be >= 0, got {self.max_concurrent!r}")
 
 
 @dataclass(frozen=True)
@@ -196,7 +178,8 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                     data["name"] = name
                     data["model"]["seed"] = seed
                     data["train"].update(steps=steps, seed=seed,
-                                         out_dir=str(Path(study.out_dir) / study.name / name))
+                                         out_dir=str(Path(study.out_dir) / study.name / name),
+                                         study=study.name, trial=name)  # the run's study and trial tags
                     data["tracking"]["experiment"] = study.name
                     data["tracking"]["run_name"] = name
                     specs.append(RunSpec(name, size, run.model.variant() if "of" not in variant else
