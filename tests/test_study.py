@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from pipeline import schema
-from pipeline.ray.trainer import DONE_FILE, STARTED_LOG, pid_file
-from pipeline.study.driver import check_resources, trial_slots
+from pipeline.ray.cluster import check_resources, trial_slots
+from pipeline.ray.trainer import DONE_FILE, read_attempts
 from pipeline.study.spec import Resources, expand, load_study
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ def test_resources_beyond_the_cluster_fail_before_any_trial(tmp_path, monkeypatc
     import ray
 
     assert not ray.is_initialized()
-    assert not (tmp_path / "studies" / "smoke" / STARTED_LOG).exists()
+    assert _started(tmp_path) == [] and not list(tmp_path.glob("studies/**/study_attempts.jsonl"))
 
 
 # ---- real Ray clusters ----------------------------------------------------------------------------------
@@ -219,9 +219,15 @@ def _assert_each_run_once(tmp_path: Path, names: list[str]) -> None:
         assert schema.M_VAL_LOSS in run.data.metrics
 
 
+def _trains(out_dir: Path) -> list[dict]:
+    """The run's calls of `train` (rank 0), oldest first, from its attempt records."""
+    return [r for r in read_attempts(out_dir) if r["event"] == "train"]
+
+
 def _started(tmp_path: Path) -> list[str]:
-    log = tmp_path / "studies" / "smoke" / STARTED_LOG
-    return [json.loads(line)["run"] for line in log.read_text().splitlines()] if log.is_file() else []
+    """The runs whose `train` was called, one entry per call, in the order of the calls."""
+    calls = [r for out_dir in (tmp_path / "studies" / "smoke").glob("*/") for r in _trains(out_dir)]
+    return [r["run"] for r in sorted(calls, key=lambda r: r["time"])]
 
 
 def _driver_env(ray_tmp: str) -> dict:
@@ -314,9 +320,10 @@ def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path,
                             env=_driver_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        _wait_for(lambda: _checkpointed(victim) and pid_file(victim, 0).is_file(), proc, 300, "a checkpoint")
-        pid = int(pid_file(victim, 0).read_text())
-        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: _checkpointed(victim) and _trains(victim), proc, 300, "a checkpoint")
+        worker = _trains(victim)[-1]
+        assert worker["host"] == socket.gethostname()
+        os.kill(worker["pid"], signal.SIGKILL)
         out, _ = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
@@ -325,8 +332,9 @@ def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path,
     assert not (victim / DONE_FILE).read_text() == ""
     assert _started(tmp_path).count(names[0]) == 2, "the killed run was trained again"
     assert _started(tmp_path).count(names[1]) == 1
-    attempts = [json.loads(line) for line in (victim / "study_attempts.jsonl").read_text().splitlines()]
+    attempts = [a for a in read_attempts(victim) if a["event"] == "attempt"]
     assert [a["status"] for a in attempts] == ["failed", "finished"]
+    assert [t["pid"] for t in _trains(victim)][0] == worker["pid"], "the attempt records name the killed process"
     # The retry went on from a checkpoint (train appends a line per step): a restart from scratch would
     # have run step 1 twice; every step ran, the last one is the planned 400th.
     steps = [json.loads(line)["step"] for line in (victim / "metrics.jsonl").read_text().splitlines()]

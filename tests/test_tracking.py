@@ -142,6 +142,30 @@ def test_everything_logged_is_read_back(store, tmp_path):
     assert t.pending() == 0
 
 
+def test_a_run_logs_its_config_yaml_once(store, tmp_path):
+    """The run directory's config.yaml is the tracked one, logged once (params beside it)."""
+    from pipeline.config import RunConfig, dump_yaml
+    from pipeline.train.run_tracking import log_run_start
+
+    cfg = RunConfig()
+    path = tmp_path / "run" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(dump_yaml(cfg))
+    config = TrackingConfig(uri=store, experiment="config-once", run_name="c1", flush_interval_s=0.1)
+    with MlflowTracker(config, journal_dir=tmp_path / "journal") as t:
+        log_run_start(t, cfg, path, 1)
+    records = [json.loads(line) for journal in (tmp_path / "journal").glob("*.jsonl")
+               for line in journal.read_text().splitlines() if line.strip()]
+    logged = [r for r in records if (r["op"] == "text" and r["name"] == "config.yaml")
+              or (r["op"] == "artifact" and Path(r["spool"]).name == "config.yaml")]
+    assert len(logged) == 1, logged
+    root = Path(_client(store).download_artifacts(t.run_id, "", str(tmp_path / "dl")))
+    assert (root / "config.yaml").read_text() == path.read_text()
+    assert _client(store).get_run(t.run_id).data.params["model.dim"] == str(cfg.model.dim)
+    with pytest.raises(ValueError, match="log_config path must name a config.yaml file"):
+        log_config(NoopTracker(), {}, tmp_path / "other.yaml")
+
+
 def test_nested_run_and_find_runs(store, tmp_path):
     parent = start_parent_run("nested", "study-a", tags={"study": "a"}, uri=store)
     config = TrackingConfig(uri=store, experiment="nested", run_name="trial-1", parent_run_id=parent)

@@ -8,23 +8,54 @@ in the run's out_dir, so a retried trial continues where the failed attempt stop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-import threading
+import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipeline import schema
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
 
 DONE_FILE = "study_done.json"       # written by rank 0 after `train` returned: the run is finished
-ATTEMPTS_FILE = "study_attempts.jsonl"  # one line per trial attempt: when it started and ended
-STARTED_LOG = "started.log"         # one line per call of `train`, in the study folder (tests count them)
+ATTEMPTS_FILE = "study_attempts.jsonl"  # per trial attempt: a "train" line when rank 0 calls train (its
+                                        # pid and host) and an "attempt" line when the attempt ends
+TIMING_KEYS = ("first_step_start", "steps_s")  # train's clock readings: timing, not results
 
 
-def pid_file(out_dir: Path, rank: int) -> Path:
-    """Where worker `rank` writes its PID, so a test (or an operator) can find the process of a run."""
-    return Path(out_dir) / f"worker{rank}.pid"
+def worker_config(cfg: RunConfig, uri: str | None, parent_run_id: str | None) -> RunConfig:
+    """`cfg` as Ray workers need it: paths made absolute (workers do not share the driver's working
+    directory) and, when tracking, the store and the parent run its MLflow run nests under."""
+    from pipeline.data.prepare import cache_root
+
+    data = dataclasses.replace(cfg.data, cache_dir=str(Path(cache_root(cfg.data)).resolve()))
+    train = dataclasses.replace(cfg.train, out_dir=str(Path(cfg.train.out_dir).resolve()))
+    tracking = dataclasses.replace(cfg.tracking, uri=uri, parent_run_id=parent_run_id) if uri else cfg.tracking
+    return dataclasses.replace(cfg, data=data, train=train, tracking=tracking)
+
+
+def read_attempts(out_dir: Path) -> list[dict]:
+    """The lines of a run's attempts file, oldest first: "train" events (rank 0 started training: time,
+    pid, host) and "attempt" events (a trial attempt ended: start, end, status)."""
+    path = Path(out_dir) / ATTEMPTS_FILE
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # lines written before events were named are attempts
+    return [{"event": "attempt", **r} if "event" not in r else r for r in records]
+
+
+def done_record(out_dir: Path) -> dict | None:
+    """What rank 0 wrote when `train` returned (result, loop times, step seconds); None if unfinished."""
+    path = Path(out_dir) / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_done(out_dir: Path) -> bool:
+    return (Path(out_dir) / DONE_FILE).is_file()
 
 
 def _scalars(metrics: dict) -> dict:
@@ -44,41 +75,6 @@ def _append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-class _FirstStepWatch:
-    """Notes when the first training step of this attempt ends: when train's per-step metrics file grows.
-
-    `train` keeps no clock of its own start-up; this tells start-up (workers, process group, data,
-    DeepSpeed) apart from training without touching the loop."""
-
-    def __init__(self, path: Path):
-        self.path, self.size = path, path.stat().st_size if path.exists() else 0
-        self.first_step_end: float | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.05):
-            if self.path.exists() and self.path.stat().st_size > self.size:
-                self.first_step_end = time.time()
-                return
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def step_seconds(metrics_file: Path, tokens_per_step: int, since_line: int = 0) -> tuple[float, float, int]:
-    """(seconds inside training steps, first step's seconds, lines) from train's per-step metrics file.
-
-    train logs each step's throughput measured around forward, backward and optimizer step only."""
-    if not metrics_file.is_file():
-        return 0.0, float("nan"), 0
-    lines = metrics_file.read_text().splitlines()
-    times = [tokens_per_step / json.loads(line)[schema.M_TOKENS_PER_S] for line in lines[since_line:] if line]
-    return sum(times), (times[0] if times else float("nan")), len(lines)
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     """Body of every Ray Train worker: `train(cfg)` with evaluations forwarded to `ray.train.report`.
 
@@ -86,39 +82,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
     evaluation, so every evaluation is forwarded as it happens (Tune keeps rank 0's metrics)."""
     import ray.train
 
-    from pipeline.train.loop import METRICS_FILE, train
+    from pipeline.train.loop import train
 
     cfg = loop_config["run"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank = ray.train.get_context().get_world_rank()
     out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pid_file(out_dir, rank).write_text(str(os.getpid()))
-    metrics_file = out_dir / METRICS_FILE
-    lines_before = step_seconds(metrics_file, 1)[2]
-    watch = _FirstStepWatch(metrics_file) if rank == 0 else None
+    loop_start = time.time()
     if rank == 0:
-        _append_line(out_dir.parent / STARTED_LOG, {"run": cfg.name, "pid": os.getpid(), "time": time.time()})
+        # The process of this attempt: where an operator (or a test) finds it to inspect or stop it.
+        _append_line(out_dir / ATTEMPTS_FILE, {"event": "train", "run": cfg.name, "time": loop_start,
+                                               "pid": os.getpid(), "host": socket.gethostname()})
 
     def on_eval(step: int, metrics: dict, checkpoint: str | None) -> None:
         ray.train.report({**_scalars(metrics), "step": int(step)})
 
-    loop_start = time.time()
-    try:
-        result = train(cfg, on_eval=on_eval)
-    finally:
-        if watch is not None:
-            watch.stop()
+    result = dict(train(cfg, on_eval=on_eval) or {})
+    timing = {key: result.pop(key, None) for key in TIMING_KEYS}
     if rank == 0:
-        tokens_per_step = cfg.tokens_per_step(world)
-        steps_s, first_step_s, _ = step_seconds(metrics_file, tokens_per_step, lines_before)
-        first_start = watch.first_step_end - first_step_s if watch.first_step_end else None
-        record = {"run": cfg.name, "result": _scalars(result or {}), "loop_start": loop_start,
-                  "loop_end": time.time(), "steps_s": steps_s, "first_step_start": first_start}
+        record = {"run": cfg.name, "result": _scalars(result), "loop_start": loop_start,
+                  "loop_end": time.time(), "steps_s": timing["steps_s"] or 0.0,
+                  "first_step_start": timing["first_step_start"]}
         tmp = out_dir / (DONE_FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, out_dir / DONE_FILE)  # atomic: a reader never sees half a marker
-    ray.train.report({**_scalars(result or {}), "run_finished": 1})  # "done" would make Tune stop the trial early
+    ray.train.report({**_scalars(result), "run_finished": 1})  # "done" would make Tune stop the trial early
 
 
 def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: float, gpus_per_worker: float,
@@ -129,7 +116,7 @@ def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     cfg = runs[trial_config["run"]]
-    attempt = {"run": cfg.name, "start": time.time()}
+    attempt = {"event": "attempt", "run": cfg.name, "start": time.time()}
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker

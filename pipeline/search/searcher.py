@@ -1,9 +1,10 @@
-"""Optuna ask/tell driving Ray Tune: a Tune `Searcher` whose suggestions are Optuna trials.
+"""Optuna ask/tell for the trials of a search, in plain Optuna: the scheduler (Ray Tune, through
+`pipeline.ray.tune.tune_searcher`) calls `suggest` whenever a trial slot is free and `on_trial_complete`
+when a trial ends.
 
-Tune calls `suggest` whenever a trial slot is free: the searcher asks Optuna (which hands out queued
-retries first), and returns the run config of that trial. When a Tune trial ends, `on_trial_complete`
-tells Optuna its objectives (or FAIL). Both run in the driver, so the Optuna storage has one writer,
-as SQLite requires. Each Tune trial trains through the study's adapter (`pipeline.ray.trainer.run_trial`).
+`suggest` asks Optuna (which hands out queued retries first) and returns the run config of that trial;
+`on_trial_complete` tells Optuna its objectives (or FAIL). Both run in the driver, so the Optuna storage
+has one writer, as SQLite requires.
 
 Why not Ray's `OptunaSearch`: it keeps its own view of the study and restores from Tune's experiment
 checkpoint, so after a killed driver the Optuna storage and Tune's state disagree (RUNNING trials
@@ -17,7 +18,6 @@ import sys
 
 import optuna
 from optuna.trial import TrialState
-from ray.tune.search import Searcher
 
 from pipeline import schema
 from pipeline.config import to_dict
@@ -31,27 +31,25 @@ COPY_OF_ATTR = "copy_of"   # trial user attr: a completed trial with the same pa
 MAX_COPIES_PER_SUGGEST = 20
 
 
-class OptunaAskTell(Searcher):
-    """Suggests Optuna trials to Tune until the study holds `search.n_trials` completed trials.
+class OptunaAskTell:
+    """Suggests Optuna trials until the study holds `search.n_trials` completed trials.
+
+    `suggest(trial_id)` returns a trial's config ({"run_config": ..., "optuna_trial": number}), None when
+    no trial is wanted now (enough in flight), or FINISHED when the search is done.
 
     `make_config(params, run_name, number)` returns the (absolute, tracked) RunConfig of a trial;
     `before_tell(trial)` runs while the trial can still take user attrs (MLflow run id and tag);
     `after_tell(number, state)` after each tell (progress bar)."""
 
+    FINISHED = "FINISHED"   # what `suggest` returns once the search is done (the value Tune uses, too)
+
     def __init__(self, search: SearchConfig, study: optuna.Study, make_config, before_tell=None,
                  after_tell=None):
-        super().__init__()
         self.search, self.study = search, study
         self.make_config, self.before_tell, self.after_tell = make_config, before_tell, after_tell
-        self.live: dict[str, optuna.Trial] = {}     # Tune trial id -> Optuna trial
+        self.live: dict[str, optuna.Trial] = {}     # scheduler (Tune) trial id -> Optuna trial
         self.failed: list[int] = []
         self.done = len(completed_trials(study))
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # the space is Optuna's; Tune's param_space stays empty
-
-    def save_to_dir(self, *args, **kwargs) -> None:
-        pass  # the Optuna storage is the searcher's state; nothing to checkpoint
 
     def _finished(self) -> bool:
         return self.done >= self.search.n_trials or len(self.failed) > self.search.max_failed_trials
@@ -59,7 +57,7 @@ class OptunaAskTell(Searcher):
     def suggest(self, trial_id: str):
         for _ in range(MAX_COPIES_PER_SUGGEST):
             if self._finished():
-                return Searcher.FINISHED
+                return self.FINISHED
             if self.done + len(self.live) >= self.search.n_trials:
                 return None  # enough trials in flight; one may still fail and need a replacement
             trial = self.study.ask()
@@ -130,13 +128,3 @@ def progress_bar(search: SearchConfig, initial: int):
     return tqdm(total=search.n_trials, initial=min(initial, search.n_trials), desc=f"search {search.name}",
                 unit="trial", file=sys.stderr, dynamic_ncols=True, disable=not search.progress)
 
-
-def search_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                 storage_path: str) -> None:
-    """The Tune trainable of one search trial: the study's adapter on the trial's own run config."""
-    from pipeline.config import run_config_from_dict
-    from pipeline.ray.trainer import run_trial
-
-    cfg = run_config_from_dict(trial_config["run_config"])
-    run_trial({"run": cfg.name}, runs={cfg.name: cfg}, workers=workers, cpus_per_worker=cpus_per_worker,
-              gpus_per_worker=gpus_per_worker, storage_path=storage_path)

@@ -18,7 +18,7 @@ from attamba.config import BOUNDARY_STRATEGIES
 
 from pipeline import schema
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
-from pipeline.study.spec import Resources
+from pipeline.ray.cluster import Resources
 
 SAMPLERS = ("nsga2", "tpe")
 STORAGE_ENV = "ATTAMBA_OPTUNA_STORAGE"

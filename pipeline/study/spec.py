@@ -17,6 +17,7 @@ from attamba.checks import at_least, fail, integer, one_of, positive
 from attamba.presets import PRESETS
 
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
+from pipeline.ray.cluster import Resources
 
 BASELINES = ("full", "swa", "iso_kv", "iso_flop")
 TOKEN_RULES = ("fixed", "per_param")
@@ -52,21 +53,6 @@ class TokenBudget:
             fail("tokens.budgets", [], "a list of positive multipliers", "e.g. [1.0]")
         for i, b in enumerate(self.budgets):
             positive(f"tokens.budgets[{i}]", b)
-
-
-@dataclass(frozen=True)
-class Resources:
-    workers: int = 1               # DeepSpeed data-parallel workers per run (Ray Train workers)
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    max_concurrent: int = 0        # trials at once; 0 = as many as the cluster fits
-    max_failures: int = 2          # retries of a failed trial, from its last checkpoint
-
-    def __post_init__(self):
-        at_least("resources.workers", self.workers, 1, integer=True)
-        positive("resources.cpus_per_worker", self.cpus_per_worker)
-        at_least("resources.gpus_per_worker", self.gpus_per_worker, 0)
-        at_least("resources.max_concurrent", self.max_concurrent, 0, integer=True)
 
 
 @dataclass(frozen=True)
@@ -175,7 +161,8 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                     data["name"] = name
                     data["model"]["seed"] = seed
                     data["train"].update(steps=steps, seed=seed,
-                                         out_dir=str(Path(study.out_dir) / study.name / name))
+                                         out_dir=str(Path(study.out_dir) / study.name / name),
+                                         study=study.name, trial=name)  # the run's study and trial tags
                     data["tracking"]["experiment"] = study.name
                     data["tracking"]["run_name"] = name
                     specs.append(RunSpec(name, size, run.model.variant() if "of" not in variant else

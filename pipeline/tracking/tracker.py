@@ -315,8 +315,9 @@ def flatten_config(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[st
     return flat
 
 
-def log_config(tracker: Tracker, config: Mapping[str, Any] | Any) -> None:
-    """Every leaf of the (nested) config as a `section.key` param, and the whole as `config.yaml`.
+def log_config(tracker: Tracker, config: Mapping[str, Any] | Any, path: str | Path | None = None) -> None:
+    """Every leaf of the (nested) config as a `section.key` param, and the whole as `config.yaml`: the file
+    at `path` when given (the copy a run keeps in its directory), else a YAML dump of `config`.
 
     The delivery splits params into MLflow's 100-per-batch limit; values past 6000 chars are truncated
     in the params only, config.yaml keeps them whole."""
@@ -325,7 +326,12 @@ def log_config(tracker: Tracker, config: Mapping[str, Any] | Any) -> None:
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = dataclasses.asdict(config)
     tracker.log_params(flatten_config(config))
-    tracker.log_text(yaml.safe_dump(_plain(config), sort_keys=False), "config.yaml")
+    if path is not None:
+        if Path(path).name != "config.yaml":
+            raise ValueError(f"log_config path must name a config.yaml file, got {str(path)!r}")
+        tracker.log_artifact(path)
+    else:
+        tracker.log_text(yaml.safe_dump(_plain(config), sort_keys=False), "config.yaml")
 
 
 def _plain(value):

@@ -65,6 +65,6 @@ def open_tracker(cfg: RunConfig, out_dir: Path, rank: int, resuming: bool, given
 
 
 def log_run_start(tracker: Tracker, cfg: RunConfig, config_path: Path, world_size: int) -> None:
-    log_config(tracker, cfg.to_dict())
-    tracker.log_artifact(config_path)
+    """The config (params, and the run directory's config.yaml once) and the run's cost metrics."""
+    log_config(tracker, cfg.to_dict(), config_path)
     tracker.log_metrics(cost_metrics(cfg, world_size), step=0)

@@ -1,0 +1,103 @@
+"""The Ray cluster a study or search runs on: which one (one address resolution), connecting to it or
+starting a local one, and checking a trial's resources against it before anything is trained."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from attamba.checks import at_least, positive
+
+TRIAL_CPU = 0.01          # the Tune trainable only waits on its TorchTrainer; zero is refused by Tune
+OBJECT_STORE_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 1               # DeepSpeed data-parallel workers per run (Ray Train workers)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent: int = 0        # trials at once; 0 = as many as the cluster fits
+    max_failures: int = 2          # retries of a failed trial, from its last checkpoint
+
+    def __post_init__(self):
+        at_least("resources.workers", self.workers, 1, integer=True)
+        positive("resources.cpus_per_worker", self.cpus_per_worker)
+        at_least("resources.gpus_per_worker", self.gpus_per_worker, 0)
+        at_least("resources.max_concurrent", self.max_concurrent, 0, integer=True)
+
+
+def resolve_address(given: str | None, configured: str | None) -> str | None:
+    """The Ray cluster to use: `--address`, else $RAY_ADDRESS, else the file's `address`; None: a local Ray."""
+    return given or os.environ.get("RAY_ADDRESS") or configured
+
+
+def check_resources(resources: Resources, cluster: dict) -> None:
+    """ValueError when one trial asks for more than the whole cluster has."""
+    need = {"CPU": resources.workers * resources.cpus_per_worker + TRIAL_CPU,
+            "GPU": resources.workers * resources.gpus_per_worker}
+    for key, field in (("CPU", "cpus_per_worker"), ("GPU", "gpus_per_worker")):
+        have = float(cluster.get(key, 0.0))
+        if need[key] > have + 1e-9:
+            raise ValueError(
+                f"resources.{field}={getattr(resources, field):g} x resources.workers={resources.workers} asks "
+                f"{need[key]:g} {key} per trial but the Ray cluster has {have:g} {key}; lower resources.workers or "
+                f"resources.{field}, or connect to a bigger cluster (--address)")
+
+
+def trial_slots(resources: Resources, cluster: dict) -> int:
+    """How many trials run at once: max_concurrent, capped by what the cluster fits."""
+    per_trial = resources.workers * resources.cpus_per_worker + TRIAL_CPU
+    fits = int(float(cluster.get("CPU", 0.0)) // per_trial)
+    if resources.gpus_per_worker > 0:
+        fits = min(fits, int(float(cluster.get("GPU", 0.0)) // (resources.workers * resources.gpus_per_worker)))
+    fits = max(1, fits)
+    return min(fits, resources.max_concurrent) if resources.max_concurrent else fits
+
+
+def connect(address: str | None) -> bool:
+    """Connect to `address` or start a local Ray; True when this process started (and must stop) it."""
+    import ray
+
+    common = dict(logging_level=logging.WARNING, log_to_driver=False)
+    if address:
+        # On a cluster the package comes with the job's runtime env (or is installed on every node); a
+        # second runtime env here would conflict with the job's.
+        ray.init(address=address, **common)
+        return False
+    # Workers of a local Ray import this package from the same checkout, wherever Ray starts them.
+    root = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+             _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, **common)
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class RaySession:
+    slots: int                  # trials that fit at once
+    cluster: dict               # the cluster's resources when the session began
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, resources: Resources):
+    """Ray connected (a local one started when `address` is empty) and the cluster checked against
+    `resources`; a Ray started here stops on exit, whatever happened."""
+    import ray
+
+    # Tune's own SIGINT handler would stop trials and return normally; a KeyboardInterrupt is what the CLI
+    # turns into "interrupted; run the same command again".
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    started = connect(address)
+    try:
+        cluster = ray.cluster_resources()
+        check_resources(resources, cluster)
+        yield RaySession(trial_slots(resources, cluster), cluster)
+    finally:
+        if started:
+            ray.shutdown()

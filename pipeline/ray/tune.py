@@ -1,0 +1,111 @@
+"""Ray Tune for studies and searches: the one Tuner builder, the trainables, the study's progress callback
+and the Tune `Searcher` that hands out the trials of an Optuna ask/tell (`pipeline.search.searcher`)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline import schema
+from pipeline.ray.cluster import TRIAL_CPU, Resources
+from pipeline.ray.trainer import run_trial
+
+
+def fit(trainable: Callable, resources: Resources, storage: Path, name: str, *, param_space: dict | None = None,
+        grid: dict[str, list] | None = None, slots: int | None = None, search_alg=None, num_samples: int = 1,
+        trial_name: Callable[[dict], str] | None = None, callbacks: list | None = None, **params) -> list[dict]:
+    """Run `trainable` (with `params` and the per-trial resources bound) as Tune trials: one per point of
+    `grid` (key -> values), or as many as `search_alg` hands out. Returns the configs of the trials that
+    failed after `resources.max_failures` retries.
+
+    Each trial waits on its own TorchTrainer, so the trainable itself asks for TRIAL_CPU only;
+    `trial_name(config)` names a trial and its folder under `storage`."""
+    from ray import tune
+
+    trainable = tune.with_parameters(trainable, workers=resources.workers,
+                                     cpus_per_worker=resources.cpus_per_worker,
+                                     gpus_per_worker=resources.gpus_per_worker, storage_path=str(storage),
+                                     **params)
+    tune_config = {"search_alg": search_alg, "num_samples": num_samples}
+    if slots is not None:
+        tune_config["max_concurrent_trials"] = slots
+    if trial_name is not None:
+        tune_config.update(trial_name_creator=lambda t: trial_name(t.config),
+                           trial_dirname_creator=lambda t: trial_name(t.config))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": TRIAL_CPU}),
+        param_space={**(param_space or {}), **{k: tune.grid_search(v) for k, v in (grid or {}).items()}},
+        tune_config=tune.TuneConfig(**tune_config),
+        run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
+                                  verbose=0, failure_config=tune.FailureConfig(max_failures=resources.max_failures),
+                                  callbacks=callbacks),
+    )
+    return [result.config for result in tuner.fit() if result.error is not None]
+
+
+def search_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                 storage_path: str) -> None:
+    """The Tune trainable of one search trial: `run_trial` on the run config the trial carries."""
+    from pipeline.config import run_config_from_dict
+
+    cfg = run_config_from_dict(trial_config["run_config"])
+    run_trial({"run": cfg.name}, runs={cfg.name: cfg}, workers=workers, cpus_per_worker=cpus_per_worker,
+              gpus_per_worker=gpus_per_worker, storage_path=storage_path)
+
+
+def study_progress(study: str, total: int):
+    """A Tune callback: one tqdm bar over the study's trials, with the latest evaluation; one line per
+    finished, retried or failed trial."""
+    from ray import tune
+    from tqdm.auto import tqdm
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.bar = tqdm(total=total, desc=f"study {study}", unit="run", file=sys.stderr, dynamic_ncols=True)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if schema.M_VAL_LOSS in result:
+                self.bar.set_postfix_str(f"{trial.config['run']} step {result.get('step', '?')} "
+                                         f"val/loss {result[schema.M_VAL_LOSS]:.3f}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            loss = last.get(schema.M_VAL_LOSS, float("nan"))
+            self.bar.write(f"  done   {trial.config['run']}: val/loss {loss:.3f}", file=sys.stderr)
+            self.bar.update(1)
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.bar.write(f"  retry  {trial.config['run']} (resumes from its last checkpoint)", file=sys.stderr)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.bar.write(f"  FAILED {trial.config['run']}", file=sys.stderr)
+            self.bar.update(1)
+
+        def on_experiment_end(self, trials, **info):
+            self.bar.close()
+
+    return Progress()
+
+
+def tune_searcher(ask_tell):
+    """A Tune `Searcher` over `ask_tell` (a `pipeline.search.searcher.OptunaAskTell`): Tune asks for a
+    trial whenever a slot is free and reports each trial's end; the Optuna storage stays the only state."""
+    from ray.tune.search import Searcher
+
+    class OptunaSearcher(Searcher):
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True  # the space is Optuna's; Tune's param_space stays empty
+
+        def save_to_dir(self, *args, **kwargs) -> None:
+            pass  # the Optuna storage is the searcher's state; nothing to checkpoint
+
+        def suggest(self, trial_id: str):
+            config = ask_tell.suggest(trial_id)
+            return Searcher.FINISHED if config == ask_tell.FINISHED else config
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ask_tell.on_trial_complete(trial_id, result, error)
+
+    return OptunaSearcher()

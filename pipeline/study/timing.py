@@ -1,0 +1,43 @@
+"""Where a study's wall time went: training steps against start-up, evaluation and scheduling."""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.ray.trainer import done_record, read_attempts
+from pipeline.study.spec import RunSpec
+
+
+def timing_summary(specs: list[RunSpec], wall_s: float, slots: int) -> dict:
+    """Per trial and in all, from each run's done marker and attempt records.
+
+    step_fraction = sum over trials of time inside training steps / (wall time x concurrent trial slots)."""
+    per_run = {}
+    for spec in specs:
+        marker = done_record(spec.out_dir)
+        attempts = [a for a in read_attempts(spec.out_dir) if a["event"] == "attempt"]
+        if marker is None or not attempts:
+            continue
+        steps_s = float(marker["steps_s"])
+        first_step = marker.get("first_step_start")
+        last = attempts[-1]
+        per_run[spec.name] = {
+            "trial_s": sum(a["end"] - a["start"] for a in attempts if "end" in a),
+            "steps_s": steps_s,
+            # from the trainable's start to its first training step: workers, process group, DeepSpeed
+            "startup_s": (first_step - last["start"]) if first_step else float("nan"),
+            "attempts": len(attempts),
+        }
+    steps = [r["steps_s"] for r in per_run.values() if math.isfinite(r["steps_s"])]
+    startups = [r["startup_s"] for r in per_run.values() if math.isfinite(r["startup_s"])]
+    total_steps = sum(steps)
+    return {
+        "wall_s": wall_s,
+        "slots": slots,
+        "trials_timed": len(per_run),
+        "steps_s": total_steps,
+        "step_fraction": total_steps / (wall_s * slots) if wall_s > 0 else float("nan"),
+        "startup_s_mean": sum(startups) / len(startups) if startups else float("nan"),
+        "startup_s_max": max(startups) if startups else float("nan"),
+        "per_run": per_run,
+    }
