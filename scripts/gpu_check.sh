@@ -110,8 +110,7 @@ export PY WORK
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$WORK/gpu.txt" 2>&1
 run_step install 90 bash -c gpu_install
 export PYTHONPATH="/tmp/gpu_check_site:$PYTHONPATH"
-run_step gpu_tests 170 "$PY" -m pytest -q -m gpu -s -p no:randomly --timeout 160 \
-  tests/test_attention_concat.py tests/test_attention.py tests/test_gpu.py tests/test_throughput.py
+run_step gpu_tests 170 "$PY" -m pytest -q -m gpu -s -p no:randomly --timeout 160 tests
 for T in 4096 8192 32768; do
   ref=--no-reference
   ((T == 4096)) && ref=--reference

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent   # the repository's root: configs/, scripts/, docker/
 
 MEASURES = ("abs", "rel", "elem", "norm")
 

@@ -24,8 +24,8 @@ from pipeline.search.results import non_dominated, pareto_trials
 from pipeline.search.space import load_search, param_names
 from pipeline.search.store import (CONSTRAINTS_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, normalise_storage_url,
                                    open_study, recover_stale_trials, redact)
+from tests.conftest import REPO_ROOT as ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "configs" / "search" / "smoke.yaml"
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser, main
+from tests.conftest import REPO_ROOT as ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_lists_every_command(capsys):

@@ -24,8 +24,8 @@ from pipeline import schema
 from pipeline.ray.cluster import check_resources, trial_slots
 from pipeline.ray.trainer import DONE_FILE, read_attempts
 from pipeline.study.spec import Resources, expand, load_study
+from tests.conftest import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "studies" / "smoke.yaml"
 STUDIES = REPO / "configs" / "studies"
 

@@ -20,8 +20,8 @@ from pipeline.config import load_run_config
 from pipeline.data.prepare import prepare
 from pipeline.train.loop import StopTraining, train
 from pipeline.train.engine import free_port
+from tests.conftest import REPO_ROOT as REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.study.driver import check_resources, trial_slots
+from pipeline.ray.cluster import check_resources, trial_slots
 from pipeline.study.spec import expand, load_study
+from tests.conftest import REPO_ROOT
 
-STUDY = Path(__file__).resolve().parents[1] / "configs" / "studies" / "gpu_smoke.yaml"
+STUDY = REPO_ROOT / "configs" / "studies" / "gpu_smoke.yaml"
 
 
 def test_gpu_smoke_expands_to_a_transformer_and_attamba_on_s60m_in_bf16():
