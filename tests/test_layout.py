@@ -3,7 +3,8 @@
 - only `pipeline/ray/` imports `ray`;
 - `attamba/` (the model) imports none of `pipeline`, `ray`, `deepspeed`, `mlflow`, `optuna`;
 - `pipeline/`'s top level holds only its shared modules; everything else lives in a stage package;
-- `pipeline/search/` does not import from `pipeline/study/` (both stand on `pipeline/ray/` and `tracking/`).
+- `pipeline/search/` does not import from `pipeline/study/` (both stand on `pipeline/ray/` and `tracking/`);
+- each stage imports only the stages and engines docs/architecture.md allows it (ALLOWED below).
 """
 
 from __future__ import annotations
@@ -16,6 +17,23 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_TOP_LEVEL = {"__init__.py", "__main__.py", "cli.py", "config.py", "schema.py"}
 NOT_IN_MODEL = ("pipeline", "ray", "deepspeed", "mlflow", "optuna")
+ENGINES = ("ray", "deepspeed", "mlflow", "optuna")
+# What each part of pipeline/ may import: other pipeline parts and engines (docs/architecture.md, "Packages").
+ALLOWED = {
+    "__init__": set(),
+    "schema": set(),
+    "config": {"data", "tracking"},
+    "data": set(),
+    "tracking": {"mlflow"},
+    "eval": {"data", "train", "schema"},
+    "train": {"config", "schema", "data", "eval", "tracking", "deepspeed"},
+    "ray": {"config", "schema", "data", "train", "tracking", "ray"},
+    "study": {"config", "schema", "data", "ray", "tracking", "report"},
+    "search": {"config", "schema", "data", "ray", "tracking", "optuna"},
+    "report": {"schema", "mlflow"},
+    "bench": {"train"},
+    "cli": {"config", "schema", "data", "tracking", "eval", "train", "study", "search", "report", "bench"},
+}
 
 
 def imported(source: str) -> set[str]:
@@ -26,6 +44,8 @@ def imported(source: str) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
+            if node.module == "pipeline":  # from pipeline import schema -> pipeline.schema
+                names.update(f"pipeline.{alias.name}" for alias in node.names)
     return names
 
 
@@ -77,3 +97,35 @@ def test_pipeline_top_level_holds_only_shared_modules():
     files = {p.name for p in (ROOT / "pipeline").glob("*.py")}
     assert PIPELINE_TOP_LEVEL >= files, f"move {sorted(files - PIPELINE_TOP_LEVEL)} into a stage package"
     assert {"__init__.py", "cli.py", "config.py", "schema.py"} <= files
+
+
+def _part(path: Path) -> str:
+    """The part of pipeline/ a file belongs to: its stage package, or its top-level module's name."""
+    rel = path.relative_to(ROOT / "pipeline").parts
+    return rel[0] if len(rel) > 1 else rel[0].removesuffix(".py")
+
+
+def uses(source: str) -> set[str]:
+    """The pipeline parts and engines that `source` imports."""
+    found = set()
+    for name in imported(source):
+        parts = name.split(".")
+        if parts[0] == "pipeline" and len(parts) > 1:
+            found.add(parts[1])
+        elif parts[0] in ENGINES:
+            found.add(parts[0])
+    return found
+
+
+def test_the_part_detector_reads_stages_and_engines():
+    assert uses("from pipeline import schema\nfrom pipeline.ray.cluster import Resources\nimport optuna.trial\n"
+                "def f():\n    import mlflow\n") == {"schema", "ray", "optuna", "mlflow"}
+
+
+@pytest.mark.parametrize("path", _files("pipeline"), ids=_id)
+def test_each_stage_imports_only_what_it_may(path):
+    part = _part(path)
+    assert part in ALLOWED, f"{_id(path)}: add pipeline/{part} to ALLOWED and to docs/architecture.md"
+    extra = uses(path.read_text()) - ALLOWED[part] - {part}
+    assert not extra, (f"{_id(path)} imports {sorted(extra)}, which pipeline/{part} may not "
+                       "(docs/architecture.md); move the shared code down a layer")
