@@ -24,7 +24,7 @@ ALLOWED = {
     "schema": set(),
     "config": {"data", "tracking"},
     "data": set(),
-    "tracking": {"mlflow"},
+    "tracking": {"schema", "mlflow"},
     "eval": {"data", "train", "schema"},
     "train": {"config", "schema", "data", "eval", "tracking", "deepspeed"},
     "ray": {"config", "schema", "data", "train", "tracking", "ray"},
