@@ -23,7 +23,11 @@ DOCKER = ROOT / "docker"
 JOBS = ROOT / "jobs"
 DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile.*") if p.suffix != ".dockerignore")
 SHELL_SCRIPTS = sorted([*JOBS.glob("*.sh"), *(DOCKER / "postgres-init").glob("*.sh"),
-                        *(ROOT / "scripts").glob("*.sh")])
+                        *(DOCKER / "entrypoint").glob("*.sh"), *(ROOT / "scripts").glob("*.sh")])
+CHECK_SECRETS = DOCKER / "entrypoint" / "check-secrets.sh"
+# .env.example keys that hold secrets: each must be checked by every service that receives it.
+SECRET_KEY = re.compile(r"PASSWORD|TOKEN|SECRET")
+RAY_GCS_PORT, RAY_CLIENT_PORT = 6379, 10001
 RAY_SERVICES = ("ray-head", "ray-worker")
 # versions.env keys that pin a Python distribution the project's pyproject also constrains.
 PINNED_DISTRIBUTIONS = {
@@ -243,7 +247,9 @@ def test_ray_services_get_engine_settings(resolved_compose, compose_env):
         assert (storage.username, storage.password) == ("optuna", compose_env["OPTUNA_DB_PASSWORD"])
         assert int(services[name]["shm_size"].rstrip("gb")) >= 1
     head = services["ray-head"]
-    assert {"8265:8265", "6379:6379"} <= set(head["ports"])
+    assert head["ports"] == ["127.0.0.1:8265:8265"]
+    assert env["ATTAMBA_HOME"].startswith("/")
+    assert any(v.split(":")[1] == env["ATTAMBA_HOME"] for v in head["volumes"]), "ATTAMBA_HOME on a volume"
     assert "--head" in head["command"] and "--dashboard-host=0.0.0.0" in head["command"]
     assert "--address=ray-head:6379" in services["ray-worker"]["command"]
     devices = services["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
@@ -255,7 +261,7 @@ def test_mlflow_uses_postgres_and_an_artifact_volume(resolved_compose, compose_e
 
     mlflow = resolved_compose["services"]["mlflow"]
     command = mlflow["command"]
-    backend = make_url(command[command.index("--backend-store-uri") + 1])
+    backend = make_url(mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"])
     assert (backend.drivername, backend.host, backend.database) == (
         "postgresql+psycopg2", "postgres", "mlflow")
     assert backend.password == compose_env["MLFLOW_DB_PASSWORD"]
@@ -280,6 +286,165 @@ def test_volumes_declared_and_init_scripts_mounted(compose):
     assert "./postgres-init:/docker-entrypoint-initdb.d:ro" in postgres_volumes
     sql = (DOCKER / "postgres-init" / "10-databases.sh").read_text()
     assert "CREATE DATABASE mlflow" in sql and "CREATE DATABASE optuna" in sql
+
+
+def _published(service: dict) -> list[dict]:
+    """A service's published ports in compose's long form: host_ip, published, target."""
+    out = []
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            out.append({"host_ip": port.get("host_ip"), "published": str(port.get("published", "")),
+                        "target": str(port["target"])})
+            continue
+        parts = str(port).split(":")
+        host_ip = ":".join(parts[:-2]) if len(parts) > 2 else None
+        published = parts[-2] if len(parts) > 1 else ""
+        out.append({"host_ip": host_ip, "published": published, "target": parts[-1].split("/")[0]})
+    return out
+
+
+def test_published_port_parser_reads_short_and_long_forms():
+    assert _published({"ports": ["5000:5000", "127.0.0.1:8265:8265", "0.0.0.0:1:2/tcp", "7",
+                                 {"target": 9, "published": 10, "host_ip": "127.0.0.1"}]}) == [
+        {"host_ip": None, "published": "5000", "target": "5000"},
+        {"host_ip": "127.0.0.1", "published": "8265", "target": "8265"},
+        {"host_ip": "0.0.0.0", "published": "1", "target": "2"},
+        {"host_ip": None, "published": "", "target": "7"},
+        {"host_ip": "127.0.0.1", "published": "10", "target": "9"},
+    ]
+
+
+def test_compose_publishes_ports_on_loopback_only(resolved_compose):
+    published = {name: _published(s) for name, s in resolved_compose["services"].items()}
+    assert published["mlflow"] and published["ray-head"], "the UI and the job server stay reachable locally"
+    for name, ports in published.items():
+        for port in ports:
+            assert port["host_ip"] in ("127.0.0.1", "::1", "[::1]"), (
+                f"{name} publishes {port} on every interface; publish on 127.0.0.1 and reach it through an "
+                "SSH tunnel or an authenticating reverse proxy (jobs/README.md)")
+
+
+def test_redis_and_ray_client_ports_are_not_published(resolved_compose):
+    for name, service in resolved_compose["services"].items():
+        targets = {int(p["target"]) for p in _published(service)}
+        assert not targets & {RAY_GCS_PORT, RAY_CLIENT_PORT}, f"{name} publishes {sorted(targets)}"
+
+
+def test_mlflow_runs_basic_auth_with_credentials_from_the_environment(resolved_compose, compose_env):
+    import configparser
+
+    mlflow = resolved_compose["services"]["mlflow"]
+    command = mlflow["command"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    env = mlflow["environment"]
+    assert env["MLFLOW_AUTH_ADMIN_USERNAME"] == compose_env["MLFLOW_ADMIN_USER"]
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == compose_env["MLFLOW_ADMIN_PASSWORD"]
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == compose_env["MLFLOW_SECRET_KEY"]
+    # The auth config that MLflow reads: mounted, with no credential in it, its user store on a volume.
+    mount = next(v for v in mlflow["volumes"] if v.split(":")[1] == str(Path(env["MLFLOW_AUTH_CONFIG_PATH"]).parent))
+    ini = configparser.ConfigParser()
+    ini.read(DOCKER / mount.split(":")[0] / Path(env["MLFLOW_AUTH_CONFIG_PATH"]).name)
+    assert "admin_password" not in ini["mlflow"] and ini["mlflow"]["default_permission"] == "READ"
+    store = ini["mlflow"]["database_uri"].removeprefix("sqlite:///")
+    assert any(Path(store).is_relative_to(v.split(":")[1]) for v in mlflow["volumes"] if not v.startswith("."))
+    # The image alone is closed too, and Ray jobs log in with the admin account.
+    assert '"--app-name", "basic-auth"' in (DOCKER / "Dockerfile.mlflow").read_text()
+    for name in RAY_SERVICES:
+        ray_env = resolved_compose["services"][name]["environment"]
+        assert ray_env["MLFLOW_TRACKING_USERNAME"] == compose_env["MLFLOW_ADMIN_USER"]
+        assert ray_env["MLFLOW_TRACKING_PASSWORD"] == compose_env["MLFLOW_ADMIN_PASSWORD"]
+
+
+def _secrets() -> dict[str, str]:
+    return {k: v for k, v in read_env_file(DOCKER / ".env.example").items() if SECRET_KEY.search(k)}
+
+
+def test_no_secret_on_any_command_line(compose, resolved_compose):
+    secrets = _secrets()
+    assert {"POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "OPTUNA_DB_PASSWORD", "RAY_AUTH_TOKEN",
+            "MLFLOW_ADMIN_PASSWORD", "MLFLOW_SECRET_KEY"} <= set(secrets)
+    for name, service in compose["services"].items():
+        for key in ("command", "entrypoint", "healthcheck"):
+            raw = json.dumps(service.get(key, ""))
+            used = {m.group(1) for m in INTERPOLATION.finditer(raw)}
+            assert not used & set(secrets), f"{name}.{key} puts {sorted(used & set(secrets))} on a command line"
+            resolved = json.dumps(resolved_compose["services"][name].get(key, ""))
+            assert not [s for s, v in secrets.items() if v in resolved], f"{name}.{key} holds a secret"
+    for dockerfile in DOCKERFILES:
+        assert not SECRET_KEY.search(dockerfile.read_text().replace("MLFLOW_FLASK_SERVER_SECRET_KEY", "")
+                                     .replace("MLFLOW_AUTH_ADMIN_PASSWORD", "")), dockerfile.name
+    # The init script hands the role passwords to psql through its environment, not its arguments.
+    init = (DOCKER / "postgres-init" / "10-databases.sh").read_text()
+    assert "\\getenv mlflow_password MLFLOW_DB_PASSWORD" in init
+    assert not re.search(r"-v\s+\w*password=", init)
+
+
+def test_every_secret_is_checked_by_the_service_that_receives_it(compose):
+    secrets = set(_secrets())
+    checked_any = set()
+    for name, service in compose["services"].items():
+        entrypoint = service.get("entrypoint") or []
+        assert entrypoint[:1] == ["/opt/attamba-entrypoint/check-secrets.sh"] and entrypoint[-1] == "--", (
+            f"{name} must start through entrypoint/check-secrets.sh")
+        mount = next(v for v in service["volumes"] if v.split(":")[1] == "/opt/attamba-entrypoint")
+        assert mount == "./entrypoint:/opt/attamba-entrypoint:ro"
+        assert service.get("command"), f"{name}: the entrypoint needs the command to run after its checks"
+        checked = set(entrypoint[1:-1])
+        env = service.get("environment", {})
+        for key, value in env.items():
+            for match in INTERPOLATION.finditer(str(value)):
+                secret = match.group(1)
+                if secret not in secrets:
+                    continue
+                # some variable of this service holds exactly this secret, and the entrypoint checks it
+                holders = {k for k, v in env.items() if re.fullmatch(rf"\$\{{{secret}(:\?[^}}]*)?\}}", str(v))}
+                assert holders & checked, f"{name}: {secret} (in {key}) is not checked before start"
+                checked_any.add(secret)
+        assert checked <= set(env), f"{name} checks {sorted(checked - set(env))}, which it is not given"
+    assert checked_any == secrets, f"secrets no service receives: {sorted(secrets - checked_any)}"
+
+
+def _check_secrets(environment: dict[str, str], names: list[str]) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"], **environment}
+    return subprocess.run([str(CHECK_SECRETS), *names, "--", "echo", "started"], capture_output=True,
+                          text=True, timeout=30, env=env)
+
+
+def test_check_secrets_refuses_the_placeholders_of_env_example(resolved_compose):
+    # Each service's entrypoint, run with the environment compose gives it from .env.example.
+    for name, service in resolved_compose["services"].items():
+        names = service["entrypoint"][1:-1]
+        result = _check_secrets({k: str(v) for k, v in service["environment"].items()}, names)
+        assert result.returncode == 1 and "started" not in result.stdout, name
+        for secret in names:
+            assert f"refusing to start: {secret} still has its placeholder value" in result.stderr, (
+                name, secret, result.stderr)
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("", "POSTGRES_PASSWORD is not set"),
+    ("change-me-but-longer-than-twelve", "POSTGRES_PASSWORD still has its placeholder value"),
+    ("short", "POSTGRES_PASSWORD is 5 characters long; use at least 12"),
+])
+def test_check_secrets_refuses_weak_values_naming_the_variable(tmp_path, value, message):
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"POSTGRES_PASSWORD={value}\nRAY_AUTH_TOKEN={'a' * 64}\n")
+    result = _check_secrets(read_env_file(env_file), ["POSTGRES_PASSWORD", "RAY_AUTH_TOKEN"])
+    assert result.returncode == 1 and message in result.stderr and "RAY_AUTH_TOKEN" not in result.stderr
+
+
+def test_check_secrets_accepts_real_values_and_runs_the_command(versions):
+    import secrets
+
+    # .env.example with every secret replaced, resolved into each service's environment by compose's rules
+    real = {k: (secrets.token_hex(16) if SECRET_KEY.search(k) else v)
+            for k, v in read_env_file(DOCKER / ".env.example").items()}
+    resolved = yaml.safe_load(interpolate((DOCKER / "compose.yaml").read_text(), {**versions, **real}))
+    for name, service in resolved["services"].items():
+        result = _check_secrets({k: str(v) for k, v in service["environment"].items()}, service["entrypoint"][1:-1])
+        assert result.returncode == 0 and result.stdout == "started\n" and result.stderr == "", (name, result.stderr)
+    usage = subprocess.run([str(CHECK_SECRETS), "POSTGRES_PASSWORD"], capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
 
 
 # --- jobs --------------------------------------------------------------------------------------
