@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline import schema
 from pipeline.ray import cluster
+from pipeline.ray.outputs import output_root, tracking_uri
 from pipeline.ray.trainer import done_record, worker_config
 from pipeline.search.results import MLFLOW_RUN_ATTR, export_front
 from pipeline.search.space import (SearchConfig, base_run_config, load_search, param_names, reference_run_config,
@@ -34,13 +35,12 @@ def run_search(config_path: str | Path, overrides: list[str] | None = None, addr
     """Run (or continue) the search until its study holds `n_trials` completed trials; export the front."""
     wall_start = time.perf_counter()
     search = load_search(config_path, overrides)
+    folder = search.folder  # refused here, before any work, when it would not outlive a Ray job
     url = normalise_storage_url(search.storage_url())
     study = open_study(search, url)
     retried = recover_stale_trials(study, param_names(search.space))
     base = base_run_config(search)
-    from pipeline.tracking.config import resolve_uri
-
-    uri = resolve_uri(base.tracking.uri) if base.tracking.enabled else None
+    uri = tracking_uri(base.tracking.uri) if base.tracking.enabled else None
     done_before = len(completed_trials(study))
     failed, parent = [], None
     if done_before < search.n_trials:
@@ -55,7 +55,9 @@ def run_search(config_path: str | Path, overrides: list[str] | None = None, addr
             "complete": len(trials), "complete_before": done_before, "retried": retried, "failed": failed,
             "pareto": record["front"], "folder": str(search.folder.resolve()),
             "parent_run_id": parent.run_id if parent else None, "tracking_uri": uri,
-            "wall_s": time.perf_counter() - wall_start}
+            "wall_s": time.perf_counter() - wall_start,
+            "outputs": {"home": str(output_root() or ""), "folder": str(folder), "storage": redact(url),
+                        "tracking_uri": uri}}
 
 
 def _run_on_ray(search: SearchConfig, study, uri: str | None, address: str | None) -> tuple[list[int], ParentRun]:

@@ -19,6 +19,7 @@ from attamba.config import BOUNDARY_STRATEGIES
 from pipeline import schema
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
 from pipeline.ray.cluster import Resources
+from pipeline.ray.outputs import durable_path, durable_uri
 
 SAMPLERS = ("nsga2", "tpe")
 STORAGE_ENV = "ATTAMBA_OPTUNA_STORAGE"
@@ -101,6 +102,8 @@ class SearchConfig:
     seed: int = 0
     storage: str | None = None              # None: $ATTAMBA_OPTUNA_STORAGE, else sqlite:///optuna.db
     out_dir: str = "searches"               # pareto.csv/json/png and trial runs under out_dir/name
+    # A relative out_dir or SQLite path resolves under $ATTAMBA_HOME, else the working directory
+    # (pipeline/ray/outputs.py); inside a Ray job it needs $ATTAMBA_HOME.
     max_failed_trials: int = 4              # stop after this many failed trainings in one invocation
     progress: bool = True
     address: str | None = None              # Ray cluster; None: --address, else $RAY_ADDRESS, else local
@@ -127,11 +130,12 @@ class SearchConfig:
             one_of("space.boundaries", b, BOUNDARY_STRATEGIES, what="strategy")
 
     def storage_url(self) -> str:
-        return self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+        field = "storage" if self.storage or not os.environ.get(STORAGE_ENV) else STORAGE_ENV
+        return durable_uri(self.storage or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE, field)
 
     @property
     def folder(self) -> Path:
-        return Path(self.out_dir) / self.name
+        return durable_path(self.out_dir, "out_dir") / self.name
 
 
 def _check_int_param(name: str, p: IntParam, minimum: int) -> None:

@@ -17,6 +17,7 @@ from attamba import costs
 
 from pipeline import schema
 from pipeline.ray import cluster
+from pipeline.ray.outputs import durable_path, output_root, tracking_uri
 from pipeline.ray.trainer import is_done, run_trial, worker_config
 from pipeline.study.spec import expand, load_study
 from pipeline.study.timing import timing_summary
@@ -31,11 +32,12 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     """Train every missing run of the study on Ray Tune, track it in MLflow, write the report."""
     wall_start = time.perf_counter()
     study = load_study(config_path, overrides)
+    # Relative folders under $ATTAMBA_HOME (or the working directory), never a Ray job's temporary folder.
+    study = dataclasses.replace(study, out_dir=str(durable_path(study.out_dir, "out_dir")))
     specs = expand(study)
-    from pipeline.tracking.config import resolve_uri
-
     tracking = specs[0].config.tracking
-    uri = resolve_uri(tracking.uri) if tracking.enabled else None
+    uri = tracking_uri(tracking.uri) if tracking.enabled else None
+    report_dir = durable_path(Path("reports") / study.name, "the report folder") if study.report and uri else None
     tags = {schema.TAG_STUDY: study.name, schema.TAG_ROLE: PARENT_ROLE}
     with (cluster.ray_session(cluster.resolve_address(address, study.address), study.resources) as session,
           parent_run(uri, study.name, tags) as parent):
@@ -61,11 +63,9 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             failed = sorted(c["run"] for c in failures)
             parent.failed = bool(failed)
     train_wall = time.perf_counter() - wall_start
-    report_dir = None
-    if study.report and uri:
+    if report_dir is not None:
         from pipeline.report import make_report
 
-        report_dir = Path("reports") / study.name
         make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
         print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
     wall = time.perf_counter() - wall_start
@@ -76,4 +76,6 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
                 study.name, wall, 100 * timing["step_fraction"], slots, timing["startup_s_mean"])
     return {"study": study.name, "runs": len(specs), "skipped": len(specs) - len(todo), "trained": len(todo),
             "failed": failed, "parent_run_id": parent.run_id, "tracking_uri": uri,
-            "report": str(report_dir) if report_dir else None, "timing": timing}
+            "report": str(report_dir) if report_dir else None, "timing": timing,
+            "outputs": {"home": str(output_root() or ""), "runs": str(Path(study.out_dir) / study.name),
+                        "report": str(report_dir) if report_dir else None, "tracking_uri": uri}}

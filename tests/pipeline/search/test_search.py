@@ -52,6 +52,28 @@ def test_bad_search_fails_before_any_trial(tmp_path, overrides, message):
     assert not db.exists(), "validation must fail before the study is even created"
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["storage=sqlite:///{tmp}/o.db"], "out_dir='searches' is a relative path and this runs as a Ray job"),
+    (["out_dir={tmp}"], "storage='optuna.db' is a relative path and this runs as a Ray job"),
+])
+def test_a_ray_job_without_attamba_home_refuses_relative_outputs_before_any_trial(tmp_path, monkeypatch,
+                                                                                  overrides, message):
+    """Submitted with `ray job submit`, a search's relative folder and SQLite study would live in the job's
+    temporary working directory: refused, naming the option and ATTAMBA_HOME, before the study exists."""
+    from pipeline.ray.outputs import HOME_ENV, RAY_JOB_ENV
+    from pipeline.search.driver import run_search
+    from pipeline.search.space import STORAGE_ENV
+
+    for name in (HOME_ENV, STORAGE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(RAY_JOB_ENV, "{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="set ATTAMBA_HOME to an absolute folder") as err:
+        run_search(SMOKE, [o.format(tmp=tmp_path) for o in overrides], address="127.0.0.1:1")
+    assert message in str(err.value)
+    assert list(tmp_path.iterdir()) == [], "nothing written before the refusal"
+
+
 def test_cli_reports_a_bad_space_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "search", str(SMOKE),
                              "space.chunk_size={low: 9, high: 3}", f"storage=sqlite:///{tmp_path}/o.db"],
