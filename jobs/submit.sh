@@ -3,12 +3,14 @@
 #
 # usage: jobs/submit.sh {study|search|train} CONFIG [RAY_ADDRESS]
 #   RAY_ADDRESS: the job server, default $RAY_ADDRESS, else http://127.0.0.1:8265.
-#   MLFLOW_TRACKING_URI, ATTAMBA_OPTUNA_STORAGE, ATTAMBA_CACHE: forwarded into the job when set
-#     here; unset, the job uses the cluster nodes' own values (docker/compose.yaml sets them).
+#   ATTAMBA_HOME: an absolute folder every node shares; the job's relative out_dir and SQLite paths
+#     resolve there instead of in the job's temporary working directory (refused without one).
+#   ATTAMBA_HOME, MLFLOW_TRACKING_URI, ATTAMBA_OPTUNA_STORAGE, ATTAMBA_CACHE: forwarded into the job when
+#     set here; unset, the job uses the cluster nodes' own values (docker/compose.yaml sets them).
 #   ATTAMBA_SUBMIT_DRY_RUN=1: print the command, one argument per line, instead of running it.
 set -euo pipefail
 
-readonly FORWARDED_VARS=(MLFLOW_TRACKING_URI ATTAMBA_OPTUNA_STORAGE ATTAMBA_CACHE)
+readonly FORWARDED_VARS=(ATTAMBA_HOME MLFLOW_TRACKING_URI ATTAMBA_OPTUNA_STORAGE ATTAMBA_CACHE)
 
 usage() {
     echo "usage: $0 {study|search|train} CONFIG [RAY_ADDRESS]" >&2
@@ -27,6 +29,11 @@ case "$command_name" in
         usage
         ;;
 esac
+
+if [[ -n ${ATTAMBA_HOME:-} && ${ATTAMBA_HOME} != /* ]]; then
+    echo "ATTAMBA_HOME must be an absolute folder on storage every Ray node shares; got '$ATTAMBA_HOME'" >&2
+    exit 2
+fi
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ ! -f $config ]]; then

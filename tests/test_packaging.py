@@ -471,7 +471,7 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
 
 
 def submit(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    forwarded = ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "ATTAMBA_OPTUNA_STORAGE", "ATTAMBA_CACHE")
+    forwarded = ("RAY_ADDRESS", "ATTAMBA_HOME", "MLFLOW_TRACKING_URI", "ATTAMBA_OPTUNA_STORAGE", "ATTAMBA_CACHE")
     clean = {k: v for k, v in os.environ.items() if k not in forwarded}
     return subprocess.run(
         [str(JOBS / script), *args], capture_output=True, text=True, timeout=60, cwd=ROOT / "docker",
@@ -496,6 +496,21 @@ def test_submit_builds_a_ray_job_command(kind):
     assert runtime_env["env_vars"]["ATTAMBA_OPTUNA_STORAGE"] == "postgresql://u:p@db/optuna"
     assert "MLFLOW_TRACKING_URI" not in runtime_env["env_vars"]
     assert argv[argv.index("--submission-id") + 1].startswith(f"attamba-{kind}-runtime_env-")
+
+
+def test_submit_forwards_an_absolute_attamba_home_and_refuses_a_relative_one():
+    from ray.runtime_env import RuntimeEnv
+
+    result = submit("submit_study.sh", "../jobs/runtime_env.yaml", ATTAMBA_HOME="/shared/attamba")
+    argv = result.stdout.splitlines()
+    runtime_env = RuntimeEnv(**json.loads(argv[argv.index("--runtime-env-json") + 1]))
+    assert runtime_env["env_vars"]["ATTAMBA_HOME"] == "/shared/attamba"
+    assert "ATTAMBA_HOME" not in json.loads(submit("submit_study.sh", "../jobs/runtime_env.yaml").stdout
+                                            .splitlines()[argv.index("--runtime-env-json") + 1])["env_vars"]
+    result = submit("submit_search.sh", "../jobs/runtime_env.yaml", ATTAMBA_HOME="data/attamba")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "ATTAMBA_HOME must be an absolute folder on storage every Ray node shares; got 'data/attamba'" in (
+        result.stderr)
 
 
 def test_submit_address_falls_back_to_ray_address():
