@@ -109,6 +109,20 @@ def test_bad_study_files_fail_before_ray_starts(tmp_path, change, words):
     assert not (tmp_path / "studies").exists()
 
 
+def test_a_ray_job_without_attamba_home_refuses_relative_outputs_before_ray_starts(tmp_path):
+    """`ray job submit` runs the entrypoint in a temporary package folder with RAY_JOB_CONFIG_JSON_ENV_VAR set
+    (seen with Ray 2.60): the smoke study's `out_dir: studies` would vanish with the session. Exit code 2,
+    one line naming out_dir and ATTAMBA_HOME, nothing written, no Ray started."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATTAMBA_HOME", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(RAY_JOB_CONFIG_JSON_ENV_VAR="{}", PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "study", str(SMOKE), "--address", "127.0.0.1:1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert ("attamba study: error: out_dir='studies' is a relative path and this runs as a Ray job" in result.stderr
+            and "set ATTAMBA_HOME to an absolute folder" in result.stderr and "Traceback" not in result.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_check_resources_names_the_field_and_the_cluster():
     check_resources(Resources(workers=1, cpus_per_worker=1), {"CPU": 2.0})
     with pytest.raises(ValueError, match=r"resources.cpus_per_worker=1 x resources.workers=3 asks 3.01 CPU"):
@@ -258,12 +272,15 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
         from ray.job_submission import JobStatus, JobSubmissionClient
 
         client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
-        command = " ".join(_study_command(tmp_path))
+        # Relative outputs, as in the shipped configs: they must land under the job's ATTAMBA_HOME.
+        command = " ".join(_study_command(tmp_path, "out_dir=studies", "run.tracking.uri=sqlite:///mlflow.db",
+                                            "report=true"))
         deadline = time.time() + 90
         while True:  # the dashboard answers before its job agent is up
             try:
                 job = client.submit_job(entrypoint=f"cd {REPO} && {command}",
-                                        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+                                        runtime_env={"env_vars": {"PYTHONPATH": str(REPO),
+                                                                  "ATTAMBA_HOME": str(tmp_path)}})
                 break
             except RuntimeError as error:
                 if "No available agent" not in str(error) or time.time() > deadline:
@@ -286,6 +303,11 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
     result, _ = json.JSONDecoder().raw_decode(logs[logs.index("{\n"):])
     assert result["trained"] == 2 and result["failed"] == []
     assert result["timing"]["trials_timed"] == 2 and 0 < result["timing"]["step_fraction"] < 1
+    # The JSON says where everything went, and it is there.
+    assert result["outputs"] == {"home": str(tmp_path), "runs": str(tmp_path / "studies" / "smoke"),
+                                 "report": str(tmp_path / "reports" / "smoke"),
+                                 "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    assert (tmp_path / "reports" / "smoke" / "report.html").is_file()
 
 
 def _default_sigint():
