@@ -166,8 +166,8 @@ def _check_type(name: str, value, hint):
     if hint is int:
         return integer(name, value)
     if hint is float:
-        if isinstance(value, str) and FLOAT_TEXT.fullmatch(value.strip()):
-            value = float(value)   # "1e-3": YAML 1.1 reads an exponent without a dot as text
+        if isinstance(value, str) and NUMBER_TEXT.fullmatch(value.strip()):
+            value = float(value)   # "1e-3" (YAML 1.1 reads an exponent without a dot as text), quoted numbers
         return float(number(name, value))   # each section's checks refuse infinities where they do not belong
     if hint is str and not isinstance(value, str):
         fail(name, value, "a string")
@@ -284,6 +284,7 @@ def _read_includes(data: dict, path: str | Path | None, kind: str, includes: tup
 
 # YAML 1.2's floats: PyYAML follows YAML 1.1, where an exponent needs a dot ("1.0e-3"), so "1e-3" read as text
 FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+NUMBER_TEXT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")   # decimal, no nan/inf
 
 
 class _Loader(yaml.SafeLoader):
