@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Iterable
+
+# Names that become folder names (a study, a run, an experiment): one path component, never '.' or '..'
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 def fail(name: str, value, requirement: str, fix: str = ""):
@@ -120,4 +124,16 @@ def text(name: str, value, *, or_none: bool = False, fix: str = ""):
         return value
     if not isinstance(value, str) or not value.strip():
         fail(name, value, _requirement("a non-empty string", or_none), fix)
+    return value
+
+
+def safe_name(name: str, value, *, or_none: bool = False, fix: str = ""):
+    """A name used as a folder: letters, digits, '.', '_' and '-', starting with a letter or digit, at most
+    200 characters; so no '/', no '..' and nothing a shell or a file system would read specially."""
+    if value is None and or_none:
+        return value
+    if not isinstance(value, str) or not SAFE_NAME.fullmatch(value):
+        fail(name, value, _requirement("letters, digits, '.', '_' or '-', starting with a letter or digit "
+                                       "(at most 200 characters)", or_none),
+             fix or "it becomes a folder name; e.g. 'my-study_1'")
     return value

@@ -51,7 +51,7 @@ class SSMConfig:
                  "raise ssm.a_init_max or lower ssm.a_init_min")
         if self.dt_max < self.dt_min:
             fail("ssm.dt_max", self.dt_max, f">= ssm.dt_min ({self.dt_min})", "raise ssm.dt_max or lower ssm.dt_min")
-        at_least("ssm.dt_limit_min", self.dt_limit_min, 0)
+        at_least("ssm.dt_limit_min", self.dt_limit_min, 0, finite=True)
         number("ssm.dt_limit_max", self.dt_limit_max)   # inf: no upper limit
         if not self.dt_limit_max > self.dt_limit_min:
             fail("ssm.dt_limit_max", self.dt_limit_max, f"> ssm.dt_limit_min ({self.dt_limit_min})")

@@ -110,7 +110,11 @@ def cmd_report(args) -> int:
 def cmd_sync(args) -> int:
     from pipeline.tracking import sync_journal
 
-    _print_json(sync_journal(args.dir, uri=args.tracking_uri))
+    result = sync_journal(args.dir, uri=args.tracking_uri)
+    _print_json(result)
+    print(f"delivered {result['delivered']} records from {result['journals']} journals in "
+          f"{len(result['folders'])} folders; {result['pending']} still pending, {result['busy']} busy (a live run), "
+          f"{result['failed']} unreachable, {result['quarantined']} unreadable lines quarantined", file=sys.stderr)
     return 0
 
 
@@ -197,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sync", help="upload metrics journaled while the tracking server was unreachable")
-    p.add_argument("dir", help="a run's journal folder (or a folder of runs)")
+    p.add_argument("dir", help="a run's folder or its tracking/ folder, or a study or search folder: every "
+                   "journal below it is delivered")
     p.add_argument("--tracking-uri")
     p.set_defaults(func=cmd_sync)
 

@@ -8,6 +8,8 @@ before any compute. The resolved config is written into every run's directory an
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from attamba.checks import at_least, boolean, fail, in_range, integer, number, one_of, positive
+from attamba.checks import at_least, boolean, fail, in_range, integer, number, one_of, positive, safe_name
 from attamba.config import ModelConfig
 from attamba.presets import PRESETS, model_config
 
@@ -39,14 +41,14 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        positive("optim.lr", self.lr)
+        positive("optim.lr", self.lr, finite=True)
         in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         at_least("optim.warmup_steps", self.warmup_steps, 0, integer=True)
-        at_least("optim.weight_decay", self.weight_decay, 0.0)
-        in_range("optim.beta1", self.beta1, 0.0, 1.0)
-        in_range("optim.beta2", self.beta2, 0.0, 1.0)
-        positive("optim.eps", self.eps)
-        at_least("optim.grad_clip", self.grad_clip, 0.0)
+        at_least("optim.weight_decay", self.weight_decay, 0.0, finite=True)
+        for name in ("beta1", "beta2"):   # Adam's moment decays: 1 would never forget, torch refuses it
+            in_range(f"optim.{name}", getattr(self, name), 0.0, 1.0, high_open=True, fix="e.g. 0.9 or 0.95")
+        positive("optim.eps", self.eps, finite=True)
+        at_least("optim.grad_clip", self.grad_clip, 0.0, finite=True, fix="0 turns clipping off")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,9 @@ class TrainConfig:
         one_of("train.precision", self.precision, PRECISIONS)
         one_of("train.zero_stage", self.zero_stage, ZERO_STAGES)
         one_of("train.device", self.device, DEVICES)
+        boolean("train.progress", self.progress)
+        safe_name("train.study", self.study, or_none=True)
+        safe_name("train.trial", self.trial, or_none=True)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self):
+        safe_name("name", self.name)
         if self.model.max_seq_len < self.data.seq_len:
             fail("data.seq_len", self.data.seq_len, f"<= model.max_seq_len ({self.model.max_seq_len})",
                  "lower data.seq_len or raise model.max_seq_len")
@@ -151,12 +157,18 @@ def _check_type(name: str, value, hint):
         return tuple(items) if origin is tuple else items
     if hint is typing.Any:
         return value
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            fail(name, value, "a mapping of keys", f"indent its keys under {name}")
+        return value
     if hint is bool:
         return boolean(name, value)
     if hint is int:
         return integer(name, value)
     if hint is float:
-        return float(number(name, value))
+        if isinstance(value, str) and NUMBER_TEXT.fullmatch(value.strip()):
+            value = float(value)   # "1e-3" (YAML 1.1 reads an exponent without a dot as text), quoted numbers
+        return float(number(name, value))   # each section's checks refuse infinities where they do not belong
     if hint is str and not isinstance(value, str):
         fail(name, value, "a string")
     return value
@@ -192,15 +204,50 @@ def build(cls, data: dict | None, prefix: str = ""):
 
 
 def run_config_from_dict(data: dict) -> RunConfig:
+    if not isinstance(data, dict):
+        fail("run config", data, "a mapping of RunConfig fields")
     data = dict(data)
     size = one_of("size", data.get("size", RunConfig.size), PRESETS)
-    model = dict(data.get("model") or {})
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        fail("model", model, "a mapping of ModelConfig fields")
+    model = dict(model)
     preset = dataclasses.asdict(model_config(size))
     # The preset sets width and depth; explicit model keys win; derived sizes follow the preset's width.
     for key in ("dim", "n_layers", "n_heads"):
         model.setdefault(key, preset[key])
     data["model"] = model
-    return build(RunConfig, data)
+    config = build(RunConfig, data)
+    check_fits_in_memory(config)
+    return config
+
+
+def memory_bytes() -> int:
+    """Physical memory of this machine, in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_in_memory(config: RunConfig, available: int | None = None) -> None:
+    """Refuse, before anything is allocated, a model whose float32 weights alone exceed this machine's memory.
+
+    Every rank builds the whole model on its CPU before DeepSpeed shards or moves it, so the weights (4
+    bytes a parameter, counted by attamba.costs) must fit in RAM; gradients and optimizer state need more.
+    """
+    from attamba import costs
+
+    model = config.model
+    # a BPE tokenizer trained here sets the model's vocabulary to data.vocab_size
+    vocab, vocab_field = model.vocab_size, "model.vocab_size"
+    if config.data.tokenizer == "bpe" and config.data.vocab_size > vocab:
+        vocab, vocab_field = config.data.vocab_size, "data.vocab_size"
+    params = costs.param_count(dataclasses.replace(model, vocab_size=vocab), non_embedding=False)
+    available = memory_bytes() if available is None else available
+    if 4 * params > available:
+        raise ValueError(
+            f"model.dim={model.dim}, model.n_layers={model.n_layers}, model.ffn_dim={model.ffn_dim}, "
+            f"{vocab_field}={vocab} make a model of {params:.3g} parameters, {4 * params / 2**30:.3g} GiB of "
+            f"float32 weights alone, more than this machine's {available / 2**30:.3g} GiB of memory; lower "
+            f"model.dim or model.n_layers, or choose a smaller size")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -235,14 +282,42 @@ def _read_includes(data: dict, path: str | Path | None, kind: str, includes: tup
     return data
 
 
+# YAML 1.2's floats: PyYAML follows YAML 1.1, where an exponent needs a dot ("1.0e-3"), so "1e-3" read as text
+FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+NUMBER_TEXT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")   # decimal, no nan/inf
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads YAML 1.2 floats such as 1e-3 and 5E4 as numbers."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(FLOAT_TEXT.pattern + "$"),
+                              list("-+0123456789."))
+
+
+def _parse(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """'line L, column C: problem' from a PyYAML error (1-based, the place the parser stopped)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or _one_line(exc)
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + (f"{context}, {problem}" if context else problem)
+
+
 def _read_mapping(path: Path, kind: str, hint: str) -> dict:
     tail = f"; {hint}" if hint else ""
     if not path.is_file():
         raise ValueError(f"{kind} file {str(path)!r} does not exist{tail}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _parse(path.read_text())
     except yaml.YAMLError as exc:
-        raise ValueError(f"{kind} file {str(path)!r} is not valid YAML: {_one_line(exc)}") from None
+        raise ValueError(f"{kind} file {str(path)!r} is not valid YAML at {_yaml_error(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{kind} file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -256,7 +331,8 @@ def _one_line(exc: Exception) -> str:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`a.b.c=value` strings; the value is parsed as YAML (so 8 is an int, true a bool, [1,2] a list).
+    """`a.b.c=value` strings; the value is parsed as YAML (so 8 is an int, 1e-3 a float, true a bool, [1,2] a
+    list).
     Returns a new dict; the mappings on each override's path are copied, never changed in place."""
     data = dict(data)
     for item in overrides:
@@ -265,9 +341,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if not eq or not all(keys):
             raise ValueError(f"override {item!r} must look like key.path=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _parse(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
-            raise ValueError(f"override {item!r}: the value is not valid YAML: {_one_line(exc)}") from None
+            raise ValueError(f"override {item!r}: the value is not valid YAML: {_yaml_error(exc)}") from None
         node = data
         for depth, k in enumerate(keys[:-1]):
             child = node.get(k)

@@ -4,11 +4,19 @@ Layout of `<cache_dir>/data/<key>/`:
   `<split>.bin`          tokens, uint16 when the vocabulary fits, else uint32: [BOS] doc [EOS] [BOS] doc [EOS] ...
   `<split>.offsets.npy`  int64 [n_docs + 1]: document i is tokens[offsets[i]:offsets[i+1]] (BOS..EOS included)
   `<split>.docs.jsonl`   the raw documents, one JSON string per line, for evaluators that need text
-  `meta.json`            written last: its presence with matching sizes marks a complete cache
+  `meta.json`            sizes and the SHA-256 of every file above: a cache is used only when all match
+
+A cache is built in a private temporary folder beside it and renamed into place, under a lock
+(`<key>.lock`) that a second process preparing the same cache waits on, then reuses what the first built.
+So two trials racing on one cache never delete each other's fresh files, and a damaged cache (a flipped
+bit, a truncated file, an interrupted copy) is rebuilt instead of read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -19,7 +27,7 @@ import numpy as np
 from pipeline.data.sources import SPLITS
 from pipeline.data.tokenizer import ByteTokenizer, show_progress
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2      # 2: meta.json holds each file's SHA-256
 _ENCODE_BATCH_DOCS = 16
 
 
@@ -53,14 +61,63 @@ def tokenize_documents(docs: list[str], tokenizer, dtype: np.dtype, desc: str, p
     return tokens, offsets, text_tokens
 
 
+def _files(split: str) -> tuple[str, str, str]:
+    return f"{split}.bin", f"{split}.offsets.npy", f"{split}.docs.jsonl"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def build_lock(directory: Path):
+    """Exclusive lock on building `directory`; a second builder waits here (the OS frees it if we die)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(directory.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _private_name(directory: Path, what: str) -> Path:
+    return directory.with_name(f"{directory.name}.{what}-{os.getpid()}-{os.urandom(4).hex()}")
+
+
 def write_cache(directory: Path, splits: dict[str, list[str]], tokenizer, meta: dict, progress: bool) -> dict:
-    """Tokenize every split into `directory`; meta.json goes last so an interrupted write reads as missing."""
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    """Tokenize every split into a private folder, then rename it to `directory`. Call under `build_lock`:
+    an invalid cache already at `directory` is moved aside and deleted only after the new one is in place."""
+    tmp = _private_name(directory, "tmp")
     tmp.mkdir(parents=True)
+    try:
+        meta = _write_files(tmp, splits, tokenizer, meta, progress)
+        if directory.exists():
+            stale = _private_name(directory, "stale")
+            os.replace(directory, stale)
+            os.replace(tmp, directory)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+        _fsync(directory.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # gone already unless something failed
+    return meta
+
+
+def _write_files(tmp: Path, splits: dict[str, list[str]], tokenizer, meta: dict, progress: bool) -> dict:
     dtype = token_dtype(tokenizer.vocab_size)
     meta = dict(meta, format=CACHE_FORMAT, dtype=dtype.name, vocab_size=tokenizer.vocab_size,
                 bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, splits={})
@@ -78,12 +135,16 @@ def write_cache(directory: Path, splits: dict[str, list[str]], tokenizer, meta: 
             "n_tokens": int(len(tokens)),
             "n_text_tokens": int(text_tokens),
         }
+    meta["sha256"] = {}
+    for split in SPLITS:
+        for name in _files(split):
+            _fsync(tmp / name)
+            meta["sha256"][name] = file_sha256(tmp / name)
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
-    try:
-        os.replace(tmp, directory)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same cache first
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync(tmp)
     return meta
 
 
@@ -108,6 +169,9 @@ def read_cache(directory: Path, key: str) -> tuple[dict | None, str]:
                 return None, f"{split}.offsets.npy does not match the metadata"
             if not (directory / f"{split}.docs.jsonl").is_file():
                 return None, f"{split}.docs.jsonl is missing"
+            for name in _files(split):
+                if file_sha256(directory / name) != meta["sha256"][name]:
+                    return None, f"{name}'s content does not match its SHA-256 in meta.json (a damaged file)"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"unreadable cache in {directory} ({type(e).__name__}: {e})"
     return meta, ""

@@ -203,10 +203,14 @@ def prepare(config: DataConfig, max_seq_len: int | None = None) -> PreparedData:
     meta, reason = data_cache.read_cache(directory, key)
     cache_hit = meta is not None
     if not cache_hit:
-        if reason != "no cache yet":
-            log.warning("rebuilding the token cache in %s: %s", directory, reason)
-        meta = dict(spec, key=key, source=config.source, tokenizer_spec=config.tokenizer)
-        meta = data_cache.write_cache(directory, splits, tokenizer, meta, config.progress)
+        with data_cache.build_lock(directory):   # another process may be building this very cache
+            meta, reason = data_cache.read_cache(directory, key)
+            cache_hit = meta is not None
+            if not cache_hit:
+                if reason != "no cache yet":
+                    log.warning("rebuilding the token cache in %s: %s", directory, reason)
+                meta = dict(spec, key=key, source=config.source, tokenizer_spec=config.tokenizer)
+                meta = data_cache.write_cache(directory, splits, tokenizer, meta, config.progress)
     data = PreparedData(config, directory, meta, tokenizer, cache_hit, tok_hit)
     if data.num_sequences("train") < 1:
         raise ValueError(

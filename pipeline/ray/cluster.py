@@ -26,9 +26,10 @@ class Resources:
 
     def __post_init__(self):
         at_least("resources.workers", self.workers, 1, integer=True)
-        positive("resources.cpus_per_worker", self.cpus_per_worker)
-        at_least("resources.gpus_per_worker", self.gpus_per_worker, 0)
+        positive("resources.cpus_per_worker", self.cpus_per_worker, finite=True)
+        at_least("resources.gpus_per_worker", self.gpus_per_worker, 0, finite=True)
         at_least("resources.max_concurrent", self.max_concurrent, 0, integer=True)
+        at_least("resources.max_failures", self.max_failures, 0, integer=True, fix="0 = no retries")
 
 
 def resolve_address(given: str | None, configured: str | None) -> str | None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attamba.checks import at_least, fail, one_of
+from attamba.checks import at_least, boolean, fail, one_of, safe_name, text
 from attamba.config import BOUNDARY_STRATEGIES
 
 from pipeline import schema
@@ -84,7 +83,7 @@ class Constraints:
     def __post_init__(self):
         at_least("constraints.max_kv_cache_bytes", self.max_kv_cache_bytes, 1, integer=True, or_none=True,
                  fix="a number of bytes, or null for no limit")
-        at_least("constraints.max_ppl_gap", self.max_ppl_gap, 0, or_none=True,
+        at_least("constraints.max_ppl_gap", self.max_ppl_gap, 0, finite=True, or_none=True,
                  fix="0.1 = 10% above the transformer's perplexity, or null for no limit")
 
     @property
@@ -114,8 +113,10 @@ class SearchConfig:
     run: dict = field(default_factory=dict)   # the base RunConfig (fixed model size and token budget)
 
     def __post_init__(self):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name or ""):
-            fail("name", self.name, "letters, digits, '.', '_' or '-'")
+        safe_name("name", self.name, fix="it names the search's folder under out_dir, its Optuna study and MLflow "
+                  "experiment")
+        text("out_dir", self.out_dir)
+        boolean("progress", self.progress)
         at_least("n_trials", self.n_trials, 1, integer=True)
         one_of("sampler", self.sampler, SAMPLERS)
         at_least("population_size", self.population_size, 2, integer=True)

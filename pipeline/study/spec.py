@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attamba import costs
-from attamba.checks import at_least, fail, integer, one_of, positive
+from attamba.checks import at_least, boolean, fail, integer, one_of, positive, safe_name, text
 from attamba.presets import PRESETS
 
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
@@ -48,11 +48,11 @@ class TokenBudget:
     def __post_init__(self):
         one_of("tokens.rule", self.rule, TOKEN_RULES)
         at_least("tokens.tokens", self.tokens, 1, integer=True)
-        positive("tokens.tokens_per_param", self.tokens_per_param)
+        positive("tokens.tokens_per_param", self.tokens_per_param, finite=True)
         if not self.budgets:
             fail("tokens.budgets", [], "a list of positive multipliers", "e.g. [1.0]")
         for i, b in enumerate(self.budgets):
-            positive(f"tokens.budgets[{i}]", b)
+            positive(f"tokens.budgets[{i}]", b, finite=True)
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ class StudyConfig:
     run: dict = field(default_factory=dict)   # the base RunConfig, as in a `attamba train` YAML
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            fail("name", self.name, "a non-empty name without '/'")
+        safe_name("name", self.name, fix="it names the study's folder under out_dir and its MLflow experiment")
+        text("out_dir", self.out_dir)
+        boolean("report", self.report)
         if not self.sizes:
             fail("sizes", [], "a list of at least one size preset", f"choose from {', '.join(PRESETS)}")
         for size in self.sizes:

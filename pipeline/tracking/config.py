@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from attamba.checks import at_least, boolean, fail, positive, text
+from attamba.checks import at_least, boolean, fail, positive, safe_name, text
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 DEFAULT_DB_NAME = "mlflow.db"
@@ -38,13 +38,14 @@ class TrackingConfig:
         boolean("tracking.enabled", self.enabled)
         if self.uri is not None:
             check_uri("tracking.uri", self.uri)
-        text("tracking.experiment", self.experiment)
-        for name in ("run_name", "parent_run_id", "resume_run_id", "journal_dir"):
+        safe_name("tracking.experiment", self.experiment)   # also the default report folder
+        safe_name("tracking.run_name", self.run_name, or_none=True)
+        for name in ("parent_run_id", "resume_run_id", "journal_dir"):
             text(f"tracking.{name}", getattr(self, name), or_none=True)
         boolean("tracking.system_metrics", self.system_metrics)
         for name in ("system_metrics_interval_s", "flush_interval_s"):
-            positive(f"tracking.{name}", getattr(self, name), fix="a number of seconds")
-        at_least("tracking.flush_timeout_s", self.flush_timeout_s, 0, fix="a number of seconds")
+            positive(f"tracking.{name}", getattr(self, name), finite=True, fix="a number of seconds")
+        at_least("tracking.flush_timeout_s", self.flush_timeout_s, 0, finite=True, fix="a number of seconds")
         if self.system_metrics and importlib.util.find_spec("psutil") is None:
             raise ValueError(
                 "tracking.system_metrics=true needs psutil, which is not installed: "

@@ -4,6 +4,7 @@ Layout of a journal directory (one set of files per tracker instance, `<jid>` so
   <jid>.jsonl          one JSON record per call, appended and flushed by the caller, fsync'ed per batch
   <jid>.state.json     {"run_id", "offset"}: the MLflow run and how many bytes of the journal were delivered
   <jid>.rejected.jsonl entities MLflow refused for good (bad value, changed param), with the error
+  <jid>.quarantine     lines that are not a readable record (torn by a crash), moved aside with their offset
   <jid>.spool/         copies of logged artifacts, so a later sync still finds them
   <jid>.lock           flock held by the live tracker, so `sync_journal` never races its delivery thread
 The offset only moves past a record once MLflow accepted all of it. Re-sending a record is harmless:
@@ -17,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_ENTITIES_PER_BATCH = 1000
 _READ_CHUNK = 8 << 20
+# new_journal_id()'s form: other .jsonl files (a run's metrics.jsonl, rejected files) are not journals
+JOURNAL_NAME = re.compile(r"(\d{8}-\d{6}-\d+-[0-9a-f]{6})\.jsonl")
 
 
 def new_journal_id() -> str:
@@ -109,19 +113,22 @@ class Delivery:
         self.uri = uri or self._recorded_uri()
         self.delivered = 0
         self.rejected = 0
+        self.quarantined = 0
         self._client = None
 
     def _recorded_uri(self) -> str | None:
         with open(self.path, "rb") as f:
             first = f.readline()
-        return json.loads(first).get("uri") if first.endswith(b"\n") else None
+        record = _parse(first) if first.endswith(b"\n") else None
+        return record.get("uri") if record is not None else None
 
     def _save(self, offset: int) -> None:
         self.offset = max(self.offset, offset)
         _write_json_atomic(self.state_path, {"run_id": self.run_id, "offset": self.offset})
 
     def pending(self) -> list[tuple[int, dict]]:
-        """(end offset, record) of each complete undelivered line."""
+        """(end offset, record) of each complete undelivered line. A line that is not a record (torn by a
+        crash, then glued to the next append) is quarantined once everything before it is delivered."""
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             data = f.read(_READ_CHUNK)
@@ -129,9 +136,36 @@ class Delivery:
                 data += f.read()
         items, pos = [], self.offset
         for line in data.split(b"\n")[:-1]:  # the last piece is incomplete (or empty)
-            pos += len(line) + 1
-            items.append((pos, json.loads(line)))
+            end = pos + len(line) + 1
+            record = _parse(line)
+            if record is None:
+                if items:
+                    break   # deliver what precedes it first: the offset must not pass undelivered records
+                self._quarantine(line, pos, end, "not a journal record")
+            else:
+                items.append((end, record))
+            pos = end
         return items
+
+    def quarantine_torn_tail(self) -> None:
+        """Move aside a last line without its newline. Only for a journal whose writer is gone (its lock
+        is free): a live writer may be in the middle of that line."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            rest = f.read()
+        if rest and b"\n" not in rest:
+            self._quarantine(rest, self.offset, self.offset + len(rest), "a torn last line (its writer stopped in the middle)")
+
+    def _quarantine(self, line: bytes, start: int, end: int, why: str) -> None:
+        self.quarantined += 1
+        side = self.directory / f"{self.jid}.quarantine"
+        log.warning("journal %s: %s at byte %d (%d bytes), moved to %s and skipped", self.path, why, start,
+                    len(line), side)
+        with open(side, "ab") as f:
+            f.write(json.dumps({"offset": start, "reason": why}).encode() + b"\n" + line + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._save(end)
 
     def count_pending(self) -> int:
         with open(self.path, "rb") as f:
@@ -243,6 +277,15 @@ class Delivery:
             self._reject({"op": op}, error)
 
 
+def _parse(line: bytes) -> dict | None:
+    """The record on a journal line, or None when the line is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:   # JSONDecodeError and UnicodeDecodeError both are
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("op"), str) else None
+
+
 def _entities(record: dict):
     from mlflow.entities import Metric, Param, RunTag
 
@@ -299,24 +342,54 @@ class _Batch:
 
 
 def journal_ids(directory: Path) -> list[str]:
-    return sorted(p.name[: -len(".jsonl")] for p in directory.glob("*.jsonl")
-                  if not p.name.endswith(".rejected.jsonl"))
+    """The journals in `directory` (not below it), oldest first."""
+    return sorted(m.group(1) for p in directory.glob("*.jsonl") if (m := JOURNAL_NAME.fullmatch(p.name)))
 
 
-def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None) -> dict[str, int]:
-    """Deliver whatever the journals in `journal_dir` still hold; idempotent.
+def journal_folders(root: Path) -> list[Path]:
+    """`root` and every folder below it that holds a journal (a run's `tracking/`, a study's runs, ...)."""
+    found = {p.parent for p in root.rglob("*.jsonl") if JOURNAL_NAME.fullmatch(p.name)
+             and not any(part.endswith(".spool") for part in p.relative_to(root).parts)}
+    return sorted(found)
+
+
+COUNTS = ("journals", "delivered", "pending", "rejected", "quarantined", "busy", "failed")
+
+
+def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None) -> dict:
+    """Deliver whatever the journals in `journal_dir`, and in every folder below it, still hold; idempotent.
 
     `uri` overrides the tracking URI recorded when each run started. Journals held by a live tracker are
-    skipped (counted as `busy`). Returns counts: journals, delivered and pending records, rejected
-    entities, busy journals, and `failed` journals whose server was unreachable.
+    skipped (counted as `busy`). Returns the totals (journals, delivered and pending records, rejected
+    entities, quarantined lines, busy journals, `failed` journals whose server was unreachable) and the
+    same counts for each folder that holds a journal, under `folders`.
     """
     directory = Path(journal_dir)
     if not directory.is_dir():
-        raise ValueError(f"journal_dir {str(directory)!r} is not a directory; pass the run's journal folder")
-    counts = {"journals": 0, "delivered": 0, "pending": 0, "rejected": 0, "busy": 0, "failed": 0}
+        raise ValueError(f"journal_dir {str(directory)!r} is not a directory; pass a run's folder, its tracking "
+                         f"folder, or a study or search folder")
+    folders = journal_folders(directory)
+    if not folders:
+        raise ValueError(f"no tracking journal in {str(directory)!r} or below it (journals are named like "
+                         f"{new_journal_id()}.jsonl, in each run's tracking/ folder); pass a run, study or "
+                         f"search folder")
+    totals = dict.fromkeys(COUNTS, 0)
+    listing = []
+    for folder in folders:
+        counts = _sync_folder(folder, uri)
+        for key in COUNTS:
+            totals[key] += counts[key]
+        listing.append({"folder": str(folder), **counts})
+    return {**totals, "folders": listing}
+
+
+def _sync_folder(directory: Path, uri: str | None) -> dict[str, int]:
+    counts = dict.fromkeys(COUNTS, 0)
     for jid in journal_ids(directory):
         counts["journals"] += 1
-        lock = try_lock(directory / f"{jid}.lock")
+        lock_path = directory / f"{jid}.lock"
+        existed = lock_path.exists()
+        lock = try_lock(lock_path)
         if lock is None:
             counts["busy"] += 1
             continue
@@ -324,6 +397,7 @@ def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None) -> dict
             delivery = Delivery(directory, jid, uri)
             try:
                 delivery.deliver_pending()
+                delivery.quarantine_torn_tail()   # the lock is free: nobody will finish that line
             except Exception as error:
                 if mlflow_client.is_permanent(error):
                     raise
@@ -331,7 +405,10 @@ def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None) -> dict
                 log.warning("journal %s: tracking server unreachable: %s", jid, error)
             counts["delivered"] += delivery.delivered
             counts["rejected"] += delivery.rejected
+            counts["quarantined"] += delivery.quarantined
             counts["pending"] += delivery.count_pending()
         finally:
             lock.close()
+            if not existed:
+                lock_path.unlink(missing_ok=True)   # leave the folder as it was found
     return counts

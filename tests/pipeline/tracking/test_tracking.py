@@ -354,7 +354,8 @@ def test_server_down_until_after_finish_then_sync(server, tmp_path):
     assert sync_journal(tmp_path)["failed"] == 1  # still down: nothing lost, nothing sent
     server.start()
     first = sync_journal(tmp_path)
-    assert first == {"journals": 1, "delivered": 33, "pending": 0, "rejected": 0, "busy": 0, "failed": 0}
+    counts = {"journals": 1, "delivered": 33, "pending": 0, "rejected": 0, "quarantined": 0, "busy": 0, "failed": 0}
+    assert first == {**counts, "folders": [{"folder": str(tmp_path), **counts}]}
     second = sync_journal(tmp_path)
     assert second["delivered"] == 0 and second["pending"] == 0
     (run,) = [r for r in find_runs("outage", uri=server.uri) if r.info.run_name == "never-up"]
