@@ -44,13 +44,14 @@ class StopTraining(Exception):
 @dataclass
 class Progress:
     """Where the loop is. The first three fields are saved in every checkpoint and restored on resume;
-    the timings cover this call of `train` only."""
+    the others cover this call of `train` only."""
 
     step: int = 0                          # optimizer steps done, skipped ones included
     consecutive_skips: int = 0             # non-finite steps in a row up to `step`
     skipped_total: int = 0
     first_step_start: float | None = None  # time.time() when this call's first training step began
     steps_s: float = 0.0                   # seconds inside training steps (forward, backward, optimizer)
+    start_step: int = 0                    # the step this call began at: the checkpoint's, 0 when fresh
 
 
 @dataclass
@@ -172,7 +173,8 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) -> dict:
     """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view) with
-    step, skipped_steps, tokens, out_dir and run_id, and this call's timings: first_step_start
+    step, start_step (where this call began: a checkpoint's step, or 0), skipped_steps, tokens, out_dir
+    and run_id, and this call's timings: first_step_start
     (time.time() when its first training step began; None if no step ran) and steps_s (seconds spent
     inside training steps, the sum of the per-step times behind tokens/s).
 
@@ -212,7 +214,8 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
     if found is not None:
         state = ckpt.load(engine, found)
         ckpt.confirm_step(found, state["step"], device if device.type == "cuda" else "cpu")
-        progress = Progress(state["step"], state["consecutive_skips"], state["skipped_total"])
+        progress = Progress(state["step"], state["consecutive_skips"], state["skipped_total"],
+                            start_step=state["step"])
         position = state["data_position"]
         _set_rng_state(state["rng"][rank])
     batches = data.batches("train", t.batch_size, rank, world, start=position)
@@ -239,7 +242,7 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
 
 
 def _result(run: _Run, progress: Progress, metrics: dict) -> dict:
-    return {"step": progress.step, **metrics, "skipped_steps": progress.skipped_total,
+    return {"step": progress.step, "start_step": progress.start_step, **metrics, "skipped_steps": progress.skipped_total,
             "tokens": progress.step * run.cfg.tokens_per_step(run.world), "out_dir": str(run.out_dir),
             "first_step_start": progress.first_step_start, "steps_s": progress.steps_s}
 
