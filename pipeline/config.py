@@ -59,7 +59,7 @@ class TrainConfig:
     zero_stage: int = 0
     eval_every: int = 50
     ckpt_every: int = 100
-    keep_last: int = 2             # newest checkpoints kept; older ones are deleted once a newer one is sealed (0: keep all)
+    keep_last: int = 2             # newest checkpoints kept; older ones go once a newer one is sealed (0: all)
     keep_steps: tuple[int, ...] = ()  # milestone steps whose checkpoints are never deleted
     allow_steps_change: bool = False  # resume a checkpoint made with another train.steps (reshapes the LR schedule)
     log_every: int = 10

@@ -242,9 +242,9 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
 
 
 def _result(run: _Run, progress: Progress, metrics: dict) -> dict:
-    return {"step": progress.step, "start_step": progress.start_step, **metrics, "skipped_steps": progress.skipped_total,
-            "tokens": progress.step * run.cfg.tokens_per_step(run.world), "out_dir": str(run.out_dir),
-            "first_step_start": progress.first_step_start, "steps_s": progress.steps_s}
+    return {"step": progress.step, "start_step": progress.start_step, **metrics,
+            "skipped_steps": progress.skipped_total, "tokens": progress.step * run.cfg.tokens_per_step(run.world),
+            "out_dir": str(run.out_dir), "first_step_start": progress.first_step_start, "steps_s": progress.steps_s}
 
 
 def _evaluate(run: _Run, step: int) -> dict:
