@@ -61,6 +61,9 @@ class TrainConfig:
     zero_stage: int = 0
     eval_every: int = 50
     ckpt_every: int = 100
+    keep_last: int = 2             # newest checkpoints kept; older ones go once a newer one is sealed (0: all)
+    keep_steps: tuple[int, ...] = ()  # milestone steps whose checkpoints are never deleted
+    allow_steps_change: bool = False  # resume a checkpoint made with another train.steps (reshapes the LR schedule)
     log_every: int = 10
     out_dir: str = "runs/default"
     device: str = "auto"           # auto | cpu | cuda
@@ -71,8 +74,15 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, low in (("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 0),
-                          ("ckpt_every", 0), ("log_every", 1), ("max_consecutive_skips", 1)):
+                          ("ckpt_every", 0), ("keep_last", 0), ("log_every", 1), ("max_consecutive_skips", 1)):
             at_least(f"train.{name}", getattr(self, name), low, integer=True)
+        for i, step in enumerate(self.keep_steps):
+            integer(f"train.keep_steps[{i}]", step, 1, fix="a step whose checkpoint is kept forever")
+            if step != self.steps and not (self.ckpt_every and step % self.ckpt_every == 0):
+                fail(f"train.keep_steps[{i}]", step, f"a step where a checkpoint is saved (a multiple of "
+                     f"train.ckpt_every={self.ckpt_every}, or train.steps={self.steps})",
+                     "pick such a step or change train.ckpt_every")
+        boolean("train.allow_steps_change", self.allow_steps_change)
         integer("train.seed", self.seed)
         one_of("train.precision", self.precision, PRECISIONS)
         one_of("train.zero_stage", self.zero_stage, ZERO_STAGES)

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import schema
+
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
@@ -97,6 +99,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ray.train.report({**_scalars(metrics), "step": int(step)})
 
     result = dict(train(cfg, on_eval=on_eval) or {})
+    if schema.M_VAL_LOSS not in _scalars(result):
+        # never a done marker or a "finished" report without the evaluation a search or report ranks by
+        raise RuntimeError(f"run {cfg.name!r} returned at step {result.get('step')} without a finite "
+                           f"{schema.M_VAL_LOSS}; not marking it done")
     timing = {key: result.pop(key, None) for key in TIMING_KEYS}
     if rank == 0:
         record = {"run": cfg.name, "result": _scalars(result), "loop_start": loop_start,

@@ -1,10 +1,16 @@
 """Checkpoints: DeepSpeed's files plus consolidated weights, sealed by a manifest written last.
 
 Layout of `<out_dir>/checkpoints/step_00000100/`: DeepSpeed's model/optimizer shards (with the data
-position and RNG states in its client_state), `model.pt` (the full fp32 state dict, for eval and
-generation), `config.yaml`, the tokenizer, and `manifest.json` = {step, config_hash, sha256 of every
-other file}. A checkpoint is used only after every hash matched, because DeepSpeed's files are pickles:
-unpickling a tampered file can run code. Our own loads use `torch.load(weights_only=True)`.
+position, RNG states, MLflow run id and the step's metrics in its client_state), `model.pt` (the full
+fp32 state dict, for eval and generation), `config.yaml`, the tokenizer, and `manifest.json` = {step,
+config_hash, world_size, train_steps, data identity, sha256 of every other file}. A checkpoint is used
+only after every hash matched, because DeepSpeed's files are pickles: unpickling a tampered file can run
+code. Our own loads use `torch.load(weights_only=True)`.
+
+A save is sealed in order: every file and the folder are fsynced, then the manifest is written to a
+temporary name, fsynced and renamed into place; only then are older checkpoints beyond `keep_last` (and
+not milestones) deleted. So a power loss leaves either the previous checkpoints or the new sealed one,
+and `latest_checkpoint` passes over a damaged newest checkpoint to the newest valid one, with a warning.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -55,13 +62,37 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: Path, step: int, cfg_hash: str, world_size: int = 1) -> None:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(directory: Path, step: int, cfg_hash: str, world_size: int = 1, about: dict | None = None) -> None:
+    """Seal `directory`: fsync its files and folders, then write the manifest (with `about`'s extra fields)
+    under a temporary name, fsync it and rename it into place, and fsync the folder and its parent."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"step": step, "config_hash": cfg_hash, "world_size": world_size,
+    manifest = {"step": step, "config_hash": cfg_hash, "world_size": world_size, **(about or {}),
                 "files": {str(p.relative_to(directory)): _sha256(p) for p in files}}
+    for path in files:
+        _fsync(path)
+    for folder in sorted({p.parent for p in files}, key=lambda p: len(p.parts), reverse=True):
+        _fsync(folder)
     tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(directory / MANIFEST)
+    _fsync(directory)
+    _fsync(directory.parent)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """The manifest of a checkpoint `verify` already accepted (no hashing)."""
+    return json.loads((Path(directory) / MANIFEST).read_text())
 
 
 def verify(directory: str | Path) -> dict:
@@ -90,24 +121,91 @@ def verify(directory: str | Path) -> dict:
     return manifest
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest checkpoint with a manifest. A newer one without a manifest was cut off mid-save and is
-    passed over with a warning; a manifest that does not match is an error (see `verify`)."""
-    root = checkpoint_root(out_dir)
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step_XXXXXXXX folder under `root`, oldest first."""
     if not root.is_dir():
-        return None
-    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-    for _, path in reversed(steps):
-        if (path / MANIFEST).is_file():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest valid checkpoint (see `verify`). Newer ones are passed over with a warning naming them:
+    one without a manifest was cut off mid-save; one that fails verification is damaged (a truncated or
+    changed file). When checkpoints exist but none is valid, ValueError: starting over silently would
+    throw their training away."""
+    damaged = []
+    for _, path in reversed(_step_dirs(checkpoint_root(out_dir))):
+        if not (path / MANIFEST).is_file():
+            log.warning("checkpoint %s has no manifest (interrupted save); ignoring it", path)
+            continue
+        try:
             verify(path)
-            return path
-        log.warning("checkpoint %s has no manifest (interrupted save); ignoring it", path)
+        except ValueError as exc:
+            log.warning("passing over damaged checkpoint %s: %s", path, exc)
+            damaged.append(str(exc))
+            continue
+        if damaged:
+            log.warning("resuming from %s, the newest valid checkpoint", path)
+        return path
+    if damaged:
+        raise ValueError(f"no valid checkpoint under {str(checkpoint_root(out_dir))!r}: {'; '.join(damaged)}. "
+                         f"Delete the damaged folders to start over, or use a new train.out_dir")
     return None
 
 
+def prune(out_dir: str | Path, newest: int, keep_last: int, keep_steps=()) -> list[Path]:
+    """Delete checkpoint folders at or below step `newest` (just sealed) except the `keep_last` newest sealed
+    ones and the milestone `keep_steps`; unsealed leftovers of interrupted saves go too. Folders above
+    `newest` are left alone. keep_last=0 keeps everything. Returns the deleted folders."""
+    if keep_last == 0:
+        return []
+    candidates = [(step, path) for step, path in _step_dirs(checkpoint_root(out_dir)) if step <= newest]
+    sealed = [step for step, path in candidates if (path / MANIFEST).is_file()]
+    keep = set(sealed[-keep_last:]) | set(keep_steps) | {newest}
+    removed = []
+    for step, path in candidates:
+        if step not in keep:
+            shutil.rmtree(path)
+            removed.append(path)
+    if removed:
+        log.info("deleted %d old checkpoint(s): %s", len(removed), ", ".join(p.name for p in removed))
+    return removed
+
+
+def choose_checkpoint(out_dir: str | Path, rank: int) -> Path | None:
+    """Collective: rank 0 picks `latest_checkpoint(out_dir)` and broadcasts it, so every rank resumes from
+    the same one (each rank choosing on its own could see a save in progress differently). An error on
+    rank 0 is raised there and reported on the others."""
+    choice = [None, None]  # (path, error)
+    if rank == 0:
+        try:
+            found = latest_checkpoint(out_dir)
+            choice = [None if found is None else str(found), None]
+        except ValueError as exc:
+            choice = [None, exc]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[1] is not None:
+        if rank == 0:
+            raise choice[1]
+        raise ValueError(f"rank 0 could not choose a checkpoint to resume: {choice[1]}")
+    return None if choice[0] is None else Path(choice[0])
+
+
+def confirm_step(directory: Path, step: int, device) -> None:
+    """Collective: every rank loaded `directory` at the same `step`; ValueError on every rank otherwise
+    (e.g. a rank that reads another copy of the folder)."""
+    bounds = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    low, high = -int(bounds[1]), int(bounds[0])
+    if low != high:
+        raise ValueError(f"ranks loaded checkpoint {str(directory)!r} at different steps ({low} to {high}); "
+                         f"every rank must see the same train.out_dir (a shared file system)")
+
+
 def save(engine, out_dir: Path, step: int, client_state: dict, cfg_dict: dict, tokenizer_path: str | None,
-         rank: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+         rank: int, *, about: dict | None = None, keep_last: int = 0, keep_steps=()) -> Path:
+    """Collective: every rank calls it. Writes and seals the checkpoint (`about`: extra manifest fields),
+    then deletes what `prune` allows. Returns the checkpoint directory."""
     root = checkpoint_root(out_dir)
     tag = step_tag(step)
     directory = root / tag
@@ -124,7 +222,8 @@ def save(engine, out_dir: Path, step: int, client_state: dict, cfg_dict: dict, t
     dist.barrier()
     if rank == 0:
         (root / "latest").unlink(missing_ok=True)  # DeepSpeed's pointer; we pick by manifest instead
-        write_manifest(directory, step, config_hash(cfg_dict), dist.get_world_size())
+        write_manifest(directory, step, config_hash(cfg_dict), dist.get_world_size(), about)
+        prune(out_dir, step, keep_last, keep_steps)  # only now: the new checkpoint is sealed
     dist.barrier()
     return directory
 

@@ -29,7 +29,7 @@ from pipeline.data.prepare import prepare
 from pipeline.eval.evaluate import evaluate_model
 from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
                                    init_distributed, resolve_device)
-from pipeline.train.run_tracking import log_run_start, open_tracker
+from pipeline.train.run_tracking import log_run_start, open_tracker, remember_run_id
 from pipeline.train.throughput import throughput
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,14 @@ class StopTraining(Exception):
 @dataclass
 class Progress:
     """Where the loop is. The first three fields are saved in every checkpoint and restored on resume;
-    the timings cover this call of `train` only."""
+    the others cover this call of `train` only."""
 
     step: int = 0                          # optimizer steps done, skipped ones included
     consecutive_skips: int = 0             # non-finite steps in a row up to `step`
     skipped_total: int = 0
     first_step_start: float | None = None  # time.time() when this call's first training step began
     steps_s: float = 0.0                   # seconds inside training steps (forward, backward, optimizer)
+    start_step: int = 0                    # the step this call began at: the checkpoint's, 0 when fresh
 
 
 @dataclass
@@ -118,24 +119,68 @@ def _grad_norm(params) -> float:
     return float(torch.stack(grads).norm()) if grads else float("nan")
 
 
-def _check_resume(directory: Path, cfg_dict: dict, world: int) -> None:
-    manifest = ckpt.verify(directory)
+def _check_resume(directory: Path, cfg: RunConfig, cfg_dict: dict, data, world: int) -> dict:
+    """The manifest of `directory` (already verified) if this run may resume from it; ValueError naming
+    what differs otherwise."""
+    manifest = ckpt.read_manifest(directory)
+    where = f"checkpoint {str(directory)!r}"
     if manifest["config_hash"] != ckpt.config_hash(cfg_dict):
-        raise ValueError(f"checkpoint {str(directory)!r} was made with another model/data/optim/batch config "
-                         f"than this run's; use a new train.out_dir, or pass resume=False to start over")
+        raise ValueError(f"{where} was made with another model/data/optim/batch config than this run's; use a "
+                         f"new train.out_dir, or pass resume=False to start over")
     if manifest.get("world_size", world) != world:
-        raise ValueError(f"checkpoint {str(directory)!r} was written by {manifest['world_size']} ranks, this run "
-                         f"has {world}; exact resume needs the same world size")
+        raise ValueError(f"{where} was written by {manifest['world_size']} ranks, this run has {world}; exact "
+                         f"resume needs the same world size")
+    made_on = manifest.get("data")
+    if made_on is not None:  # checkpoints made before the data identity was stored are not checked
+        now = _data_identity(data)
+        changed = [f"the {what} is {str(now[key])[:16]} (was {str(made_on.get(key))[:16]})"
+                   for key, what in (("corpus", "corpus content hash"), ("tokenizer", "tokenizer fingerprint"))
+                   if made_on.get(key) != now[key]]
+        if changed:
+            raise ValueError(f"{where} was trained on other data than data.source={cfg.data.source!r} with "
+                             f"data.tokenizer={cfg.data.tokenizer!r} gives now: {'; '.join(changed)}. Resuming "
+                             f"would continue at the same data position with different tokens; restore the data "
+                             f"it was trained on, or use a new train.out_dir to start over")
+    made_for = manifest.get("train_steps", cfg.train.steps)
+    if made_for != cfg.train.steps and not cfg.train.allow_steps_change:
+        raise ValueError(f"{where} was made for train.steps={made_for}, this run has train.steps={cfg.train.steps}: "
+                         f"resuming would reshape the LR schedule; set train.allow_steps_change=true to resume with "
+                         f"the new schedule length, or use a new train.out_dir")
+    return manifest
+
+
+def _data_identity(data) -> dict:
+    """What the tokens of a run depend on: the corpus content and the tokenizer (the data cache's key)."""
+    return {"corpus": data.meta.get("corpus"), "tokenizer": data.meta.get("tokenizer"), "key": data.meta.get("key")}
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep only the rows of `metrics.jsonl` up to `step` (the checkpoint resumed from): the rows a killed
+    attempt wrote after it are trained again. A torn last line goes too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) -> dict:
     """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view) with
-    step, skipped_steps, tokens, out_dir and run_id, and this call's timings: first_step_start
+    step, start_step (where this call began: a checkpoint's step, or 0), skipped_steps, tokens, out_dir
+    and run_id, and this call's timings: first_step_start
     (time.time() when its first training step began; None if no step ran) and steps_s (seconds spent
     inside training steps, the sum of the per-step times behind tokens/s).
 
-    on_eval(step, metrics, checkpoint_dir_or_None) is called on every rank after each evaluation (a
-    reporter such as ray.train.report may be a barrier across ranks)."""
+    A run whose final checkpoint exists returns the metrics stored in it (evaluating the checkpoint again
+    when it has none) without training. on_eval(step, metrics, checkpoint_dir_or_None) is called on every
+    rank after each evaluation (a reporter such as ray.train.report may be a barrier across ranks)."""
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"train() needs a RunConfig, got {type(cfg).__name__}; build one with load_run_config")
     cfg = run_config_from_dict(cfg.to_dict())  # re-checks every field's type, also for configs built in code
@@ -148,13 +193,13 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
     cfg_dict = cfg.to_dict()
     out_dir = Path(t.out_dir)
-    found = ckpt.latest_checkpoint(out_dir) if resume else None
-    if found is not None:
-        _check_resume(found, cfg_dict, world)
+    found = ckpt.choose_checkpoint(out_dir, rank) if resume else None
+    manifest = _check_resume(found, cfg, cfg_dict, data, world) if found is not None else {"step": 0}
     data.batches("train", t.batch_size, rank, world)  # raises now if a global batch exceeds the split
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        _trim_metrics(out_dir / METRICS_FILE, manifest["step"])
     dist.barrier()
 
     import deepspeed
@@ -165,20 +210,25 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg),
                                            config=deepspeed_config(cfg, world))
-    progress, position = Progress(), 0
+    progress, position, state = Progress(), 0, {}
     if found is not None:
         state = ckpt.load(engine, found)
-        progress = Progress(state["step"], state["consecutive_skips"], state["skipped_total"])
+        ckpt.confirm_step(found, state["step"], device if device.type == "cuda" else "cpu")
+        progress = Progress(state["step"], state["consecutive_skips"], state["skipped_total"],
+                            start_step=state["step"])
         position = state["data_position"]
         _set_rng_state(state["rng"][rank])
     batches = data.batches("train", t.batch_size, rank, world, start=position)
-    tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker)
+    tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker, state.get("mlflow_run_id"))
     run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, rank, world, device, out_dir,
                getattr(data.tokenizer, "path", None))
     try:
         if found is None and rank == 0:
             log_run_start(tracker, cfg, out_dir / "config.yaml", world)
-        result = _loop(run, progress)
+        if found is not None and progress.step >= t.steps:
+            result = _finished(run, progress, state, found)
+        else:
+            result = _loop(run, progress)
         tracker.set_tags({schema.TAG_STATUS: "finished"})
     except BaseException:
         tracker.set_tags({schema.TAG_STATUS: "failed"})
@@ -189,6 +239,46 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
         tracker.finish("FINISHED")
     result["run_id"] = tracker.run_id
     return result
+
+
+def _result(run: _Run, progress: Progress, metrics: dict) -> dict:
+    return {"step": progress.step, "start_step": progress.start_step, **metrics,
+            "skipped_steps": progress.skipped_total, "tokens": progress.step * run.cfg.tokens_per_step(run.world),
+            "out_dir": str(run.out_dir), "first_step_start": progress.first_step_start, "steps_s": progress.steps_s}
+
+
+def _evaluate(run: _Run, step: int) -> dict:
+    log.info("evaluating at step %d%s", step, " (final)" if step == run.cfg.train.steps else "")
+    evaluated = evaluate_model(run.engine.module, run.data, run.cfg.eval, run.cfg.train.batch_size, run.device)
+    if run.rank == 0:
+        run.tracker.log_metrics(evaluated, step)
+    return evaluated
+
+
+def _report(run: _Run, step: int, evaluated: dict, checkpoint: Path | None) -> bool:
+    """on_eval on every rank; True when any rank's callback asked to stop (every rank leaves together)."""
+    stop = 0.0
+    try:
+        if run.on_eval is not None:
+            run.on_eval(step, dict(evaluated), str(checkpoint) if checkpoint else None)
+    except StopTraining:
+        stop = 1.0
+    return _mean_over_ranks(stop, run.world) > 0
+
+
+def _finished(run: _Run, progress: Progress, state: dict, checkpoint: Path) -> dict:
+    """A resume at train.steps: the evaluation stored with the final checkpoint, logged again (the attempt
+    that made it may have been killed before its tracker delivered it), or, for a checkpoint made before
+    evaluations were stored, a fresh evaluation of it."""
+    evaluated = dict(state.get("eval") or {})
+    if schema.M_VAL_LOSS in evaluated:
+        if run.rank == 0:
+            run.tracker.log_metrics(evaluated, progress.step)
+    else:
+        log.warning("checkpoint %s holds no evaluation metrics; evaluating it", checkpoint)
+        evaluated = _evaluate(run, progress.step)
+        _report(run, progress.step, evaluated, checkpoint)
+    return _result(run, progress, {**(state.get("metrics") or {}), **evaluated})
 
 
 def _loop(run: _Run, progress: Progress) -> dict:
@@ -230,31 +320,27 @@ def _loop(run: _Run, progress: Progress) -> dict:
                                    f"had a non-finite loss or gradient norm (train.max_consecutive_skips="
                                    f"{t.max_consecutive_skips}); lower optim.lr or check the data")
             final = step == t.steps
+            evaluated_now = bool(t.eval_every and step % t.eval_every == 0) or final
+            if evaluated_now:  # before the checkpoint, which stores its metrics: a finished run is durable
+                evaluated = _evaluate(run, step)
             saved = None
             if (t.ckpt_every and step % t.ckpt_every == 0) or (final and t.ckpt_every):
                 client = {"step": step, "data_position": run.batches.position,
                           "consecutive_skips": progress.consecutive_skips, "skipped_total": progress.skipped_total,
-                          "rng": _gather_rng(run.world), "mlflow_run_id": tracker.run_id, "world_size": run.world}
-                saved = ckpt.save(run.engine, run.out_dir, step, client, run.cfg_dict, run.tok_path, run.rank)
-            if (t.eval_every and step % t.eval_every == 0) or final:
-                evaluated = evaluate_model(run.engine.module, run.data, cfg.eval, t.batch_size, run.device)
-                stop = 0.0
+                          "rng": _gather_rng(run.world), "mlflow_run_id": tracker.run_id, "world_size": run.world,
+                          "metrics": dict(last), "eval": dict(evaluated) if evaluated_now else {}}
+                saved = ckpt.save(run.engine, run.out_dir, step, client, run.cfg_dict, run.tok_path, run.rank,
+                                  about={"train_steps": t.steps, "data": _data_identity(run.data)},
+                                  keep_last=t.keep_last, keep_steps=t.keep_steps)
                 if run.rank == 0:
-                    tracker.log_metrics(evaluated, step)
-                try:
-                    if run.on_eval is not None:
-                        run.on_eval(step, dict(evaluated), str(saved) if saved else None)
-                except StopTraining:
-                    stop = 1.0
-                if _mean_over_ranks(stop, run.world) > 0:  # every rank leaves the loop together
-                    break
+                    remember_run_id(run.out_dir, tracker)
+            if evaluated_now and _report(run, step, evaluated, saved):
+                break
     finally:
         bar.close()
         if metrics_file:
             metrics_file.close()
-    return {"step": progress.step, **last, **evaluated, "skipped_steps": progress.skipped_total,
-            "tokens": progress.step * tokens_per_step, "out_dir": str(run.out_dir),
-            "first_step_start": progress.first_step_start, "steps_s": progress.steps_s}
+    return _result(run, progress, {**last, **evaluated})
 
 
 def _train_step(run: _Run) -> tuple[float, float, bool]:

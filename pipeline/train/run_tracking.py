@@ -44,9 +44,11 @@ def cost_metrics(cfg: RunConfig, world_size: int) -> dict[str, float]:
     return {f"cost/{k}": float(v) for k, v in costs.summary(cfg.model, cfg.data.seq_len, tokens).items()}
 
 
-def open_tracker(cfg: RunConfig, out_dir: Path, rank: int, resuming: bool, given: Tracker | None):
-    """(tracker, owned). Rank 0 gets `given` or a new MLflow run (continuing the stored run id when
-    resuming); other ranks a NoopTracker."""
+def open_tracker(cfg: RunConfig, out_dir: Path, rank: int, resuming: bool, given: Tracker | None,
+                 checkpoint_run_id: str | None = None):
+    """(tracker, owned). Rank 0 gets `given` or a new MLflow run; a resumed run continues its own run: the
+    id stored in the checkpoint, else the one in RUN_ID_FILE (an explicit tracking.resume_run_id wins).
+    Other ranks get a NoopTracker."""
     if rank != 0:
         return NoopTracker(), False
     if given is not None:
@@ -54,14 +56,24 @@ def open_tracker(cfg: RunConfig, out_dir: Path, rank: int, resuming: bool, given
         return given, False
     id_file = out_dir / RUN_ID_FILE
     tracking = cfg.tracking
-    if resuming and id_file.is_file() and tracking.resume_run_id is None:
-        tracking = replace(tracking, resume_run_id=id_file.read_text().strip())
+    if resuming and tracking.resume_run_id is None:
+        if checkpoint_run_id:
+            tracking = replace(tracking, resume_run_id=checkpoint_run_id)
+        elif id_file.is_file():
+            tracking = replace(tracking, resume_run_id=id_file.read_text().strip())
     if tracking.run_name is None:
         tracking = replace(tracking, run_name=cfg.name)
     tracker = make_tracker(tracking, journal_dir=out_dir / "tracking", rank=rank, tags=run_tags(cfg))
-    if tracker.run_id:
-        id_file.write_text(tracker.run_id)
+    remember_run_id(out_dir, tracker)
     return tracker, True
+
+
+def remember_run_id(out_dir: Path, tracker: Tracker) -> None:
+    """Write the run id to RUN_ID_FILE once the server has created the run (with a slow server that is
+    after `open_tracker` returned; checkpoints also store it)."""
+    id_file = out_dir / RUN_ID_FILE
+    if tracker.run_id and not (id_file.is_file() and id_file.read_text().strip() == tracker.run_id):
+        id_file.write_text(tracker.run_id)
 
 
 def log_run_start(tracker: Tracker, cfg: RunConfig, config_path: Path, world_size: int) -> None:

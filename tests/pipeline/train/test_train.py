@@ -21,34 +21,7 @@ from pipeline.data.prepare import prepare
 from pipeline.train.loop import StopTraining, train
 from pipeline.train.engine import free_port
 from tests.conftest import REPO_ROOT as REPO
-
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture()
-def env(tmp_path, cache, monkeypatch):
-    monkeypatch.setenv("ATTAMBA_CACHE", str(cache))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
-
-
-def tiny(out_dir, *overrides):
-    return ["size=micro", "model.max_seq_len=64", "model.chunk_size=4", "model.leading_tokens=4",
-            "data.vocab_size=512", "data.seq_len=64", "data.progress=false", "optim.lr=0.005",
-            "optim.warmup_steps=10", "train.batch_size=8", "train.progress=false", "train.log_every=1",
-            f"train.out_dir={out_dir}", "eval.batches=4", "tracking.enabled=false", *overrides]
-
-
-def losses(out_dir) -> dict[int, float]:
-    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[schema.M_LOSS] for r in rows}
+from tests.pipeline.train.runs import cache, child_env, env, losses, tiny  # noqa: F401 (fixtures)
 
 
 def test_learns_below_unigram_entropy_and_tracks_everything(env):
@@ -125,6 +98,7 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(env):
     assert first["steps_s"] == pytest.approx(sum(tokens_per_step / r[schema.M_TOKENS_PER_S] for r in rows[:3]))
     idle = train(cut)  # already at train.steps: no step runs
     assert idle["step"] == 6 and idle["first_step_start"] is None and idle["steps_s"] == 0
+    assert idle[schema.M_VAL_LOSS] == second[schema.M_VAL_LOSS]  # the final evaluation, stored in the checkpoint
     full, resumed = losses(env / "full"), losses(env / "cut")
     assert list(resumed) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
@@ -143,11 +117,7 @@ def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run
     script = ("import sys, torch; torch.set_num_threads(1); from pipeline.config import load_run_config; "
               "from pipeline.train.loop import train; train(load_run_config(None, sys.argv[1:]))")
     command = [sys.executable, "-c", script, *tiny(out, *common)]
-    # A fresh single process: not the rendezvous the in-process run above left in this environment.
-    launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
-    child_env = {k: v for k, v in os.environ.items() if k not in launcher}
-    child_env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(command, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not list(out.glob("checkpoints/*/manifest.json")):
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -157,10 +127,11 @@ def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run
     assert proc.wait(60) == -signal.SIGKILL
     done_before_kill = max(losses(out))
     assert done_before_kill < 12, "the run must be killed before it ends"
-    resumed_run = subprocess.run(command, env=child_env, capture_output=True, text=True, timeout=600)
+    resumed_run = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600)
     assert resumed_run.returncode == 0, resumed_run.stderr[-2000:]
-    full, resumed = losses(env / "full"), losses(out)  # the last row of a step wins: the resumed one
-    assert sorted(resumed) == list(range(1, 13))
+    full, resumed = losses(env / "full"), losses(out)
+    # the killed attempt's rows after the checkpoint were dropped on resume: one row per step
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 13))
     for step in range(1, 13):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6, rel=0), step
 

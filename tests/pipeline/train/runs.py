@@ -1,0 +1,52 @@
+"""What the training tests share: a tiny run's overrides, the environment fixtures, metrics.jsonl readers
+and a clean environment for a training subprocess."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import schema
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture()
+def env(tmp_path, cache, monkeypatch):
+    monkeypatch.setenv("ATTAMBA_CACHE", str(cache))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(threads)
+
+
+def tiny(out_dir, *overrides):
+    return ["size=micro", "model.max_seq_len=64", "model.chunk_size=4", "model.leading_tokens=4",
+            "data.vocab_size=512", "data.seq_len=64", "data.progress=false", "optim.lr=0.005",
+            "optim.warmup_steps=10", "train.batch_size=8", "train.progress=false", "train.log_every=1",
+            f"train.out_dir={out_dir}", "eval.batches=4", "tracking.enabled=false", *overrides]
+
+
+def rows(out_dir) -> list[dict]:
+    """metrics.jsonl, one dict per line."""
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir) -> dict[int, float]:
+    return {r["step"]: r[schema.M_LOSS] for r in rows(out_dir)}
+
+
+def child_env() -> dict:
+    """The environment for a training subprocess: one thread, this checkout importable, and none of the
+    rendezvous variables an in-process run left behind (the child makes its own single-rank group)."""
+    launcher = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"}
+    out = {k: v for k, v in os.environ.items() if k not in launcher}
+    out.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    return out

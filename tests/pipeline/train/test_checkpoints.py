@@ -1,0 +1,176 @@
+"""Checkpoints on a real DeepSpeed engine (CPU): how many are kept, a damaged newest one passed over for the
+previous one, and the resume checks on the data and the step count."""
+
+import json
+import logging
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pipeline import schema
+from pipeline.config import load_run_config
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.engine import free_port
+from pipeline.train.loop import StopTraining, train
+from tests.pipeline.train.runs import cache, child_env, env, losses, rows, tiny  # noqa: F401 (fixtures)
+
+
+def folders(out_dir) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (out_dir / "checkpoints").iterdir())
+
+
+def test_keep_last_keeps_the_newest_two_and_the_milestones(env):
+    common = ["train.steps=10", "train.ckpt_every=2", "train.eval_every=0"]
+    leftover = env / "last" / "checkpoints" / "step_00000001"   # an interrupted save of an earlier attempt
+    leftover.mkdir(parents=True)
+    (leftover / "mp_rank_00_model_states.pt").write_bytes(b"cut off")
+    train(load_run_config(None, tiny(env / "last", *common)))    # saves at 2, 4, 6, 8, 10; keep_last=2
+    assert folders(env / "last") == [8, 10]
+    train(load_run_config(None, tiny(env / "mile", *common, "train.keep_steps=[4]")))
+    assert folders(env / "mile") == [4, 8, 10]
+    train(load_run_config(None, tiny(env / "all", *common, "train.keep_last=0")))
+    assert folders(env / "all") == [2, 4, 6, 8, 10]
+    for out in ("last", "mile", "all"):
+        for step in folders(env / out):
+            assert ckpt.verify(env / out / "checkpoints" / ckpt.step_tag(step))["step"] == step
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(env, caplog):
+    cfg = load_run_config(None, tiny(env / "run", "train.steps=6", "train.ckpt_every=2", "train.eval_every=0"))
+    first = train(cfg)
+    before = losses(env / "run")
+    newest = env / "run" / "checkpoints" / "step_00000006"
+    shard = newest / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])   # a save cut by a power loss
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
+        again = train(cfg)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "passing over damaged checkpoint" in warned and str(newest) in warned
+    assert "resuming from" in warned and "step_00000004" in warned
+    # steps 5 and 6 were trained again from step 4, exactly as the first time
+    assert again["step"] == 6 and again["start_step"] == 4
+    assert [r["step"] for r in rows(env / "run")] == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        assert losses(env / "run")[step] == pytest.approx(before[step], abs=1e-6, rel=0)
+    assert again[schema.M_VAL_LOSS] == pytest.approx(first[schema.M_VAL_LOSS], abs=1e-6, rel=0)
+    assert ckpt.verify(newest)["step"] == 6   # the damaged folder was replaced by a sound one
+
+
+def _write_corpus(folder, seed, n_docs=30):
+    rng = random.Random(seed)
+    words = "the a of to and in that it is was he for on are as with his they at be this from have".split()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        (folder / f"doc{seed}_{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
+
+
+def _bpe_file(path, seed):
+    from pipeline.data.tokenizer import train_bpe
+
+    rng = random.Random(seed)
+    text = ["".join(rng.choice("abcdefgh ") for _ in range(2000)) for _ in range(20)]
+    train_bpe(text, 300).save(str(path))
+
+
+@pytest.mark.parametrize("change", ["corpus", "tokenizer"])
+def test_changed_data_under_a_checkpoint_is_refused(env, change):
+    corpus = env / "corpus"
+    _write_corpus(corpus, 0)
+    tokenizer = env / "tokenizer.json"
+    _bpe_file(tokenizer, 0)
+    cfg = load_run_config(None, tiny(env / "run", "train.steps=2", "train.ckpt_every=2", "train.eval_every=0",
+                                     f"data.source={corpus}", f"data.tokenizer={tokenizer}"))
+    train(cfg)
+    assert train(cfg)["step"] == 2            # the same data resumes (here: at the end)
+    if change == "corpus":
+        _write_corpus(corpus, 1, n_docs=5)    # new files in the source folder
+        expected = "corpus content hash"
+    else:
+        _bpe_file(tokenizer, 1)               # same path, same vocabulary size, other merges
+        expected = "tokenizer fingerprint"
+    with pytest.raises(ValueError, match=f"trained on other data than data.source='{corpus}'") as error:
+        train(cfg)
+    assert expected in str(error.value) and "train.out_dir" in str(error.value)
+
+
+def test_changed_steps_is_refused_unless_allowed(env):
+    common = ["train.ckpt_every=3", "train.eval_every=3", "optim.warmup_steps=2"]
+
+    def stop(step, metrics, checkpoint):
+        raise StopTraining
+
+    assert train(load_run_config(None, tiny(env / "cut", "train.steps=6", *common)), on_eval=stop)["step"] == 3
+    longer = tiny(env / "cut", "train.steps=8", *common)
+    with pytest.raises(ValueError, match=r"train.steps=6, this run has train.steps=8.*train.allow_steps_change=true"):
+        train(load_run_config(None, longer))
+    resumed = train(load_run_config(None, [*longer, "train.allow_steps_change=true"]))
+    assert resumed["step"] == 8
+    # from step 4 on, the learning rate follows the 8-step schedule, as in a run planned for 8 steps
+    train(load_run_config(None, tiny(env / "planned", "train.steps=8", *common)))
+    lr = {r["step"]: r[schema.M_LR] for r in rows(env / "cut")}
+    planned = {r["step"]: r[schema.M_LR] for r in rows(env / "planned")}
+    for step in range(4, 9):
+        assert lr[step] == pytest.approx(planned[step], rel=1e-12), step
+    six = {r["step"]: r[schema.M_LR] for r in rows(env / "cut") if r["step"] <= 3}
+    assert six[3] != pytest.approx(planned[3], rel=1e-6)   # the schedules differ: the check can fail
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.keep_last=-1", "train.keep_last must be >= 0"),
+    ("train.keep_last=1.5", "train.keep_last must be an integer"),
+    ("train.keep_steps=[3]", r"train.keep_steps\[0\] must be a step where a checkpoint is saved"),
+    ("train.keep_steps=[0]", r"train.keep_steps\[0\] must be an integer >= 1"),
+    ("train.keep_steps=5", "train.keep_steps must be a list"),
+    ("train.allow_steps_change=1", "train.allow_steps_change must be true or false"),
+])
+def test_bad_retention_settings_are_refused(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_run_config(None, ["train.steps=10", "train.ckpt_every=2", override])
+
+
+TWO_RANKS = textwrap.dedent("""
+    import json, sys, torch
+    torch.set_num_threads(1)
+    from pipeline.config import load_run_config
+    from pipeline.train.loop import train
+    print(json.dumps(train(load_run_config(None, json.loads(sys.argv[1])))))
+""")
+
+
+def _two_ranks(overrides, cwd) -> list[tuple[int, str, str]]:
+    """(return code, stdout, stderr) of each rank of one 2-rank run."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        e = dict(child_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-c", TWO_RANKS, json.dumps(overrides)], env=e, cwd=cwd,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_from_the_checkpoint_rank_0_chose(env):
+    """A damaged ZeRO shard of rank 1 in the newest checkpoint: rank 0 passes over it, and both ranks resume
+    from the previous checkpoint and confirm its step."""
+    overrides = tiny(env / "dp", "train.steps=4", "train.ckpt_every=2", "train.eval_every=0", "train.zero_stage=2",
+                     "train.batch_size=4", "optim.warmup_steps=2")
+    first = _two_ranks(overrides, env)
+    assert [r[0] for r in first] == [0, 0], first[0][2][-3000:] + first[1][2][-3000:]
+    before = losses(env / "dp")
+    shard = next((env / "dp" / "checkpoints" / "step_00000004").glob("*rank_1_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    second = _two_ranks(overrides, env)
+    assert [r[0] for r in second] == [0, 0], second[0][2][-3000:] + second[1][2][-3000:]
+    assert "passing over damaged checkpoint" in second[0][2] and shard.parent.name in second[0][2]
+    results = [json.loads(r[1].strip().splitlines()[-1]) for r in second]
+    assert [r["step"] for r in results] == [4, 4]
+    assert [r["step"] for r in rows(env / "dp")] == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert losses(env / "dp")[step] == pytest.approx(before[step], abs=1e-6, rel=0)
+    assert ckpt.verify(shard.parent)["step"] == 4
