@@ -65,6 +65,7 @@ class _Run:
     batches: object                        # TrainBatches, resumable through .position
     tracker: object                        # Tracker
     on_eval: Callable | None
+    on_step: Callable | None
     rank: int
     world: int
     device: torch.device
@@ -128,14 +129,15 @@ def _check_resume(directory: Path, cfg_dict: dict, world: int) -> None:
                          f"has {world}; exact resume needs the same world size")
 
 
-def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) -> dict:
+def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, resume: bool = True) -> dict:
     """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view) with
     step, skipped_steps, tokens, out_dir and run_id, and this call's timings: first_step_start
     (time.time() when its first training step began; None if no step ran) and steps_s (seconds spent
     inside training steps, the sum of the per-step times behind tokens/s).
 
     on_eval(step, metrics, checkpoint_dir_or_None) is called on every rank after each evaluation (a
-    reporter such as ray.train.report may be a barrier across ranks)."""
+    reporter such as ray.train.report may be a barrier across ranks); on_step(step, metrics) likewise at
+    every train.log_every-th step, with the step's loss and tokens/s, for progress displays."""
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"train() needs a RunConfig, got {type(cfg).__name__}; build one with load_run_config")
     cfg = run_config_from_dict(cfg.to_dict())  # re-checks every field's type, also for configs built in code
@@ -173,7 +175,7 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
         _set_rng_state(state["rng"][rank])
     batches = data.batches("train", t.batch_size, rank, world, start=position)
     tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker)
-    run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, rank, world, device, out_dir,
+    run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, on_step, rank, world, device, out_dir,
                getattr(data.tokenizer, "path", None))
     try:
         if found is None and rank == 0:
@@ -225,6 +227,8 @@ def _loop(run: _Run, progress: Progress) -> dict:
                     tracker.log_metrics({k: v for k, v in last.items() if math.isfinite(v)}, step)
                 bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
+            if run.on_step is not None and step % t.log_every == 0 and step < t.steps:
+                run.on_step(step, dict(last))
             if progress.consecutive_skips >= t.max_consecutive_skips:
                 raise RuntimeError(f"training stopped at step {step}: {progress.consecutive_skips} consecutive steps "
                                    f"had a non-finite loss or gradient norm (train.max_consecutive_skips="
