@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from attamba.checks import at_least, positive
 
-TRIAL_CPU = 0.01          # the Tune trainable only waits on its TorchTrainer; zero is refused by Tune
+TRIAL_CPU = 0.01          # a 2+ worker trial only waits on its TorchTrainer; zero is refused by Tune
 OBJECT_STORE_BYTES = 100 * 2**20
 
 
@@ -36,10 +37,30 @@ def resolve_address(given: str | None, configured: str | None) -> str | None:
     return given or os.environ.get("RAY_ADDRESS") or configured
 
 
+def trainable_resources(resources: Resources) -> dict:
+    """What the Tune trainable of one trial asks for. A one-worker run trains in the trainable's own
+    process, which therefore holds the worker's CPUs and GPUs; a run of 2+ workers only waits on its
+    TorchTrainer, whose workers hold their own."""
+    if resources.workers == 1:
+        need = {"CPU": resources.cpus_per_worker}
+        if resources.gpus_per_worker > 0:
+            need["GPU"] = resources.gpus_per_worker
+        return need
+    return {"CPU": TRIAL_CPU}
+
+
+def trial_needs(resources: Resources) -> dict:
+    """Everything one trial holds while it runs: its trainable and, for 2+ workers, the workers."""
+    trainable = trainable_resources(resources)
+    if resources.workers == 1:
+        return {"CPU": trainable["CPU"], "GPU": trainable.get("GPU", 0.0)}
+    return {"CPU": resources.workers * resources.cpus_per_worker + trainable["CPU"],
+            "GPU": resources.workers * resources.gpus_per_worker}
+
+
 def check_resources(resources: Resources, cluster: dict) -> None:
     """ValueError when one trial asks for more than the whole cluster has."""
-    need = {"CPU": resources.workers * resources.cpus_per_worker + TRIAL_CPU,
-            "GPU": resources.workers * resources.gpus_per_worker}
+    need = trial_needs(resources)
     for key, field in (("CPU", "cpus_per_worker"), ("GPU", "gpus_per_worker")):
         have = float(cluster.get(key, 0.0))
         if need[key] > have + 1e-9:
@@ -51,10 +72,11 @@ def check_resources(resources: Resources, cluster: dict) -> None:
 
 def trial_slots(resources: Resources, cluster: dict) -> int:
     """How many trials run at once: max_concurrent, capped by what the cluster fits."""
-    per_trial = resources.workers * resources.cpus_per_worker + TRIAL_CPU
-    fits = int(float(cluster.get("CPU", 0.0)) // per_trial)
-    if resources.gpus_per_worker > 0:
-        fits = min(fits, int(float(cluster.get("GPU", 0.0)) // (resources.workers * resources.gpus_per_worker)))
+    need = trial_needs(resources)
+    # a small tolerance: 3 trials of 0.1 GPU fit in 0.3 GPU although 0.3 / 0.1 < 3 in floats
+    fits = math.floor(float(cluster.get("CPU", 0.0)) / need["CPU"] + 1e-9)
+    if need["GPU"] > 0:
+        fits = min(fits, math.floor(float(cluster.get("GPU", 0.0)) / need["GPU"] + 1e-9))
     fits = max(1, fits)
     return min(fits, resources.max_concurrent) if resources.max_concurrent else fits
 

@@ -156,3 +156,20 @@ def build_scheduler(optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.Lambd
     o = cfg.optim
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, o.warmup_steps, cfg.train.steps, o.min_lr_ratio))
+
+
+def build_deepspeed_ops() -> list[str]:
+    """Build (or load, when already built) the C++ ops DeepSpeed compiles on first use, so no training
+    process pays for it; returns their names. On CPU that is the shared-memory collective op
+    (`ShareMemCommBuilder`, built by every `deepspeed.init_distributed`: tens of seconds the first time
+    on two cores, cached under $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions). Accelerators
+    without such an op build nothing."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    built = []
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+        built.append(builder.NAME)
+    return built

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipeline import schema
-from pipeline.ray.cluster import check_resources, trial_slots
+from pipeline.ray.cluster import TRIAL_CPU, check_resources, trainable_resources, trial_slots
 from pipeline.ray.trainer import DONE_FILE, read_attempts
 from pipeline.study.spec import Resources, expand, load_study
 from tests.conftest import REPO_ROOT as REPO
@@ -115,9 +115,25 @@ def test_check_resources_names_the_field_and_the_cluster():
         check_resources(Resources(workers=3), {"CPU": 2.0})
     with pytest.raises(ValueError, match=r"resources.gpus_per_worker=1 .* has 0 GPU"):
         check_resources(Resources(gpus_per_worker=1), {"CPU": 8.0})
-    assert trial_slots(Resources(max_concurrent=0), {"CPU": 2.0}) == 1   # 1.01 CPU per trial
+    # A one-worker trial trains in its Tune trainable: 1 CPU per trial, nothing on top.
+    assert trial_slots(Resources(max_concurrent=0), {"CPU": 2.0}) == 2
     assert trial_slots(Resources(max_concurrent=2, cpus_per_worker=0.5), {"CPU": 2.0}) == 2
-    assert trial_slots(Resources(max_concurrent=8, cpus_per_worker=0.5), {"CPU": 2.0}) == 3
+    assert trial_slots(Resources(max_concurrent=8, cpus_per_worker=0.5), {"CPU": 2.0}) == 4
+    # 2+ workers: the workers' CPUs plus the trainable that waits on its TorchTrainer
+    assert trial_slots(Resources(workers=2, cpus_per_worker=0.5), {"CPU": 2.0}) == 1   # 1.01 CPU per trial
+    assert trial_slots(Resources(workers=2, cpus_per_worker=0.49), {"CPU": 2.0}) == 2  # 0.99 CPU per trial
+    with pytest.raises(ValueError, match=r"resources.cpus_per_worker=1 x resources.workers=2 asks 2.01 CPU"):
+        check_resources(Resources(workers=2), {"CPU": 2.0})
+    check_resources(Resources(workers=1, cpus_per_worker=2), {"CPU": 2.0})
+
+
+def test_trainable_holds_the_workers_resources_only_for_one_worker_trials():
+    assert trainable_resources(Resources(cpus_per_worker=0.99)) == {"CPU": 0.99}
+    assert trainable_resources(Resources(cpus_per_worker=4, gpus_per_worker=0.5)) == {"CPU": 4, "GPU": 0.5}
+    assert trainable_resources(Resources(workers=2, gpus_per_worker=1)) == {"CPU": TRIAL_CPU}
+    # the slots agree with what the trainables and workers ask
+    assert trial_slots(Resources(cpus_per_worker=4, gpus_per_worker=0.5), {"CPU": 16.0, "GPU": 1.0}) == 2
+    assert trial_slots(Resources(workers=2, cpus_per_worker=4, gpus_per_worker=1), {"CPU": 16.0, "GPU": 4.0}) == 1
 
 
 def test_resources_beyond_the_cluster_fail_before_any_trial(tmp_path, monkeypatch):
