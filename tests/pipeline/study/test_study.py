@@ -327,18 +327,30 @@ def _checkpointed(out_dir: Path) -> bool:
     return any(out_dir.glob("checkpoints/*/manifest.json"))
 
 
+KILL_CASES = {
+    # one worker: the run trains inside its Tune trial process, which is the process killed
+    1: ["tokens.tokens=102400"],
+    # two workers through Ray Train (half a CPU each, one run at a time on two cores): rank 0 is killed
+    2: ["tokens.tokens=102400", "resources.workers=2", "resources.cpus_per_worker=0.49", "resources.max_concurrent=1"],
+}
+
+
 @pytest.mark.slow
-def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path, ray_tmp):
-    names = [s.name for s in expand(load_study(SMOKE, ["tokens.tokens=102400"]))]
+@pytest.mark.parametrize("workers", sorted(KILL_CASES))
+def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path, ray_tmp, workers):
+    overrides = KILL_CASES[workers]
+    specs = expand(load_study(SMOKE, overrides))
+    names, steps = [s.name for s in specs], specs[0].config.train.steps
     victim = tmp_path / "studies" / "smoke" / names[0]
-    # 400 steps with a checkpoint every 10: long enough to kill the worker mid-run.
-    proc = subprocess.Popen(_study_command(tmp_path, "tokens.tokens=102400"), cwd=tmp_path,
+    # A few hundred steps with a checkpoint every 10: long enough to kill the worker mid-run.
+    assert steps >= 200 and specs[0].config.train.ckpt_every == 10
+    proc = subprocess.Popen(_study_command(tmp_path, *overrides), cwd=tmp_path,
                             env=_driver_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         _wait_for(lambda: _checkpointed(victim) and _trains(victim), proc, 300, "a checkpoint")
         worker = _trains(victim)[-1]
-        assert worker["host"] == socket.gethostname()
+        assert worker["host"] == socket.gethostname() and worker["workers"] == workers
         os.kill(worker["pid"], signal.SIGKILL)
         out, _ = proc.communicate(timeout=400)
     finally:
@@ -351,11 +363,20 @@ def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path,
     attempts = [a for a in read_attempts(victim) if a["event"] == "attempt"]
     assert [a["status"] for a in attempts] == ["failed", "finished"]
     assert [t["pid"] for t in _trains(victim)][0] == worker["pid"], "the attempt records name the killed process"
+    # Ray Train keeps a run folder (named by the run) under the study's Ray storage only for 2+ workers.
+    assert (tmp_path / "studies" / "smoke" / "_ray" / names[0]).is_dir() == (workers > 1)
     # The retry went on from a checkpoint (train appends a line per step): a restart from scratch would
-    # have run step 1 twice; every step ran, the last one is the planned 400th.
-    steps = [json.loads(line)["step"] for line in (victim / "metrics.jsonl").read_text().splitlines()]
-    assert steps.count(1) == 1 and sorted(set(steps)) == list(range(1, 401)) and steps[-1] == 400
+    # have run step 1 twice; every step ran, the last one is the planned last step.
+    done = [json.loads(line)["step"] for line in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert done.count(1) == 1 and sorted(set(done)) == list(range(1, steps + 1)) and done[-1] == steps
     _assert_each_run_once(tmp_path, names)
+    # The study's timing: wall time, the share of it in training steps, start-up per trial and attempts.
+    result, _ = json.JSONDecoder().raw_decode(out[out.index("{\n"):])
+    timing = result["timing"]
+    assert result["trained"] == 2 and result["failed"] == [] and timing["trials_timed"] == 2
+    assert 0 < timing["step_fraction"] < 1 and timing["wall_s"] > timing["steps_s"] / timing["slots"]
+    assert 0 < timing["startup_s_mean"] <= timing["startup_s_max"] < timing["wall_s"]
+    assert timing["per_run"][names[0]]["attempts"] == 2 and timing["per_run"][names[1]]["attempts"] == 1
 
 
 @pytest.mark.slow
