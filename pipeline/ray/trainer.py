@@ -154,11 +154,12 @@ def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: 
               storage_path: str) -> None:
     """A Tune trial: one run of the study, in this process when it has one worker, else on a
     `TorchTrainer`; raising (or dying) makes Tune retry it."""
+    global _trials_here
     cfg = runs[trial_config["run"]]
     out_dir = Path(cfg.train.out_dir)
     _close_dead_attempt(out_dir, cfg.name)
-    global _trials_here
-    # A trial's start-up includes the start of its process when it is the process's first trial.
+    # A trial's start-up includes the start of its process (Python, Ray, torch, DeepSpeed and MLflow
+    # imports) when it is the process's first trial; Tune reuses the process for later trials.
     start = _process_start() if _trials_here == 0 else time.time()
     _trials_here += 1
     attempt = {"event": "attempt", "run": cfg.name, "start": start}
