@@ -126,6 +126,9 @@ class ProgressBoard:
         for name, t in self.trials.items():
             if t.status != "running":
                 continue
+            if not t.samples:
+                rows.append(f"  {name}  starting (step {t.step}/{t.total_steps})")
+                continue
             speed = f"{t.tokens_per_s:,.0f} tok/s" if t.tokens_per_s is not None else "? tok/s"
             loss = f"val/loss {t.val_loss:.3f}" if t.val_loss is not None else "val/loss -"
             rows.append(f"  {name}  step {t.step}/{t.total_steps}  {speed}  {loss}  ETA {duration(self.trial_eta(t))}")

@@ -38,6 +38,7 @@ def test_lines_show_each_running_trial_with_step_speed_loss_and_eta():
     board, clock, _ = _board(tty=False)
     board.started("small")
     board.started("large")
+    assert board.lines()[1:] == ["  small  starting (step 0/100)", "  large  starting (step 0/100)"]
     clock.now += 10
     board.update("small", {"step": 10, schema.M_TOKENS_PER_S: 2500.0, schema.M_LOSS: 4.0})
     clock.now += 20
@@ -120,7 +121,7 @@ def test_on_a_terminal_the_board_is_redrawn_in_place():
     board.finished("small", ok=True)            # a note goes above the board, which is drawn below it
     tail = out.getvalue().split("  done   small")[1]
     assert out.getvalue().split("  done   small")[0].endswith("\x1b[3F\x1b[J")
-    assert re.search(r"study demo \[#+\.+\] 1/2 runs", tail) and "  large  step 0/100" in tail
+    assert re.search(r"study demo \[#+\.+\] 1/2 runs", tail) and "  large  starting (step 0/100)" in tail
 
 
 RAYLET_WARNING = ("\x1b[33m(raylet)\x1b[0m WARNING: {n} PYTHON worker processes have been started on node: abc with "
