@@ -152,67 +152,87 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; each help text ends with its default when it has one (an option's or an
+    optional positional's value other than None or False) and does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        takes_default = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if (not takes_default or action.default is None or action.default is False
+                or action.default is argparse.SUPPRESS or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _command(sub, name: str, text: str, func) -> argparse.ArgumentParser:
+    """A subcommand whose one-line `text` is both its entry in `attamba --help` and its own description."""
+    p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".",
+                       formatter_class=HelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attamba", description="Attamba scaling studies: train, evaluate, "
                                      "schedule studies on Ray, search P/L with Optuna, report.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=EPILOG, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train one model from a YAML config (DeepSpeed)")
+    p = _command(sub, "train", "train one model from a YAML config (DeepSpeed)", cmd_train)
     p.add_argument("config", help="run YAML, e.g. configs/train_tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint: perplexity, bits per byte, or lm-eval tasks")
-    p.add_argument("checkpoint")
-    p.add_argument("--split", default="validation", choices=["validation", "test"])
+    p = _command(sub, "eval", "evaluate a checkpoint: perplexity, bits per byte, or lm-eval tasks", cmd_eval)
+    p.add_argument("checkpoint", help="a run's out_dir (its latest checkpoint) or one checkpoint folder")
+    p.add_argument("--split", default="validation", choices=["validation", "test"], help="the split evaluated")
     p.add_argument("--paper-metric", action="store_true", help="also the paper's per-token ppl on document tails")
     p.add_argument("--paper-tail", type=int, help="tokens kept from each document's end (default: "
                    "eval.paper_tail capped at the model's max_seq_len)")
-    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks")
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
-    p.add_argument("--limit", type=int, help="examples per lm-eval task")
-    p.set_defaults(func=cmd_eval)
+    p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (default: none: "
+                   "perplexity and bits per byte)")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (default: none)")
+    p.add_argument("--limit", type=int, help="examples per lm-eval task (default: all)")
 
-    p = sub.add_parser("generate", help="stream text from a checkpoint with the compressed KV-cache")
-    p.add_argument("checkpoint")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = _command(sub, "generate", "stream text from a checkpoint with the compressed KV-cache", cmd_generate)
+    p.add_argument("checkpoint", help="a run's out_dir (its latest checkpoint) or one checkpoint folder")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens generated after the prompt")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 picks the most likely token (greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches p (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text")
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: faster per token at small batch, compiles first (seconds)")
-    p.set_defaults(func=cmd_generate)
 
     for name, func, text in (("study", cmd_study, "run a study grid on Ray Tune and write its report"),
                              ("search", cmd_search, "multi-objective Optuna search over P and L")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("config")
+        p = _command(sub, name, text, func)
+        example = "configs/studies/quickstart.yaml" if name == "study" else "configs/search/pl_tradeoff.yaml"
+        p.add_argument("config", help=f"{name} YAML, e.g. {example}")
         p.add_argument("overrides", nargs="*", help="key.path=value overrides")
-        p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-        p.set_defaults(func=func)
+        p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else the file's address, else "
+                       "a local Ray)")
 
-    p = sub.add_parser("report", help="scaling-law and trade-off report of an MLflow experiment")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--out", help="output folder (default reports/EXPERIMENT)")
-    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
-    p.set_defaults(func=cmd_report)
+    p = _command(sub, "report", "scaling-law and trade-off report of an MLflow experiment", cmd_report)
+    p.add_argument("--experiment", required=True, help="the MLflow experiment: a study's or search's name")
+    p.add_argument("--out", help="output folder (default: reports/EXPERIMENT)")
+    p.add_argument("--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
-    p = sub.add_parser("sync", help="upload metrics journaled while the tracking server was unreachable")
+    p = _command(sub, "sync", "upload metrics journaled while the tracking server was unreachable", cmd_sync)
     p.add_argument("dir", help="a run's folder or its tracking/ folder, or a study or search folder: every "
                    "journal below it is delivered")
-    p.add_argument("--tracking-uri")
-    p.set_defaults(func=cmd_sync)
+    p.add_argument("--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
-    p = sub.add_parser("bench", help="benchmarks that print one JSON object with same-run ratios")
-    p.add_argument("what", choices=["attention", "train-step", "decode", "matvec"])
-    p.add_argument("--seq-len", type=int, default=4096)
+    p = _command(sub, "bench", "benchmarks that print one JSON object with same-run ratios", cmd_bench)
+    p.add_argument("what", choices=["attention", "train-step", "decode", "matvec"], help="what to time")
+    p.add_argument("--seq-len", type=int, default=4096, help="attention, train-step: sequence length")
     p.add_argument("--context", type=int, default=4096, help="decode: context length")
-    p.add_argument("--chunk-size", type=int, default=8)
-    p.add_argument("--leading-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--chunk-size", type=int, default=8, help="Attamba's chunk size P")
+    p.add_argument("--leading-tokens", type=int, default=32, help="Attamba's leading tokens L")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (matvec: rounds)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="attention, train-step: where to run")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="attention: q/k/v dtype; train-step: autocast dtype (parameters stay float32)")
@@ -228,7 +248,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode: both models decode through torch.compile, compiled during the untimed warm-up; "
                    "matvec: also time the compiled product (default: on where a C++ compiler is found; "
                    "--no-compile: eager PyTorch only)")
-    p.set_defaults(func=cmd_bench)
     return parser
 
 

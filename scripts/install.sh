@@ -32,3 +32,8 @@ if [[ "${1:-}" == "--dev" ]]; then
 else
   $PIP -e .
 fi
+
+# DeepSpeed JIT-compiles a small C++ op (its CPU shared-memory collectives) the first time a process group
+# starts: build it once now, not inside the first training runs (cached in ~/.cache/torch_extensions).
+$PY -c "from pipeline.train.engine import build_deepspeed_ops; print('DeepSpeed ops ready:', build_deepspeed_ops())" \
+  2>&1 | grep -v "Setting accelerator to"

@@ -6,14 +6,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
+import re
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from attamba.checks import at_least, positive
 
-TRIAL_CPU = 0.01          # the Tune trainable only waits on its TorchTrainer; zero is refused by Tune
+TRIAL_CPU = 0.01          # a 2+ worker trial only waits on its TorchTrainer; zero is refused by Tune
 OBJECT_STORE_BYTES = 100 * 2**20
+RAY_TRAIN_HELPERS = 7     # processes a Ray Train run starts besides its workers (controller, sync actor, ...)
+# The raylet's warning when more worker processes start than it expects per CPU (Ray prints it on stdout)
+WORKER_START_WARNING = re.compile(r"WARNING: (\d+) PYTHON worker processes have been started on node")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,10 +46,30 @@ def resolve_address(given: str | None, configured: str | None) -> str | None:
     return given or os.environ.get("RAY_ADDRESS") or configured
 
 
+def trainable_resources(resources: Resources) -> dict:
+    """What the Tune trainable of one trial asks for. A one-worker run trains in the trainable's own
+    process, which therefore holds the worker's CPUs and GPUs; a run of 2+ workers only waits on its
+    TorchTrainer, whose workers hold their own."""
+    if resources.workers == 1:
+        need = {"CPU": resources.cpus_per_worker}
+        if resources.gpus_per_worker > 0:
+            need["GPU"] = resources.gpus_per_worker
+        return need
+    return {"CPU": TRIAL_CPU}
+
+
+def trial_needs(resources: Resources) -> dict:
+    """Everything one trial holds while it runs: its trainable and, for 2+ workers, the workers."""
+    trainable = trainable_resources(resources)
+    if resources.workers == 1:
+        return {"CPU": trainable["CPU"], "GPU": trainable.get("GPU", 0.0)}
+    return {"CPU": resources.workers * resources.cpus_per_worker + trainable["CPU"],
+            "GPU": resources.workers * resources.gpus_per_worker}
+
+
 def check_resources(resources: Resources, cluster: dict) -> None:
     """ValueError when one trial asks for more than the whole cluster has."""
-    need = {"CPU": resources.workers * resources.cpus_per_worker + TRIAL_CPU,
-            "GPU": resources.workers * resources.gpus_per_worker}
+    need = trial_needs(resources)
     for key, field in (("CPU", "cpus_per_worker"), ("GPU", "gpus_per_worker")):
         have = float(cluster.get(key, 0.0))
         if need[key] > have + 1e-9:
@@ -52,10 +81,11 @@ def check_resources(resources: Resources, cluster: dict) -> None:
 
 def trial_slots(resources: Resources, cluster: dict) -> int:
     """How many trials run at once: max_concurrent, capped by what the cluster fits."""
-    per_trial = resources.workers * resources.cpus_per_worker + TRIAL_CPU
-    fits = int(float(cluster.get("CPU", 0.0)) // per_trial)
-    if resources.gpus_per_worker > 0:
-        fits = min(fits, int(float(cluster.get("GPU", 0.0)) // (resources.workers * resources.gpus_per_worker)))
+    need = trial_needs(resources)
+    # a small tolerance: 3 trials of 0.1 GPU fit in 0.3 GPU although 0.3 / 0.1 < 3 in floats
+    fits = math.floor(float(cluster.get("CPU", 0.0)) / need["CPU"] + 1e-9)
+    if need["GPU"] > 0:
+        fits = min(fits, math.floor(float(cluster.get("GPU", 0.0)) / need["GPU"] + 1e-9))
     fits = max(1, fits)
     return min(fits, resources.max_concurrent) if resources.max_concurrent else fits
 
@@ -78,6 +108,50 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def expected_processes(resources: Resources, slots: int) -> int:
+    """Ray worker processes a study's running trials need: each trial's trainable and, for 2+ workers,
+    its Ray Train workers and helpers."""
+    per_trial = 1 + (resources.workers + RAY_TRAIN_HELPERS if resources.workers > 1 else 0)
+    return slots * per_trial
+
+
+class QuietRayStdout:
+    """A stream over `stream` that drops the raylet's worker-start warning while the number of processes
+    it names is within twice what the trials need (`expected`): on a machine with few cores Ray warns as
+    soon as a few trials start their processes, which is expected. More than that (a leak, trials that
+    start far more actors than planned) is shown. Whole lines are filtered; anything else passes."""
+
+    def __init__(self, stream, expected: int):
+        self.stream, self.expected = stream, expected
+        self._partial = ""
+        self._lock = threading.Lock()     # Ray prints from a background thread
+
+    def keep(self, line: str) -> bool:
+        match = WORKER_START_WARNING.search(line)
+        if match and int(match.group(1)) <= 2 * self.expected:
+            log.info("hidden (expected for %d trial processes): %s", self.expected, line.strip())
+            return False
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._partial = (self._partial + text).split("\n")
+            kept = "".join(line + "\n" for line in lines if self.keep(line))
+            if kept:
+                self.stream.write(kept)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._partial and self.keep(self._partial):
+                self.stream.write(self._partial)
+            self._partial = ""
+            self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 @dataclasses.dataclass(frozen=True)
 class RaySession:
     slots: int                  # trials that fit at once
@@ -95,10 +169,16 @@ def ray_session(address: str | None, resources: Resources):
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     started = connect(address)
+    stdout = sys.stdout
     try:
         cluster = ray.cluster_resources()
         check_resources(resources, cluster)
-        yield RaySession(trial_slots(resources, cluster), cluster)
+        slots = trial_slots(resources, cluster)
+        sys.stdout = QuietRayStdout(stdout, expected_processes(resources, slots))
+        yield RaySession(slots, cluster)
     finally:
         if started:
             ray.shutdown()
+        if isinstance(sys.stdout, QuietRayStdout):
+            sys.stdout.flush()
+        sys.stdout = stdout

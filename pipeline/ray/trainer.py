@@ -1,9 +1,11 @@
-"""Runs `pipeline.train.loop.train` inside Ray Train workers and forwards its evaluations to Ray Train (and Tune).
+"""Runs `pipeline.train.loop.train` for a Tune trial and forwards its reports to Tune.
 
 The training loop knows nothing of Ray: this module is the only place where the two meet. A Tune trial
-is `run_trial`, which builds a `TorchTrainer` of `resources.workers` workers; each worker calls `train`,
-which joins the process group Ray Train already set up and resumes from the last DeepSpeed checkpoint
-in the run's out_dir, so a retried trial continues where the failed attempt stopped.
+is `run_trial`. A run of one worker calls `train` right in the trial's process (a single-rank process
+group, its reports go to `ray.tune.report`); a run of 2+ workers builds a `TorchTrainer` whose workers
+each call `train` in the process group Ray Train set up (reports go to `ray.train.report`, forwarded to
+Tune). Either way `train` resumes from the last DeepSpeed checkpoint in the run's out_dir, so a trial
+that Tune retries continues where the failed attempt stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline import schema
@@ -26,6 +29,7 @@ DONE_FILE = "study_done.json"       # written by rank 0 after `train` returned: 
 ATTEMPTS_FILE = "study_attempts.jsonl"  # per trial attempt: a "train" line when rank 0 calls train (its
                                         # pid and host) and an "attempt" line when the attempt ends
 TIMING_KEYS = ("first_step_start", "steps_s")  # train's clock readings: timing, not results
+PROGRESS_KEY = "progress_report"  # set on the light reports between evaluations (step, tokens/s, loss)
 
 
 def worker_config(cfg: RunConfig, uri: str | None, parent_run_id: str | None) -> RunConfig:
@@ -77,28 +81,78 @@ def _append_line(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """Body of every Ray Train worker: `train(cfg)` with evaluations forwarded to `ray.train.report`.
+_LOADED = time.time()
+_trials_here = 0    # trials this process has begun: a reused trial process starts a trial at once
 
-    `ray.train.report` is a barrier across workers; train calls `on_eval` on every rank after each
-    evaluation, so every evaluation is forwarded as it happens (Tune keeps rank 0's metrics)."""
-    import ray.train
 
+def _process_start() -> float:
+    """When this process was created (Linux: from /proc), else when this module was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _LOADED
+
+
+def _close_dead_attempt(out_dir: Path, run: str) -> None:
+    """When the previous attempt's process died (killed, out of memory, the driver interrupted) it wrote
+    no end record: write one now, as failed, so the attempt records list every attempt. It ended at its
+    last sign of life: its last step's line in metrics.jsonl, else its "train" record."""
+    from pipeline.train.loop import METRICS_FILE
+
+    records = read_attempts(out_dir)
+    if records and records[-1]["event"] == "train" and "attempt_start" in records[-1]:
+        last = records[-1]["time"]
+        metrics = out_dir / METRICS_FILE
+        if metrics.is_file():
+            last = max(last, metrics.stat().st_mtime)
+        _append_line(out_dir / ATTEMPTS_FILE, {"event": "attempt", "run": run, "start": records[-1]["attempt_start"],
+                                               "end": last, "status": "failed", "died": True})
+
+
+def _same_mlflow_run(cfg: RunConfig) -> RunConfig:
+    """`cfg`, continuing the MLflow run of an earlier attempt that died before its first checkpoint (it
+    starts over from step 0): one MLflow run per study run, not one more per attempt. With a checkpoint,
+    `train` itself continues the checkpoint's run."""
+    from pipeline.train.checkpoint import latest_checkpoint
+    from pipeline.train.run_tracking import RUN_ID_FILE
+
+    id_file = Path(cfg.train.out_dir) / RUN_ID_FILE
+    if cfg.tracking.resume_run_id or not id_file.is_file() or latest_checkpoint(Path(cfg.train.out_dir)):
+        return cfg
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking,
+                                                                 resume_run_id=id_file.read_text().strip()))
+
+
+def _train_and_report(cfg: RunConfig, report: Callable[[dict], None], rank: int, world: int,
+                      attempt_start: float | None = None) -> None:
+    """`train(cfg)` with its progress and evaluations passed to `report` (Ray Train's or Tune's), the
+    attempt's "train" record written first and the run's done marker last (rank 0).
+
+    `report` may be a barrier across workers (`ray.train.report`): train calls `on_step` and `on_eval`
+    on every rank at the same steps."""
     from pipeline.train.loop import train
 
-    cfg = loop_config["run"]
-    rank = ray.train.get_context().get_world_rank()
     out_dir = Path(cfg.train.out_dir)
     loop_start = time.time()
     if rank == 0:
         # The process of this attempt: where an operator (or a test) finds it to inspect or stop it.
-        _append_line(out_dir / ATTEMPTS_FILE, {"event": "train", "run": cfg.name, "time": loop_start,
-                                               "pid": os.getpid(), "host": socket.gethostname()})
+        record = {"event": "train", "run": cfg.name, "time": loop_start, "pid": os.getpid(),
+                  "host": socket.gethostname(), "workers": world}
+        if attempt_start is not None:
+            record["attempt_start"] = attempt_start  # an attempt whose process dies writes no end record
+        _append_line(out_dir / ATTEMPTS_FILE, record)
+        cfg = _same_mlflow_run(cfg)  # rank 0 holds the run's MLflow run; the others track nothing
+
+    def on_step(step: int, metrics: dict) -> None:
+        report({**_scalars(metrics), "step": int(step), PROGRESS_KEY: 1})
 
     def on_eval(step: int, metrics: dict, checkpoint: str | None) -> None:
-        ray.train.report({**_scalars(metrics), "step": int(step)})
+        report({**_scalars(metrics), "step": int(step)})
 
-    result = dict(train(cfg, on_eval=on_eval) or {})
+    result = dict(train(cfg, on_eval=on_eval, on_step=on_step) or {})
     if schema.M_VAL_LOSS not in _scalars(result):
         # never a done marker or a "finished" report without the evaluation a search or report ranks by
         raise RuntimeError(f"run {cfg.name!r} returned at step {result.get('step')} without a finite "
@@ -111,24 +165,60 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tmp = out_dir / (DONE_FILE + ".tmp")
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, out_dir / DONE_FILE)  # atomic: a reader never sees half a marker
-    ray.train.report({**_scalars(result), "run_finished": 1})  # "done" would make Tune stop the trial early
+    report({**_scalars(result), "run_finished": 1})  # "done" would make Tune stop the trial early
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Body of every Ray Train worker of a run of 2+ workers: `train(cfg)` reporting to `ray.train.report`
+    (a barrier across workers; Tune keeps rank 0's metrics)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    _train_and_report(loop_config["run"], ray.train.report, context.get_world_rank(), context.get_world_size(),
+                      loop_config.get("attempt_start"))
 
 
 def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: float, gpus_per_worker: float,
               storage_path: str) -> None:
-    """A Tune trial: one run of the study on a `TorchTrainer`; raising makes Tune retry it."""
+    """A Tune trial: one run of the study, in this process when it has one worker, else on a
+    `TorchTrainer`; raising (or dying) makes Tune retry it."""
+    global _trials_here
+    cfg = runs[trial_config["run"]]
+    out_dir = Path(cfg.train.out_dir)
+    _close_dead_attempt(out_dir, cfg.name)
+    # A trial's start-up includes the start of its process (Python, Ray, torch, DeepSpeed and MLflow
+    # imports) when it is the process's first trial; Tune reuses the process for later trials.
+    start = _process_start() if _trials_here == 0 else time.time()
+    _trials_here += 1
+    attempt = {"event": "attempt", "run": cfg.name, "start": start}
+    try:
+        if workers == 1:
+            from ray import tune
+
+            _train_and_report(cfg, tune.report, rank=0, world=1, attempt_start=attempt["start"])
+        else:
+            _fit_torch_trainer(cfg, workers, cpus_per_worker, gpus_per_worker, storage_path, attempt["start"])
+        attempt["status"] = "finished"
+    except BaseException:
+        attempt["status"] = "failed"
+        raise
+    finally:
+        attempt["end"] = time.time()
+        _append_line(out_dir / ATTEMPTS_FILE, attempt)
+
+
+def _fit_torch_trainer(cfg: RunConfig, workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                       storage_path: str, attempt_start: float) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = runs[trial_config["run"]]
-    attempt = {"event": "attempt", "run": cfg.name, "start": time.time()}
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker > 0:
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": cfg},
+        train_loop_config={"run": cfg, "attempt_start": attempt_start},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                                resources_per_worker=resources),
         # Named by the run, not by Tune's trial id, so a restarted driver finds the same Train run.
@@ -136,12 +226,4 @@ def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: 
                                        callbacks=[TuneReportCallback()],
                                        failure_config=ray.train.FailureConfig(max_failures=0)),
     )
-    try:
-        trainer.fit()
-        attempt["status"] = "finished"
-    except BaseException:
-        attempt["status"] = "failed"
-        raise
-    finally:
-        attempt["end"] = time.time()
-        _append_line(Path(cfg.train.out_dir) / ATTEMPTS_FILE, attempt)
+    trainer.fit()

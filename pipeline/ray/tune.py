@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import schema
-from pipeline.ray.cluster import TRIAL_CPU, Resources
+from pipeline.ray.cluster import Resources, trainable_resources
 from pipeline.ray.trainer import run_trial
 
 
@@ -20,22 +20,29 @@ def fit(trainable: Callable, resources: Resources, storage: Path, name: str, *, 
     `grid` (key -> values), or as many as `search_alg` hands out. Returns the configs of the trials that
     failed after `resources.max_failures` retries.
 
-    Each trial waits on its own TorchTrainer, so the trainable itself asks for TRIAL_CPU only;
+    A one-worker trial trains inside the trainable, which holds the worker's resources; a trial of 2+
+    workers waits on its own TorchTrainer and holds almost nothing (`cluster.trainable_resources`).
+    Trial processes are reused from one trial to the next, so torch and DeepSpeed are imported once per
+    process; DeepSpeed's C++ op is built here, once, before any trial.
     `trial_name(config)` names a trial and its folder under `storage`."""
     from ray import tune
+
+    from pipeline.train.engine import build_deepspeed_ops
+
+    build_deepspeed_ops()
 
     trainable = tune.with_parameters(trainable, workers=resources.workers,
                                      cpus_per_worker=resources.cpus_per_worker,
                                      gpus_per_worker=resources.gpus_per_worker, storage_path=str(storage),
                                      **params)
-    tune_config = {"search_alg": search_alg, "num_samples": num_samples}
+    tune_config = {"search_alg": search_alg, "num_samples": num_samples, "reuse_actors": True}
     if slots is not None:
         tune_config["max_concurrent_trials"] = slots
     if trial_name is not None:
         tune_config.update(trial_name_creator=lambda t: trial_name(t.config),
                            trial_dirname_creator=lambda t: trial_name(t.config))
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": TRIAL_CPU}),
+        tune.with_resources(trainable, trainable_resources(resources)),
         param_space={**(param_space or {}), **{k: tune.grid_search(v) for k, v in (grid or {}).items()}},
         tune_config=tune.TuneConfig(**tune_config),
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
@@ -55,36 +62,38 @@ def search_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gp
               gpus_per_worker=gpus_per_worker, storage_path=storage_path)
 
 
-def study_progress(study: str, total: int):
-    """A Tune callback: one tqdm bar over the study's trials, with the latest evaluation; one line per
-    finished, retried or failed trial."""
+def study_progress(study: str, runs: dict[str, tuple[int, float]], interval: float = 30.0):
+    """A Tune callback drawing the study's `ProgressBoard` on stderr: one line per running trial (step,
+    tokens/s, latest val/loss, ETA) under an overall line counting finished runs (name -> (steps, work)
+    in `runs`); plain lines every `interval` seconds when stderr is not a terminal."""
     from ray import tune
-    from tqdm.auto import tqdm
+
+    from pipeline.ray.progress import ProgressBoard
 
     class Progress(tune.Callback):
         def __init__(self):
-            self.bar = tqdm(total=total, desc=f"study {study}", unit="run", file=sys.stderr, dynamic_ncols=True)
+            self.board = ProgressBoard(study, runs, sys.stderr, interval=interval)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.board.started(trial.config["run"])
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if schema.M_VAL_LOSS in result:
-                self.bar.set_postfix_str(f"{trial.config['run']} step {result.get('step', '?')} "
-                                         f"val/loss {result[schema.M_VAL_LOSS]:.3f}")
+            self.board.update(trial.config["run"], result)
+
+        def on_step_end(self, iteration, trials, **info):
+            self.board.refresh()  # the elapsed time and periodic lines also move while no trial reports
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            loss = last.get(schema.M_VAL_LOSS, float("nan"))
-            self.bar.write(f"  done   {trial.config['run']}: val/loss {loss:.3f}", file=sys.stderr)
-            self.bar.update(1)
+            self.board.finished(trial.config["run"], ok=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            self.bar.write(f"  retry  {trial.config['run']} (resumes from its last checkpoint)", file=sys.stderr)
+            self.board.retried(trial.config["run"])
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.bar.write(f"  FAILED {trial.config['run']}", file=sys.stderr)
-            self.bar.update(1)
+            self.board.finished(trial.config["run"], ok=False)
 
         def on_experiment_end(self, trials, **info):
-            self.bar.close()
+            self.board.close()
 
     return Progress()
 

@@ -46,8 +46,9 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         finished = parent.finished_trials()
         todo = [s for s in specs if not is_done(s.out_dir) and s.name not in finished]
         # Longest runs first: the last round then holds the short ones, and slots idle less at the end.
-        todo.sort(key=lambda s: -costs.training_flops_per_token(s.config.model, s.config.data.seq_len)
-                  * s.tokens)
+        work = {s.name: costs.training_flops_per_token(s.config.model, s.config.data.seq_len) * s.tokens
+                for s in specs}
+        todo.sort(key=lambda s: -work[s.name])
         log.warning("study %s: %d runs, %d already finished, %d to train, %d at a time", study.name,
                     len(specs), len(specs) - len(todo), len(todo), slots)
         failed = []
@@ -59,7 +60,9 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
 
             failures = fit(run_trial, study.resources, Path(study.out_dir).resolve() / study.name / "_ray", "tune",
                            grid={"run": [s.name for s in todo]}, slots=slots, trial_name=lambda c: c["run"],
-                           callbacks=[study_progress(study.name, len(todo))], runs={s.name: s.config for s in todo})
+                           callbacks=[study_progress(study.name, {s.name: (s.config.train.steps, work[s.name])
+                                                                  for s in todo})],
+                           runs={s.name: s.config for s in todo})
             failed = sorted(c["run"] for c in failures)
             parent.failed = bool(failed)
     train_wall = time.perf_counter() - wall_start

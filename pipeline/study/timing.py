@@ -24,7 +24,8 @@ def timing_summary(specs: list[RunSpec], wall_s: float, slots: int) -> dict:
         per_run[spec.name] = {
             "trial_s": sum(a["end"] - a["start"] for a in attempts if "end" in a),
             "steps_s": steps_s,
-            # from the trainable's start to its first training step: workers, process group, DeepSpeed
+            # from the attempt's start (its process's start for the first trial in a process) to its
+            # first training step: imports, workers, process group, DeepSpeed
             "startup_s": (first_step - last["start"]) if first_step else float("nan"),
             "attempts": len(attempts),
         }

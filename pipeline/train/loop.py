@@ -66,6 +66,7 @@ class _Run:
     batches: object                        # TrainBatches, resumable through .position
     tracker: object                        # Tracker
     on_eval: Callable | None
+    on_step: Callable | None
     rank: int
     world: int
     device: torch.device
@@ -171,7 +172,7 @@ def _trim_metrics(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
-def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) -> dict:
+def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, resume: bool = True) -> dict:
     """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view) with
     step, start_step (where this call began: a checkpoint's step, or 0), skipped_steps, tokens, out_dir
     and run_id, and this call's timings: first_step_start
@@ -180,7 +181,9 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
 
     A run whose final checkpoint exists returns the metrics stored in it (evaluating the checkpoint again
     when it has none) without training. on_eval(step, metrics, checkpoint_dir_or_None) is called on every
-    rank after each evaluation (a reporter such as ray.train.report may be a barrier across ranks)."""
+    rank after each evaluation (a reporter such as ray.train.report may be a barrier across ranks);
+    on_step(step, metrics) likewise at every train.log_every-th step, with the step's loss and tokens/s,
+    for progress displays."""
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"train() needs a RunConfig, got {type(cfg).__name__}; build one with load_run_config")
     cfg = run_config_from_dict(cfg.to_dict())  # re-checks every field's type, also for configs built in code
@@ -220,7 +223,8 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, resume: bool = True) ->
         _set_rng_state(state["rng"][rank])
     batches = data.batches("train", t.batch_size, rank, world, start=position)
     tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker, state.get("mlflow_run_id"))
-    run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, rank, world, device, out_dir,
+    run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, on_step, rank, world, device,
+               out_dir,
                getattr(data.tokenizer, "path", None))
     try:
         if found is None and rank == 0:
@@ -315,6 +319,8 @@ def _loop(run: _Run, progress: Progress) -> dict:
                     tracker.log_metrics({k: v for k, v in last.items() if math.isfinite(v)}, step)
                 bar.set_postfix(loss=f"{loss_mean:.3f}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
+            if run.on_step is not None and step % t.log_every == 0 and step < t.steps:
+                run.on_step(step, dict(last))
             if progress.consecutive_skips >= t.max_consecutive_skips:
                 raise RuntimeError(f"training stopped at step {step}: {progress.consecutive_skips} consecutive steps "
                                    f"had a non-finite loss or gradient norm (train.max_consecutive_skips="

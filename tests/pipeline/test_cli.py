@@ -1,5 +1,6 @@
 """The `attamba` command end to end: help, clear config errors, train -> eval -> generate."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -59,3 +60,32 @@ def test_train_eval_generate_round_trip(tmp_path):
 
 def test_parser_builds():
     assert build_parser().prog == "attamba"
+
+
+def _subcommands():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_subcommand_explains_itself_and_each_argument_with_its_default(name):
+    parser = _subcommands()[name]
+    assert parser.description and "\n" not in parser.description.strip(), "a one-line description"
+    text = " ".join(parser.format_help().split())  # help is wrapped: compare with single spaces
+    assert parser.description.strip() in text
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        label = action.option_strings[0] if action.option_strings else action.dest
+        assert action.help and action.help.strip(), f"attamba {name}: {label} has no help text"
+        shows_value = action.option_strings and action.nargs != 0
+        if action.default is not None and (shows_value or isinstance(action, argparse.BooleanOptionalAction)):
+            assert f"(default: {action.default})" in text, f"attamba {name}: {label} does not show its default"
+
+
+def test_generate_help_and_readme_say_sampling_not_greedy():
+    text = " ".join(_subcommands()["generate"].format_help().split())
+    assert "(default: 0.8)" in text and "0 picks the most likely token (greedy)" in text
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `attamba generate"))
+    assert "temperature 0.8" in row and "--temperature 0" in row

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipeline import schema
-from pipeline.ray.cluster import check_resources, trial_slots
+from pipeline.ray.cluster import TRIAL_CPU, check_resources, trainable_resources, trial_slots
 from pipeline.ray.trainer import DONE_FILE, read_attempts
 from pipeline.study.spec import Resources, expand, load_study
 from tests.conftest import REPO_ROOT as REPO
@@ -129,9 +129,25 @@ def test_check_resources_names_the_field_and_the_cluster():
         check_resources(Resources(workers=3), {"CPU": 2.0})
     with pytest.raises(ValueError, match=r"resources.gpus_per_worker=1 .* has 0 GPU"):
         check_resources(Resources(gpus_per_worker=1), {"CPU": 8.0})
-    assert trial_slots(Resources(max_concurrent=0), {"CPU": 2.0}) == 1   # 1.01 CPU per trial
+    # A one-worker trial trains in its Tune trainable: 1 CPU per trial, nothing on top.
+    assert trial_slots(Resources(max_concurrent=0), {"CPU": 2.0}) == 2
     assert trial_slots(Resources(max_concurrent=2, cpus_per_worker=0.5), {"CPU": 2.0}) == 2
-    assert trial_slots(Resources(max_concurrent=8, cpus_per_worker=0.5), {"CPU": 2.0}) == 3
+    assert trial_slots(Resources(max_concurrent=8, cpus_per_worker=0.5), {"CPU": 2.0}) == 4
+    # 2+ workers: the workers' CPUs plus the trainable that waits on its TorchTrainer
+    assert trial_slots(Resources(workers=2, cpus_per_worker=0.5), {"CPU": 2.0}) == 1   # 1.01 CPU per trial
+    assert trial_slots(Resources(workers=2, cpus_per_worker=0.49), {"CPU": 2.0}) == 2  # 0.99 CPU per trial
+    with pytest.raises(ValueError, match=r"resources.cpus_per_worker=1 x resources.workers=2 asks 2.01 CPU"):
+        check_resources(Resources(workers=2), {"CPU": 2.0})
+    check_resources(Resources(workers=1, cpus_per_worker=2), {"CPU": 2.0})
+
+
+def test_trainable_holds_the_workers_resources_only_for_one_worker_trials():
+    assert trainable_resources(Resources(cpus_per_worker=0.99)) == {"CPU": 0.99}
+    assert trainable_resources(Resources(cpus_per_worker=4, gpus_per_worker=0.5)) == {"CPU": 4, "GPU": 0.5}
+    assert trainable_resources(Resources(workers=2, gpus_per_worker=1)) == {"CPU": TRIAL_CPU}
+    # the slots agree with what the trainables and workers ask
+    assert trial_slots(Resources(cpus_per_worker=4, gpus_per_worker=0.5), {"CPU": 16.0, "GPU": 1.0}) == 2
+    assert trial_slots(Resources(workers=2, cpus_per_worker=4, gpus_per_worker=1), {"CPU": 16.0, "GPU": 4.0}) == 1
 
 
 def test_resources_beyond_the_cluster_fail_before_any_trial(tmp_path, monkeypatch):
@@ -333,18 +349,30 @@ def _checkpointed(out_dir: Path) -> bool:
     return any(out_dir.glob("checkpoints/*/manifest.json"))
 
 
+KILL_CASES = {
+    # one worker: the run trains inside its Tune trial process, which is the process killed
+    1: ["tokens.tokens=102400"],
+    # two workers through Ray Train (half a CPU each, one run at a time on two cores): rank 0 is killed
+    2: ["tokens.tokens=102400", "resources.workers=2", "resources.cpus_per_worker=0.49", "resources.max_concurrent=1"],
+}
+
+
 @pytest.mark.slow
-def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path, ray_tmp):
-    names = [s.name for s in expand(load_study(SMOKE, ["tokens.tokens=102400"]))]
+@pytest.mark.parametrize("workers", sorted(KILL_CASES))
+def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path, ray_tmp, workers):
+    overrides = KILL_CASES[workers]
+    specs = expand(load_study(SMOKE, overrides))
+    names, steps = [s.name for s in specs], specs[0].config.train.steps
     victim = tmp_path / "studies" / "smoke" / names[0]
-    # 400 steps with a checkpoint every 10: long enough to kill the worker mid-run.
-    proc = subprocess.Popen(_study_command(tmp_path, "tokens.tokens=102400"), cwd=tmp_path,
+    # A few hundred steps with a checkpoint every 10: long enough to kill the worker mid-run.
+    assert steps >= 200 and specs[0].config.train.ckpt_every == 10
+    proc = subprocess.Popen(_study_command(tmp_path, *overrides), cwd=tmp_path,
                             env=_driver_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         _wait_for(lambda: _checkpointed(victim) and _trains(victim), proc, 300, "a checkpoint")
         worker = _trains(victim)[-1]
-        assert worker["host"] == socket.gethostname()
+        assert worker["host"] == socket.gethostname() and worker["workers"] == workers
         os.kill(worker["pid"], signal.SIGKILL)
         out, _ = proc.communicate(timeout=400)
     finally:
@@ -357,12 +385,21 @@ def test_killed_worker_is_retried_from_its_checkpoint_and_tracked_once(tmp_path,
     attempts = [a for a in read_attempts(victim) if a["event"] == "attempt"]
     assert [a["status"] for a in attempts] == ["failed", "finished"]
     assert [t["pid"] for t in _trains(victim)][0] == worker["pid"], "the attempt records name the killed process"
+    # Ray Train keeps a run folder (named by the run) under the study's Ray storage only for 2+ workers.
+    assert (tmp_path / "studies" / "smoke" / "_ray" / names[0]).is_dir() == (workers > 1)
     # The retry went on from a checkpoint (metrics.jsonl is rewritten up to the checkpoint's step on
-    # resume, so the rows alone cannot tell a restart from scratch): every step ran once, the last is the 400th.
+    # resume, so the rows alone cannot tell a restart from scratch): every step ran once, the last is the planned last.
     assert json.loads((victim / DONE_FILE).read_text())["result"]["start_step"] > 0
-    steps = [json.loads(line)["step"] for line in (victim / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 401))
+    done = [json.loads(line)["step"] for line in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert done == list(range(1, steps + 1))
     _assert_each_run_once(tmp_path, names)
+    # The study's timing: wall time, the share of it in training steps, start-up per trial and attempts.
+    result, _ = json.JSONDecoder().raw_decode(out[out.index("{\n"):])
+    timing = result["timing"]
+    assert result["trained"] == 2 and result["failed"] == [] and timing["trials_timed"] == 2
+    assert 0 < timing["step_fraction"] < 1 and timing["wall_s"] > timing["steps_s"] / timing["slots"]
+    assert 0 < timing["startup_s_mean"] <= timing["startup_s_max"] < timing["wall_s"]
+    assert timing["per_run"][names[0]]["attempts"] == 2 and timing["per_run"][names[1]]["attempts"] == 1
 
 
 @pytest.mark.slow
@@ -395,3 +432,27 @@ def test_interrupted_study_trains_only_the_missing_runs_when_run_again(tmp_path,
         assert _started(tmp_path).count(name) == 1
     assert json.loads(again.stdout)["skipped"] == len(names) - len(missing)
     _assert_each_run_once(tmp_path, names)
+
+
+def test_an_attempt_whose_process_died_is_recorded_as_failed_by_the_next(tmp_path):
+    from pipeline.ray.trainer import ATTEMPTS_FILE, _close_dead_attempt
+
+    def line(**record):
+        with open(tmp_path / ATTEMPTS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    line(event="train", run="r", time=100.0, pid=1, host="h", workers=1, attempt_start=90.0)
+    _close_dead_attempt(tmp_path, "r")
+    died = read_attempts(tmp_path)[-1]
+    # no step line: it ended at its last record
+    assert died == {"event": "attempt", "run": "r", "start": 90.0, "end": 100.0, "status": "failed", "died": True}
+    _close_dead_attempt(tmp_path, "r")                        # closed once only
+    assert len(read_attempts(tmp_path)) == 2
+    line(event="train", run="r", time=200.0, pid=2, host="h", workers=1, attempt_start=190.0)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    os.utime(tmp_path / "metrics.jsonl", (250.0, 250.0))      # its last step's line
+    _close_dead_attempt(tmp_path, "r")
+    assert read_attempts(tmp_path)[-1]["end"] == 250.0
+    line(event="attempt", run="r", start=300.0, end=310.0, status="finished")  # ended normally: nothing to add
+    _close_dead_attempt(tmp_path, "r")
+    assert [a["status"] for a in read_attempts(tmp_path) if a["event"] == "attempt"] == ["failed", "failed", "finished"]

@@ -316,3 +316,16 @@ def test_zero2_two_ranks_follow_one_rank_with_grad_accum(env):
     assert one[8] < one[1] - 0.3  # it trained, so the comparison covers updated weights
     for step in one:  # same data, same mean gradient: equal up to float reduction order
         assert two[step] == pytest.approx(one[step], abs=1e-5), (step, one, two)
+
+
+def test_on_step_reports_every_log_every_steps_with_the_logged_loss_and_speed(env):
+    seen = []
+    cfg = load_run_config(None, tiny(env / "run", "train.steps=7", "train.log_every=3", "train.eval_every=0",
+                                     "train.ckpt_every=0"))
+    train(cfg, on_step=lambda step, metrics: seen.append((step, metrics)))
+    # steps 3 and 6; the last step ends with an evaluation instead
+    assert [step for step, _ in seen] == [3, 6]
+    rows = {r["step"]: r for r in map(json.loads, (env / "run" / "metrics.jsonl").read_text().splitlines())}
+    for step, metrics in seen:
+        assert metrics[schema.M_LOSS] == rows[step][schema.M_LOSS]
+        assert metrics[schema.M_TOKENS_PER_S] == rows[step][schema.M_TOKENS_PER_S] > 0
