@@ -66,6 +66,7 @@ def _files(split: str) -> tuple[str, str, str]:
 
 
 def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (token caches and checkpoint shards run to GBs)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -73,7 +74,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder: so a rename inside it survives power loss)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -111,7 +113,7 @@ def write_cache(directory: Path, splits: dict[str, list[str]], tokenizer, meta: 
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.replace(tmp, directory)
-        _fsync(directory.parent)
+        fsync_path(directory.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)   # gone already unless something failed
     return meta
@@ -138,13 +140,13 @@ def _write_files(tmp: Path, splits: dict[str, list[str]], tokenizer, meta: dict,
     meta["sha256"] = {}
     for split in SPLITS:
         for name in _files(split):
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
             meta["sha256"][name] = file_sha256(tmp / name)
     with open(tmp / "meta.json", "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
-    _fsync(tmp)
+    fsync_path(tmp)
     return meta
 
 

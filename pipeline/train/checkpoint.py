@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from pipeline.data.cache import file_sha256, fsync_path
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -54,40 +56,24 @@ def config_hash(cfg_dict: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(directory: Path, step: int, cfg_hash: str, world_size: int = 1, about: dict | None = None) -> None:
     """Seal `directory`: fsync its files and folders, then write the manifest (with `about`'s extra fields)
     under a temporary name, fsync it and rename it into place, and fsync the folder and its parent."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {"step": step, "config_hash": cfg_hash, "world_size": world_size, **(about or {}),
-                "files": {str(p.relative_to(directory)): _sha256(p) for p in files}}
+                "files": {str(p.relative_to(directory)): file_sha256(p) for p in files}}
     for path in files:
-        _fsync(path)
+        fsync_path(path)
     for folder in sorted({p.parent for p in files}, key=lambda p: len(p.parts), reverse=True):
-        _fsync(folder)
+        fsync_path(folder)
     tmp = directory / (MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(manifest, indent=1))
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(directory / MANIFEST)
-    _fsync(directory)
-    _fsync(directory.parent)
+    fsync_path(directory)
+    fsync_path(directory.parent)
 
 
 def read_manifest(directory: str | Path) -> dict:
@@ -115,7 +101,7 @@ def verify(directory: str | Path) -> dict:
         raise ValueError(f"checkpoint {str(directory)!r} does not match its manifest: files "
                          f"{sorted(present ^ set(files))} are extra or missing; refusing it")
     for name, digest in files.items():
-        if _sha256(directory / name) != digest:
+        if file_sha256(directory / name) != digest:
             raise ValueError(f"checkpoint {str(directory)!r}: {name} does not match its sha256 in {MANIFEST} "
                              f"(corrupted or modified); refusing it")
     return manifest
