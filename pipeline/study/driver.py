@@ -16,7 +16,7 @@ from pathlib import Path
 from attamba import costs
 
 from pipeline import schema
-from pipeline.ray import cluster
+from pipeline.ray import cluster, lease
 from pipeline.ray.trainer import is_done, run_trial, worker_config
 from pipeline.study.spec import expand, load_study
 from pipeline.study.timing import timing_summary
@@ -25,6 +25,7 @@ from pipeline.tracking.parent import parent_run
 log = logging.getLogger(__name__)
 
 PARENT_ROLE = "parent"   # value of schema.TAG_ROLE on the run a study's trials nest under
+JOURNAL_DIR = "tracking"  # in the study folder: the driver's MLflow calls that waited out an outage
 
 
 def run_study(config_path: str | Path, overrides: list[str] | None = None, address: str | None = None) -> dict:
@@ -37,8 +38,11 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     tracking = specs[0].config.tracking
     uri = resolve_uri(tracking.uri) if tracking.enabled else None
     tags = {schema.TAG_STUDY: study.name, schema.TAG_ROLE: PARENT_ROLE}
-    with (cluster.ray_session(cluster.resolve_address(address, study.address), study.resources) as session,
-          parent_run(uri, study.name, tags) as parent):
+    folder = Path(study.out_dir).resolve() / study.name
+    # One driver per study folder (a second would train the same runs into the same folders).
+    with (lease.study_lease(folder),
+          cluster.ray_session(cluster.resolve_address(address, study.address), study.resources) as session,
+          parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots
         specs = [dataclasses.replace(s, config=worker_config(s.config, uri, parent.run_id)) for s in specs]
         finished = parent.finished_trials()
@@ -55,7 +59,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             prepare(todo[0].config.data, todo[0].config.model.max_seq_len)  # once, not once per trial
             from pipeline.ray.tune import fit, study_progress
 
-            failures = fit(run_trial, study.resources, Path(study.out_dir).resolve() / study.name / "_ray", "tune",
+            failures = fit(run_trial, study.resources, folder / "_ray", "tune",
                            grid={"run": [s.name for s in todo]}, slots=slots, trial_name=lambda c: c["run"],
                            callbacks=[study_progress(study.name, len(todo))], runs={s.name: s.config for s in todo})
             failed = sorted(c["run"] for c in failures)
@@ -66,8 +70,18 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         from pipeline.report import make_report
 
         report_dir = Path("reports") / study.name
-        make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
-        print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
+        try:
+            make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
+            print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
+        except Exception as error:  # the runs are trained and kept; only the report waits for MLflow
+            from pipeline.tracking.mlflow_client import is_permanent
+
+            if is_permanent(error) or isinstance(error, ValueError):
+                raise
+            log.warning("report not written, MLflow unreachable (%s): once it is back, run `attamba sync "
+                        "%s/...` for each run's journal and `attamba report --experiment %s --out %s`",
+                        error, folder, study.name, report_dir)
+            report_dir = None
     wall = time.perf_counter() - wall_start
     trained = {s.name for s in todo}
     timing = timing_summary([s for s in specs if s.name in trained], wall, slots)

@@ -60,6 +60,10 @@ def try_lock(path: Path):
     return f
 
 
+class RunNotDelivered(Exception):
+    """A journal names its run by name and that run is not in MLflow yet: retried later."""
+
+
 class JournalWriter:
     """Appends records; `append` costs one json.dumps and one write() so the training loop never waits."""
 
@@ -209,7 +213,12 @@ class Delivery:
             return
         self.uri = self.uri or record["uri"]
         c = self._mlflow()
-        if record.get("resume_run_id"):
+        if record.get("attach_run_id"):
+            # A driver's later records for a run that exists (a tag, the parent's end): no status change.
+            run_id = c.get_run(record["attach_run_id"]).info.run_id
+        elif record.get("find_run"):
+            run_id = self._find(record)
+        elif record.get("resume_run_id"):
             run_id = record["resume_run_id"]
             c.get_run(run_id)  # RESOURCE_DOES_NOT_EXIST surfaces here, before anything is logged to it
             c.update_run(run_id, status="RUNNING")
@@ -221,6 +230,17 @@ class Delivery:
             run_id = c.create_run(experiment_id, start_time=record["time"], tags=tags,
                                   run_name=record.get("run_name")).info.run_id
         self.run_id = run_id
+
+    def _find(self, record: dict) -> str:
+        """The run a driver's record names by run name (and parent): created by its own journal, which
+        may not be delivered yet; then this journal waits (retried like an unreachable server)."""
+        name, parent = record["find_run"]["run_name"], record["find_run"].get("parent_run_id")
+        runs = mlflow_client.find_runs(record["experiment"], tags={"mlflow.runName": name}, uri=self.uri,
+                                       parent_run_id=parent)
+        if not runs:
+            raise RunNotDelivered(f"no MLflow run named {name!r} (under parent {parent}) in {self.uri} yet; "
+                                  f"sync that run's own journal first")
+        return runs[0].info.run_id
 
     def _single(self, record: dict) -> None:
         c, op = self._mlflow(), record["op"]
