@@ -20,7 +20,7 @@ from pipeline.ray import cluster, lease
 from pipeline.ray.trainer import is_done, run_trial, worker_config
 from pipeline.study.spec import expand, load_study
 from pipeline.study.timing import timing_summary
-from pipeline.tracking.parent import parent_run
+from pipeline.tracking.parent import is_outage, parent_run
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +74,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
             print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
         except Exception as error:  # the runs are trained and kept; only the report waits for MLflow
-            from pipeline.tracking.mlflow_client import is_permanent
-
-            if is_permanent(error) or isinstance(error, ValueError):
+            if not is_outage(error):
                 raise
             log.warning("report not written, MLflow unreachable (%s): once it is back, run `attamba sync "
                         "%s/...` for each run's journal and `attamba report --experiment %s --out %s`",

@@ -6,6 +6,10 @@ Layout of a journal directory (one set of files per tracker instance, `<jid>` so
   <jid>.rejected.jsonl entities MLflow refused for good (bad value, changed param), with the error
   <jid>.spool/         copies of logged artifacts, so a later sync still finds them
   <jid>.lock           flock held by the live tracker, so `sync_journal` never races its delivery thread
+The first record ("start") names the run: a new one, `resume_run_id` (a resumed run, set RUNNING again),
+`attach_run_id` (an existing run, status untouched: a driver's tags or end for its parent) or `find_run`
+(a run found by name and parent at delivery: a driver's tags for a child whose own journal may still hold
+its start; delivery waits until that run exists).
 The offset only moves past a record once MLflow accepted all of it. Re-sending a record is harmless:
 metric points carry their original timestamp and MLflow's SQL store drops exact duplicates, params are
 re-sent with the same value, tags and artifacts overwrite themselves.

@@ -31,6 +31,12 @@ def _transient(error: BaseException) -> bool:
     return not is_permanent(error)
 
 
+def is_outage(error: BaseException) -> bool:
+    """Whether `error`, raised by an MLflow call, may pass once the server is back (not a refusal, not a
+    bad input): what a driver waits out instead of stopping."""
+    return not isinstance(error, ValueError) and _transient(error)
+
+
 @dataclasses.dataclass
 class ParentRun:
     uri: str | None            # the tracking store; None: tracking is off
