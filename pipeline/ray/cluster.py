@@ -117,7 +117,7 @@ def _stop_on_signals():
         yield
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +137,13 @@ def ray_session(address: str | None, resources: Resources):
     # turns into "interrupted; run the same command again".
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    with _stop_on_signals():
-        started = connect(address)
-        try:
+    started = connect(address)
+    try:
+        # After ray.init: Ray's core installs a fatal-signal handler of its own that aborts on SIGTERM.
+        with _stop_on_signals():
             cluster = ray.cluster_resources()
             check_resources(resources, cluster)
             yield RaySession(trial_slots(resources, cluster), cluster)
-        finally:
-            if started:
-                ray.shutdown()
+    finally:
+        if started:
+            ray.shutdown()

@@ -246,3 +246,17 @@ def _artifacts(uri: str, run_id: str, path: str) -> list:
     from pipeline.tracking.mlflow_client import client
 
     return client(uri).list_artifacts(run_id, path)
+
+
+def test_ray_that_cannot_start_is_one_clear_error(tmp_path):
+    """A real start failure (Ray's temporary folder cannot be created): exit 2 and one error line, no traceback."""
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    result = subprocess.run(_search_args(tmp_path), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**ENV, "RAY_TMPDIR": str(not_a_folder), "ATTAMBA_CACHE": str(tmp_path / "cache"),
+                                 "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("attamba search: error: could not start a local Ray: NotADirectoryError"), last
+    assert "--address" in last
