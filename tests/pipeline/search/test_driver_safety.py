@@ -221,7 +221,8 @@ def test_mlflow_down_before_a_trial_completes_the_driver_survives_and_tags_arriv
         server.kill()
         stdout, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, (search_env / "first.log").read_text()[-3000:]
-        assert json.loads(stdout)["complete"] == 1, "the driver survived the outage and told the trial"
+        result = json.loads(stdout[stdout.index("{\n"):])  # after the progress lines
+        assert result["complete"] == 1, "the driver survived the outage and told the trial"
         server.start()
         folder = search_env / "searches" / "smoke"
         (run_dir,) = (folder / "trials").iterdir()
