@@ -10,6 +10,7 @@ import math
 import os
 import re
 import sys
+import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,13 +99,25 @@ def connect(address: str | None) -> bool:
     if address:
         # On a cluster the package comes with the job's runtime env (or is installed on every node); a
         # second runtime env here would conflict with the job's.
-        ray.init(address=address, **common)
+        try:
+            ray.init(address=address, **common)
+        except Exception as error:
+            raise RayStartError(f"could not connect to the Ray cluster at {address!r}: {_first_line(error)}; "
+                                "check the address (--address, $RAY_ADDRESS or the file's address) and that "
+                                "the cluster is up (`ray status --address ...`)") from error
         return False
     # Workers of a local Ray import this package from the same checkout, wherever Ray starts them.
     root = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-    ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
-             _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, **common)
+    try:
+        ray.init(address="local", include_dashboard=False, object_store_memory=OBJECT_STORE_BYTES,
+                 _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, **common)
+    except Exception as error:
+        with contextlib.suppress(Exception):
+            ray.shutdown()  # whatever half of it did start
+        raise RayStartError(f"could not start a local Ray: {_first_line(error)}; a loaded machine can be too slow "
+                            "for Ray's start-up timeouts: run the same command again, or start Ray yourself "
+                            "(`ray start --head`) and pass --address") from error
     return True
 
 
@@ -152,6 +165,35 @@ class QuietRayStdout:
         return getattr(self.stream, name)
 
 
+class RayStartError(ValueError):
+    """Ray could not be started or reached; the message says what to do (a ValueError, so the CLI prints
+    it as one line and exits 2, as for any error the user can act on)."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGTERM (and SIGHUP) become KeyboardInterrupt, like Ctrl-C, for the body: the `finally` blocks run
+    and a Ray this process started shuts down instead of leaving its helper processes behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+
+
 @dataclasses.dataclass(frozen=True)
 class RaySession:
     slots: int                  # trials that fit at once
@@ -161,7 +203,8 @@ class RaySession:
 @contextlib.contextmanager
 def ray_session(address: str | None, resources: Resources):
     """Ray connected (a local one started when `address` is empty) and the cluster checked against
-    `resources`; a Ray started here stops on exit, whatever happened."""
+    `resources`; a Ray started here stops on exit, whatever happened: an error, Ctrl-C, SIGTERM or SIGHUP
+    (only SIGKILL leaves its processes to Ray's own clean-up). A start failure is one RayStartError."""
     import ray
 
     # Tune's own SIGINT handler would stop trials and return normally; a KeyboardInterrupt is what the CLI
@@ -171,11 +214,13 @@ def ray_session(address: str | None, resources: Resources):
     started = connect(address)
     stdout = sys.stdout
     try:
-        cluster = ray.cluster_resources()
-        check_resources(resources, cluster)
-        slots = trial_slots(resources, cluster)
-        sys.stdout = QuietRayStdout(stdout, expected_processes(resources, slots))
-        yield RaySession(slots, cluster)
+        # After ray.init: Ray's core installs a fatal-signal handler of its own that aborts on SIGTERM.
+        with _stop_on_signals():
+            cluster = ray.cluster_resources()
+            check_resources(resources, cluster)
+            slots = trial_slots(resources, cluster)
+            sys.stdout = QuietRayStdout(stdout, expected_processes(resources, slots))
+            yield RaySession(slots, cluster)
     finally:
         if started:
             ray.shutdown()

@@ -1,8 +1,10 @@
 """`run_search`: a search file -> an Optuna study (SQLite or PostgreSQL) -> Ray Tune trials -> Pareto front.
 
-The whole search is validated before any trial. The Optuna storage is the search's only state: running
-the same command again loads the same study, keeps its completed trials, marks trials a killed driver
-left RUNNING as FAIL and queues their parameters again, and asks only for the trials still missing.
+The whole search is validated before any trial. One driver at a time holds the study (a lease, see
+pipeline/ray/lease.py). The Optuna storage is the search's only state: running the same command again
+loads the same study, keeps its completed trials, tells a trial a stopped driver left RUNNING the saved
+result of its run when that run finished, else marks it FAIL and queues its parameters again (stale by
+heartbeat, see search/store.py), and asks only for the trials still missing.
 Results: pareto.csv, pareto.json and pareto.png in `out_dir/name` (format in search/results.py), also
 logged on the search's MLflow parent run; `optuna-dashboard STORAGE_URL` shows the study live.
 """
@@ -14,7 +16,7 @@ import time
 from pathlib import Path
 
 from pipeline import schema
-from pipeline.ray import cluster
+from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import output_root, tracking_uri
 from pipeline.ray.trainer import done_record, worker_config
 from pipeline.search.results import MLFLOW_RUN_ATTR, export_front
@@ -29,22 +31,29 @@ log = logging.getLogger(__name__)
 SEARCH_ROLE = "search"        # value of schema.TAG_ROLE on the search's parent MLflow run
 REFERENCE_ROLE = "reference"  # ... and on its transformer reference run
 FRONT_FILES = ("pareto.json", "pareto.csv", "pareto.png")
+JOURNAL_DIR = "tracking"      # in the search folder: the driver's MLflow calls that waited out an outage
 
 
 def run_search(config_path: str | Path, overrides: list[str] | None = None, address: str | None = None) -> dict:
     """Run (or continue) the search until its study holds `n_trials` completed trials; export the front."""
     wall_start = time.perf_counter()
     search = load_search(config_path, overrides)
-    folder = search.folder  # refused here, before any work, when it would not outlive a Ray job
     url = normalise_storage_url(search.storage_url())
+    # One driver per study: a second one would take this one's running trials for stale.
+    with lease.search_lease(url, search.name, search.folder, redact(url)):
+        return _search(search, url, address, wall_start)
+
+
+def _search(search: SearchConfig, url: str, address: str | None, wall_start: float) -> dict:
     study = open_study(search, url)
-    retried = recover_stale_trials(study, param_names(search.space))
     base = base_run_config(search)
     uri = tracking_uri(base.tracking.uri) if base.tracking.enabled else None
     done_before = len(completed_trials(study))
-    failed, parent = [], None
+    failed, parent, retried = [], None, []
     if done_before < search.n_trials:
-        failed, parent = _run_on_ray(search, study, uri, address)
+        failed, parent, retried = _run_on_ray(search, study, uri, address)
+    else:
+        retried = recover_stale_trials(study, param_names(search.space))
     trials = completed_trials(study)
     record = export_front(search, study, trials, url, search.folder)
     if parent is not None:
@@ -56,34 +65,43 @@ def run_search(config_path: str | Path, overrides: list[str] | None = None, addr
             "pareto": record["front"], "folder": str(search.folder.resolve()),
             "parent_run_id": parent.run_id if parent else None, "tracking_uri": uri,
             "wall_s": time.perf_counter() - wall_start,
-            "outputs": {"home": str(output_root() or ""), "folder": str(folder), "storage": redact(url),
+            "outputs": {"home": str(output_root() or ""), "folder": str(search.folder), "storage": redact(url),
                         "tracking_uri": uri}}
 
 
-def _run_on_ray(search: SearchConfig, study, uri: str | None, address: str | None) -> tuple[list[int], ParentRun]:
+def _run_on_ray(search: SearchConfig, study, uri: str | None,
+                address: str | None) -> tuple[list[int], ParentRun, list[int]]:
     # The parent run's id is kept in the study's user attrs, so a resumed search reuses it.
     tags = {schema.TAG_STUDY: search.name, schema.TAG_ROLE: SEARCH_ROLE}
     with (cluster.ray_session(cluster.resolve_address(address, search.address), search.resources) as session,
-          parent_run(uri, search.name, tags, run_id=study.user_attrs.get(PARENT_ATTR), find=False) as parent):
+          parent_run(uri, search.name, tags, run_id=study.user_attrs.get(PARENT_ATTR), find=False,
+                     journal_dir=search.folder.resolve() / JOURNAL_DIR) as parent):
         if parent.run_id:
             study.set_user_attr(PARENT_ATTR, parent.run_id)
+        ask_tell, bar = _ask_tell(search, study, uri, parent)
+        # Stale trials whose run finished are told its saved result here, never trained again.
+        retried = recover_stale_trials(study, param_names(search.space), finished=ask_tell.tell_finished)
         base = base_run_config(search)
         from pipeline.data.prepare import prepare
 
         prepare(base.data, base.model.max_seq_len)  # once in the driver, not once per trial
         if search.constraints.max_ppl_gap is not None and REFERENCE_ATTR not in study.user_attrs:
             study.set_user_attr(REFERENCE_ATTR, _train_reference(search, uri, parent))
-        failed = _tune(search, study, uri, parent, session.slots)
+        failed = _tune(search, ask_tell, bar, session.slots)
         parent.failed = bool(failed)
-    return failed, parent
+    return failed, parent, retried
 
 
-def _tune(search: SearchConfig, study, uri: str | None, parent: ParentRun, slots: int) -> list[int]:
-    from pipeline.ray.tune import fit, search_trial, tune_searcher
+def _ask_tell(search: SearchConfig, study, uri: str | None, parent: ParentRun):
     from pipeline.search.searcher import OptunaAskTell, progress_bar
 
     def make_config(params: dict, run_name: str, number: int):
         return worker_config(trial_run_config(search, params, number, run_name=run_name), uri, parent.run_id)
+
+    def saved_result(cfg) -> dict | None:
+        """A finished run's result: its done marker, else its FINISHED MLflow run under the parent."""
+        done = done_record(cfg.train.out_dir)
+        return done["result"] if done is not None else parent.finished_child(cfg.name)
 
     bar = progress_bar(search, len(completed_trials(study)))
 
@@ -97,11 +115,17 @@ def _tune(search: SearchConfig, study, uri: str | None, parent: ParentRun, slots
         if state.name == "COMPLETE":
             bar.update(1)
 
-    ask_tell = OptunaAskTell(search, study, make_config, before_tell, after_tell)
+    return OptunaAskTell(search, study, make_config, before_tell, after_tell, saved_result), bar
+
+
+def _tune(search: SearchConfig, ask_tell, bar, slots: int) -> list[int]:
+    from pipeline.ray.tune import fit, search_trial, tune_searcher
+
     try:
-        fit(search_trial, search.resources, search.folder.resolve() / "_ray", "tune",
-            search_alg=tune_searcher(ask_tell), num_samples=-1, slots=slots,
-            trial_name=lambda c: c["run_config"]["name"])
+        with ask_tell.heartbeats():
+            fit(search_trial, search.resources, search.folder.resolve() / "_ray", "tune",
+                search_alg=tune_searcher(ask_tell), num_samples=-1, slots=slots,
+                trial_name=lambda c: c["run_config"]["name"])
     finally:
         bar.close()
     return ask_tell.failed

@@ -13,8 +13,11 @@ orphaned, completed ones re-asked). Here the Optuna storage is the only state: r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
+import warnings
 
 import optuna
 from optuna.trial import TrialState
@@ -23,7 +26,8 @@ from pipeline import schema
 from pipeline.config import to_dict
 from pipeline.search.results import constraint_values, cost_values, objective_values
 from pipeline.search.space import SearchConfig, suggest, trial_name
-from pipeline.search.store import CONSTRAINTS_ATTR, REFERENCE_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, completed_trials
+from pipeline.search.store import (CONSTRAINTS_ATTR, HEARTBEAT_INTERVAL_S, REFERENCE_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR,
+                                   beat, claim, completed_trials)
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +43,17 @@ class OptunaAskTell:
 
     `make_config(params, run_name, number)` returns the (absolute, tracked) RunConfig of a trial;
     `before_tell(trial)` runs while the trial can still take user attrs (MLflow run id and tag);
-    `after_tell(number, state)` after each tell (progress bar)."""
+    `after_tell(number, state)` after each tell (progress bar);
+    `saved_result(cfg)` is the result of the run `cfg` when that run already finished (else None): such a
+    trial is told that result and never trained again."""
 
     FINISHED = "FINISHED"   # what `suggest` returns once the search is done (the value Tune uses, too)
 
     def __init__(self, search: SearchConfig, study: optuna.Study, make_config, before_tell=None,
-                 after_tell=None):
+                 after_tell=None, saved_result=None):
         self.search, self.study = search, study
         self.make_config, self.before_tell, self.after_tell = make_config, before_tell, after_tell
+        self.saved_result = saved_result
         self.live: dict[str, optuna.Trial] = {}     # scheduler (Tune) trial id -> Optuna trial
         self.failed: list[int] = []
         self.done = len(completed_trials(study))
@@ -60,13 +67,19 @@ class OptunaAskTell:
                 return self.FINISHED
             if self.done + len(self.live) >= self.search.n_trials:
                 return None  # enough trials in flight; one may still fail and need a replacement
-            trial = self.study.ask()
+            with warnings.catch_warnings():  # "heartbeats are meant for Study.optimize": here ask/tell beats
+                warnings.simplefilter("ignore", UserWarning)
+                trial = self.study.ask()
+            claim(self.study, trial)
             params = suggest(trial, self.search.space)
             if self._tell_copy(trial, params):
                 continue
             run_name = trial.user_attrs.get(RUN_NAME_ATTR) or trial_name(self.search, trial.number)
             trial.set_user_attr(RUN_NAME_ATTR, run_name)
             cfg = self.make_config(params, run_name, trial.number)
+            # A retry whose run finished before its driver could tell it (killed in between): told, not retrained.
+            if trial.user_attrs.get(RETRY_OF_ATTR) is not None and self._tell_saved(trial, cfg):
+                continue
             self.live[trial_id] = trial
             retry = trial.user_attrs.get(RETRY_OF_ATTR)
             log.info("trial %d: %s%s", trial.number, params, f" (retry of {retry})" if retry is not None else "")
@@ -88,10 +101,51 @@ class OptunaAskTell:
                 return True
         return False
 
+    def _tell_saved(self, trial: optuna.Trial, cfg) -> bool:
+        result = self.saved_result(cfg) if self.saved_result is not None else None
+        if result is None:
+            return False
+        log.warning("trial %d: run %s had finished; told from its saved result, not trained again",
+                    trial.number, cfg.name)
+        self._tell(trial, result)
+        return True
+
+    def tell_finished(self, frozen) -> bool:
+        """For a stale trial (a FrozenTrial left RUNNING by a stopped driver): tell it its run's saved
+        result when that run finished; False when it did not."""
+        run_name = frozen.user_attrs.get(RUN_NAME_ATTR)
+        if not run_name:
+            return False
+        return self._tell_saved(optuna.Trial(self.study, frozen._trial_id),
+                                self.make_config(frozen.params, run_name, frozen.number))
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self.live.pop(trial_id, None)
         if trial is None:
             return
+        self._tell(trial, result, error)
+
+    @contextlib.contextmanager
+    def heartbeats(self, interval_s: float = HEARTBEAT_INTERVAL_S):
+        """A thread recording a heartbeat for every live trial each `interval_s`, for the body."""
+        stop = threading.Event()
+
+        def run():
+            while not stop.wait(interval_s):
+                try:
+                    beat(self.study, list(self.live.values()))
+                except Exception as error:  # a missed beat is retried; the grace period covers several
+                    log.warning("could not record trial heartbeats: %s", error)
+
+        thread = threading.Thread(target=run, name="optuna-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    def _tell(self, trial: optuna.Trial, result: dict | None, error: bool = False) -> None:
         metrics = dict(result or {})
         if not error:
             try:

@@ -2,12 +2,19 @@
 
 Only the driver process calls into this module: with SQLite, a second writer would corrupt or lock the
 database, so Ray workers return metrics and the driver alone asks and tells.
+
+Which RUNNING trials are stale (left by a stopped driver) is decided by Optuna's heartbeats: the driver
+records one for each trial it runs every HEARTBEAT_INTERVAL_S, and stamps the trial with its host and
+PID. A trial is stale when its heartbeat is older than GRACE_PERIOD_S, when its driver ran on this host
+and that process is gone, or when it carries no stamp (asked before any heartbeat was recorded).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
 import warnings
 
 import optuna
@@ -23,6 +30,10 @@ RUN_NAME_ATTR = "run_name"            # trial user attr: the training run (and M
 OBJECTIVES_ATTR = "objectives"        # study user attr: metric names of the objectives, in order
 REFERENCE_ATTR = "reference"          # study user attr: the same-size transformer's metrics
 PARENT_ATTR = "mlflow_parent_run_id"  # study user attr: the MLflow run the trials nest under
+DRIVER_ATTR = "driver"                # trial user attr: {"host", "pid"} of the driver running the trial
+
+HEARTBEAT_INTERVAL_S = 20   # how often a driver records a heartbeat for each trial it runs
+GRACE_PERIOD_S = 90         # a RUNNING trial whose last heartbeat is older than this is stale
 
 
 def normalise_storage_url(url: str) -> str:
@@ -60,10 +71,15 @@ def make_sampler(search: SearchConfig) -> optuna.samplers.BaseSampler:
     raise ValueError(f"sampler must be nsga2 or tpe, got {search.sampler!r}")
 
 
-def open_study(search: SearchConfig, storage_url: str | None = None) -> optuna.Study:
-    """Create the study, or load it when it exists (same name): a second invocation continues it."""
+def open_study(search: SearchConfig, storage_url: str | None = None, *, heartbeat_interval: int = HEARTBEAT_INTERVAL_S,
+               grace_period: int = GRACE_PERIOD_S) -> optuna.Study:
+    """Create the study, or load it when it exists (same name): a second invocation continues it.
+    Its storage has heartbeats on (see the module docstring)."""
     url = normalise_storage_url(storage_url or search.storage_url())
-    storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
+                                             heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     metrics = search.objectives.metrics
     try:
         study = optuna.create_study(storage=storage, study_name=search.name, sampler=make_sampler(search),
@@ -83,18 +99,66 @@ def open_study(search: SearchConfig, storage_url: str | None = None) -> optuna.S
     return study
 
 
-def recover_stale_trials(study: optuna.Study, param_names: set[str]) -> list[int]:
-    """Trials left RUNNING by a killed driver: marked FAIL and their parameters enqueued again.
+def claim(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Mark `trial` as this driver's: a first heartbeat, then the host and PID stamp."""
+    study._storage.record_heartbeat(trial._trial_id)
+    trial.set_user_attr(DRIVER_ATTR, {"host": socket.gethostname(), "pid": os.getpid()})
+
+
+def beat(study: optuna.Study, trials: list[optuna.Trial]) -> None:
+    """Record a heartbeat for each of `trials` (the driver's live ones)."""
+    for trial in trials:
+        study._storage.record_heartbeat(trial._trial_id)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, someone else's
+    return False
+
+
+def stale_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The RUNNING trials no live driver works on (see the module docstring); the others are left alone."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    # Optuna's own staleness test (what optuna.storages.fail_stale_trials uses), without failing them yet:
+    # a stale trial whose run finished is told its result instead.
+    expired = set(study._storage._get_stale_trial_ids(study._study_id))
+    host, stale = socket.gethostname(), []
+    for trial in running:
+        driver = trial.user_attrs.get(DRIVER_ATTR)
+        if (driver is None or trial._trial_id in expired
+                or (driver.get("host") == host and _process_gone(int(driver.get("pid", 0))))):
+            stale.append(trial)
+        else:
+            log.warning("trial %d is RUNNING under a live driver (pid %s on %s, heartbeat within %s s): left alone",
+                        trial.number, driver.get("pid"), driver.get("host"), GRACE_PERIOD_S)
+    return stale
+
+
+def recover_stale_trials(study: optuna.Study, param_names: set[str], finished=None) -> list[int]:
+    """Stale trials (`stale_trials`) left by a stopped driver: told their result when `finished(trial)`
+    tells them (their run had finished before the driver could), else marked FAIL and their parameters
+    enqueued again. Returns the numbers of the stale trials.
 
     `param_names` are the parameters of one point: a trial killed before all of them were drawn trained
     nothing (training starts from a whole point), so it is only failed. The retry keeps the original run
-    name, so its training resumes from the killed run's checkpoint. Assumes one driver per study at a
-    time (a second live driver's trials would be taken for stale).
-    """
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    name, so its training resumes from the killed run's checkpoint (or is told from the run's saved result
+    when that run finished)."""
+    stale = stale_trials(study)
     for trial in stale:
+        whole = param_names <= set(trial.params)
+        if whole and finished is not None and finished(trial):
+            log.warning("trial %d had finished training when its driver stopped: told from its saved result",
+                        trial.number)
+            continue
         study.tell(trial.number, state=TrialState.FAIL)
-        if not param_names <= set(trial.params):
+        if not whole:
             # Killed between ask and its last suggestion: nothing was trained, the sampler will ask afresh.
             log.warning("trial %d was left RUNNING before its parameters were all drawn (%s): marked FAIL",
                         trial.number, sorted(trial.params))

@@ -16,16 +16,17 @@ from pathlib import Path
 from attamba import costs
 
 from pipeline import schema
-from pipeline.ray import cluster
+from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import durable_path, output_root, tracking_uri
 from pipeline.ray.trainer import is_done, run_trial, worker_config
 from pipeline.study.spec import expand, load_study
 from pipeline.study.timing import timing_summary
-from pipeline.tracking.parent import parent_run
+from pipeline.tracking.parent import is_outage, parent_run
 
 log = logging.getLogger(__name__)
 
 PARENT_ROLE = "parent"   # value of schema.TAG_ROLE on the run a study's trials nest under
+JOURNAL_DIR = "tracking"  # in the study folder: the driver's MLflow calls that waited out an outage
 
 
 def run_study(config_path: str | Path, overrides: list[str] | None = None, address: str | None = None) -> dict:
@@ -39,8 +40,11 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     uri = tracking_uri(tracking.uri) if tracking.enabled else None
     report_dir = durable_path(Path("reports") / study.name, "the report folder") if study.report and uri else None
     tags = {schema.TAG_STUDY: study.name, schema.TAG_ROLE: PARENT_ROLE}
-    with (cluster.ray_session(cluster.resolve_address(address, study.address), study.resources) as session,
-          parent_run(uri, study.name, tags) as parent):
+    folder = Path(study.out_dir).resolve() / study.name
+    # One driver per study folder (a second would train the same runs into the same folders).
+    with (lease.study_lease(folder),
+          cluster.ray_session(cluster.resolve_address(address, study.address), study.resources) as session,
+          parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots
         specs = [dataclasses.replace(s, config=worker_config(s.config, uri, parent.run_id)) for s in specs]
         finished = parent.finished_trials()
@@ -58,7 +62,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             prepare(todo[0].config.data, todo[0].config.model.max_seq_len)  # once, not once per trial
             from pipeline.ray.tune import fit, study_progress
 
-            failures = fit(run_trial, study.resources, Path(study.out_dir).resolve() / study.name / "_ray", "tune",
+            failures = fit(run_trial, study.resources, folder / "_ray", "tune",
                            grid={"run": [s.name for s in todo]}, slots=slots, trial_name=lambda c: c["run"],
                            callbacks=[study_progress(study.name, {s.name: (s.config.train.steps, work[s.name])
                                                                   for s in todo})],
@@ -69,8 +73,16 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     if report_dir is not None:
         from pipeline.report import make_report
 
-        make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
-        print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
+        try:
+            make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
+            print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
+        except Exception as error:  # the runs are trained and kept; only the report waits for MLflow
+            if not is_outage(error):
+                raise
+            log.warning("report not written, MLflow unreachable (%s): once it is back, run `attamba sync "
+                        "%s/...` for each run's journal and `attamba report --experiment %s --out %s`",
+                        error, folder, study.name, report_dir)
+            report_dir = None
     wall = time.perf_counter() - wall_start
     trained = {s.name for s in todo}
     timing = timing_summary([s for s in specs if s.name in trained], wall, slots)

@@ -7,6 +7,10 @@ Layout of a journal directory (one set of files per tracker instance, `<jid>` so
   <jid>.quarantine     lines that are not a readable record (torn by a crash), moved aside with their offset
   <jid>.spool/         copies of logged artifacts, so a later sync still finds them
   <jid>.lock           flock held by the live tracker, so `sync_journal` never races its delivery thread
+The first record ("start") names the run: a new one, `resume_run_id` (a resumed run, set RUNNING again),
+`attach_run_id` (an existing run, status untouched: a driver's tags or end for its parent) or `find_run`
+(a run found by name and parent at delivery: a driver's tags for a child whose own journal may still hold
+its start; delivery waits until that run exists).
 The offset only moves past a record once MLflow accepted all of it. Re-sending a record is harmless:
 metric points carry their original timestamp and MLflow's SQL store drops exact duplicates, params are
 re-sent with the same value, tags and artifacts overwrite themselves.
@@ -62,6 +66,10 @@ def try_lock(path: Path):
         f.close()
         return None
     return f
+
+
+class RunNotDelivered(Exception):
+    """A journal names its run by name and that run is not in MLflow yet: retried later."""
 
 
 class JournalWriter:
@@ -243,7 +251,12 @@ class Delivery:
             return
         self.uri = self.uri or record["uri"]
         c = self._mlflow()
-        if record.get("resume_run_id"):
+        if record.get("attach_run_id"):
+            # A driver's later records for a run that exists (a tag, the parent's end): no status change.
+            run_id = c.get_run(record["attach_run_id"]).info.run_id
+        elif record.get("find_run"):
+            run_id = self._find(record)
+        elif record.get("resume_run_id"):
             run_id = record["resume_run_id"]
             c.get_run(run_id)  # RESOURCE_DOES_NOT_EXIST surfaces here, before anything is logged to it
             c.update_run(run_id, status="RUNNING")
@@ -255,6 +268,17 @@ class Delivery:
             run_id = c.create_run(experiment_id, start_time=record["time"], tags=tags,
                                   run_name=record.get("run_name")).info.run_id
         self.run_id = run_id
+
+    def _find(self, record: dict) -> str:
+        """The run a driver's record names by run name (and parent): created by its own journal, which
+        may not be delivered yet; then this journal waits (retried like an unreachable server)."""
+        name, parent = record["find_run"]["run_name"], record["find_run"].get("parent_run_id")
+        runs = mlflow_client.find_runs(record["experiment"], tags={"mlflow.runName": name}, uri=self.uri,
+                                       parent_run_id=parent)
+        if not runs:
+            raise RunNotDelivered(f"no MLflow run named {name!r} (under parent {parent}) in {self.uri} yet; "
+                                  f"sync that run's own journal first")
+        return runs[0].info.run_id
 
     def _single(self, record: dict) -> None:
         c, op = self._mlflow(), record["op"]

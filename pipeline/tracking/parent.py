@@ -3,6 +3,12 @@
 Study and search drivers go through `parent_run` and `ParentRun` and nothing else of MLflow: open (or
 find again, on resume) the parent, tag a child found by its name, list the finished children, log files
 to the parent, and end it FINISHED, FAILED or KILLED. Without a tracking URI every method does nothing.
+
+An MLflow outage never stops a driver. A call that fails for a reason other than a permanent refusal is
+written to a journal (journal.py's format) in the driver's `journal_dir`, which the next driver run
+delivers first, as does `attamba sync JOURNAL_DIR`: tags for a child (found again by its run name and
+parent when delivered), files and the end status of the parent. A parent that cannot be opened (MLflow
+down at start, and no id kept from an earlier run) leaves the runs unnested; they are still tracked.
 """
 
 from __future__ import annotations
@@ -10,11 +16,25 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 
 from pipeline import schema
+from pipeline.tracking.journal import JournalWriter, new_journal_id, now_ms, sync_journal
 
 log = logging.getLogger(__name__)
+
+
+def _transient(error: BaseException) -> bool:
+    from pipeline.tracking.mlflow_client import is_permanent
+
+    return not is_permanent(error)
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error`, raised by an MLflow call, may pass once the server is back (not a refusal, not a
+    bad input): what a driver waits out instead of stopping."""
+    return not isinstance(error, ValueError) and _transient(error)
 
 
 @dataclasses.dataclass
@@ -23,43 +43,122 @@ class ParentRun:
     experiment: str
     run_id: str | None = None
     failed: bool = False       # set by the driver when trials failed: the run then ends FAILED
+    journal_dir: Path | None = None   # where calls that MLflow could not take wait (see the module docstring)
+
+    def _journal(self, start: dict, records: list[dict], files: list[Path] = ()) -> Path | None:
+        """Write `start` then `records` (and copies of `files`, each an artifact record) to a new journal."""
+        if self.journal_dir is None:
+            return None
+        writer = JournalWriter(Path(self.journal_dir), new_journal_id())
+        try:
+            writer.append({"op": "start", "uri": self.uri, "experiment": self.experiment, "time": now_ms(), **start})
+            for path, artifact_path in files:
+                spool = writer.spool_dir()
+                spool.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, spool / Path(path).name)
+                writer.append({"op": "artifact", "spool": f"{spool.name}/{Path(path).name}",
+                               "artifact_path": artifact_path})
+            for record in records:
+                writer.append(record)
+        finally:
+            writer.close()
+        return Path(self.journal_dir)
+
+    def _deferred(self, what: str, error: BaseException, journal: Path | None) -> None:
+        where = f"journaled in {journal}; `attamba sync {journal}` (or the next run) delivers it" if journal \
+            else "not kept (no journal folder)"
+        log.warning("MLflow unreachable (%s): %s %s", type(error).__name__, what, where)
 
     def tag_child(self, run_name: str | None, tags: dict) -> str | None:
-        """Set `tags` on the child run named `run_name`; returns its id (None when there is none)."""
-        if not (self.run_id and run_name):
+        """Set `tags` on the child run named `run_name`; returns its id (None when there is none or MLflow is
+        unreachable: then the tags are journaled and arrive later)."""
+        if not (self.uri and self.run_id and run_name):
             return None
         from pipeline.tracking.mlflow_client import client, find_runs
 
-        runs = find_runs(self.experiment, tags={"mlflow.runName": run_name}, uri=self.uri, parent_run_id=self.run_id)
-        if not runs:
-            log.warning("no MLflow run named %s under the parent run %s; not tagged", run_name, self.run_id)
+        tags = {key: str(value) for key, value in tags.items()}
+        try:
+            runs = find_runs(self.experiment, tags={"mlflow.runName": run_name}, uri=self.uri,
+                             parent_run_id=self.run_id)
+            if runs:
+                run_id = runs[0].info.run_id
+                c = client(self.uri)
+                for key, value in tags.items():
+                    c.set_tag(run_id, key, value)
+                return run_id
+        except Exception as error:
+            if not _transient(error):
+                raise
+            self._deferred(f"tags {tags} for run {run_name}", error, self._journal(
+                {"find_run": {"run_name": run_name, "parent_run_id": self.run_id}}, [{"op": "tags", "tags": tags}]))
             return None
-        run_id = runs[0].info.run_id
-        c = client(self.uri)
-        for key, value in tags.items():
-            c.set_tag(run_id, key, str(value))
-        return run_id
+        # Not there yet: the run's own journal may still hold its start (MLflow was down when it began).
+        journal = self._journal({"find_run": {"run_name": run_name, "parent_run_id": self.run_id}},
+                                [{"op": "tags", "tags": tags}])
+        log.warning("no MLflow run named %s under the parent run %s yet; its tags are journaled in %s",
+                    run_name, self.run_id, journal)
+        return None
 
     def finished_trials(self) -> set[str]:
-        """The trial tags of the children that finished."""
-        if not self.run_id:
+        """The trial tags of the children that finished (empty when MLflow is unreachable)."""
+        if not (self.uri and self.run_id):
             return set()
         from pipeline.tracking.mlflow_client import find_runs
 
-        return {r.data.tags.get(schema.TAG_TRIAL) for r in find_runs(self.experiment, uri=self.uri,
-                                                                     parent_run_id=self.run_id)
-                if r.info.status == "FINISHED"}
+        try:
+            runs = find_runs(self.experiment, uri=self.uri, parent_run_id=self.run_id)
+        except Exception as error:
+            if not _transient(error):
+                raise
+            log.warning("MLflow unreachable (%s): finished runs are known from their folders only", error)
+            return set()
+        return {r.data.tags.get(schema.TAG_TRIAL) for r in runs if r.info.status == "FINISHED"}
+
+    def finished_child(self, run_name: str) -> dict | None:
+        """The metrics of the FINISHED child run named `run_name`; None when there is none (or MLflow is
+        unreachable)."""
+        if not (self.uri and self.run_id):
+            return None
+        from pipeline.tracking.mlflow_client import find_runs
+
+        try:
+            runs = find_runs(self.experiment, tags={"mlflow.runName": run_name}, uri=self.uri,
+                             parent_run_id=self.run_id)
+        except Exception as error:
+            if not _transient(error):
+                raise
+            log.warning("MLflow unreachable (%s): cannot tell whether run %s finished", error, run_name)
+            return None
+        done = [r for r in runs if r.info.status == "FINISHED"]
+        return dict(done[0].data.metrics) if done else None
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         """Log the files among `paths` that exist."""
-        if not self.run_id:
+        if not (self.uri and self.run_id):
             return
         from pipeline.tracking.mlflow_client import client
 
-        c = client(self.uri)
-        for path in paths:
-            if Path(path).is_file():
+        paths = [Path(p) for p in paths if Path(p).is_file()]
+        try:
+            c = client(self.uri)
+            for path in paths:
                 c.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
+        except Exception as error:
+            if not _transient(error):
+                raise
+            self._deferred(f"files {[p.name for p in paths]}", error,
+                           self._journal({"attach_run_id": self.run_id}, [], [(p, artifact_path) for p in paths]))
+
+    def end(self, status: str) -> None:
+        from pipeline.tracking.mlflow_client import end_run
+
+        try:
+            end_run(self.run_id, status, uri=self.uri)
+        except Exception as error:
+            if not _transient(error):
+                raise
+            self._deferred(f"the parent run's end ({status})", error, self._journal(
+                {"attach_run_id": self.run_id}, [{"op": "finish", "status": status, "time": now_ms()}]))
 
 
 def open_parent(uri: str, experiment: str, tags: dict, run_id: str | None = None, find: bool = True) -> str:
@@ -76,16 +175,45 @@ def open_parent(uri: str, experiment: str, tags: dict, run_id: str | None = None
         try:
             client(uri).update_run(run_id, status="RUNNING")
             return run_id
-        except MlflowException:
+        except MlflowException as error:
+            if _transient(error):
+                raise
             log.warning("MLflow run %s is not in %s; starting a new parent run", run_id, uri)
     return start_parent_run(experiment, experiment, tags=tags, uri=uri)
 
 
+def deliver_journals(journal_dir: Path | None) -> None:
+    """Deliver what an earlier driver run journaled, when MLflow takes it now (never raises)."""
+    if journal_dir is None or not Path(journal_dir).is_dir():
+        return
+    try:
+        counts = sync_journal(journal_dir)
+    except Exception as error:
+        log.warning("could not deliver the journals in %s: %s", journal_dir, error)
+        return
+    if counts["journals"]:
+        log.warning("driver journals in %s: %s", journal_dir, counts)
+
+
 @contextlib.contextmanager
-def parent_run(uri: str | None, experiment: str, tags: dict, run_id: str | None = None, find: bool = True):
+def parent_run(uri: str | None, experiment: str, tags: dict, run_id: str | None = None, find: bool = True,
+               journal_dir: Path | None = None):
     """A `ParentRun` opened by `open_parent` (a no-op one when `uri` is None). On exit it ends FINISHED,
-    FAILED (an error, or `failed` set by the body) or KILLED (Ctrl-C)."""
-    parent = ParentRun(uri, experiment, open_parent(uri, experiment, tags, run_id, find) if uri else None)
+    FAILED (an error, or `failed` set by the body) or KILLED (Ctrl-C). With MLflow unreachable it keeps
+    `run_id` (the runs still nest under it once delivered) or, without one, tracks no parent."""
+    opened = None
+    if uri:
+        deliver_journals(journal_dir)
+        try:
+            opened = open_parent(uri, experiment, tags, run_id, find)
+        except Exception as error:
+            if not _transient(error):
+                raise
+            opened = run_id
+            log.warning("MLflow unreachable at %s (%s): %s", uri, type(error).__name__,
+                        f"runs nest under the earlier parent run {run_id}" if run_id else
+                        "this driver tracks no parent run (its runs are still tracked)")
+    parent = ParentRun(uri, experiment, opened, journal_dir=journal_dir)
     status = "FAILED"
     try:
         yield parent
@@ -95,6 +223,4 @@ def parent_run(uri: str | None, experiment: str, tags: dict, run_id: str | None 
         raise
     finally:
         if parent.run_id is not None:
-            from pipeline.tracking.mlflow_client import end_run
-
-            end_run(parent.run_id, status, uri=uri)
+            parent.end(status)

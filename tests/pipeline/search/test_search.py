@@ -309,12 +309,20 @@ def test_killed_search_resumes_without_losing_or_duplicating_trials(search_env):
     assert len(after) == 4, "the total must reach n_trials, no more"
     assert all(after[n] == v for n, v in before.items()), "completed trials are kept as they were"
     failed = [t.number for t in study.get_trials(states=(TrialState.FAIL,))]
-    assert sorted(failed) == sorted(running), "only the trials the killed driver left RUNNING are failed"
+    # A trial left RUNNING whose run had finished (killed between its end and its tell) is told that run's
+    # result, not trained again; every other one left RUNNING is failed.
+    told = [n for n in running if study.trials[n].state == TrialState.COMPLETE]
+    for n in told:
+        run = search_env / "searches" / "smoke" / "trials" / study.trials[n].user_attrs["run_name"]
+        assert (run / "study_done.json").is_file()
+        assert [json.loads(line)["event"] for line in (run / "study_attempts.jsonl").read_text().splitlines()
+                ].count("train") == 1, "trained once"
+    assert sorted(failed + told) == sorted(running), "only the trials the killed driver left RUNNING are failed"
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
     retries = {t.user_attrs["retry_of"]: t for t in study.get_trials() if "retry_of" in t.user_attrs}
     # A trial killed before all its parameters were drawn trained nothing: it is failed, not retried.
     names = param_names(load_search(SMOKE).space)
-    assert set(retries) == {n for n in running if names <= set(study.trials[n].params)}
+    assert set(retries) == {n for n in failed if names <= set(study.trials[n].params)}
     for number, retry in retries.items():
         assert retry.params == study.trials[number].params
     trained = [t.user_attrs["run_name"] for t in study.get_trials(states=(TrialState.COMPLETE,))
