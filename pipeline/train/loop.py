@@ -189,10 +189,10 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, resume: b
         raise ValueError(f"train() needs a RunConfig, got {type(cfg).__name__}; build one with load_run_config")
     cfg = run_config_from_dict(cfg.to_dict())  # re-checks every field's type, also for configs built in code
     with lock.run_folder(cfg.train.out_dir):  # one writer per run folder: a second train() fails at once
-        return _train(cfg, tracker=tracker, on_eval=on_eval, resume=resume)
+        return _train(cfg, tracker=tracker, on_eval=on_eval, on_step=on_step, resume=resume)
 
 
-def _train(cfg: RunConfig, *, tracker, on_eval, resume: bool) -> dict:
+def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     if t.precision == "bf16" and device.type == "cpu" and t.zero_stage == 0:
