@@ -356,6 +356,31 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
                                  "report": str(tmp_path / "reports" / "smoke"),
                                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     assert (tmp_path / "reports" / "smoke" / "report.html").is_file()
+    _assert_the_answer_is_in_mlflow(tmp_path, load_study(SMOKE, ["report=true"]))
+
+
+def _assert_the_answer_is_in_mlflow(tmp_path: Path, study) -> None:
+    """The parent run holds the study's params, its resolved config and the report; every run carries the
+    code version and its short name; the experiment opens in MLflow's model-training view."""
+    from mlflow import MlflowClient
+
+    from pipeline.study.driver import study_params
+    from pipeline.tracking.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from pipeline.tracking.version import code_version
+
+    (parent,), children = _mlflow_children(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    specs = expand(study)
+    assert parent.data.params == {k: str(v) for k, v in study_params(study, specs).items()}
+    assert parent.data.params["sizes"] == "micro" and parent.data.params["resources.workers"] == "1"
+    config = client.download_artifacts(parent.info.run_id, "study/study.yaml", str(tmp_path / "back"))
+    assert yaml.safe_load(Path(config).read_text())["name"] == "smoke"
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/summary.md", "report/fits.json"} <= report
+    assert client.get_experiment_by_name("smoke").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert {r.info.run_name for r in children} == {s.config.tracking.run_name for s in specs}
+    for run in [parent, *children]:
+        assert run.data.tags[schema.TAG_CODE_VERSION] == code_version()
 
 
 def _default_sigint():
