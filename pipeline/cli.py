@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
 import sys
 from pathlib import Path
 
@@ -17,8 +19,21 @@ EPILOG = """examples:
 """
 
 
+def _finite(value):
+    """`value` with every NaN or infinite float (numpy's too) replaced by None, for strict JSON."""
+    if isinstance(value, dict):
+        return {key: _finite(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):  # numpy floats too
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    """Strict JSON on stdout (no NaN or Infinity, which `json.loads` of other languages refuses): a
+    non-finite number is printed as null."""
+    print(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
 
 
 def cmd_train(args) -> int:

@@ -16,6 +16,8 @@ TAG_BOUNDARIES = "boundaries"      # uniform | cyclic | cyclic_released | random
 TAG_SEED = "seed"
 TAG_OPTUNA_TRIAL = "optuna_trial"  # Optuna trial number, on runs made by a search
 TAG_STATUS = "run_status"          # finished | failed | running
+TAG_CODE_VERSION = "code_version"  # git commit of the checkout ("-dirty" if modified), else the package
+                                   # version; on training runs and on the runs they nest under
 TAG_ROLE = "study_role"            # "parent" / "search" on the run a study's or search's runs nest under;
                                    # "reference" on a search's transformer reference run
 CONTAINER_ROLES = ("parent", "search")  # roles of runs that hold other runs, not results

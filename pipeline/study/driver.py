@@ -2,7 +2,8 @@
 
 Everything that can be wrong with the study (presets, P, resources against the cluster) fails before the
 first trial. Runs that finished earlier (marker in their out_dir, or a FINISHED MLflow child run) are
-skipped, so running the same command after an interruption trains only what is missing.
+skipped, so running the same command after an interruption trains only what is missing. The parent run
+holds the study's key parameters (`study_params`), its resolved config (study.yaml) and the report.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 from attamba import costs
 
 from pipeline import schema
+from pipeline.config import dump_yaml
 from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import durable_path, output_root, tracking_uri
 from pipeline.ray.trainer import is_done, run_trial, worker_config
-from pipeline.study.spec import expand, load_study
+from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
 from pipeline.study.timing import timing_summary
 from pipeline.tracking.parent import is_outage, parent_run
 
@@ -27,6 +29,21 @@ log = logging.getLogger(__name__)
 
 PARENT_ROLE = "parent"   # value of schema.TAG_ROLE on the run a study's trials nest under
 JOURNAL_DIR = "tracking"  # in the study folder: the driver's MLflow calls that waited out an outage
+STUDY_FILE = "study.yaml"  # in the study folder and on the parent run: the study as resolved
+
+
+def study_params(study: StudyConfig, specs: list[RunSpec]) -> dict:
+    """The parent run's params: what the study varies and what each run gets."""
+    tokens = study.tokens
+    params = {"runs": len(specs), "sizes": ",".join(study.sizes),
+              "variants": ",".join(dict.fromkeys(s.variant for s in specs)),
+              "seeds": ",".join(map(str, study.seeds)), "tokens.rule": tokens.rule,
+              "tokens.budgets": ",".join(map(str, tokens.budgets)),
+              "tokens.per_run_min": min(s.tokens for s in specs), "tokens.per_run_max": max(s.tokens for s in specs)}
+    params.update({"tokens.tokens": tokens.tokens} if tokens.rule == "fixed" else
+                  {"tokens.tokens_per_param": tokens.tokens_per_param})
+    params.update({f"resources.{k}": v for k, v in dataclasses.asdict(study.resources).items()})
+    return params
 
 
 def run_study(config_path: str | Path, overrides: list[str] | None = None, address: str | None = None) -> dict:
@@ -46,6 +63,9 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
           cluster.ray_session(cluster.resolve_address(address, study.address), study.resources) as session,
           parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots
+        (folder / STUDY_FILE).write_text(dump_yaml(study))
+        parent.log_params(study_params(study, specs))
+        parent.log_artifacts([folder / STUDY_FILE], "study")
         specs = [dataclasses.replace(s, config=worker_config(s.config, uri, parent.run_id)) for s in specs]
         finished = parent.finished_trials()
         todo = [s for s in specs if not is_done(s.out_dir) and s.name not in finished]
@@ -74,7 +94,8 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         from pipeline.report import make_report
 
         try:
-            make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
+            report = make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
+            parent.log_artifacts(list(report.files.values()), "report")  # beside the runs, in the MLflow UI
             print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
         except Exception as error:  # the runs are trained and kept; only the report waits for MLflow
             if not is_outage(error):

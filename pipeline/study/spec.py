@@ -142,6 +142,39 @@ def _run_name(size: str, variant: dict, model_variant: str, seed: int, tokens: i
     return f"{size}__{label}__s{seed}__D{tokens}"
 
 
+BOUNDARY_ABBREVIATIONS = {"uniform": "uni", "cyclic": "cyc", "cyclic_released": "cycr", "random": "rnd"}
+ISO_ABBREVIATIONS = {"iso_kv": "isokv", "iso_flop": "isoflop"}
+DISPLAY_NAME_MAX = 32   # what the MLflow UI's run-name column shows in full
+
+
+def _tokens_label(tokens: int) -> str:
+    """3 significant digits with a unit: 1310720 -> '1.31M'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if tokens >= scale:
+            return f"{tokens / scale:.3g}{unit}"
+    return str(tokens)
+
+
+def _display_name(study: StudyConfig, size: str, variant: dict, seed: int, tokens: int) -> str:
+    """The run's MLflow run name: size, variant, P and L within a column's width, e.g. 'tiny-P8-L32-s0',
+    'tiny-isokv-P8-L32-s0', 'tiny-full-s1'; the boundaries ('-cyc') only when the study has several, the
+    token count ('-D2.1M') only when it has several budgets. The run's name (`_run_name`, also its tag
+    schema.TAG_TRIAL) stays the key of its folder and of resume."""
+    attention = variant["attention"]
+    attamba = variant.get("of", variant)
+    if attention in ("attamba", *ISO_ABBREVIATIONS):
+        label = f"P{attamba['chunk_size']}-L{attamba['leading_tokens']}"
+        if len(study.attamba.boundaries) > 1:
+            label += f"-{BOUNDARY_ABBREVIATIONS.get(attamba['boundaries'], attamba['boundaries'])}"
+        if attention in ISO_ABBREVIATIONS:
+            label = f"{ISO_ABBREVIATIONS[attention]}-{label}"
+    elif attention == "swa":
+        label = f"swa-W{variant['window']}"
+    else:
+        label = attention
+    return f"{size}-{label}-s{seed}" + (f"-D{_tokens_label(tokens)}" if len(study.tokens.budgets) > 1 else "")
+
+
 def expand(study: StudyConfig) -> list[RunSpec]:
     """All runs of the study, in a stable order (sizes, then variants, then budgets, then seeds)."""
     specs = []
@@ -165,7 +198,7 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                                          out_dir=str(Path(study.out_dir) / study.name / name),
                                          study=study.name, trial=name)  # the run's study and trial tags
                     data["tracking"]["experiment"] = study.name
-                    data["tracking"]["run_name"] = name
+                    data["tracking"]["run_name"] = _display_name(study, size, variant, seed, steps * tokens_per_step)
                     specs.append(RunSpec(name, size, run.model.variant() if "of" not in variant else
                                          name.split("__")[1], seed, steps * tokens_per_step,
                                          run_config_from_dict(data)))
@@ -174,4 +207,9 @@ def expand(study: StudyConfig) -> list[RunSpec]:
     if repeated:
         raise ValueError(f"the study lists the same run more than once ({', '.join(repeated)}); remove the "
                          f"repeated entries from sizes, attamba or tokens.budgets")
+    shown = [s.config.tracking.run_name for s in specs]
+    alike = sorted({n for n in shown if shown.count(n) > 1})
+    if alike:  # the names differ only past 3 significant digits of the token count
+        raise ValueError(f"tokens.budgets={list(study.tokens.budgets)} gives runs whose token counts agree to 3 "
+                         f"digits ({', '.join(alike)}); make the budgets differ by at least 1%")
     return specs

@@ -13,6 +13,10 @@ from pathlib import Path
 from pipeline.tracking.config import check_status, resolve_uri
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts); tagged
+# "custom_model_development" it opens in the model-training view (runs, metrics, charts).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 # MLflow's own HTTP retries default to 7 with exponential backoff: a dead server then holds each call for
 # minutes. The journal's delivery thread does its own retrying, so each request should fail fast.
@@ -56,18 +60,22 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
 
 
 def ensure_experiment(mlflow_client, uri: str, name: str) -> str:
-    """Experiment id of `name`, created if missing (tolerating a concurrent creator)."""
+    """Experiment id of `name`, created if missing (tolerating a concurrent creator), tagged with
+    EXPERIMENT_KIND (an existing experiment without the tag gets it too)."""
     from mlflow.exceptions import MlflowException
 
     found = mlflow_client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=default_artifact_location(uri, name))
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return mlflow_client.get_experiment_by_name(name).experiment_id
+    if found is None:
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=default_artifact_location(uri, name),
+                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = mlflow_client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def start_parent_run(experiment: str, name: str, tags: Mapping[str, str] | None = None,

@@ -1,8 +1,8 @@
 """The driver's side of tracking: the parent run a study's or search's runs nest under.
 
 Study and search drivers go through `parent_run` and `ParentRun` and nothing else of MLflow: open (or
-find again, on resume) the parent, tag a child found by its name, list the finished children, log files
-to the parent, and end it FINISHED, FAILED or KILLED. Without a tracking URI every method does nothing.
+find again, on resume) the parent, tag a child found by its name, list the finished children, log params
+and files to the parent, and end it FINISHED, FAILED or KILLED. Without a tracking URI every method does nothing.
 
 An MLflow outage never stops a driver. A call that fails for a reason other than a permanent refusal is
 written to a journal (journal.py's format) in the driver's `journal_dir`, which the next driver run
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline import schema
 from pipeline.tracking.journal import JournalWriter, new_journal_id, now_ms, sync_journal
+from pipeline.tracking.version import code_version
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,26 @@ class ParentRun:
         done = [r for r in runs if r.info.status == "FINISHED"]
         return dict(done[0].data.metrics) if done else None
 
+    def log_params(self, params: dict) -> None:
+        """Log `params` (values as strings) on the parent. A param the run already holds with another
+        value (a resumed study run with different overrides) stays as it was, with a warning."""
+        if not (self.uri and self.run_id):
+            return
+        from mlflow.entities import Param
+
+        from pipeline.tracking.mlflow_client import client
+
+        params = {key: str(value) for key, value in params.items()}
+        try:
+            client(self.uri).log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
+        except Exception as error:
+            if _transient(error):
+                self._deferred(f"params {sorted(params)}", error, self._journal(
+                    {"attach_run_id": self.run_id}, [{"op": "params", "params": params}]))
+            else:
+                log.warning("MLflow kept the parent run %s's earlier params (%s); this driver's are %s",
+                            self.run_id, error, params)
+
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         """Log the files among `paths` that exist."""
         if not (self.uri and self.run_id):
@@ -163,23 +184,27 @@ class ParentRun:
 
 def open_parent(uri: str, experiment: str, tags: dict, run_id: str | None = None, find: bool = True) -> str:
     """The id of a RUNNING parent run named `experiment`: `run_id` when given and still in the store, else
-    (with `find`) the oldest run of the experiment carrying `tags`, else a new run with `tags`."""
+    (with `find`) the oldest run of the experiment carrying `tags`, else a new run with `tags`. Either way
+    it carries the code version of this driver (schema.TAG_CODE_VERSION)."""
     from mlflow.exceptions import MlflowException
 
     from pipeline.tracking.mlflow_client import client, find_runs, start_parent_run
 
+    version = code_version()
     if run_id is None and find:
         found = find_runs(experiment, tags=tags, uri=uri)
         run_id = found[-1].info.run_id if found else None  # the oldest, should there ever be two
     if run_id:
         try:
-            client(uri).update_run(run_id, status="RUNNING")
+            c = client(uri)
+            c.update_run(run_id, status="RUNNING")
+            c.set_tag(run_id, schema.TAG_CODE_VERSION, version)  # the code that resumed it
             return run_id
         except MlflowException as error:
             if _transient(error):
                 raise
             log.warning("MLflow run %s is not in %s; starting a new parent run", run_id, uri)
-    return start_parent_run(experiment, experiment, tags=tags, uri=uri)
+    return start_parent_run(experiment, experiment, tags={**tags, schema.TAG_CODE_VERSION: version}, uri=uri)
 
 
 def deliver_journals(journal_dir: Path | None) -> None:

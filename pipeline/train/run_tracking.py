@@ -10,6 +10,7 @@ from attamba import costs
 from pipeline import schema
 from pipeline.config import RunConfig
 from pipeline.tracking.tracker import NoopTracker, Tracker, log_config, make_tracker
+from pipeline.tracking.version import code_version
 
 RUN_ID_FILE = "mlflow_run_id"
 
@@ -31,6 +32,7 @@ def run_tags(cfg: RunConfig) -> dict[str, str]:
         schema.TAG_LEADING: str(m.leading_tokens) if attamba else "",
         schema.TAG_BOUNDARIES: m.boundaries if attamba else "",
         schema.TAG_SEED: str(cfg.train.seed), schema.TAG_STATUS: "running",
+        schema.TAG_CODE_VERSION: code_version(),
     }
     if cfg.train.study:
         tags[schema.TAG_STUDY] = cfg.train.study

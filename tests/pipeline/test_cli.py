@@ -89,3 +89,18 @@ def test_generate_help_and_readme_say_sampling_not_greedy():
     assert "(default: 0.8)" in text and "0 picks the most likely token (greedy)" in text
     row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `attamba generate"))
     assert "temperature 0.8" in row and "--temperature 0" in row
+
+
+def test_printed_json_is_strict_with_null_for_nan_and_infinity(capsys):
+    import numpy as np
+
+    from pipeline.cli import _print_json
+
+    _print_json({"loss": float("nan"), "timing": {"rates": [1.5, float("inf"), -float("inf")]},
+                 "np": np.float32("nan"), "np_ok": np.float64(2.0), "steps": 3, "name": "s", "path": Path("/x"),
+                 "tuple": (np.float16("inf"), None)})
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    strict = json.loads(out, parse_constant=lambda name: pytest.fail(f"non-strict constant {name}"))
+    assert strict == {"loss": None, "timing": {"rates": [1.5, None, None]}, "np": None, "np_ok": 2.0, "steps": 3,
+                      "name": "s", "path": "/x", "tuple": [None, None]}

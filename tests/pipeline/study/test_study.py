@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,7 +24,7 @@ import yaml
 from pipeline import schema
 from pipeline.ray.cluster import TRIAL_CPU, check_resources, trainable_resources, trial_slots
 from pipeline.ray.trainer import DONE_FILE, read_attempts
-from pipeline.study.spec import Resources, expand, load_study
+from pipeline.study.spec import DISPLAY_NAME_MAX, Resources, expand, load_study
 from tests.conftest import REPO_ROOT as REPO
 
 SMOKE = REPO / "configs" / "studies" / "smoke.yaml"
@@ -63,9 +64,40 @@ def test_expand_is_pure_deterministic_and_names_are_unique(name):
         assert spec.name.startswith(f"{spec.size}__") and f"__s{spec.seed}__" in spec.name
         assert spec.name.endswith(f"__D{spec.tokens}")
         assert spec.out_dir == Path(study.out_dir) / study.name / spec.name
-        assert spec.config.tracking.run_name == spec.name and spec.config.tracking.experiment == study.name
+        assert spec.config.tracking.experiment == study.name and spec.config.train.trial == spec.name
         if spec.config.model.attention == "attamba":
             assert f"P{spec.config.model.chunk_size}-L{spec.config.model.leading_tokens}" in spec.name
+
+
+@pytest.mark.parametrize("path", sorted(STUDIES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_mlflow_run_names_are_short_unique_and_show_size_p_and_l(path):
+    specs = expand(load_study(path))
+    shown = [s.config.tracking.run_name for s in specs]
+    assert len(set(shown)) == len(specs)
+    for spec, name in zip(specs, shown):
+        assert len(name) <= DISPLAY_NAME_MAX, name
+        assert name.startswith(f"{spec.size}-") and f"-s{spec.seed}" in name
+        kind = spec.variant.split("-")[0]     # attamba-P4-L16-cyclic, iso_kv-P4-L16-cyclic, full, swa-W17
+        if kind != "attamba":
+            assert f"-{kind.replace('_', '')}-" in name
+        p_and_l = re.search(r"-P\d+-L\d+-", spec.variant)
+        assert p_and_l is None or p_and_l.group() in name
+        assert spec.out_dir.name == spec.name != name   # the folder keeps the full name
+
+
+def test_mlflow_run_names_tell_boundaries_iso_baselines_and_budgets_apart(tmp_path):
+    path = _study_file(tmp_path, attamba={"chunk_size": [4, 8], "leading_tokens": [4],
+                                          "boundaries": ["cyclic", "uniform"]},
+                       baselines=["full", "swa", "iso_kv", "iso_flop"], seeds=[0, 1],
+                       tokens={"rule": "fixed", "tokens": 100_000, "budgets": [1.0, 2.0]})
+    specs = expand(load_study(path))
+    shown = {s.config.tracking.run_name for s in specs}
+    assert len(shown) == len(specs) == (1 + 1 + 4 + 4 + 4) * 2 * 2
+    assert max(map(len, shown)) <= DISPLAY_NAME_MAX
+    assert {"micro-P4-L4-cyc-s0-D100k", "micro-isokv-P8-L4-uni-s1-D200k", "micro-swa-W5-s0-D100k"} <= shown, \
+        sorted(shown)
+    with pytest.raises(ValueError, match=r"tokens.budgets.*1%"):
+        expand(load_study(path, ["tokens.budgets=[1.0, 1.001]"]))
 
 
 def test_quickstart_is_three_sizes_by_three_variants():
@@ -324,6 +356,31 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
                                  "report": str(tmp_path / "reports" / "smoke"),
                                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     assert (tmp_path / "reports" / "smoke" / "report.html").is_file()
+    _assert_the_answer_is_in_mlflow(tmp_path, load_study(SMOKE, ["report=true"]))
+
+
+def _assert_the_answer_is_in_mlflow(tmp_path: Path, study) -> None:
+    """The parent run holds the study's params, its resolved config and the report; every run carries the
+    code version and its short name; the experiment opens in MLflow's model-training view."""
+    from mlflow import MlflowClient
+
+    from pipeline.study.driver import study_params
+    from pipeline.tracking.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from pipeline.tracking.version import code_version
+
+    (parent,), children = _mlflow_children(tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    specs = expand(study)
+    assert parent.data.params == {k: str(v) for k, v in study_params(study, specs).items()}
+    assert parent.data.params["sizes"] == "micro" and parent.data.params["resources.workers"] == "1"
+    config = client.download_artifacts(parent.info.run_id, "study/study.yaml", str(tmp_path / "back"))
+    assert yaml.safe_load(Path(config).read_text())["name"] == "smoke"
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/summary.md", "report/fits.json"} <= report
+    assert client.get_experiment_by_name("smoke").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert {r.info.run_name for r in children} == {s.config.tracking.run_name for s in specs}
+    for run in [parent, *children]:
+        assert run.data.tags[schema.TAG_CODE_VERSION] == code_version()
 
 
 def _default_sigint():

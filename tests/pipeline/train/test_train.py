@@ -329,3 +329,20 @@ def test_on_step_reports_every_log_every_steps_with_the_logged_loss_and_speed(en
     for step, metrics in seen:
         assert metrics[schema.M_LOSS] == rows[step][schema.M_LOSS]
         assert metrics[schema.M_TOKENS_PER_S] == rows[step][schema.M_TOKENS_PER_S] > 0
+
+
+def test_a_tracked_run_records_the_code_version_in_an_experiment_the_ui_opens_for_training(env):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from pipeline.tracking.version import code_version
+
+    cfg = load_run_config(None, tiny(env / "run", "train.steps=2", "train.eval_every=0", "train.ckpt_every=0",
+                                     "tracking.enabled=true", "tracking.experiment=versioned"))
+    out = train(cfg)
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    version = client.get_run(out["run_id"]).data.tags[schema.TAG_CODE_VERSION]
+    assert version == code_version() and version.split("-")[0] == sha
+    assert client.get_experiment_by_name("versioned").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
