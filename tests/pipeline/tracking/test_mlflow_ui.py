@@ -3,34 +3,17 @@ carry the code version, and a parent run holds the params and files a driver log
 
 import subprocess
 
-import pytest
-
 from pipeline import schema
 from pipeline.tracking.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
 from pipeline.tracking.parent import parent_run
 from pipeline.tracking.tracker import MlflowTracker, TrackingConfig
 from pipeline.tracking.version import code_version
 from tests.conftest import REPO_ROOT
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow_ui")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    from mlflow import MlflowClient
-
-    MlflowClient(uri).search_experiments()  # runs the migrations once
-    return uri
-
-
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
+from tests.pipeline.tracking.conftest import mlflow_client
 
 
 def _kind(uri, name):
-    return _client(uri).get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
+    return mlflow_client(uri).get_experiment_by_name(name).tags.get(EXPERIMENT_KIND_TAG)
 
 
 def test_experiments_made_by_runs_and_parents_open_in_the_training_view(store, tmp_path):
@@ -45,7 +28,7 @@ def test_experiments_made_by_runs_and_parents_open_in_the_training_view(store, t
 
 
 def test_an_existing_untagged_experiment_gets_the_kind_tag(store):
-    c = _client(store)
+    c = mlflow_client(store)
     experiment_id = c.create_experiment("kind-old")
     assert _kind(store, "kind-old") is None
     assert ensure_experiment(c, store, "kind-old") == experiment_id
@@ -73,7 +56,7 @@ def test_parent_run_holds_params_files_and_code_version(store, tmp_path):
     # After the run ended, as the study driver does once the report is written.
     parent.log_artifacts([report / n for n in ("report.html", "summary.md", "fits.json", "missing.json")],
                          "report")
-    c = _client(store)
+    c = mlflow_client(store)
     run = c.get_run(parent.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == {"sizes": "tiny,s60m", "seeds": "0,1"}
@@ -93,5 +76,5 @@ def test_a_resumed_parent_keeps_its_params_and_warns_on_a_changed_one(store, cap
         second.log_params({"seeds": "0"})       # the same value again: accepted
         second.log_params({"seeds": "0,1"})     # refused by MLflow: the run keeps its value
     assert second.run_id == first.run_id
-    assert _client(store).get_run(first.run_id).data.params == {"seeds": "0"}
+    assert mlflow_client(store).get_run(first.run_id).data.params == {"seeds": "0"}
     assert "kept the parent run" in caplog.text

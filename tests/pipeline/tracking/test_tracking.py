@@ -16,23 +16,7 @@ from pipeline.tracking.tracker import (
     PARENT_RUN_TAG, MlflowTracker, NoopTracker, TrackingConfig, end_run, find_runs, flatten_config,
     log_config, make_tracker, resolve_uri, start_parent_run, sync_journal,
 )
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One SQLite store for the module: creating its schema costs a few seconds."""
-    root = tmp_path_factory.mktemp("mlflow_sqlite")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    from mlflow import MlflowClient
-
-    MlflowClient(uri).search_experiments()  # runs the migrations once
-    return uri
-
-
-def _client(uri):
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
+from tests.pipeline.tracking.conftest import mlflow_client
 
 
 def _history(client, run_id, key):
@@ -121,7 +105,7 @@ def test_everything_logged_is_read_back(store, tmp_path):
         t.log_artifact(artifact, artifact_path="files")
         artifact.write_text("changed after logging\n")  # the journal keeps the logged copy
         t.log_text("some notes", "notes/readme.md")
-    client = _client(store)
+    client = mlflow_client(store)
     run = client.get_run(t.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "r1"
     params = run.data.params
@@ -159,9 +143,9 @@ def test_a_run_logs_its_config_yaml_once(store, tmp_path):
     logged = [r for r in records if (r["op"] == "text" and r["name"] == "config.yaml")
               or (r["op"] == "artifact" and Path(r["spool"]).name == "config.yaml")]
     assert len(logged) == 1, logged
-    root = Path(_client(store).download_artifacts(t.run_id, "", str(tmp_path / "dl")))
+    root = Path(mlflow_client(store).download_artifacts(t.run_id, "", str(tmp_path / "dl")))
     assert (root / "config.yaml").read_text() == path.read_text()
-    assert _client(store).get_run(t.run_id).data.params["model.dim"] == str(cfg.model.dim)
+    assert mlflow_client(store).get_run(t.run_id).data.params["model.dim"] == str(cfg.model.dim)
     with pytest.raises(ValueError, match="log_config path must name a config.yaml file"):
         log_config(NoopTracker(), {}, tmp_path / "other.yaml")
 
@@ -172,7 +156,7 @@ def test_nested_run_and_find_runs(store, tmp_path):
     with MlflowTracker(config, journal_dir=tmp_path, tags={"trial": "t1"}) as t:
         t.log_metrics({"val/loss": 2.5}, step=10)
     end_run(parent, "FINISHED", uri=store)
-    client = _client(store)
+    client = mlflow_client(store)
     assert client.get_run(t.run_id).data.tags[PARENT_RUN_TAG] == parent
     assert client.get_run(parent).info.status == "FINISHED"
     children = find_runs("nested", uri=store, parent_run_id=parent)
@@ -192,7 +176,7 @@ def test_resume_continues_the_same_run(store, tmp_path):
     resumed = MlflowTracker(TrackingConfig(uri=store, experiment="resume", resume_run_id=first.run_id),
                             journal_dir=tmp_path)
     assert resumed.run_id == first.run_id
-    assert _client(store).get_run(first.run_id).info.status == "RUNNING"
+    assert mlflow_client(store).get_run(first.run_id).info.status == "RUNNING"
     resumed.log_params({"a": 2})  # MLflow refuses a changed param for good; it must not block the rest
     for step in range(3, 6):
         resumed.log_metrics({"train/loss": float(step)}, step=step)
@@ -200,7 +184,7 @@ def test_resume_continues_the_same_run(store, tmp_path):
     assert resumed.pending() == 0
     (rejected,) = tmp_path.glob("*.rejected.jsonl")
     assert [(r["key"], r["value"]) for r in map(json.loads, rejected.read_text().splitlines())] == [("a", "2")]
-    client = _client(store)
+    client = mlflow_client(store)
     assert _history(client, first.run_id, "train/loss") == [(s, float(s)) for s in range(6)]
     assert client.get_run(first.run_id).info.status == "FINISHED"
     assert len(find_runs("resume", uri=store)) == 1
@@ -213,9 +197,9 @@ def test_exception_marks_the_run_failed(store, tmp_path):
         with make_tracker(TrackingConfig(uri=store, experiment="fail"), journal_dir=tmp_path) as t:
             t.log_metrics({"train/loss": 1.0}, step=0)
             raise RuntimeError("boom")
-    run = _client(store).get_run(t.run_id)
+    run = mlflow_client(store).get_run(t.run_id)
     assert run.info.status == "FAILED"
-    assert _history(_client(store), t.run_id, "train/loss") == [(0, 1.0)]
+    assert _history(mlflow_client(store), t.run_id, "train/loss") == [(0, 1.0)]
 
 
 def test_resending_a_delivered_journal_adds_no_duplicates(store, tmp_path):
@@ -229,7 +213,7 @@ def test_resending_a_delivered_journal_adds_no_duplicates(store, tmp_path):
     state_path.write_text(json.dumps({**state, "offset": 0}))
     counts = sync_journal(tmp_path)
     assert counts["delivered"] == 7 and counts["pending"] == 0 and counts["rejected"] == 0
-    assert _history(_client(store), t.run_id, "m") == [(s, s * 1.5) for s in range(4)]
+    assert _history(mlflow_client(store), t.run_id, "m") == [(s, s * 1.5) for s in range(4)]
     assert sync_journal(tmp_path)["delivered"] == 0
 
 
@@ -237,7 +221,7 @@ def test_system_metrics_are_journaled(store, tmp_path):
     config = TrackingConfig(uri=store, experiment="sys", system_metrics=True, system_metrics_interval_s=0.2)
     with MlflowTracker(config, journal_dir=tmp_path) as t:
         time.sleep(1.0)
-    history = _client(store).get_metric_history(t.run_id, "system/cpu_utilization_percentage")
+    history = mlflow_client(store).get_metric_history(t.run_id, "system/cpu_utilization_percentage")
     assert len(history) >= 2
     assert all(0.0 <= m.value <= 100.0 for m in history)
 
@@ -326,7 +310,7 @@ def test_server_killed_mid_run_loses_nothing(server, tmp_path):
     tracker.finish()
     assert max(timings) < 0.5, f"a log call blocked for {max(timings):.3f} s"
     assert tracker.pending() == 0
-    client = _client(server.uri)
+    client = mlflow_client(server.uri)
     assert _history(client, tracker.run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(70)]
     assert _history(client, tracker.run_id, "train/step_sq") == [(s, float(s * s)) for s in range(70)]
     run = client.get_run(tracker.run_id)
@@ -359,7 +343,7 @@ def test_server_down_until_after_finish_then_sync(server, tmp_path):
     second = sync_journal(tmp_path)
     assert second["delivered"] == 0 and second["pending"] == 0
     (run,) = [r for r in find_runs("outage", uri=server.uri) if r.info.run_name == "never-up"]
-    client = _client(server.uri)
+    client = mlflow_client(server.uri)
     assert _history(client, run.info.run_id, "train/loss") == [(s, 1.0 / (s + 1)) for s in range(30)]
     assert run.data.params == {"model.dim": "64"}
     assert run.info.status == "FINISHED"
