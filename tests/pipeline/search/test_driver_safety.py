@@ -208,7 +208,9 @@ def test_mlflow_down_before_a_trial_completes_the_driver_survives_and_tags_arriv
     server.start()
     env = {**ENV, "MLFLOW_TRACKING_URI": server.uri}
     db = search_env / "optuna.db"
-    proc = subprocess.Popen(_search_args(search_env, "n_trials=1", "resources.max_concurrent=1"), cwd=search_env,
+    # A trial long enough for the server to be stopped while it trains (the smoke search's 6 steps take ~1 s).
+    proc = subprocess.Popen(_search_args(search_env, "n_trials=1", "resources.max_concurrent=1",
+                                         "run.train.steps=1500"), cwd=search_env,
                             env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=open(search_env / "first.log", "w"), text=True)
     try:

@@ -280,7 +280,10 @@ def _session_pids(sid: int) -> list[int]:
 def test_killed_search_resumes_without_losing_or_duplicating_trials(search_env):
     db = search_env / "optuna.db"
     args = [sys.executable, "-m", "pipeline.cli", "search", str(SMOKE), f"storage=sqlite:///{db}",
-            f"out_dir={search_env}/searches", "n_trials=4"]
+            f"out_dir={search_env}/searches", "n_trials=4",
+            # Trials long enough that the kill lands while some are still training: one-worker trials start
+            # in their Tune process within a second, and 6 steps of the smoke search end in about as long.
+            "run.train.steps=1500"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(args, cwd=search_env, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(search_env / "first.log", "w"))
