@@ -100,12 +100,18 @@ def test_mlflow_run_names_tell_boundaries_iso_baselines_and_budgets_apart(tmp_pa
         expand(load_study(path, ["tokens.budgets=[1.0, 1.001]"]))
 
 
-def test_quickstart_is_three_sizes_by_three_variants():
+def test_quickstart_pairs_three_seeds_of_each_variant_at_one_size():
+    """The main job answers one question with an interval: every Attamba variant and the transformer at the
+    same size and token budget, each with the same >= 3 seeds, so the report's gap is seed-paired."""
     specs = expand(load_study(STUDIES / "quickstart.yaml"))
-    assert len({s.size for s in specs}) >= 3
     variants = {(s.config.model.attention, s.config.model.chunk_size if s.config.model.attention == "attamba"
                  else None) for s in specs}
     assert variants == {("full", None), ("attamba", 4), ("attamba", 8)}
+    assert len({(s.size, s.tokens) for s in specs}) == 1
+    seeds = {v: sorted(s.config.train.seed for s in specs
+                       if (s.config.model.attention, s.config.model.chunk_size
+                           if s.config.model.attention == "attamba" else None) == v) for v in variants}
+    assert len(set(map(tuple, seeds.values()))) == 1 and len(seeds[("full", None)]) >= 3
 
 
 def test_names_stay_unique_across_boundaries_and_iso_baselines(tmp_path):
