@@ -8,8 +8,13 @@ Keeping the names in one place is what lets a report be rebuilt from any trackin
 TAG_STUDY = "study"                # study name (absent for a lone `attamba train`)
 TAG_TRIAL = "trial"                # run name inside a study, derived from its parameters
 TAG_SIZE = "model_size"            # size preset name, e.g. "s60m"
-TAG_ATTENTION = "attention"        # attamba | full | swa | iso_kv
-TAG_VARIANT = "variant"            # readable label of the attention variant, e.g. "attamba-P8-L32-cyclic"
+TAG_ATTENTION = "attention"        # the attention module: attamba | full | swa | iso_kv
+TAG_KIND = "kind"                  # what the run is, for comparisons: attamba | full | swa | iso_kv | iso_flop
+                                   # | iso_param (iso_flop and iso_param runs use the iso_kv module at the
+                                   # width F that matches Attamba's FLOPs or parameters: ModelConfig.iso)
+TAG_SEGMENTATION = "ssm_segmentation"  # chunk | offset ("" for baselines)
+TAG_VARIANT = "variant"            # the model variant: ModelConfig.variant(), the one identity that run names,
+                                   # tags and report grouping share, e.g. "attamba-P8-L32-cyclic-seg_offset"
 TAG_CHUNK = "chunk_size"           # P ("" for baselines)
 TAG_LEADING = "leading_tokens"     # L ("" for baselines)
 TAG_BOUNDARIES = "boundaries"      # uniform | cyclic | cyclic_released | random ("" for baselines)
@@ -34,7 +39,28 @@ M_MFU = "train/mfu"                  # M_FLOPS_PER_S over the devices' peak dens
 M_VAL_LOSS = "val/loss"
 M_VAL_PPL = "val/ppl"
 M_VAL_BPB = "val/bpb"
+M_VAL_TOKENS = "val/tokens"        # targets the evaluation scored (the final one scores the whole split)
 M_MQAR_PREFIX = "val/mqar_acc_T"   # followed by the context length, e.g. "val/mqar_acc_T256"
+SPLIT_PREFIXES = {"validation": "val", "test": "test"}   # metric names say their split: val/ppl, test/ppl
+
+
+def split_metric(split: str, name: str) -> str:
+    """The metric `name` ('loss', 'ppl', 'bpb', 'tokens') on `split`: split_metric('test', 'ppl') = 'test/ppl'."""
+    return f"{SPLIT_PREFIXES[split]}/{name}"
+
+
+# Evaluation variants: the trained weights evaluated under another attention setting (other P, L or
+# boundaries for Attamba; a sliding window for a transformer). Each has a label, the ModelConfig.variant()
+# of the model it was evaluated as, e.g. "attamba-P16-L8-cyclic" or "swa-W33"; per label the run holds
+#   tag    eval_variant.<label> = the overrides, e.g. "chunk_size=16" or "attention=swa,window=33"
+#   metric evalvar/<label>/<name> for name in EVAL_VARIANT_METRICS (validation split, whole split)
+TAG_EVAL_VARIANT_PREFIX = "eval_variant."
+M_EVAL_VARIANT_PREFIX = "evalvar/"
+EVAL_VARIANT_METRICS = ("loss", "ppl", "bpb", "kv_cache_bytes", "attn_flops_per_token")
+
+
+def eval_variant_metric(label: str, name: str) -> str:
+    return f"{M_EVAL_VARIANT_PREFIX}{label}/{name}"
 
 # Cost metrics, logged once at step 0 (from attamba.costs).
 M_PARAMS = "cost/params"
