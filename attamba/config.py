@@ -7,13 +7,25 @@ before any compute. Defaults follow docs/method.md (the paper's 60M setting); si
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .checks import at_least, boolean, fail, integer, number, one_of, positive
 
 ATTENTION_KINDS = ("attamba", "full", "swa", "iso_kv")
 BOUNDARY_STRATEGIES = ("uniform", "cyclic", "cyclic_released", "random")
 SSM_SEGMENTATIONS = ("chunk", "offset")
+ISO_SIZINGS = ("kv", "flop", "param")   # what an iso_kv baseline's width F was matched to
+MODEL_KINDS = ("attamba", "full", "swa", "iso_kv", "iso_flop", "iso_param")
+
+# Fields that set the model's size, not its variant (the size is its own tag).
+SIZE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "ffn_dim", "max_seq_len", "seed")
+# Fields read only by Attamba's attention; baselines ignore them.
+ATTAMBA_FIELDS = ("chunk_size", "leading_tokens", "boundaries", "boundary_seed", "kv_proj", "ssm_residual",
+                  "pseudo_chunk", "ssm_segmentation", "ssm")
+# Each kind's core label fields, in label order; `attention` and `iso` are spelled by the kind itself.
+CORE_FIELDS = {"attamba": ("chunk_size", "leading_tokens", "boundaries"), "full": (), "swa": ("window",),
+               "iso_kv": ("kv_dim",)}
+SUFFIX_ABBREVIATIONS = {"ssm_segmentation": "seg"}   # -seg_offset
 
 
 @dataclass(frozen=True)
@@ -56,10 +68,18 @@ class SSMConfig:
         if not self.dt_limit_max > self.dt_limit_min:
             fail("ssm.dt_limit_max", self.dt_limit_max, f"> ssm.dt_limit_min ({self.dt_limit_min})")
 
+    @staticmethod
+    def default_inner_dim(dim: int) -> int:
+        return max(dim // 2, 8)
+
+    @staticmethod
+    def default_heads(inner_dim: int) -> int:
+        return max(inner_dim // 32, 1)
+
     def resolved(self, dim: int) -> "SSMConfig":
         """The same config with inner_dim and heads filled in for a model of width `dim`."""
-        inner = self.inner_dim if self.inner_dim is not None else max(dim // 2, 8)
-        heads = self.heads if self.heads is not None else max(inner // 32, 1)
+        inner = self.inner_dim if self.inner_dim is not None else self.default_inner_dim(dim)
+        heads = self.heads if self.heads is not None else self.default_heads(inner)
         if inner % heads:
             fail("ssm.inner_dim", inner, f"divisible by ssm.heads ({heads})", "set ssm.inner_dim or ssm.heads")
         if heads % self.groups:
@@ -111,6 +131,7 @@ class ModelConfig:
 
     window: int = 256
     kv_dim: int | None = None
+    iso: str | None = None   # iso_kv only: the cost F was matched to, "kv" | "flop" | "param" (attamba.costs)
 
     def __post_init__(self):
         if isinstance(self.ssm, dict):
@@ -157,8 +178,21 @@ class ModelConfig:
             at_least("kv_dim", self.kv_dim, 1, integer=True)
             if self.kv_dim % (2 * self.n_heads):
                 fail("kv_dim", self.kv_dim, f"a multiple of 2 * n_heads ({2 * self.n_heads})")
+            if self.iso is not None:
+                one_of("iso", self.iso, ISO_SIZINGS)
         else:
             at_least("kv_dim", self.kv_dim, 1, integer=True, or_none=True)
+            if self.iso is not None:
+                fail("iso", self.iso, f"null for attention={self.attention}",
+                     "iso names how an attention=iso_kv baseline was sized; drop it for other attention kinds")
+
+    @property
+    def kind(self) -> str:
+        """What the run is, for comparisons: the attention, but iso_flop / iso_param for an iso_kv module
+        sized to match Attamba's FLOPs / parameters."""
+        if self.attention == "iso_kv" and self.iso in ("flop", "param"):
+            return f"iso_{self.iso}"
+        return self.attention
 
     @property
     def attn_dim(self) -> int:
@@ -177,21 +211,74 @@ class ModelConfig:
         return self.attn_dim // self.n_heads
 
     def variant(self) -> str:
-        """A short readable label of the attention variant, used in run names and reports."""
-        if self.attention == "attamba":
-            label = f"attamba-P{self.chunk_size}-L{self.leading_tokens}-{self.boundaries}"
-            if self.ssm_segmentation != "chunk":
-                label += f"-seg{self.ssm_segmentation}"
-            if self.pseudo_chunk:
-                label += "-pseudo"
-            if self.kv_proj:
-                label += "-kvproj"
-            if not self.ssm_residual:
-                label += "-nores"
-            return label
-        if self.attention == "swa":
-            return f"swa-W{self.window}"
-        if self.attention == "iso_kv":
-            return f"iso_kv-F{self.kv_dim}"
-        return "full"
+        """THE variant identity: run names, the MLflow `variant` tag and report grouping all use it.
 
+        The kind's core (attamba-P8-L8-cyclic, full, swa-W33, iso_kv-F32, iso_flop-F48) plus one suffix for
+        every other field that differs from its default and matters for the kind (-seg_offset, -kv_proj,
+        -no_ssm_residual, -ssm.state_dim16, -rope_theta500000, ...). Size fields are not part of it; fields
+        the kind ignores (chunk_size for a transformer, SSM widths left at their default rule) are skipped.
+        The label is file-name safe (letters, digits, '.', '_', '-').
+        """
+        kind = self.kind
+        core = CORE_FIELDS[self.attention]
+        label = "-".join([kind] + [_core_part(name, getattr(self, name)) for name in core])
+        for name, value in _differences(self):
+            if name not in core:
+                label += _suffix(name, value)
+        return label
+
+
+def _differences(cfg: ModelConfig) -> list[tuple[str, object]]:
+    """(name, value) of every variant-relevant field of `cfg` that differs from the defaults, in field order;
+    SSM fields as "ssm.<name>". Generic over dataclasses.fields, so a new field is part of the identity."""
+    default = ModelConfig()
+    skip = set(SIZE_FIELDS) | {"attention", "iso"}
+    if cfg.attention != "attamba":
+        skip |= set(ATTAMBA_FIELDS)
+    elif cfg.boundaries != "random":
+        skip.add("boundary_seed")   # the seed draws random boundaries only
+    if cfg.attention != "swa":
+        skip.add("window")
+    if cfg.attention != "iso_kv":
+        skip.add("kv_dim")
+    out = []
+    for f in fields(ModelConfig):
+        if f.name in skip:
+            continue
+        value = getattr(cfg, f.name)
+        if f.name == "ssm":
+            out += _ssm_differences(cfg.ssm, cfg.dim)
+        elif value != getattr(default, f.name):
+            out.append((f.name, value))
+    return out
+
+
+def _ssm_differences(ssm: SSMConfig, dim: int) -> list[tuple[str, object]]:
+    # inner_dim and heads count only where they differ from their default rule for this width
+    rule = {"inner_dim": SSMConfig.default_inner_dim(dim), "heads": SSMConfig.default_heads(ssm.inner_dim)}
+    out = []
+    for f in fields(SSMConfig):
+        value = getattr(ssm, f.name)
+        reference = rule.get(f.name, f.default)
+        if value != reference:
+            out.append((f"ssm.{f.name}", value))
+    return out
+
+
+def _format(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _core_part(name: str, value) -> str:
+    prefix = {"chunk_size": "P", "leading_tokens": "L", "window": "W", "kv_dim": "F"}.get(name, "")
+    return f"{prefix}{_format(value)}"
+
+
+def _suffix(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"-{name}" if value else f"-no_{name}"
+    if isinstance(value, str):
+        return f"-{SUFFIX_ABBREVIATIONS.get(name, name)}_{value}"
+    return f"-{name}{_format(value)}"

@@ -151,7 +151,7 @@ def iso_kv_config(cfg: ModelConfig, context: int, dtype=torch.float32) -> ModelC
         raise ValueError(f"attention must be attamba to size an iso-KV baseline, got {cfg.attention!r}")
     target = kv_cache_bytes(cfg, context, dtype)
     f = target / (2 * context * _dtype_bytes(dtype) * cfg.n_layers)
-    return replace(cfg, attention="iso_kv", kv_dim=_round_kv_dim(f, cfg.n_heads))
+    return replace(cfg, attention="iso_kv", kv_dim=_round_kv_dim(f, cfg.n_heads), iso="kv")
 
 
 def iso_flop_config(cfg: ModelConfig, context: int) -> ModelConfig:
@@ -166,7 +166,7 @@ def iso_flop_config(cfg: ModelConfig, context: int) -> ModelConfig:
     target = attention_sublayer_flops_per_token(cfg, context) / cfg.n_layers
     mean_visible = (context + 1) / 2
     f = target / (8 * cfg.dim + 4 * mean_visible)
-    return replace(cfg, attention="iso_kv", kv_dim=_round_kv_dim(f, cfg.n_heads))
+    return replace(cfg, attention="iso_kv", kv_dim=_round_kv_dim(f, cfg.n_heads), iso="flop")
 
 
 def summary(cfg: ModelConfig, context: int, train_tokens: int = 0, dtype=torch.float32) -> dict[str, float]:

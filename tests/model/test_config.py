@@ -36,6 +36,8 @@ BAD_CONFIGS = [
     ({"ssm": {"inner_dim": 100, "heads": 8}}, "ssm.inner_dim"),
     ({"ssm": {"heads": 3, "groups": 2, "inner_dim": 96}}, "ssm.heads"),
     ({"ssm": "big"}, "ssm"),
+    ({"iso": "kv"}, "iso"),   # iso names how an iso_kv baseline was sized; other kinds have none
+    ({"attention": "iso_kv", "kv_dim": 16, "iso": "bytes"}, "iso"),
 ]
 
 
