@@ -18,19 +18,13 @@ RUN_ID_FILE = "mlflow_run_id"
 def run_tags(cfg: RunConfig) -> dict[str, str]:
     m = cfg.model
     attamba = m.attention == "attamba"
-    if attamba:
-        variant = f"attamba-P{m.chunk_size}-L{m.leading_tokens}-{m.boundaries}"
-    elif m.attention == "swa":
-        variant = f"swa-W{m.window}"
-    elif m.attention == "iso_kv":
-        variant = f"iso_kv-F{m.kv_dim}"
-    else:
-        variant = "full"
     tags = {
-        schema.TAG_SIZE: cfg.size, schema.TAG_ATTENTION: m.attention, schema.TAG_VARIANT: variant,
+        schema.TAG_SIZE: cfg.size, schema.TAG_ATTENTION: m.attention, schema.TAG_KIND: m.kind,
+        schema.TAG_VARIANT: m.variant(),
         schema.TAG_CHUNK: str(m.chunk_size) if attamba else "",
         schema.TAG_LEADING: str(m.leading_tokens) if attamba else "",
         schema.TAG_BOUNDARIES: m.boundaries if attamba else "",
+        schema.TAG_SEGMENTATION: m.ssm_segmentation if attamba else "",
         schema.TAG_SEED: str(cfg.train.seed), schema.TAG_STATUS: "running",
         schema.TAG_CODE_VERSION: code_version(),
     }
