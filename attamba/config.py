@@ -228,9 +228,11 @@ class ModelConfig:
         return label
 
 
-def _differences(cfg: ModelConfig) -> list[tuple[str, object]]:
-    """(name, value) of every variant-relevant field of `cfg` that differs from the defaults, in field order;
-    SSM fields as "ssm.<name>". Generic over dataclasses.fields, so a new field is part of the identity."""
+def variant_fields(cfg: ModelConfig) -> list[tuple[str, object, object]]:
+    """(name, value, reference) of every field that is part of `cfg`'s identity for its kind, in field order,
+    SSM fields as "ssm.<name>"; the reference is the default (for SSM widths: their default rule at this
+    width). Generic over dataclasses.fields, so a new field is part of the identity unless it is a size field.
+    `attention` and `iso` are not listed: the kind spells them."""
     default = ModelConfig()
     skip = set(SIZE_FIELDS) | {"attention", "iso"}
     if cfg.attention != "attamba":
@@ -243,26 +245,21 @@ def _differences(cfg: ModelConfig) -> list[tuple[str, object]]:
         skip.add("kv_dim")
     out = []
     for f in fields(ModelConfig):
-        if f.name in skip:
-            continue
-        value = getattr(cfg, f.name)
-        if f.name == "ssm":
-            out += _ssm_differences(cfg.ssm, cfg.dim)
-        elif value != getattr(default, f.name):
-            out.append((f.name, value))
+        if f.name == "ssm" and f.name not in skip:
+            out += _ssm_fields(cfg.ssm, cfg.dim)
+        elif f.name not in skip:
+            out.append((f.name, getattr(cfg, f.name), getattr(default, f.name)))
     return out
 
 
-def _ssm_differences(ssm: SSMConfig, dim: int) -> list[tuple[str, object]]:
+def _differences(cfg: ModelConfig) -> list[tuple[str, object]]:
+    return [(name, value) for name, value, reference in variant_fields(cfg) if value != reference]
+
+
+def _ssm_fields(ssm: SSMConfig, dim: int) -> list[tuple[str, object, object]]:
     # inner_dim and heads count only where they differ from their default rule for this width
     rule = {"inner_dim": SSMConfig.default_inner_dim(dim), "heads": SSMConfig.default_heads(ssm.inner_dim)}
-    out = []
-    for f in fields(SSMConfig):
-        value = getattr(ssm, f.name)
-        reference = rule.get(f.name, f.default)
-        if value != reference:
-            out.append((f"ssm.{f.name}", value))
-    return out
+    return [(f"ssm.{f.name}", getattr(ssm, f.name), rule.get(f.name, f.default)) for f in fields(SSMConfig)]
 
 
 def _format(value) -> str:

@@ -7,35 +7,21 @@ output folder derive from its parameters, so running a study again finds what al
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from attamba import costs
-from attamba.checks import at_least, boolean, fail, integer, one_of, positive, safe_name, text
+from attamba.checks import at_least, boolean, fail, one_of, positive, safe_name, text
+from attamba.config import ModelConfig, variant_fields
 from attamba.presets import PRESETS
 
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
 from pipeline.ray.cluster import Resources
+from pipeline.study.grid import BASELINES, Grid, attamba_grids, baseline_grids, with_point
 
-BASELINES = ("full", "swa", "iso_kv", "iso_flop")
 TOKEN_RULES = ("fixed", "per_param")
-
-
-@dataclass(frozen=True)
-class AttambaGrid:
-    """Attamba variants: the product of these lists."""
-
-    chunk_size: tuple[int, ...] = (8,)
-    leading_tokens: tuple[int, ...] = (8,)
-    boundaries: tuple[str, ...] = ("cyclic",)
-
-    def __post_init__(self):
-        for i, p in enumerate(self.chunk_size):
-            integer(f"attamba.chunk_size[{i}]", p, 1)
-        for i, n in enumerate(self.leading_tokens):
-            integer(f"attamba.leading_tokens[{i}]", n, 0)
 
 
 @dataclass(frozen=True)
@@ -59,8 +45,10 @@ class TokenBudget:
 class StudyConfig:
     name: str = "study"
     sizes: tuple[str, ...] = ("tiny",)
-    attamba: AttambaGrid = field(default_factory=AttambaGrid)
-    baselines: tuple[str, ...] = ("full",)
+    # model fields -> lists of values (pipeline/study/grid.py); unlisted fields come from the run's model
+    attamba: typing.Any = field(default_factory=lambda: {"chunk_size": [8], "leading_tokens": [8],
+                                                         "boundaries": ["cyclic"]})
+    baselines: tuple[typing.Any, ...] = ("full",)
     seeds: tuple[int, ...] = (0,)
     tokens: TokenBudget = field(default_factory=TokenBudget)
     resources: Resources = field(default_factory=Resources)
@@ -77,14 +65,17 @@ class StudyConfig:
             fail("sizes", [], "a list of at least one size preset", f"choose from {', '.join(PRESETS)}")
         for size in self.sizes:
             one_of("sizes", size, PRESETS, what="size preset")
-        for b in self.baselines:
-            one_of("baselines", b, BASELINES, what="baseline")
+        self.grids()   # every grid entry checked before any model is built
         if not self.seeds:
             fail("seeds", [], "a list of at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             fail("seeds", list(self.seeds), "distinct")
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
             fail("address", self.address, "a Ray address such as 'auto' or 'ray://host:10001', or null")
+
+    def grids(self) -> tuple[list[Grid], list[Grid]]:
+        """(Attamba grids, baseline grids), read from `attamba` and `baselines`."""
+        return attamba_grids(self.attamba, self.sizes), baseline_grids(self.baselines, self.sizes)
 
 
 @dataclass(frozen=True)
@@ -108,38 +99,75 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
                                         includes=("run",)))
 
 
-def _variants(study: StudyConfig) -> list[dict]:
-    """Model overrides for each attention variant; iso baselines are sized per (size, Attamba variant)."""
-    attamba = [{"attention": "attamba", "chunk_size": p, "leading_tokens": n, "boundaries": b}
-               for p, n, b in itertools.product(study.attamba.chunk_size, study.attamba.leading_tokens,
-                                                study.attamba.boundaries)]
-    out = [{"attention": "full"}] if "full" in study.baselines else []
-    if "swa" in study.baselines:
-        # the window that keeps as many keys as Attamba's largest window, for a like-for-like local baseline
-        out.append({"attention": "swa", "window": max(study.attamba.leading_tokens) + 1})
-    out += attamba
-    for kind in ("iso_kv", "iso_flop"):
-        if kind in study.baselines:
-            out += [{"attention": kind, "of": v} for v in attamba]
+def _build_model(base: RunConfig, model: dict) -> RunConfig:
+    data = to_dict(base)
+    data["model"] = model
+    return run_config_from_dict(data)
+
+
+def _grid_runs(base: RunConfig, grid: Grid, fixed: dict) -> list[RunConfig]:
+    """One RunConfig per point of `grid` over `base`; a bad value raises a ValueError naming its grid path."""
+    model = {**to_dict(base)["model"], **fixed}
+    runs = []
+    for point in grid.points():
+        try:
+            runs.append(_build_model(base, with_point(model, point)))
+        except ValueError as exc:
+            for name, values in grid.axes:   # name the value that fails on its own, if one does
+                for j, value in enumerate(values):
+                    try:
+                        _build_model(base, with_point(model, {name: value}))
+                    except ValueError as alone:
+                        raise ValueError(f"{grid.where}.{name}[{j}]={value!r}: {alone}") from None
+            raise ValueError(f"{grid.where}: the combination {point} gives a bad model: {exc}") from None
+    return runs
+
+
+def _iso_baseline(attamba: RunConfig, grid: Grid) -> list[RunConfig]:
+    """The iso_kv / iso_flop baseline sized from one Attamba run, with the baseline grid's fields on top; the
+    Attamba fields it ignores go back to their defaults, so two Attamba variants giving the same baseline
+    give the same model."""
+    solver = costs.iso_kv_config if grid.kind == "iso_kv" else costs.iso_flop_config
+    iso = solver(attamba.model, attamba.data.seq_len)
+    defaults = ModelConfig()
+    iso = dataclasses.replace(iso, **{name: getattr(defaults, name) for name in
+                                      ("chunk_size", "leading_tokens", "boundaries", "boundary_seed", "kv_proj",
+                                       "ssm_residual", "pseudo_chunk", "ssm_segmentation", "ssm")})
+    return _grid_runs(dataclasses.replace(attamba, model=iso), grid, {})
+
+
+def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
+    """Per size, the resolved RunConfig of each model variant, each variant once: non-iso baselines in the
+    order listed, then the Attamba grids, then the iso baselines sized per Attamba variant of that size."""
+    attamba, baselines = study.grids()
+    bases = {size: run_config_from_dict({**study.run, "size": size}) for size in study.sizes}
+    found = {size: [run for g in attamba if g.runs_at(size)
+                    for run in _grid_runs(bases[size], g, {"attention": "attamba", "kv_dim": None, "iso": None})]
+             for size in study.sizes}
+    leading = [run.model.leading_tokens for runs in found.values() for run in runs]
+    out = {}
+    for size in study.sizes:
+        runs = []
+        for grid in baselines:
+            if grid.runs_at(size) and grid.kind in ("full", "swa"):
+                fixed = {"attention": grid.kind, "kv_dim": None, "iso": None}
+                if grid.kind == "swa":
+                    # the window that keeps as many keys as Attamba's largest window, unless the grid sets one
+                    fixed["window"] = max(leading, default=ModelConfig.leading_tokens) + 1
+                runs += _grid_runs(bases[size], grid, fixed)
+        runs += found[size]
+        for grid in baselines:
+            if grid.runs_at(size) and grid.kind.startswith("iso_"):
+                runs += [iso for run in found[size] for iso in _iso_baseline(run, grid)]
+        seen = {}
+        for run in runs:
+            seen.setdefault(run.model.variant(), run)   # identical resolved models run once
+        out[size] = list(seen.values())
     return out
 
 
-def _resolve_model(run: RunConfig, variant: dict) -> RunConfig:
-    model = run.model
-    if variant["attention"] in ("iso_kv", "iso_flop"):
-        of = dataclasses.replace(model, **variant["of"])
-        solver = costs.iso_kv_config if variant["attention"] == "iso_kv" else costs.iso_flop_config
-        model = solver(of, run.data.seq_len)
-    else:
-        model = dataclasses.replace(model, **variant)
-    return dataclasses.replace(run, model=model)
-
-
-def _run_name(size: str, variant: dict, model_variant: str, seed: int, tokens: int) -> str:
-    label = model_variant if variant["attention"] not in ("iso_kv", "iso_flop") else (
-        f"{variant['attention']}-P{variant['of']['chunk_size']}-L{variant['of']['leading_tokens']}"
-        f"-{variant['of']['boundaries']}")
-    return f"{size}__{label}__s{seed}__D{tokens}"
+def _run_name(size: str, model: ModelConfig, seed: int, tokens: int) -> str:
+    return f"{size}__{model.variant()}__s{seed}__D{tokens}"
 
 
 BOUNDARY_ABBREVIATIONS = {"uniform": "uni", "cyclic": "cyc", "cyclic_released": "cycr", "random": "rnd"}
@@ -155,33 +183,62 @@ def _tokens_label(tokens: int) -> str:
     return str(tokens)
 
 
-def _display_name(study: StudyConfig, size: str, variant: dict, seed: int, tokens: int) -> str:
-    """The run's MLflow run name: size, variant, P and L within a column's width, e.g. 'tiny-P8-L32-s0',
-    'tiny-isokv-P8-L32-s0', 'tiny-full-s1'; the boundaries ('-cyc') only when the study has several, the
-    token count ('-D2.1M') only when it has several budgets. The run's name (`_run_name`, also its tag
+# Short forms for the display name: field -> prefix, value -> short value.
+DISPLAY_FIELDS = {"boundaries": "", "ssm_segmentation": "seg", "kv_proj": "kvp", "ssm_residual": "res",
+                  "pseudo_chunk": "pseudo", "tied_embeddings": "tied", "rope_theta": "rope", "boundary_seed": "bs",
+                  "ssm.state_dim": "N"}
+DISPLAY_VALUES = {**BOUNDARY_ABBREVIATIONS, "chunk": "chk", "offset": "off"}
+CORE_DISPLAY = {"chunk_size": "P", "leading_tokens": "L", "window": "W", "kv_dim": "F"}
+
+
+def _display_piece(name: str, value) -> str:
+    prefix = DISPLAY_FIELDS.get(name, name.removeprefix("ssm.").replace("_", ""))
+    if isinstance(value, bool):
+        return prefix if value else f"no{prefix}"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{prefix}{DISPLAY_VALUES.get(value, value) if isinstance(value, str) else value}"
+
+
+def _varying(models: list[ModelConfig]) -> dict[str, set[str]]:
+    """Per kind, the identity fields whose values differ between that kind's models in the study."""
+    values: dict[str, dict[str, set]] = {}
+    for model in models:   # a value at its reference (the default; SSM widths: their rule) is "default"
+        for name, value, reference in variant_fields(model):
+            seen = "default" if value == reference else repr(value)
+            values.setdefault(model.kind, {}).setdefault(name, set()).add(seen)
+    out = {}
+    for model in models:   # a field some models of a kind lack (boundary_seed) varies too
+        names = {name for name, _, _ in variant_fields(model)}
+        out.setdefault(model.kind, set()).update(n for n in values[model.kind] if n not in names)
+    for kind, fields in values.items():
+        out[kind] |= {name for name, seen in fields.items() if len(seen) > 1}
+    return out
+
+
+def _display_name(study: StudyConfig, model: ModelConfig, varying: set[str], size: str, seed: int,
+                  tokens: int) -> str:
+    """The run's MLflow run name: size, kind and its core (P and L, W, F) within a column's width, e.g.
+    'tiny-P8-L32-s0', 'tiny-isoflop-F48-s0', 'tiny-full-s1', plus a short piece for every other field that
+    varies between the study's models of that kind ('-cyc', '-segoff', '-kvp'), and the token count
+    ('-D2.1M') only when the study has several budgets. The run's name (`_run_name`, also its tag
     schema.TAG_TRIAL) stays the key of its folder and of resume."""
-    attention = variant["attention"]
-    attamba = variant.get("of", variant)
-    if attention in ("attamba", *ISO_ABBREVIATIONS):
-        label = f"P{attamba['chunk_size']}-L{attamba['leading_tokens']}"
-        if len(study.attamba.boundaries) > 1:
-            label += f"-{BOUNDARY_ABBREVIATIONS.get(attamba['boundaries'], attamba['boundaries'])}"
-        if attention in ISO_ABBREVIATIONS:
-            label = f"{ISO_ABBREVIATIONS[attention]}-{label}"
-    elif attention == "swa":
-        label = f"swa-W{variant['window']}"
-    else:
-        label = attention
+    kind = model.kind
+    parts = [] if kind == "attamba" else [ISO_ABBREVIATIONS.get(kind, kind.replace("_", ""))]
+    fields = variant_fields(model)
+    parts += [f"{CORE_DISPLAY[n]}{v}" for n, v, _ in fields if n in CORE_DISPLAY]
+    parts += [_display_piece(n, v) for n, v, _ in fields if n in varying and n not in CORE_DISPLAY]
+    label = "-".join(parts)
     return f"{size}-{label}-s{seed}" + (f"-D{_tokens_label(tokens)}" if len(study.tokens.budgets) > 1 else "")
 
 
 def expand(study: StudyConfig) -> list[RunSpec]:
     """All runs of the study, in a stable order (sizes, then variants, then budgets, then seeds)."""
+    models = _models(study)
+    varying = _varying([run.model for runs in models.values() for run in runs])
     specs = []
     for size in study.sizes:
-        base = run_config_from_dict({**study.run, "size": size})
-        for variant in _variants(study):
-            run = _resolve_model(base, variant)
+        for run in models[size]:
             tokens_per_step = run.tokens_per_step(study.resources.workers)
             for budget in study.tokens.budgets:
                 if study.tokens.rule == "fixed":
@@ -189,8 +246,9 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                 else:
                     tokens = study.tokens.tokens_per_param * budget * costs.param_count(run.model)
                 steps = max(1, math.ceil(tokens / tokens_per_step))
+                tokens = steps * tokens_per_step
                 for seed in study.seeds:
-                    name = _run_name(size, variant, run.model.variant(), seed, steps * tokens_per_step)
+                    name = _run_name(size, run.model, seed, tokens)
                     data = to_dict(run)
                     data["name"] = name
                     data["model"]["seed"] = seed
@@ -198,15 +256,14 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                                          out_dir=str(Path(study.out_dir) / study.name / name),
                                          study=study.name, trial=name)  # the run's study and trial tags
                     data["tracking"]["experiment"] = study.name
-                    data["tracking"]["run_name"] = _display_name(study, size, variant, seed, steps * tokens_per_step)
-                    specs.append(RunSpec(name, size, run.model.variant() if "of" not in variant else
-                                         name.split("__")[1], seed, steps * tokens_per_step,
-                                         run_config_from_dict(data)))
+                    data["tracking"]["run_name"] = _display_name(study, run.model, varying[run.model.kind], size,
+                                                                 seed, tokens)
+                    specs.append(RunSpec(name, size, run.model.variant(), seed, tokens, run_config_from_dict(data)))
     names = [s.name for s in specs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"the study lists the same run more than once ({', '.join(repeated)}); remove the "
-                         f"repeated entries from sizes, attamba or tokens.budgets")
+                         f"repeated entries from sizes or tokens.budgets")
     shown = [s.config.tracking.run_name for s in specs]
     alike = sorted({n for n in shown if shown.count(n) > 1})
     if alike:  # the names differ only past 3 significant digits of the token count
