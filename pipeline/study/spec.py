@@ -107,7 +107,7 @@ def _build_model(base: RunConfig, model: dict) -> RunConfig:
 
 def _grid_runs(base: RunConfig, grid: Grid, fixed: dict) -> list[RunConfig]:
     """One RunConfig per point of `grid` over `base`; a bad value raises a ValueError naming its grid path."""
-    model = {**to_dict(base)["model"], **fixed}
+    model = with_point(to_dict(base)["model"], fixed)
     runs = []
     for point in grid.points():
         try:
@@ -118,7 +118,8 @@ def _grid_runs(base: RunConfig, grid: Grid, fixed: dict) -> list[RunConfig]:
                     try:
                         _build_model(base, with_point(model, {name: value}))
                     except ValueError as alone:
-                        raise ValueError(f"{grid.where}.{name}[{j}]={value!r}: {alone}") from None
+                        raise ValueError(f"{grid.where}.{name}[{j}]={value!r} (in the grid point {point}): "
+                                         f"{alone}") from None
             raise ValueError(f"{grid.where}: the combination {point} gives a bad model: {exc}") from None
     return runs
 
@@ -141,8 +142,12 @@ def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
     order listed, then the Attamba grids, then the iso baselines sized per Attamba variant of that size."""
     attamba, baselines = study.grids()
     bases = {size: run_config_from_dict({**study.run, "size": size}) for size in study.sizes}
+    # the SSM widths as the run file gives them (None: the default rule), so a grid's ssm.inner_dim re-derives heads
+    ssm = ((study.run.get("model") or {}).get("ssm") or {}) if isinstance(study.run, dict) else {}
+    widths = {"ssm.inner_dim": ssm.get("inner_dim"), "ssm.heads": ssm.get("heads")}
     found = {size: [run for g in attamba if g.runs_at(size)
-                    for run in _grid_runs(bases[size], g, {"attention": "attamba", "kv_dim": None, "iso": None})]
+                    for run in _grid_runs(bases[size], g, {"attention": "attamba", "kv_dim": None, "iso": None,
+                                                           **widths})]
              for size in study.sizes}
     leading = [run.model.leading_tokens for runs in found.values() for run in runs]
     out = {}

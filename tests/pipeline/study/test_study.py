@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from attamba import costs
 from pipeline import schema
 from pipeline.ray.cluster import TRIAL_CPU, check_resources, trainable_resources, trial_slots
 from pipeline.ray.trainer import DONE_FILE, read_attempts
@@ -92,9 +93,15 @@ def test_mlflow_run_names_tell_boundaries_iso_baselines_and_budgets_apart(tmp_pa
                        tokens={"rule": "fixed", "tokens": 100_000, "budgets": [1.0, 2.0]})
     specs = expand(load_study(path))
     shown = {s.config.tracking.run_name for s in specs}
-    assert len(shown) == len(specs) == (1 + 1 + 4 + 4 + 4) * 2 * 2
+    # iso baselines are named by their own width F and run once per distinct model (issue 14)
+    attamba = [s.config for s in specs if s.config.model.attention == "attamba"]
+    iso_kv = {costs.iso_kv_config(c.model, c.data.seq_len).kv_dim for c in attamba}
+    iso_flop = {costs.iso_flop_config(c.model, c.data.seq_len).kv_dim for c in attamba}
+    assert len(shown) == len(specs) == (1 + 1 + 4 + len(iso_kv) + len(iso_flop)) * 2 * 2
     assert max(map(len, shown)) <= DISPLAY_NAME_MAX
-    assert {"micro-P4-L4-cyc-s0-D100k", "micro-isokv-P8-L4-uni-s1-D200k", "micro-swa-W5-s0-D100k"} <= shown, \
+    p8_uniform = next(c for c in attamba if c.model.chunk_size == 8 and c.model.boundaries == "uniform")
+    f = costs.iso_kv_config(p8_uniform.model, p8_uniform.data.seq_len).kv_dim
+    assert {"micro-P4-L4-cyc-s0-D100k", f"micro-isokv-F{f}-s1-D200k", "micro-swa-W5-s0-D100k"} <= shown, \
         sorted(shown)
     with pytest.raises(ValueError, match=r"tokens.budgets.*1%"):
         expand(load_study(path, ["tokens.budgets=[1.0, 1.001]"]))
@@ -119,7 +126,10 @@ def test_names_stay_unique_across_boundaries_and_iso_baselines(tmp_path):
                                           "boundaries": ["cyclic", "uniform"]},
                        baselines=["full", "iso_kv", "iso_flop"])
     specs = expand(load_study(path))
-    assert len(specs) == 1 + 4 + 4 + 4
+    attamba = [s.config for s in specs if s.config.model.attention == "attamba"]
+    iso = {solver(c.model, c.data.seq_len).variant() for c in attamba
+           for solver in (costs.iso_kv_config, costs.iso_flop_config)}   # each distinct iso model runs once
+    assert len(specs) == 1 + 4 + len(iso)
     assert len({s.name for s in specs}) == len(specs)
 
 

@@ -1,0 +1,115 @@
+"""The study grid: any model field as an axis, unions of grids with their own sizes, iso baselines per Attamba
+variant, one variant identity in names and tags, and every bad entry refused before any model is built."""
+
+from __future__ import annotations
+
+import pytest
+
+from attamba import costs
+from pipeline import schema
+from pipeline.study.spec import expand, load_study
+from pipeline.train.run_tracking import run_tags
+from tests.pipeline.study.test_study import _study_file
+
+EXAMPLE = {"attamba": {"chunk_size": [4, 8], "ssm_segmentation": ["chunk", "offset"], "kv_proj": [False, True]},
+           "baselines": ["full", "iso_flop"]}
+
+
+def _specs(tmp_path, overrides=(), **changes):
+    return expand(load_study(_study_file(tmp_path, **changes), list(overrides)))
+
+
+def test_the_ablation_example_gives_distinct_variants_names_and_tags(tmp_path):
+    specs = _specs(tmp_path, **EXAMPLE)
+    attamba = [s for s in specs if s.config.model.attention == "attamba"]
+    assert len(attamba) == 8
+    assert {(s.config.model.chunk_size, s.config.model.ssm_segmentation, s.config.model.kv_proj)
+            for s in attamba} == {(p, g, k) for p in (4, 8) for g in ("chunk", "offset") for k in (False, True)}
+    expected_iso = {costs.iso_flop_config(s.config.model, s.config.data.seq_len).variant() for s in attamba}
+    iso = [s for s in specs if s.config.model.kind == "iso_flop"]
+    assert {s.variant for s in iso} == expected_iso and len(iso) == len(expected_iso)   # each distinct one once
+    assert len(specs) == 8 + 1 + len(expected_iso)
+    for collection in ([s.name for s in specs], [s.variant for s in specs],
+                       [s.config.tracking.run_name for s in specs]):
+        assert len(set(collection)) == len(specs), collection
+    tags = [run_tags(s.config) for s in specs]
+    assert len({t[schema.TAG_VARIANT] for t in tags}) == len(specs)   # no two models merge in the report
+    for spec, tag in zip(specs, tags):
+        model = spec.config.model
+        assert spec.variant == model.variant() == tag[schema.TAG_VARIANT] == spec.name.split("__")[1]
+        assert tag[schema.TAG_KIND] == model.kind
+        assert tag[schema.TAG_SEGMENTATION] == (model.ssm_segmentation if model.attention == "attamba" else "")
+        if model.attention == "attamba":
+            assert ("-seg_offset" in spec.name) == (model.ssm_segmentation == "offset")
+            assert ("-kv_proj" in spec.name) == model.kv_proj
+            shown = spec.config.tracking.run_name   # the display name shows every axis that varies
+            assert ("-segoff-" in shown) == (model.ssm_segmentation == "offset")
+            assert ("-kvp-" in shown) == model.kv_proj and ("-nokvp-" in shown) == (not model.kv_proj)
+    assert {t[schema.TAG_KIND] for t in tags} == {"attamba", "full", "iso_flop"}   # never iso_kv
+    assert all(s.config.model.iso == "flop" for s in iso)
+
+
+def test_a_nested_ssm_axis_and_a_scalar_value(tmp_path):
+    specs = _specs(tmp_path, attamba={"chunk_size": 4, "leading_tokens": [4], "ssm.state_dim": [8, 16]},
+                   baselines=[])
+    assert [s.config.model.ssm.state_dim for s in specs] == [8, 16]
+    assert [s.variant for s in specs] == ["attamba-P4-L4-cyclic-ssm.state_dim8", "attamba-P4-L4-cyclic-ssm.state_dim16"]
+    assert [s.config.tracking.run_name for s in specs] == ["micro-P4-L4-N8-s0", "micro-P4-L4-N16-s0"]
+    # an SSM width set by the grid re-derives what follows from it (heads = inner_dim // 32)
+    specs = _specs(tmp_path, attamba={"ssm.inner_dim": [64, 96]}, baselines=[])
+    assert [(s.config.model.ssm.heads, s.variant) for s in specs] == [
+        (2, "attamba-P8-L8-cyclic-ssm.inner_dim64"), (3, "attamba-P8-L8-cyclic-ssm.inner_dim96")]
+
+
+def test_a_list_of_grids_is_the_union_with_per_grid_sizes(tmp_path):
+    grids = [{"chunk_size": [4, 8], "leading_tokens": [4]},
+             {"chunk_size": [4], "leading_tokens": [4], "kv_proj": [False, True], "sizes": ["micro"]}]
+    specs = _specs(tmp_path, sizes=["micro", "tiny"], attamba=grids, baselines=["full", {"kind": "swa", "window": [3, 9],
+                                                                                      "sizes": ["tiny"]}])
+    by_size = {size: sorted(s.variant for s in specs if s.size == size) for size in ("micro", "tiny")}
+    # the second grid's kv_proj=false point is the first grid's P4 model: it runs once
+    assert by_size["micro"] == ["attamba-P4-L4-cyclic", "attamba-P4-L4-cyclic-kv_proj", "attamba-P8-L4-cyclic", "full"]
+    assert by_size["tiny"] == ["attamba-P4-L4-cyclic", "attamba-P8-L4-cyclic", "full", "swa-W3", "swa-W9"]
+
+
+def test_swa_keeps_its_default_window_and_iso_kv_is_its_own_kind(tmp_path):
+    specs = _specs(tmp_path, attamba={"chunk_size": [4], "leading_tokens": [4, 16]}, baselines=["swa", "iso_kv"])
+    assert [s.variant for s in specs if s.config.model.attention == "swa"] == ["swa-W17"]
+    assert {s.config.model.kind for s in specs if s.config.model.attention == "iso_kv"} == {"iso_kv"}
+
+
+def test_the_shipped_studies_keep_the_quickstart_names():
+    from tests.conftest import REPO_ROOT
+
+    names = {s.name for s in expand(load_study(REPO_ROOT / "configs" / "studies" / "quickstart.yaml"))}
+    assert {f"tiny__{v}__s{seed}__D614400" for v in ("full", "attamba-P4-L16-cyclic", "attamba-P8-L16-cyclic")
+            for seed in range(4)} == names
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"attamba": {"chunk_sise": [4]}}, ["attamba.chunk_sise", "unknown model field", "did you mean 'chunk_size'"]),
+    ({"attamba": [{"chunk_size": [4]}, {"ssm.state_dimm": [16]}]}, ["attamba[1].ssm.state_dimm", "'ssm.state_dim'"]),
+    ({"attamba": {"chunk_size": {"four": 4}}}, ["attamba.chunk_size", "a list of values"]),
+    ({"attamba": {"chunk_size": []}}, ["attamba.chunk_size", "non-empty list"]),
+    ({"attamba": [{"chunk_size": [4]}, {"ssm.state_dim": [16, 0]}]}, ["attamba[1].ssm.state_dim[1]=0", "grid point", ">= 1"]),
+    ({"attamba": {"ssm_segmentation": ["chunk", "segment"]}}, ["attamba.ssm_segmentation[1]='segment'", "chunk, offset"]),
+    ({"attamba": {"kv_proj": ["yes"]}}, ["attamba.kv_proj[0]='yes'", "true or false"]),
+    ({"attamba": {"chunk_size": [4], "sizes": ["tiny"]}}, ["attamba.sizes[0]", "'tiny'", "study's sizes"]),
+    ({"attamba": {"dim": [64]}}, ["attamba.dim", "size field"]),
+    ({"attamba": {"window": [5]}}, ["attamba.window", "does not read window"]),
+    ({"attamba": 4}, ["attamba", "mapping"]),
+    ({"baselines": ["ful"]}, ["baselines", "'ful'", "full"]),
+    ({"baselines": [{"window": [5]}]}, ["baselines[0]", "kind"]),
+    ({"baselines": [{"kind": "full", "chunk_size": [4]}]}, ["baselines[0].chunk_size", "does not read chunk_size"]),
+    ({"baselines": [{"kind": "swa", "window": [0]}]}, ["baselines[0].window[0]=0", ">= 1"]),
+    ({"baselines": [{"kind": "iso_flop", "kv_dim": [16]}]}, ["baselines[0].kv_dim", "solve"]),
+    ({"baselines": [{"kind": "full", "sizes": ["huge"]}]}, ["baselines[0].sizes[0]", "'huge'"]),
+])
+def test_bad_grids_fail_before_any_trial_naming_the_path(tmp_path, change, words):
+    from pipeline.study.driver import run_study
+
+    with pytest.raises(ValueError) as info:
+        run_study(_study_file(tmp_path, **change), address="127.0.0.1:1")   # would fail to connect
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert not (tmp_path / "studies").exists()
