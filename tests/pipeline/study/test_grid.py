@@ -58,7 +58,7 @@ def test_a_nested_ssm_axis_and_a_scalar_value(tmp_path):
     # an SSM width set by the grid re-derives what follows from it (heads = inner_dim // 32)
     specs = _specs(tmp_path, attamba={"ssm.inner_dim": [64, 96]}, baselines=[])
     assert [(s.config.model.ssm.heads, s.variant) for s in specs] == [
-        (2, "attamba-P8-L8-cyclic-ssm.inner_dim64"), (3, "attamba-P8-L8-cyclic-ssm.inner_dim96")]
+        (2, "attamba-P4-L4-cyclic-ssm.inner_dim64"), (3, "attamba-P4-L4-cyclic-ssm.inner_dim96")]
 
 
 def test_a_list_of_grids_is_the_union_with_per_grid_sizes(tmp_path):
