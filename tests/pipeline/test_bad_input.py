@@ -20,7 +20,7 @@ from pipeline.config import EvalConfig, OptimConfig, RunConfig, TrainConfig, loa
 from pipeline.data.prepare import DataConfig
 from pipeline.ray.cluster import Resources
 from pipeline.search.space import Constraints, IntParam, Objectives, SearchConfig, Space, load_search
-from pipeline.study.spec import AttambaGrid, StudyConfig, TokenBudget, expand, load_study
+from pipeline.study.spec import StudyConfig, TokenBudget, expand, load_study
 from pipeline.tracking.config import TrackingConfig
 
 RUN = {"data": {"tokenizer": "byte", "seq_len": 32, "progress": False},
@@ -190,7 +190,7 @@ def test_text_that_is_not_a_number_stays_refused_in_a_float_field(folder):
 # ---- every float field of every config refuses NaN and infinities ------------------------------
 
 CONFIGS = (ModelConfig, SSMConfig, OptimConfig, TrainConfig, EvalConfig, DataConfig, TrackingConfig, RunConfig,
-           Resources, TokenBudget, AttambaGrid, StudyConfig, IntParam, Space, Objectives, Constraints, SearchConfig)
+           Resources, TokenBudget, StudyConfig, IntParam, Space, Objectives, Constraints, SearchConfig)
 INFINITY_ALLOWED = {("SSMConfig", "dt_limit_max")}   # +inf: no upper limit on dt
 
 
