@@ -3,8 +3,10 @@
 `attamba:` is a mapping of model fields (nested ones as "ssm.state_dim"), each a list of values (one value
 means a one-item list), expanded as a product; or a list of such mappings, whose products are joined. A
 mapping may carry `sizes: [...]`, a subset of the study's sizes. `baselines:` entries are a kind (full | swa
-| iso_kv | iso_flop) or a mapping {kind: ..., <field>: [values], sizes: [...]}. Each grid only lists the
-fields its kind reads (ModelConfig.variant's identity fields), so no grid axis can be silently ignored.
+| iso_kv | iso_flop) or a mapping {kind: ..., <field>: [values], sizes: [...]}; an iso baseline may carry
+`of: {<attamba field>: [values]}` to be sized only from the Attamba variants that match (by default: from
+every Attamba variant of the same size). Each grid only lists the fields its kind reads
+(ModelConfig.variant's identity fields), so no grid axis can be silently ignored.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from attamba.config import SIZE_FIELDS, ModelConfig, variant_fields
 BASELINES = ("full", "swa", "iso_kv", "iso_flop")
 SIZES_KEY = "sizes"
 KIND_KEY = "kind"
+OF_KEY = "of"
 # Fields no grid may list, and where they are set instead.
 NOT_IN_A_GRID = {**{name: "it is a size field: the study's `sizes` set it" for name in SIZE_FIELDS},
                  "seed": "the study's `seeds` set it", "attention": "a grid's kind sets it",
@@ -48,6 +51,11 @@ class Grid:
     kind: str                                    # attamba | full | swa | iso_kv | iso_flop
     axes: tuple[tuple[str, tuple], ...] = ()     # (field path, values), in file order
     sizes: tuple[str, ...] | None = None         # None: every size of the study
+    of: tuple[tuple[str, tuple], ...] = ()       # iso baselines: the Attamba values they are sized from (): all
+
+    def sized_from(self, model: ModelConfig) -> bool:
+        """Whether an iso baseline of this grid is sized from the Attamba `model`."""
+        return all(_field(model, name) in values for name, values in self.of)
 
     def points(self) -> list[dict]:
         """One {field path: value} per member of the product of the axes."""
@@ -75,10 +83,13 @@ def _grid(where: str, kind: str, data: dict, study_sizes: tuple[str, ...]) -> Gr
     if not isinstance(data, dict):
         fail(where, data, "a mapping of model fields to lists of values", "e.g. {chunk_size: [4, 8]}")
     allowed = grid_fields(kind)
-    axes, sizes = [], None
+    axes, sizes, of = [], None, ()
     for key, value in data.items():
         path = f"{where}.{key}"
         if key == KIND_KEY and where.startswith("baselines"):
+            continue
+        if key == OF_KEY and kind.startswith("iso_"):
+            of = _of(path, value)
             continue
         if key == SIZES_KEY:
             sizes = _values(path, value)
@@ -90,7 +101,25 @@ def _grid(where: str, kind: str, data: dict, study_sizes: tuple[str, ...]) -> Gr
         if not isinstance(key, str) or key not in allowed:
             _refuse_field(where, kind, key, allowed)
         axes.append((key, _values(path, value)))
-    return Grid(where, kind, tuple(axes), sizes)
+    return Grid(where, kind, tuple(axes), sizes, of)
+
+
+def _of(where: str, value) -> tuple[tuple[str, tuple], ...]:
+    if not isinstance(value, dict) or not value:
+        fail(where, value, "a mapping of Attamba fields to lists of values",
+             "e.g. of: {chunk_size: [8], leading_tokens: [8]}")
+    allowed = grid_fields("attamba")
+    for key in value:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"{where}.{key}: unknown Attamba field {key!r}; {hint}`of` may list "
+                             f"{', '.join(allowed)}")
+    return tuple((key, _values(f"{where}.{key}", v)) for key, v in value.items())
+
+
+def _field(model: ModelConfig, path: str):
+    return getattr(model.ssm, path[len("ssm."):]) if path.startswith("ssm.") else getattr(model, path)
 
 
 def _refuse_field(where: str, kind: str, key, allowed: tuple[str, ...]):

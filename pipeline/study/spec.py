@@ -56,6 +56,9 @@ class StudyConfig:
     report: bool = True
     address: str | None = None     # Ray cluster; None: --address, else $RAY_ADDRESS, else a local Ray
     run: dict = field(default_factory=dict)   # the base RunConfig, as in a `attamba train` YAML
+    # the study's evaluation settings, over run.eval: e.g. `variants`, the attention settings every run's final
+    # weights are also evaluated at (EvalConfig.variants; each applies to the kinds it fits)
+    eval: dict = field(default_factory=dict)
 
     def __post_init__(self):
         safe_name("name", self.name, fix="it names the study's folder under out_dir and its MLflow experiment")
@@ -65,6 +68,9 @@ class StudyConfig:
             fail("sizes", [], "a list of at least one size preset", f"choose from {', '.join(PRESETS)}")
         for size in self.sizes:
             one_of("sizes", size, PRESETS, what="size preset")
+        if not isinstance(self.eval, dict):
+            fail("eval", self.eval, "a mapping of evaluation settings (as a run's `eval:`)",
+                 "e.g. eval: {variants: [{chunk_size: 16}, {window: 33}]}")
         self.grids()   # every grid entry checked before any model is built
         if not self.seeds:
             fail("seeds", [], "a list of at least one seed")
@@ -72,6 +78,11 @@ class StudyConfig:
             fail("seeds", list(self.seeds), "distinct")
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
             fail("address", self.address, "a Ray address such as 'auto' or 'ray://host:10001', or null")
+
+    def base_run(self, size: str) -> dict:
+        """The run config of every run at `size` before its grid point: `run`, with the study's `eval` on top."""
+        run = dict(self.run) if isinstance(self.run, dict) else {}
+        return {**run, "size": size, "eval": {**(run.get("eval") or {}), **self.eval}}
 
     def grids(self) -> tuple[list[Grid], list[Grid]]:
         """(Attamba grids, baseline grids), read from `attamba` and `baselines`."""
@@ -141,7 +152,7 @@ def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
     """Per size, the resolved RunConfig of each model variant, each variant once: non-iso baselines in the
     order listed, then the Attamba grids, then the iso baselines sized per Attamba variant of that size."""
     attamba, baselines = study.grids()
-    bases = {size: run_config_from_dict({**study.run, "size": size}) for size in study.sizes}
+    bases = {size: run_config_from_dict(study.base_run(size)) for size in study.sizes}
     # the SSM widths as the run file gives them (None: the default rule), so a grid's ssm.inner_dim re-derives heads
     ssm = ((study.run.get("model") or {}).get("ssm") or {}) if isinstance(study.run, dict) else {}
     widths = {"ssm.inner_dim": ssm.get("inner_dim"), "ssm.heads": ssm.get("heads")}
@@ -150,6 +161,12 @@ def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
                                                            **widths})]
              for size in study.sizes}
     leading = [run.model.leading_tokens for runs in found.values() for run in runs]
+    for grid in baselines:
+        sources = [run.model for size in study.sizes if grid.runs_at(size) for run in found[size]]
+        if grid.of and not any(grid.sized_from(model) for model in sources):
+            fail(f"{grid.where}.of", {name: list(values) for name, values in grid.of},
+                 "values that match at least one Attamba variant at this baseline's sizes",
+                 "list values that the `attamba` grids run")
     out = {}
     for size in study.sizes:
         runs = []
@@ -163,7 +180,7 @@ def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
         runs += found[size]
         for grid in baselines:
             if grid.runs_at(size) and grid.kind.startswith("iso_"):
-                runs += [iso for run in found[size] for iso in _iso_baseline(run, grid)]
+                runs += [iso for run in found[size] if grid.sized_from(run.model) for iso in _iso_baseline(run, grid)]
         seen = {}
         for run in runs:
             seen.setdefault(run.model.variant(), run)   # identical resolved models run once

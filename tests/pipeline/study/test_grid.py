@@ -78,6 +78,29 @@ def test_swa_keeps_its_default_window_and_iso_kv_is_its_own_kind(tmp_path):
     assert {s.config.model.kind for s in specs if s.config.model.attention == "iso_kv"} == {"iso_kv"}
 
 
+def test_an_iso_baseline_of_selects_the_attamba_variants_it_is_sized_from(tmp_path):
+    grids = [{"chunk_size": [4, 8], "leading_tokens": [4]}, {"chunk_size": [8], "leading_tokens": [1, 16]}]
+    of = {"leading_tokens": [4]}
+    specs = _specs(tmp_path, attamba=grids, baselines=[{"kind": "iso_kv", "of": of}, {"kind": "iso_flop"}])
+    attamba = [s.config for s in specs if s.config.model.attention == "attamba"]
+    sized = lambda solver, runs: {solver(c.model, c.data.seq_len).variant() for c in runs}
+    assert {s.variant for s in specs if s.config.model.kind == "iso_kv"} == sized(
+        costs.iso_kv_config, [c for c in attamba if c.model.leading_tokens == 4])
+    assert {s.variant for s in specs if s.config.model.kind == "iso_flop"} == sized(costs.iso_flop_config, attamba)
+    # an `of` that matches no Attamba variant is refused, naming its path
+    with pytest.raises(ValueError, match=r"baselines\[0\]\.of.*match at least one Attamba variant"):
+        _specs(tmp_path, attamba=grids, baselines=[{"kind": "iso_kv", "of": {"leading_tokens": [7]}}])
+    with pytest.raises(ValueError, match=r"baselines\[0\]\.of\.leading_token.*did you mean 'leading_tokens'"):
+        _specs(tmp_path, attamba=grids, baselines=[{"kind": "iso_kv", "of": {"leading_token": [4]}}])
+
+
+def test_the_study_eval_section_goes_over_every_runs_eval(tmp_path):
+    specs = _specs(tmp_path, eval={"batches": 3})
+    assert specs and all(s.config.eval.batches == 3 for s in specs)
+    with pytest.raises(ValueError, match="eval"):
+        _specs(tmp_path, eval=[1])
+
+
 def test_the_shipped_studies_keep_the_quickstart_names():
     from tests.conftest import REPO_ROOT
 
