@@ -1,4 +1,4 @@
-"""`make_report`: MLflow experiment -> report.html, summary.md, runs.csv, runs.json, fits.json."""
+"""`make_report`: MLflow experiment -> report.html, summary.md, runs.csv, runs.json, fits.json, claims.json."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import pandas as pd
 
 from pipeline import schema
 from pipeline.report import summary as S
+from pipeline.report.claims import claims_json, claims_table, estimates_table, evaluate_claims
 from pipeline.report.compare import config_table, gap_to_transformer, iso_kv_comparison, pareto_table, recall_table
 from pipeline.report.figures import all_figures
 from pipeline.report.html import report_html
@@ -26,6 +27,7 @@ class ReportResult:
     failed: list[str] = field(default_factory=list)     # trial names of failed / incomplete runs
     missing: list[str] = field(default_factory=list)    # expected trial names with no run
     fits: dict = field(default_factory=dict)            # the content of fits.json
+    claims: dict = field(default_factory=dict)          # the content of claims.json
 
 
 def _clean(v):
@@ -62,6 +64,7 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     iso = iso_kv_comparison(ok) if len(ok) else pd.DataFrame()
     recall = recall_table(ok) if len(ok) else pd.DataFrame()
     configs = config_table(ok) if len(ok) else pd.DataFrame()
+    claims = evaluate_claims(ok)
     fronts = {cost: pareto_table(configs, cost) if cost in configs else pd.DataFrame()
               for cost in (schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN)}
 
@@ -77,12 +80,15 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
         "Pareto front: perplexity vs attention FLOPs per token": S.pareto_points_table(
             fronts[schema.M_ATTN_FLOPS_PER_TOKEN], schema.M_ATTN_FLOPS_PER_TOKEN),
         "Recall (MQAR) against P": S.recall_points_table(recall),
+        "Claims: the paper's, recomputed from this study (rule in claims.json)": claims_table(claims),
+        "Claims: every comparison behind them": estimates_table(claims),
     }
     md = S.summary_markdown(experiment, table, sections)
     intro = md.split("## ", 1)[0].splitlines()[1:]
     figures = all_figures(ok, fits, gap, iso, recall) if len(ok) else []
 
-    files = {name: out_dir / name for name in ("report.html", "summary.md", "runs.csv", "runs.json", "fits.json")}
+    files = {name: out_dir / name for name in ("report.html", "summary.md", "runs.csv", "runs.json", "fits.json",
+                                                 "claims.json")}
     fits_json = {"experiment": experiment, "fits": fits_to_json(fits),
                  "gap_to_transformer": _records(gap), "iso_kv": _records(iso),
                  "pareto": {cost: _records(front) for cost, front in fronts.items()},
@@ -93,5 +99,8 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     table.runs.to_csv(files["runs.csv"], index=False)
     files["runs.json"].write_text(json.dumps(_clean(_records(table.runs)), indent=1, allow_nan=False))
     files["fits.json"].write_text(json.dumps(_clean(fits_json), indent=1, allow_nan=False))
+    claims_out = {"experiment": experiment, **claims_json(claims)}
+    files["claims.json"].write_text(json.dumps(_clean(claims_out), indent=1, allow_nan=False))
     return ReportResult(out_dir=out_dir, files=files, n_runs=len(table.runs), n_ok=len(ok),
-                        failed=table.not_ok["trial"].tolist(), missing=list(table.missing), fits=_clean(fits_json))
+                        failed=table.not_ok["trial"].tolist(), missing=list(table.missing), fits=_clean(fits_json),
+                        claims=_clean(claims_out))

@@ -15,8 +15,8 @@ from mlflow.entities import ViewType
 from pipeline import schema
 
 TAGS = [
-    schema.TAG_STUDY, schema.TAG_TRIAL, schema.TAG_SIZE, schema.TAG_ATTENTION, schema.TAG_VARIANT,
-    schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_BOUNDARIES, schema.TAG_SEED,
+    schema.TAG_STUDY, schema.TAG_TRIAL, schema.TAG_SIZE, schema.TAG_ATTENTION, schema.TAG_KIND, schema.TAG_VARIANT,
+    schema.TAG_SEGMENTATION, schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_BOUNDARIES, schema.TAG_SEED,
     schema.TAG_OPTUNA_TRIAL, schema.TAG_STATUS,
 ]
 NUMERIC_TAGS = [schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_SEED, schema.TAG_OPTUNA_TRIAL]
@@ -85,6 +85,8 @@ def runs_to_frame(mlflow_runs: list) -> pd.DataFrame:
             "start_time": run.info.start_time,
         }
         row.update({t: tags.get(t, "") for t in TAGS})
+        # Evaluation variants: eval_variant.<label> = the overrides the run's weights were evaluated with.
+        row.update({t: v for t, v in tags.items() if t.startswith(schema.TAG_EVAL_VARIANT_PREFIX)})
         # The trial name identifies a planned run; a lone run is known by its MLflow name.
         row["trial"] = tags.get(schema.TAG_TRIAL) or row["run_name"]
         row["variant"] = tags.get(schema.TAG_VARIANT) or tags.get(schema.TAG_ATTENTION, "") or "unknown"

@@ -1,0 +1,272 @@
+"""The paper's claims (docs/method.md, section 6), recomputed from whichever runs a study holds.
+
+Every claim compares runs A against runs B of the same model size and training-token budget by the
+seed-paired percent difference in validation perplexity, 100 * (ppl_A / ppl_B - 1) (negative: A is
+better), with its 95% Student-t interval across seeds (`compare.paired_pct`, `compare._t_interval`).
+Each such comparison is an `Estimate` (claim_pairs.py); a `Claim` holds one per size (and per Attamba variant where the
+claim covers several) and an overall verdict.
+
+Decision rule, per estimate:
+- a *directional* claim ("A is worse than B", sign +1; "A is better", sign -1) is supported when the whole
+  interval lies on the claimed side of 0, contradicted when it lies wholly on the other side, inconclusive
+  when it spans 0;
+- a *magnitude* claim ("A is about x% worse than B") has a tolerance band x +- max(MAGNITUDE_MIN_BAND_PP,
+  MAGNITUDE_REL_BAND * |x|). It is supported when the interval overlaps the band and excludes 0 on x's
+  side, contradicted when the interval misses the band, inconclusive otherwise (overlapping the band but
+  spanning 0);
+- one seed pair gives no interval: inconclusive, "one seed: no interval"; runs that share no seed (or
+  repeat one) cannot be paired: inconclusive.
+Overall: trained comparisons decide; comparisons through evaluation variants (trained weights evaluated
+under another setting) decide only when the study has no trained one. Of those, the estimates at the
+largest size (most non-embedding parameters, then most training tokens) give the verdict: supported or
+contradicted when all of them say so, inconclusive otherwise; `sizes_agree` says whether the smaller
+sizes gave the same verdict. A claim with no comparable runs is "not measured", with what is missing.
+
+Which runs each claim compares (claim_pairs.py): baselines by their kind tag, so an iso-KV claim never
+reads an iso_flop run; the plain cyclic Attamba against baselines; ablations between variants that differ
+in one field only; evaluation variants from evalvar/<label>/ppl and the tags eval_variant.<label>.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+from pipeline import schema
+from pipeline.report.claim_pairs import (TRAINED, Estimate, boundaries_random, boundaries_uniform, collapse,
+                                         full_gap, full_gap_5pct, iso_flop, iso_kv_trained, iso_kv_window,
+                                         leading_tokens, prepare, segmentation)
+from pipeline.report.summary import md_table
+
+SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = "supported", "contradicted", "inconclusive", "not measured"
+DIRECTIONAL, MAGNITUDE = "directional", "magnitude"
+MAGNITUDE_REL_BAND = 0.5        # a magnitude claim's band: half the paper's number either side ...
+MAGNITUDE_MIN_BAND_PP = 2.0     # ... and at least 2 percentage points
+ONE_SEED = "one seed: no interval"
+NOT_PAIRED = "runs share no seed (or repeat one): no paired interval"
+
+RULE = {
+    "difference": "100 * (ppl_A / ppl_B - 1) in validation perplexity, paired by seed, same size and "
+                  "training tokens; negative: A is better",
+    "interval": "95% Student-t interval over the seed pairs",
+    DIRECTIONAL: "supported when the whole interval is on the claimed side of 0, contradicted when it is wholly "
+                 "on the other side, inconclusive when it spans 0",
+    MAGNITUDE: f"band = paper +- max({MAGNITUDE_MIN_BAND_PP:g} points, {MAGNITUDE_REL_BAND:g} x |paper|); "
+               "supported when the interval overlaps the band and excludes 0 on the paper's side, contradicted "
+               "when it misses the band, inconclusive otherwise",
+    "one_seed": f"inconclusive ({ONE_SEED})",
+    "overall": "trained comparisons decide (evaluation variants only when no trained one exists); the verdict "
+               "at the largest size (non-embedding parameters, then training tokens): supported / contradicted "
+               "when every estimate there agrees, else inconclusive; sizes_agree tells whether smaller sizes agree",
+    NOT_MEASURED: "no pair of runs the claim needs; the reason names what is missing",
+}
+
+
+@dataclass
+class Claim:
+    id: str
+    statement: str
+    paper: str                      # the paper's number with its conditions
+    paper_pct: float | None         # the paper's % difference (A vs B), None where it gives none
+    rule: str                       # DIRECTIONAL | MAGNITUDE
+    sign: int                       # +1: A claimed worse than B; -1: A claimed better
+    estimates: list[Estimate] = field(default_factory=list)
+    verdict: str = NOT_MEASURED
+    reason: str = ""
+    decided_by: str = ""            # the size (and token budget) the overall verdict comes from
+    sizes_agree: bool | None = None
+
+    def band(self) -> tuple[float, float] | None:
+        if self.rule != MAGNITUDE or self.paper_pct is None:
+            return None
+        half = max(MAGNITUDE_MIN_BAND_PP, MAGNITUDE_REL_BAND * abs(self.paper_pct))
+        return self.paper_pct - half, self.paper_pct + half
+
+
+def _pct(a: float, b: float) -> float:
+    return 100.0 * (a / b - 1.0)
+
+
+def judge(lo: float, hi: float, n_pairs: int, paired: bool, rule: str, sign: int,
+          band: tuple[float, float] | None = None) -> tuple[str, str]:
+    """(verdict, reason) for one estimate's 95% interval [lo, hi] under the module's decision rule."""
+    if rule not in (DIRECTIONAL, MAGNITUDE):
+        raise ValueError(f"rule must be {DIRECTIONAL!r} or {MAGNITUDE!r}, got {rule!r}")
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 (A claimed worse) or -1 (A claimed better), got {sign!r}")
+    if not paired:
+        return INCONCLUSIVE, NOT_PAIRED
+    if n_pairs < 2 or not (math.isfinite(lo) and math.isfinite(hi)):
+        return INCONCLUSIVE, ONE_SEED
+    claimed = "> 0" if sign > 0 else "< 0"
+    on_side = lo > 0 if sign > 0 else hi < 0
+    off_side = hi < 0 if sign > 0 else lo > 0
+    if rule == DIRECTIONAL:
+        if on_side:
+            return SUPPORTED, f"interval all {claimed}"
+        if off_side:
+            return CONTRADICTED, f"interval all on the other side of 0 (claimed {claimed})"
+        return INCONCLUSIVE, "interval spans 0"
+    if band is None:
+        raise ValueError("band must be given for a magnitude claim: (low, high) around the paper's number")
+    b_lo, b_hi = band
+    if hi < b_lo or lo > b_hi:
+        return CONTRADICTED, f"interval misses the band [{b_lo:.3g}, {b_hi:.3g}]"
+    if on_side:
+        return SUPPORTED, f"interval meets the band [{b_lo:.3g}, {b_hi:.3g}] and is all {claimed}"
+    return INCONCLUSIVE, f"interval meets the band [{b_lo:.3g}, {b_hi:.3g}] but spans 0"
+
+
+
+def _p(a: float, b: float) -> float:
+    return round(_pct(a, b), 2)
+
+
+# id, statement (A vs B), paper, paper %, rule, sign, finder
+CLAIMS = [
+    ("attamba_vs_full_5pct", "Attamba (P=4) is about 5% worse than the transformer of the same size, for a ~4x smaller "
+     "KV-cache", "21.74 vs 20.72: +4.9% (60M, 8B tokens, P=4, L=32)", _p(21.74, 20.72), MAGNITUDE, 1, full_gap_5pct),
+    ("attamba_vs_full", "Attamba is worse than the transformer of the same size",
+     "33.54 / 34.30 / 38.20 vs 29.40: +14.1% (P=4, L=8), +16.7% (P=8, L=8), +29.9% (P=16, L=16) (60M, 1B tokens)",
+     None, DIRECTIONAL, 1, full_gap),
+    ("attamba_vs_iso_kv", "Attamba beats the iso-KV transformer (trained at the KV-cache of the Attamba)",
+     "33.54 vs 33.49 (+0.1%, P=4, L=8), 34.30 vs 36.74 (-6.6%, P=8, L=8), 38.20 vs 38.62 (-1.1%, P=16, L=16) "
+     "(60M, 1B tokens)", None, DIRECTIONAL, -1, iso_kv_trained),
+    ("attamba_vs_iso_kv_window", "Attamba (P=4) is about 24% better than the iso-KV transformer evaluated with a "
+     "sliding window", "21.74 vs 28.66: -24.1% (60M, 8B tokens, P=4, L=32)", _p(21.74, 28.66), MAGNITUDE, -1,
+     iso_kv_window),
+    ("attamba_vs_iso_flop", "The iso-FLOP transformer beats Attamba at every P",
+     "33.54 vs 32.67 (+2.7%, P=4), 34.30 vs 33.43 (+2.6%, P=8), 38.20 vs 35.06 (+9.0%, P=16) (60M, 1B tokens)",
+     None, DIRECTIONAL, 1, iso_flop),
+    ("cyclic_vs_uniform", "Cyclic boundaries beat uniform ones",
+     "34.05 vs 36.52: -6.8% (60M, 1B tokens, P=8, L=8)", _p(34.05, 36.52), DIRECTIONAL, -1, boundaries_uniform),
+    ("cyclic_vs_random", "Cyclic boundaries beat random ones",
+     "34.05 vs 36.97: -7.9% (60M, 1B tokens, P=8, L=8)", _p(34.05, 36.97), DIRECTIONAL, -1, boundaries_random),
+    ("larger_L_better", "A larger L (more leading tokens) gives a lower perplexity",
+     "L=1 / 8 / 64 / 128: 37.25 / 34.05 / 32.31 / 31.38, each step -8.6% / -5.1% / -2.9% (60M, 1B tokens, P=8)",
+     None, DIRECTIONAL, -1, leading_tokens),
+    ("collapse_P64_L1", "Attamba with P >= 64 and L = 1 collapses to about twice the transformer's perplexity",
+     "59-64 vs 29.40: +101% to +118% (60M, 1B tokens)", _p(61.5, 29.40), MAGNITUDE, 1, collapse),
+    ("faithful_vs_released_segmentation", "The faithful chunk segmentation beats the released code's offset one",
+     "paper: no number (the released code used offset)", None, DIRECTIONAL, -1, segmentation),
+]
+
+
+def _rank(df: pd.DataFrame):
+    params = df.groupby("_size")[schema.M_PARAMS_NON_EMB].mean() if schema.M_PARAMS_NON_EMB in df else {}
+    return lambda e: (float(params.get(e.size, -math.inf)) if len(params) else -math.inf,
+                      e.train_tokens if e.train_tokens is not None else -1.0, e.size)
+
+
+def _cell_name(e: Estimate) -> str:
+    return e.size + (f" ({e.train_tokens:.3g} tokens)" if e.train_tokens is not None else "")
+
+
+def _decide(claim: Claim, rank) -> None:
+    for e in claim.estimates:
+        e.verdict, e.reason = judge(e.lo, e.hi, e.n_pairs, e.paired, claim.rule, claim.sign, claim.band())
+    trained = [e for e in claim.estimates if e.source == TRAINED]
+    use = trained or claim.estimates
+    top = max(rank(e)[:2] for e in use)
+    at_top = [e for e in use if rank(e)[:2] == top]
+    for e in at_top:
+        e.decides = True
+    verdicts = {e.verdict for e in at_top}
+    claim.verdict = verdicts.pop() if len(verdicts) == 1 and not verdicts & {NOT_MEASURED} else INCONCLUSIVE
+    claim.decided_by = _cell_name(at_top[0]) + ("" if trained else ", through evaluation variants")
+    if len(at_top) == 1:
+        claim.reason = at_top[0].reason
+    else:
+        counts = pd.Series([e.verdict for e in at_top]).value_counts()
+        claim.reason = f"{len(at_top)} comparisons at this size: " + ", ".join(f"{n} {v}" for v, n in counts.items())
+    smaller = [e for e in use if rank(e)[:2] != top]
+    claim.sizes_agree = all(e.verdict == claim.verdict for e in smaller) if smaller else None
+
+
+def evaluate_claims(ok: pd.DataFrame) -> list[Claim]:
+    """One Claim per entry of CLAIMS, from the finished runs (load.RunTable.ok), each with its verdict."""
+    df = prepare(ok)
+    rank = _rank(df)
+    claims = []
+    for cid, statement, paper, paper_pct, rule, sign, find in CLAIMS:
+        claim = Claim(id=cid, statement=statement, paper=paper, paper_pct=paper_pct, rule=rule, sign=sign)
+        if df.empty:
+            estimates, why = [], "no finished runs"
+        else:
+            estimates, why = find(df)
+        claim.estimates = sorted(estimates, key=lambda e: (rank(e), e.a, e.b, e.source))
+        if claim.estimates:
+            _decide(claim, rank)
+        else:
+            claim.reason = why
+        claims.append(claim)
+    return claims
+
+
+# ---------------------------------------------------------------- tables and JSON
+
+def _num(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3g}"
+
+
+def _rule_text(c: Claim) -> str:
+    if c.rule == MAGNITUDE:
+        lo, hi = c.band()
+        side = "> 0" if c.sign > 0 else "< 0"
+        return f"magnitude: interval meets [{lo:.3g}, {hi:.3g}] and is all {side}"
+    return f"directional: interval all {'> 0' if c.sign > 0 else '< 0'}"
+
+
+def _estimate_text(e: Estimate) -> str:
+    interval = f"[{_num(e.lo)}, {_num(e.hi)}]" if e.n_pairs >= 2 else "no interval"
+    return f"{_num(e.pct)}% {interval}, {e.n_pairs} seed pair{'' if e.n_pairs == 1 else 's'}: {e.a} vs {e.b}"
+
+
+def claims_table(claims: list[Claim]) -> pd.DataFrame:
+    """One row per claim: the paper's number, the deciding estimate(s), the verdict and why."""
+    rows = []
+    for c in claims:
+        decided = [e for e in c.estimates if e.decides]
+        rows.append({"claim": c.id, "statement": c.statement, "paper": c.paper, "rule": _rule_text(c),
+                     "this study (largest size)": "; ".join(_estimate_text(e) for e in decided) or "n/a",
+                     "size": c.decided_by or "n/a", "verdict": c.verdict, "why": c.reason,
+                     "smaller sizes agree": {None: "n/a", True: "yes", False: "no"}[c.sizes_agree]})
+    return pd.DataFrame(rows)
+
+
+def estimates_table(claims: list[Claim]) -> pd.DataFrame:
+    """Every comparison behind the claims, per size: % ppl difference, interval, pairs, parameters."""
+    rows = [{"claim": c.id, "size": e.size, "A": e.a, "B": e.b, "source": e.source, "ppl A": _num(e.ppl_a),
+             "ppl B": _num(e.ppl_b), "ppl diff %": _num(e.pct), "95% interval": f"[{_num(e.lo)}, {_num(e.hi)}]",
+             "seed pairs": e.n_pairs, "params A": _num(e.params_a), "params B": _num(e.params_b),
+             "KV bytes A": _num(e.kv_a), "KV bytes B": _num(e.kv_b), "note": e.note, "verdict": e.verdict,
+             "why": e.reason} for c in claims for e in c.estimates]
+    return pd.DataFrame(rows)
+
+
+def claims_markdown(claims: list[Claim]) -> str:
+    rule = "\n".join(f"- {k}: {v}" for k, v in RULE.items())
+    return (f"Decision rule:\n\n{rule}\n\n{md_table(claims_table(claims))}\n"
+            f"Estimates per size:\n\n{md_table(estimates_table(claims))}")
+
+
+def _json_safe(v):
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def claims_json(claims: list[Claim]) -> dict:
+    """The content of claims.json: {"rule": RULE, "claims": [...]}, NaN written as null."""
+    out = []
+    for c in claims:
+        d = asdict(c)
+        d["band"] = list(c.band()) if c.band() else None
+        out.append(d)
+    return _json_safe({"rule": dict(RULE, magnitude_rel_band=MAGNITUDE_REL_BAND,
+                                    magnitude_min_band_pp=MAGNITUDE_MIN_BAND_PP), "claims": out})
