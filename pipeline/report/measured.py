@@ -26,7 +26,8 @@ def _distinct(values: pd.Series, what: str = "runs") -> str:
     counts = values.map(_text).value_counts(sort=False)
     counts = counts.sort_values(ascending=False, kind="stable")
     if len(counts) == 1:
-        return f"{counts.index[0]} (all {counts.iloc[0]} {what})"
+        n = counts.iloc[0]
+        return f"{counts.index[0]} (all {n} {what})" if n > 1 else f"{counts.index[0]} (the one {what.rstrip('s')})"
     return "; ".join(f"{v} ({n} {what if n != 1 else what.rstrip('s')})" for v, n in counts.items())
 
 
@@ -63,10 +64,10 @@ def _val_tokens(df: pd.DataFrame) -> pd.Series:
     return pd.Series(out, index=df.index, dtype=object)
 
 
-def _train_tokens(df: pd.DataFrame) -> str:
+def _train_tokens(df: pd.DataFrame, what: str) -> str:
     tokens = _column(df, schema.M_TRAIN_TOKENS)
     if tokens.map(_text).nunique() <= 1:
-        return _distinct(tokens)
+        return _distinct(tokens, what)
     per = df.assign(_t=tokens.map(_text)).groupby("_t", sort=False)
     return "; ".join(f"{t}: " + ", ".join(sorted({f"{v} @ {s}" for v, s in zip(g["variant"], g[schema.TAG_SIZE])}))
                      for t, g in per)
@@ -76,7 +77,7 @@ def _seeds(df: pd.DataFrame) -> str:
     keys = df.assign(**{schema.M_TRAIN_TOKENS: _column(df, schema.M_TRAIN_TOKENS).map(_text)})
     n = keys.groupby(CONFIG, sort=True).size()
     if n.nunique() == 1:
-        return f"{n.iloc[0]} (each of the {len(n)} configurations)"
+        return f"{n.iloc[0]} (each of the {len(n)} configurations)" if len(n) > 1 else f"{n.iloc[0]} (one configuration)"
     return "; ".join(f"{v} @ {s}: {k}" for (v, s, _), k in n.items())
 
 
@@ -86,14 +87,14 @@ def measured_table(runs: pd.DataFrame, ok: pd.DataFrame) -> pd.DataFrame:
     df = ok if len(ok) else runs
     if df.empty:
         return pd.DataFrame(columns=["measured", "value"])
-    what = "usable runs" if len(ok) else "runs (none usable)"
+    what = "usable runs" if len(ok) else "runs"   # with none usable, what the failed runs were set up with
     rows = [
         ("corpus (data.source)", _distinct(_corpus(df), what)),
         ("tokenizer", _distinct(_tokenizer(df), what)),
         ("sequence length (data.seq_len)", _distinct(_column(df, "data.seq_len"), what)),
         ("evaluation context behind the KV-cache and attention-FLOP axes (tokens)",
          _distinct(_column(df, schema.M_EVAL_CONTEXT), what)),
-        ("training tokens per run", _train_tokens(df)),
+        ("training tokens per run", _train_tokens(df, what)),
         ("validation tokens scored by the final evaluation", _distinct(_val_tokens(df), what)),
         ("seeds per configuration (variant @ size)", _seeds(df)),
         ("code version", _distinct(_column(df, schema.TAG_CODE_VERSION), what)),
