@@ -2,6 +2,10 @@
 
 Contexts longer than the model's max_seq_len keep their most recent tokens (left truncation), the
 usual choice for causal LMs. Every request is scored with BOS in front, as documents were in training.
+
+Most registered lm-eval tasks download their data from the Hugging Face hub. Where the hub cannot be
+reached (offline machines, HF_HUB_OFFLINE=1), `run_lm_eval` fails with one line saying so and how to run
+a local task instead: a task YAML whose dataset is a local file, in a folder given as `include_path`.
 """
 
 from __future__ import annotations
@@ -99,15 +103,44 @@ class AttambaEvalLM(LM):
         return out
 
 
+# Exceptions (by class name, anywhere in the cause chain) that mean "the hub could not be reached":
+# huggingface_hub's offline mode and missing local cache entries, requests' and httpx's connection errors.
+HUB_UNREACHABLE = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectError",
+                   "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NameResolutionError"}
+LOCAL_TASK_HINT = ("run a local task instead: write a task YAML whose dataset_path is a local loader (json, csv "
+                   "or parquet) with dataset_kwargs.data_files pointing at your file, put it in a folder and pass "
+                   "--include-path FOLDER with the YAML's task name (README: 'lm-eval tasks offline')")
+
+
+def hub_unreachable(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) says the Hugging Face hub could not be reached."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionError) or type(error).__name__ in HUB_UNREACHABLE:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def run_lm_eval(checkpoint, tasks: list[str], include_path=None, limit=None, device="cpu") -> dict:
-    """lm-eval's results for `tasks` on a checkpoint: {"results": {task: {metric: value}}, ...}."""
+    """lm-eval's results for `tasks` on a checkpoint: {"results": {task: {metric: value}}, ...}.
+
+    ValueError in one line when a task needs the Hugging Face hub and the hub is unreachable."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     lm = AttambaEvalLM.from_checkpoint(checkpoint, device)
     manager = TaskManager(include_path=str(include_path) if include_path else None)
-    results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
-                              log_samples=False, bootstrap_iters=0)
+    try:
+        results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
+                                  log_samples=False, bootstrap_iters=0)
+    except Exception as error:
+        if not hub_unreachable(error):
+            raise
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(f"lm-eval task(s) {','.join(tasks)} need the Hugging Face hub for their data and the hub "
+                         f"is unreachable ({type(error).__name__}: {detail}); {LOCAL_TASK_HINT}") from None
     if results is None:
         raise ValueError(f"lm-eval returned no results for tasks {tasks}")
     return {"results": results["results"], "versions": dict(results.get("versions", {}))}

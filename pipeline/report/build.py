@@ -11,10 +11,13 @@ import pandas as pd
 from pipeline import schema
 from pipeline.report import summary as S
 from pipeline.report.claims import claims_json, claims_table, estimates_table, evaluate_claims
-from pipeline.report.compare import config_table, gap_to_transformer, iso_kv_comparison, pareto_table, recall_table
+from pipeline.report.compare import gap_to_transformer, iso_kv_comparison, recall_table
+from pipeline.report.empty import empty, or_empty, reasons
 from pipeline.report.figures import all_figures
 from pipeline.report.html import report_html
 from pipeline.report.load import load_runs
+from pipeline.report.measured import measured_table
+from pipeline.report.pareto import pareto_front, pareto_points
 from pipeline.report.scaling import fits_to_json, fit_variants
 
 
@@ -63,27 +66,30 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     gap = gap_to_transformer(ok) if len(ok) else pd.DataFrame()
     iso = iso_kv_comparison(ok) if len(ok) else pd.DataFrame()
     recall = recall_table(ok) if len(ok) else pd.DataFrame()
-    configs = config_table(ok) if len(ok) else pd.DataFrame()
     claims = evaluate_claims(ok)
-    fronts = {cost: pareto_table(configs, cost) if cost in configs else pd.DataFrame()
+    points = pareto_points(ok) if len(ok) else pd.DataFrame()
+    fronts = {cost: pareto_front(points, cost) if cost in points else pd.DataFrame()
               for cost in (schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN)}
+    why = reasons(table.runs, ok)
 
+    opening = {"What was measured": or_empty(measured_table(table.runs, ok), why["results"]),
+               "Claims: the paper's, recomputed from this study (rule in claims.json)": claims_table(claims)}
     sections = {
-        "Failed, incomplete and missing runs": S.status_table(table),
-        "Best run per variant": S.best_table(ok) if len(ok) else pd.DataFrame(),
-        "Scaling-law fits (95% bootstrap intervals)": S.fits_table(fits),
-        "Predicted loss (largest size and extrapolations)": S.predictions_table(fits),
-        "Gap to the transformer at equal size": S.comparison_table(gap),
-        "Iso-KV comparison (closest KV-cache baseline, same size)": S.comparison_table(iso),
-        "Pareto front: perplexity vs KV-cache bytes": S.pareto_points_table(fronts[schema.M_KV_BYTES],
-                                                                             schema.M_KV_BYTES),
-        "Pareto front: perplexity vs attention FLOPs per token": S.pareto_points_table(
-            fronts[schema.M_ATTN_FLOPS_PER_TOKEN], schema.M_ATTN_FLOPS_PER_TOKEN),
-        "Recall (MQAR) against P": S.recall_points_table(recall),
-        "Claims: the paper's, recomputed from this study (rule in claims.json)": claims_table(claims),
-        "Claims: every comparison behind them": estimates_table(claims),
+        "Failed, incomplete and missing runs": or_empty(S.status_table(table), why["status"]),
+        "Best run per variant": S.best_table(ok) if len(ok) else empty(why["results"]),
+        "Scaling-law fits (95% bootstrap intervals)": or_empty(S.fits_table(fits), why["fits"]),
+        "Predicted loss (largest size and extrapolations)": or_empty(S.predictions_table(fits), why["predictions"]),
+        "Gap to the transformer at equal size": or_empty(S.comparison_table(gap), why["gap"]),
+        "Iso-KV comparison (closest KV-cache baseline, same size)": or_empty(S.comparison_table(iso), why["iso_kv"]),
+        **{title: or_empty(S.pareto_points_table(fronts[cost], cost), why[f"pareto:{cost}"])
+           for title, cost in (("Pareto front: perplexity vs KV-cache bytes", schema.M_KV_BYTES),
+                               ("Pareto front: perplexity vs attention FLOPs per token",
+                                schema.M_ATTN_FLOPS_PER_TOKEN))},
+        "Recall (MQAR) against P": or_empty(S.recall_points_table(recall), why["recall"]),
+        "Claims: every comparison behind them": or_empty(estimates_table(claims), "no claim could be measured "
+                                                         "from this study's runs (see the verdicts above)"),
     }
-    md = S.summary_markdown(experiment, table, sections)
+    md = S.summary_markdown(experiment, table, {**opening, **sections})
     intro = md.split("## ", 1)[0].splitlines()[1:]
     figures = all_figures(ok, fits, gap, iso, recall) if len(ok) else []
 
@@ -92,9 +98,11 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     fits_json = {"experiment": experiment, "fits": fits_to_json(fits),
                  "gap_to_transformer": _records(gap), "iso_kv": _records(iso),
                  "pareto": {cost: _records(front) for cost, front in fronts.items()},
+                 "measured": _records(opening["What was measured"]),
                  "failed": _records(S.status_table(table)), "missing": table.missing}
     files["report.html"].write_text(report_html(f"Study report: {experiment}", [l for l in intro if l.strip()],
-                                                sections, figures), encoding="utf-8")
+                                                sections, figures, no_figures=why["results"], opening=opening),
+                                    encoding="utf-8")
     files["summary.md"].write_text(md, encoding="utf-8")
     table.runs.to_csv(files["runs.csv"], index=False)
     files["runs.json"].write_text(json.dumps(_clean(_records(table.runs)), indent=1, allow_nan=False))

@@ -11,8 +11,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from pipeline import schema
-from pipeline.report.compare import config_table, pareto_table
 from pipeline.report.fits import predict
+from pipeline.report.pareto import EVALUATED, TRAINED, pareto_front, pareto_points
 from pipeline.report.scaling import LAW_C, LAW_N, LAW_ND, VariantFits
 
 DPI = 110
@@ -104,25 +104,36 @@ def nd_figure(fits: dict[str, VariantFits]) -> Figure | None:
     return fig
 
 
+MARKERS = {TRAINED: "o", EVALUATED: "D"}   # evaluated points are hollow diamonds
+
+
 def pareto_figure(ok: pd.DataFrame, cost: str, xlabel: str) -> Figure | None:
-    """Perplexity against one cost for every configuration (mean +- std over seeds), front drawn as steps."""
-    configs = config_table(ok).dropna(subset=[cost, schema.M_VAL_PPL]) if len(ok) else pd.DataFrame()
-    if configs.empty:
+    """Perplexity against one cost for every point (mean +- std over seeds), each labelled with its size;
+    trained points filled circles, evaluation variants hollow diamonds; the front drawn as steps."""
+    points = pareto_points(ok).dropna(subset=[cost, schema.M_VAL_PPL]) if len(ok) else pd.DataFrame()
+    if points.empty:
         return None
-    fig = Figure(figsize=(7, 4.8))
+    fig = Figure(figsize=(7.5, 5))
     ax = fig.subplots()
-    colours = _colours(list(configs["variant"].unique()))
-    for variant, g in configs.groupby("variant"):
-        ax.errorbar(g[cost], g[schema.M_VAL_PPL], yerr=g[schema.M_VAL_PPL + " std"].fillna(0.0), fmt="o",
-                    color=colours[variant], ms=5, capsize=3, label=variant)
-    front = pareto_table(configs, cost)
+    colours = _colours(list(points["variant"].unique()))
+    for (variant, kind), g in points.groupby(["variant", "point"]):
+        c = colours[variant]
+        ax.errorbar(g[cost], g[schema.M_VAL_PPL], yerr=g[schema.M_VAL_PPL + " std"].fillna(0.0),
+                    fmt=MARKERS[kind], color=c, mfc=c if kind == TRAINED else "none", ms=5, capsize=3,
+                    label=variant if kind == TRAINED else f"{variant} (evaluated)")
+        for _, r in g.iterrows():
+            text = r[schema.TAG_SIZE] if kind == TRAINED else f"{r[schema.TAG_SIZE]}, from {r['trained_as']}"
+            ax.annotate(text, (r[cost], r[schema.M_VAL_PPL]), fontsize=6, xytext=(4, 3), textcoords="offset points")
+    front = pareto_front(points, cost)
     ax.step(front[cost], front[schema.M_VAL_PPL], where="post", color="k", lw=1.2, label="Pareto front")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     _plain_log_y(ax)
     ax.set_ylabel("validation perplexity (per token)")
-    ax.legend(fontsize=7.5)
+    ax.set_title("filled: trained at the variant; hollow: evaluated at it (trained as the named variant)",
+                 fontsize=8)
+    ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     return fig
 
@@ -173,9 +184,9 @@ def all_figures(ok: pd.DataFrame, fits: dict[str, VariantFits], gap: pd.DataFram
         ("Validation loss against training compute, L(C) = E + A C^-gamma",
          lambda: scaling_figure(fits, LAW_C, "training compute C (FLOPs)")),
         ("L(N, D) fits, observed against predicted", lambda: nd_figure(fits)),
-        ("Perplexity against KV-cache size (Pareto front in black)",
+        ("Perplexity against KV-cache size, each point labelled with its size (Pareto front in black)",
          lambda: pareto_figure(ok, schema.M_KV_BYTES, "KV-cache at the evaluation context (bytes, all layers)")),
-        ("Perplexity against attention FLOPs per token (Pareto front in black)",
+        ("Perplexity against attention FLOPs per token, each point labelled with its size (Pareto front in black)",
          lambda: pareto_figure(ok, schema.M_ATTN_FLOPS_PER_TOKEN, "attention FLOPs per token")),
         ("Gap to the transformer at equal size", lambda: gap_figure(gap, "vs full attention, same size")),
         ("Attamba against the iso-KV transformer with the closest KV-cache",

@@ -5,6 +5,8 @@ import html
 
 import pandas as pd
 
+from pipeline.report.empty import reason_of
+
 CSS = """
 body { font-family: Georgia, 'Times New Roman', serif; max-width: 1100px; margin: 2em auto; color: #222;
        line-height: 1.4; padding: 0 1em; }
@@ -22,20 +24,25 @@ figcaption { font-size: 0.9em; color: #555; }
 
 def table_html(df: pd.DataFrame) -> str:
     if df.empty:
-        return "<p class='note'>none</p>"
+        return f"<p class='note'>{html.escape(reason_of(df))}</p>"
     return df.to_html(index=False, escape=True, border=0, na_rep="n/a")
 
 
 def report_html(title: str, intro: list[str], sections: dict[str, pd.DataFrame],
-                figures: list[tuple[str, str]]) -> str:
-    """sections: heading -> table; figures: (caption, base64 PNG)."""
+                figures: list[tuple[str, str]], no_figures: str = "no runs finished",
+                opening: dict[str, pd.DataFrame] | None = None) -> str:
+    """sections: heading -> table (an empty one prints its reason); figures: (caption, base64 PNG);
+    no_figures: why there is no figure, printed when `figures` is empty; opening: sections shown before
+    the figures (what was measured)."""
     parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
              f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     parts += [f"<p>{html.escape(line)}</p>" for line in intro]
+    for heading, df in (opening or {}).items():
+        parts += [f"<h2>{html.escape(heading)}</h2>", table_html(df)]
     parts.append("<h2>Figures</h2>")
     if not figures:
-        parts.append("<p class='note'>No figure: no usable runs.</p>")
+        parts.append(f"<p class='note'>No figure: {html.escape(no_figures)}.</p>")
     for caption, png in figures:
         parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")

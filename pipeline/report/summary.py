@@ -10,6 +10,7 @@ import math
 import pandas as pd
 
 from pipeline import schema
+from pipeline.report.empty import reason_of
 from pipeline.report.load import RunTable
 from pipeline.report.scaling import VariantFits
 
@@ -89,11 +90,18 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
 
 
 def pareto_points_table(front: pd.DataFrame, cost: str) -> pd.DataFrame:
+    """Front points labelled by variant and size: `point` says whether the weights were trained as this
+    variant or trained as `trained as` and evaluated at this variant; `params` is the non-embedding count."""
     if front.empty:
         return front
-    return pd.DataFrame({"variant": front["variant"], "size": front[schema.TAG_SIZE],
-                         cost: front[cost].map(num), "mean val/ppl": front[schema.M_VAL_PPL].map(num),
-                         "seeds": front["n_seeds"]})
+    out = pd.DataFrame({"variant": front["variant"], "point": front["point"], "trained as": front["trained_as"],
+                        "size": front[schema.TAG_SIZE], "params": front[schema.M_PARAMS_NON_EMB].map(num)})
+    if front[schema.M_TRAIN_TOKENS].nunique() > 1:
+        out["train tokens"] = front[schema.M_TRAIN_TOKENS].map(lambda v: num(v) if v >= 0 else "n/a")
+    out[cost] = front[cost].map(num)
+    out["mean val/ppl"] = front[schema.M_VAL_PPL].map(num)
+    out["seeds"] = front["n_seeds"]
+    return out
 
 
 def recall_points_table(recall: pd.DataFrame) -> pd.DataFrame:
@@ -107,7 +115,7 @@ def recall_points_table(recall: pd.DataFrame) -> pd.DataFrame:
 
 def md_table(df: pd.DataFrame) -> str:
     if df.empty:
-        return "_none_\n"
+        return f"_{reason_of(df)}_\n"
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
@@ -122,7 +130,10 @@ def summary_markdown(experiment: str, table: RunTable, sections: dict[str, pd.Da
            f"Runs: {n_total} in MLflow, {n_ok} usable, {n_total - n_ok} failed or incomplete, "
            f"{len(table.missing)} expected but missing.\n",
            "Percent differences are 100 * (ppl / reference ppl - 1): negative means better than the reference. "
-           "Intervals are 95% (bootstrap over runs for fits, Student-t across seeds for comparisons).\n"]
+           "Intervals are 95% (bootstrap over runs for fits, Student-t across seeds for comparisons).\n",
+           "Pareto points are labelled with their size and non-embedding parameter count; `point` is `trained` "
+           "(weights trained as that variant) or `evaluated` (weights trained as `trained as`, evaluated at "
+           "that variant's attention setting), each averaged over its seeds.\n"]
     for title, df in sections.items():
         out.append(f"## {title}\n")
         out.append(md_table(df))

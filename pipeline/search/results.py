@@ -1,12 +1,18 @@
 """What a search measures and what it hands back: objective and constraint values, the Pareto front of
 the completed trials, and its export (pareto.csv, pareto.json, pareto.png).
 
+Each distinct configuration is one point: a revisited one (an Optuna trial told as a `copy_of` an earlier
+one, or any trial with equal params) is merged with its original, its values the mean over the merged
+trials and `count` how many they are, so it is neither listed twice nor counted twice on the front.
+
 pareto.json format (read by pipeline.report):
   {"study", "storage" (password redacted), "objectives": [metric names, all minimised],
    "context", "constraints": {name: bound}, "reference": {metric: value} | null, "n_complete",
-   "front": [{"number", "params": {chunk_size, leading_tokens, boundaries[, state_dim]},
-              "values": {metric: value}, "constraints": [..], "run_name", "mlflow_run_id"}, ...]}
-pareto.csv has one row per front point: number, the params, one column per objective metric, run_name.
+   "n_distinct" (distinct configurations among the completed trials),
+   "front": [{"number" (the original trial), "numbers" (every merged trial), "count",
+              "params": {chunk_size, leading_tokens, boundaries[, state_dim]},
+              "values": {metric: mean value}, "constraints": [mean values], "run_name", "mlflow_run_id"}, ...]}
+pareto.csv has one row per front point: number, the params, one column per objective metric, count, run_name.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +31,7 @@ from attamba.config import ModelConfig
 
 from pipeline import schema
 from pipeline.search.space import SearchConfig
-from pipeline.search.store import CONSTRAINTS_ATTR, REFERENCE_ATTR, RUN_NAME_ATTR, redact
+from pipeline.search.store import CONSTRAINTS_ATTR, COPY_OF_ATTR, REFERENCE_ATTR, RUN_NAME_ATTR, redact
 
 MLFLOW_RUN_ATTR = "mlflow_run_id"
 
@@ -78,7 +85,8 @@ def feasible(trial) -> bool:
 
 
 def pareto_trials(trials: list) -> list:
-    """Feasible completed trials on the front (constraints first, as Optuna's constrained samplers do)."""
+    """Feasible completed trials on the front (constraints first, as Optuna's constrained samplers do), trial
+    by trial as Optuna's `study.best_trials` sees it; the export merges revisits first (pareto_points)."""
     ok = [t for t in trials if feasible(t)]
     if not ok:
         return []
@@ -86,9 +94,62 @@ def pareto_trials(trials: list) -> list:
     return sorted((t for t, m in zip(ok, mask) if m), key=lambda t: t.values[1:] + t.values[:1])
 
 
+@dataclass
+class Point:
+    """One distinct configuration: its original trial and every completed trial merged into it."""
+
+    trials: list   # the original (first trained, else lowest number) first
+
+    @property
+    def original(self):
+        return self.trials[0]
+
+    @property
+    def params(self) -> dict:
+        return dict(self.original.params)
+
+    @property
+    def values(self) -> list[float]:
+        return np.mean([t.values for t in self.trials], axis=0).tolist()
+
+    @property
+    def constraints(self) -> list[float]:
+        rows = [t.user_attrs.get(CONSTRAINTS_ATTR, []) for t in self.trials]
+        return np.mean(rows, axis=0).tolist() if rows and all(len(r) == len(rows[0]) and r for r in rows) else []
+
+
+def _key(params: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def distinct_points(trials: list) -> list[Point]:
+    """Completed trials merged per configuration: a `copy_of` trial joins the trial it copies, and trials
+    with equal params join each other. Ordered by the original's trial number."""
+    by_number = {t.number: t for t in trials}
+    groups: dict[tuple, list] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        source = by_number.get(t.user_attrs.get(COPY_OF_ATTR), t)
+        groups.setdefault(_key(source.params), []).append(t)
+    points = []
+    for members in groups.values():
+        # A copy never is the original: the trial that was trained is.
+        members.sort(key=lambda t: (COPY_OF_ATTR in t.user_attrs, t.number))
+        points.append(Point(members))
+    return sorted(points, key=lambda p: p.original.number)
+
+
+def pareto_points(trials: list) -> list[Point]:
+    """Feasible distinct configurations on the front of their mean values, each counted once."""
+    ok = [p for p in distinct_points(trials) if all(v <= 0 for v in p.constraints)]
+    if not ok:
+        return []
+    mask = non_dominated(np.array([p.values for p in ok]))
+    return sorted((p for p, m in zip(ok, mask) if m), key=lambda p: p.values[1:] + p.values[:1])
+
+
 def front_record(search: SearchConfig, study, trials: list, storage_url: str) -> dict:
     metrics = search.objectives.metrics
-    front = pareto_trials(trials)
+    front = pareto_points(trials)
     return {
         "study": search.name,
         "storage": redact(storage_url),
@@ -97,10 +158,12 @@ def front_record(search: SearchConfig, study, trials: list, storage_url: str) ->
         "constraints": {name: getattr(search.constraints, f"max_{name}") for name in search.constraints.names},
         "reference": study.user_attrs.get(REFERENCE_ATTR),
         "n_complete": len(trials),
-        "front": [{"number": t.number, "params": dict(t.params), "values": dict(zip(metrics, t.values)),
-                   "constraints": t.user_attrs.get(CONSTRAINTS_ATTR, []),
-                   "run_name": t.user_attrs.get(RUN_NAME_ATTR), "mlflow_run_id": t.user_attrs.get(MLFLOW_RUN_ATTR)}
-                  for t in front],
+        "n_distinct": len(distinct_points(trials)),
+        "front": [{"number": p.original.number, "numbers": sorted(t.number for t in p.trials),
+                   "count": len(p.trials), "params": p.params, "values": dict(zip(metrics, p.values)),
+                   "constraints": p.constraints, "run_name": p.original.user_attrs.get(RUN_NAME_ATTR),
+                   "mlflow_run_id": p.original.user_attrs.get(MLFLOW_RUN_ATTR)}
+                  for p in front],
     }
 
 
@@ -113,17 +176,18 @@ def export_front(search: SearchConfig, study, trials: list, storage_url: str, fo
     params = ["chunk_size", "leading_tokens", "boundaries"] + (["state_dim"] if search.space.state_dim else [])
     with open(folder / "pareto.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["number", *params, *record["objectives"], "run_name"])
+        writer.writerow(["number", *params, *record["objectives"], "count", "run_name"])
         for p in record["front"]:
             writer.writerow([p["number"], *(p["params"].get(k) for k in params),
-                             *(p["values"][m] for m in record["objectives"]), p["run_name"]])
+                             *(p["values"][m] for m in record["objectives"]), p["count"], p["run_name"]])
     if trials:
         plot_front(search, trials, record, folder / "pareto.png")
     return record
 
 
 def plot_front(search: SearchConfig, trials: list, record: dict, path: Path) -> None:
-    """Quality against each cost: every completed trial, infeasible ones hollow, the front joined."""
+    """Quality against each cost: every distinct configuration once (xN: merged from N trials), infeasible
+    ones hollow, the front joined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,14 +195,16 @@ def plot_front(search: SearchConfig, trials: list, record: dict, path: Path) -> 
 
     metrics = record["objectives"]
     front = {p["number"] for p in record["front"]}
+    points = distinct_points(trials)
     fig, axes = plt.subplots(1, len(metrics) - 1, figsize=(5.5 * (len(metrics) - 1), 4.2), squeeze=False)
     for ax, j in zip(axes[0], range(1, len(metrics))):
-        for t in trials:
-            on = t.number in front
-            ax.scatter(t.values[j], t.values[0], s=40 if on else 18,
-                       c="C3" if on else ("C0" if feasible(t) else "none"), edgecolors="C3" if on else "C0",
-                       zorder=3 if on else 2)
-            ax.annotate(f"P{t.params['chunk_size']} L{t.params['leading_tokens']}", (t.values[j], t.values[0]),
+        for p in points:
+            on, values = p.original.number in front, p.values
+            ax.scatter(values[j], values[0], s=40 if on else 18,
+                       c="C3" if on else ("C0" if all(v <= 0 for v in p.constraints) else "none"),
+                       edgecolors="C3" if on else "C0", zorder=3 if on else 2)
+            times = f" x{len(p.trials)}" if len(p.trials) > 1 else ""
+            ax.annotate(f"P{p.params['chunk_size']} L{p.params['leading_tokens']}{times}", (values[j], values[0]),
                         fontsize=6, xytext=(3, 3), textcoords="offset points")
         pts = sorted((p["values"][metrics[j]], p["values"][metrics[0]]) for p in record["front"])
         if len(metrics) == 2 and pts:
@@ -147,7 +213,8 @@ def plot_front(search: SearchConfig, trials: list, record: dict, path: Path) -> 
         ax.set_xlabel(f"{metrics[j]} (context {search.objectives.context})")
         ax.set_ylabel(metrics[0])
         ax.grid(alpha=0.3)
-    fig.suptitle(f"search {search.name}: {len(trials)} trials, Pareto front in red")
+    fig.suptitle(f"search {search.name}: {len(trials)} trials, {len(points)} distinct configurations, "
+                 "Pareto front in red")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

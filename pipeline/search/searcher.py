@@ -26,12 +26,11 @@ from pipeline import schema
 from pipeline.config import to_dict
 from pipeline.search.results import constraint_values, cost_values, objective_values
 from pipeline.search.space import SearchConfig, suggest, trial_name
-from pipeline.search.store import (CONSTRAINTS_ATTR, HEARTBEAT_INTERVAL_S, REFERENCE_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR,
-                                   beat, claim, completed_trials)
+from pipeline.search.store import (CONSTRAINTS_ATTR, COPY_OF_ATTR, HEARTBEAT_INTERVAL_S, REFERENCE_ATTR,
+                                   RETRY_OF_ATTR, RUN_NAME_ATTR, beat, claim, completed_trials)
 
 log = logging.getLogger(__name__)
 
-COPY_OF_ATTR = "copy_of"   # trial user attr: a completed trial with the same parameters, values reused
 MAX_COPIES_PER_SUGGEST = 20
 
 

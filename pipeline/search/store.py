@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 CONSTRAINTS_ATTR = "constraints"      # trial user attr: constraint values, feasible when all <= 0
 RETRY_OF_ATTR = "retry_of"            # trial user attr: number of the trial a killed driver left RUNNING
+COPY_OF_ATTR = "copy_of"              # trial user attr: a completed trial with the same parameters, values reused
 RUN_NAME_ATTR = "run_name"            # trial user attr: the training run (and MLflow run) name
 OBJECTIVES_ATTR = "objectives"        # study user attr: metric names of the objectives, in order
 REFERENCE_ATTR = "reference"          # study user attr: the same-size transformer's metrics

@@ -139,6 +139,7 @@ def test_checkpoint_verification_refuses_tampering(setup, tmp_path):
 
 
 def test_lm_eval_adapter_runs_a_local_multiple_choice_task(setup, tmp_path):
+    pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install lm-eval")
     from pipeline.eval.harness import AttambaEvalLM, run_lm_eval
 
     directory = _export(setup, tmp_path / "ck")
@@ -179,3 +180,78 @@ metric_list:
     assert acc == pytest.approx(expected / len(rows))
     rolling = lm.loglikelihood_rolling([type("R", (), {"args": ("abc " * 30,)})()])[0]
     assert rolling < 0 and math.isfinite(rolling)
+
+
+def _eval_cli(args, env_extra, tmp_path, timeout):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    # An empty HF cache: a hub task's data can only come from the hub.
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
+           **env_extra}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "eval", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _check_hub_error(result):
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [l for l in result.stderr.splitlines() if l.startswith("attamba eval: error:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    line = lines[0]
+    assert "lm-eval task(s) arc_easy need the Hugging Face hub" in line and "the hub is unreachable" in line
+    assert "--include-path FOLDER" in line and "dataset_path is a local loader" in line
+
+
+def test_lm_eval_hub_task_offline_fails_in_one_line(setup, tmp_path):
+    """With HF_HUB_OFFLINE=1 a task whose data lives on the hub (arc_easy) fails in one line that says the hub
+    is unreachable and how to run a local task; nothing is scored."""
+    pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install lm-eval")
+    directory = _export(setup, tmp_path / "ck")
+    result = _eval_cli([str(directory), "--lm-eval", "arc_easy", "--limit", "2"], {"HF_HUB_OFFLINE": "1"},
+                       tmp_path, timeout=300)
+    _check_hub_error(result)
+    assert "OfflineModeIsEnabled" in result.stderr or "offline" in result.stderr.lower()
+
+
+@pytest.mark.slow
+def test_lm_eval_hub_task_with_the_hub_refusing_connections_fails_in_one_line(setup, tmp_path):
+    """Not offline mode, but every connection to the hub refused (its endpoint on a closed local port):
+    the same one line, after the hub client's retries."""
+    pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install lm-eval")
+    import socket
+
+    with socket.socket() as sock:   # a port nothing listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    directory = _export(setup, tmp_path / "ck")
+    result = _eval_cli([str(directory), "--lm-eval", "arc_easy", "--limit", "2"],
+                       {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{port}"},
+                       tmp_path, timeout=400)
+    _check_hub_error(result)
+
+
+def test_hub_unreachable_reads_the_cause_chain():
+    pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install lm-eval")
+    import requests
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from pipeline.eval.harness import hub_unreachable
+
+    def chained(outer, inner):
+        try:
+            try:
+                raise inner
+            except Exception as cause:
+                raise outer from cause
+        except Exception as error:
+            return error
+
+    assert hub_unreachable(chained(RuntimeError("task build failed"), requests.exceptions.ConnectionError("refused")))
+    assert hub_unreachable(OfflineModeIsEnabled("offline"))
+    assert hub_unreachable(ConnectionRefusedError(111, "refused"))
+    assert not hub_unreachable(chained(RuntimeError("x"), KeyError("no such task")))
+    assert not hub_unreachable(ValueError("bad limit"))

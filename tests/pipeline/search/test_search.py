@@ -120,6 +120,63 @@ def test_front_matches_optuna_and_skips_infeasible(tmp_path):
     assert bad.number not in front and front == ours
 
 
+def test_pareto_export_lists_a_revisited_configuration_once(tmp_path):
+    """A point told again as a copy (by the real searcher) or trained again with equal params is one
+    configuration in pareto.json/csv: its values the mean over its trials, its trials counted once."""
+    from pipeline.search.results import export_front
+    from pipeline.search.searcher import OptunaAskTell
+    from pipeline.search.space import suggest
+
+    search = load_search(SMOKE, [f"storage=sqlite:///{tmp_path}/o.db", f"out_dir={tmp_path}", "n_trials=6"])
+    study = open_study(search)
+    a, b, d = ({"chunk_size": 4, "leading_tokens": 8, "boundaries": "cyclic"},
+               {"chunk_size": 8, "leading_tokens": 8, "boundaries": "cyclic"},
+               {"chunk_size": 2, "leading_tokens": 0, "boundaries": "cyclic"})
+
+    def tell(params, values):
+        study.enqueue_trial(params)
+        trial = study.ask()
+        assert suggest(trial, search.space) == params
+        trial.set_user_attr(RUN_NAME_ATTR, f"run-{trial.number}")
+        study.tell(trial, values)
+
+    tell(a, [10.0, 400.0])
+    tell(b, [12.0, 200.0])
+    tell(a, [11.0, 400.0])        # equal params, trained again (e.g. by another driver): not a copy
+    tell(d, [10.1, 500.0])
+    study.enqueue_trial(a)
+    study.enqueue_trial(a)
+    searcher = OptunaAskTell(search, study, make_config=lambda *args: pytest.fail("nothing should be trained"))
+    assert searcher.suggest("tune-1") == OptunaAskTell.FINISHED
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert [t.user_attrs.get("copy_of") for t in trials] == [None, None, None, None, 0, 0]
+
+    record = export_front(search, study, trials, f"sqlite:///{tmp_path}/o.db", tmp_path / "front")
+    # Independent: group by params, mean the values, brute-force the front.
+    groups = {}
+    for t in trials:
+        groups.setdefault(tuple(sorted(t.params.items())), []).append(t)
+    means = {min(t.number for t in g): tuple(np.mean([t.values for t in g], axis=0)) for g in groups.values()}
+
+    def dominates(x, y):
+        return all(p <= q for p, q in zip(x, y)) and any(p < q for p, q in zip(x, y))
+
+    expected = {n for n, v in means.items() if not any(dominates(w, v) for w in means.values())}
+    assert record["n_complete"] == 6 and record["n_distinct"] == 3
+    assert {p["number"] for p in record["front"]} == expected == {0, 1, 3}
+    numbers = [n for p in record["front"] for n in p["numbers"]]
+    assert sorted(numbers) == [0, 1, 2, 3, 4, 5], "every trial in exactly one point"
+    merged = next(p for p in record["front"] if p["number"] == 0)
+    assert merged["count"] == 4 and merged["numbers"] == [0, 2, 4, 5] and merged["run_name"] == "run-0"
+    assert merged["values"] == {schema.M_VAL_PPL: pytest.approx(10.25), schema.M_KV_BYTES: pytest.approx(400.0)}
+    for p in record["front"]:
+        assert tuple(p["values"].values()) == pytest.approx(means[p["number"]])
+    rows = (tmp_path / "front" / "pareto.csv").read_text().splitlines()
+    assert rows[0] == "number,chunk_size,leading_tokens,boundaries,val/ppl,cost/kv_cache_bytes,count,run_name"
+    assert len(rows) == 1 + 3 and sum(r.startswith("0,4,8,cyclic,10.25,400.0,4,") for r in rows) == 1
+    assert json.loads((tmp_path / "front" / "pareto.json").read_text())["front"] == record["front"]
+
+
 # ---- the study: creation, resume, stale trials ---------------------------------------------------------
 
 def test_revisited_points_count_toward_n_trials(tmp_path):
