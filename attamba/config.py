@@ -82,7 +82,9 @@ class ModelConfig:
     `head_dim=None` means dim // n_heads; `ffn_dim=None` means the Llama rule (8/3 * dim rounded up to a
     multiple of 64). Attamba fields (chunk_size = P, leading_tokens = L, ...) are ignored by baselines;
     `window` is the sliding-window baseline's number of visible keys (query included); `kv_dim` is the
-    iso-KV baseline's attention width F.
+    iso-KV baseline's attention width F. `sliding_window` (iso_kv only) limits the iso-KV transformer to the
+    last `window` keys, query included, like swa: the paper's iso-KV transformer evaluated with a sliding
+    window. It changes no parameter.
     """
 
     vocab_size: int = 4096
@@ -111,6 +113,7 @@ class ModelConfig:
 
     window: int = 256
     kv_dim: int | None = None
+    sliding_window: bool = False
 
     def __post_init__(self):
         if isinstance(self.ssm, dict):
@@ -141,7 +144,7 @@ class ModelConfig:
         at_least("leading_tokens", self.leading_tokens, 0, integer=True)
         one_of("boundaries", self.boundaries, BOUNDARY_STRATEGIES)
         integer("boundary_seed", self.boundary_seed)
-        for name in ("tied_embeddings", "kv_proj", "ssm_residual", "pseudo_chunk"):
+        for name in ("tied_embeddings", "kv_proj", "ssm_residual", "pseudo_chunk", "sliding_window"):
             boolean(name, getattr(self, name))
         one_of("ssm_segmentation", self.ssm_segmentation, SSM_SEGMENTATIONS)
         at_least("window", self.window, 1, integer=True)
@@ -159,6 +162,9 @@ class ModelConfig:
                 fail("kv_dim", self.kv_dim, f"a multiple of 2 * n_heads ({2 * self.n_heads})")
         else:
             at_least("kv_dim", self.kv_dim, 1, integer=True, or_none=True)
+            if self.sliding_window:
+                fail("sliding_window", self.sliding_window, f"false for attention={self.attention!r}",
+                     "it applies to attention=iso_kv; a full transformer with a window is attention=swa")
 
     @property
     def attn_dim(self) -> int:
@@ -170,7 +176,8 @@ class ModelConfig:
         """Recent keys each query sees besides itself: L (attamba), W-1 (swa); None: every earlier key."""
         if self.attention == "attamba" and not self.pseudo_chunk:
             return self.leading_tokens
-        return self.window - 1 if self.attention == "swa" else None
+        windowed = self.attention == "swa" or (self.attention == "iso_kv" and self.sliding_window)
+        return self.window - 1 if windowed else None
 
     @property
     def attn_head_dim(self) -> int:
@@ -192,6 +199,6 @@ class ModelConfig:
         if self.attention == "swa":
             return f"swa-W{self.window}"
         if self.attention == "iso_kv":
-            return f"iso_kv-F{self.kv_dim}"
+            return f"iso_kv-F{self.kv_dim}" + (f"-W{self.window}" if self.sliding_window else "")
         return "full"
 
