@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ from pipeline import schema
 from pipeline.config import RunConfig, dump_yaml, run_config_from_dict
 from pipeline.data.prepare import prepare
 from pipeline.eval.evaluate import evaluate_model
+from pipeline.eval.variants import evaluate_variants, resolve, variant_tags
 from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
                                    init_distributed, resolve_device)
 from pipeline.train.run_tracking import log_run_start, open_tracker, remember_run_id
@@ -73,6 +74,7 @@ class _Run:
     device: torch.device
     out_dir: Path
     tok_path: str | None                   # tokenizer.json copied into checkpoints
+    variants: list = field(default_factory=list)  # EvalVariants scored at the final evaluation
 
 
 def _on_all_ranks(fn, rank: int, what: str):
@@ -197,10 +199,12 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
     device = resolve_device(t.device)
     if t.precision == "bf16" and device.type == "cpu" and t.zero_stage == 0:
         log.warning("bf16 on CPU is slow; fp32 is the usual choice here")
+    variants = resolve(cfg.model, cfg.eval.variants)  # a shape-changing variant fails here, before any work
     rank, world = init_distributed(device)
     data = _on_all_ranks(lambda: prepare(cfg.data, max_seq_len=cfg.model.max_seq_len), rank, "preparing data")
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
     cfg_dict = cfg.to_dict()
+    variants = [replace(v, model=replace(v.model, vocab_size=data.vocab_size)) for v in variants] if rank == 0 else []
     out_dir = Path(t.out_dir)
     found = ckpt.choose_checkpoint(out_dir, rank) if resume else None
     manifest = _check_resume(found, cfg, cfg_dict, data, world) if found is not None else {"step": 0}
@@ -231,7 +235,7 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
     tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker, state.get("mlflow_run_id"))
     run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, on_step, rank, world, device,
                out_dir,
-               getattr(data.tokenizer, "path", None))
+               getattr(data.tokenizer, "path", None), variants)
     try:
         if found is None and rank == 0:
             log_run_start(tracker, cfg, out_dir / "config.yaml", world)
@@ -258,10 +262,20 @@ def _result(run: _Run, progress: Progress, metrics: dict) -> dict:
 
 
 def _evaluate(run: _Run, step: int) -> dict:
-    log.info("evaluating at step %d%s", step, " (final)" if step == run.cfg.train.steps else "")
-    evaluated = evaluate_model(run.engine.module, run.data, run.cfg.eval, run.cfg.train.batch_size, run.device)
+    """Periodic evaluations score eval.batches batches; the final one the whole validation split, then the
+    evaluation variants (rank 0: the others hold the same weights and would only repeat its numbers)."""
+    final = step == run.cfg.train.steps
+    log.info("evaluating at step %d%s", step, " (final: the whole validation split)" if final else "")
+    batch = run.cfg.train.batch_size
+    evaluated = evaluate_model(run.engine.module, run.data, run.cfg.eval, batch, run.device, full=final)
+    if final and run.cfg.eval.variants:
+        weights = ckpt.full_weights(run.engine)  # every rank: collective under ZeRO-3
+        if run.variants:
+            evaluated.update(evaluate_variants(weights, run.variants, run.data, batch, run.device))
     if run.rank == 0:
         run.tracker.log_metrics(evaluated, step)
+        if final and run.variants:
+            run.tracker.set_tags(variant_tags(run.variants))
     return evaluated
 
 
@@ -284,6 +298,8 @@ def _finished(run: _Run, progress: Progress, state: dict, checkpoint: Path) -> d
     if schema.M_VAL_LOSS in evaluated:
         if run.rank == 0:
             run.tracker.log_metrics(evaluated, progress.step)
+            if run.variants:
+                run.tracker.set_tags(variant_tags(run.variants))
     else:
         log.warning("checkpoint %s holds no evaluation metrics; evaluating it", checkpoint)
         evaluated = _evaluate(run, progress.step)
