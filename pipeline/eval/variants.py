@@ -66,6 +66,16 @@ def variant_tags(resolved: list[EvalVariant]) -> dict[str, str]:
     return {schema.TAG_EVAL_VARIANT_PREFIX + v.label: v.overrides for v in resolved}
 
 
+def load_as(weights: dict, cfg: ModelConfig, dtype=torch.float32, device="cpu") -> AttambaLM:
+    """AttambaLM(cfg) holding `weights` (strict: every name and shape must match), in eval mode; built on
+    the meta device, so no time is spent on an initialisation that is overwritten."""
+    with torch.device("meta"):
+        model = AttambaLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
+
+
 def evaluate_variants(weights: dict, resolved: list[EvalVariant], data, batch_size: int = 8,
                       device="cpu") -> dict[str, float]:
     """evalvar/<label>/{loss,ppl,bpb,kv_cache_bytes,attn_flops_per_token} of each variant: the trained
@@ -75,10 +85,7 @@ def evaluate_variants(weights: dict, resolved: list[EvalVariant], data, batch_si
     dtype = next(w.dtype for w in weights.values() if w.is_floating_point())
     context = data.config.seq_len
     for variant in resolved:
-        with torch.device("meta"):
-            evaluated = AttambaLM(variant.model)
-        evaluated = evaluated.to_empty(device=device).to(dtype)
-        evaluated.load_state_dict(weights, strict=True)
+        evaluated = load_as(weights, variant.model, dtype, device)
         log.info("evaluating variant %s (%s)", variant.label, variant.overrides)
         res = evaluate_split(evaluated, data, "validation", batch_size, 0, device)
         values = {"loss": res["loss"], "ppl": res["ppl"], "bpb": res["bpb"],
