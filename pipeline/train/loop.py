@@ -265,7 +265,7 @@ def _evaluate(run: _Run, step: int) -> dict:
     """Periodic evaluations score eval.batches batches; the final one the whole validation split, then the
     evaluation variants (rank 0: the others hold the same weights and would only repeat its numbers)."""
     final = step == run.cfg.train.steps
-    log.info("evaluating at step %d%s", step, " (final: the whole validation split)" if final else "")
+    log.info("evaluating at step %d%s", step, " (final)" if final else "")
     batch = run.cfg.train.batch_size
     evaluated = evaluate_model(run.engine.module, run.data, run.cfg.eval, batch, run.device, full=final)
     if final and run.cfg.eval.variants:
