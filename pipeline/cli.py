@@ -46,6 +46,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.lm_eval and args.variant:
+        raise ValueError("--variant scores perplexity under another attention setting; run it without --lm-eval")
     if args.lm_eval:
         from pipeline.eval.harness import run_lm_eval
         from pipeline.train.checkpoint import resolve_checkpoint
