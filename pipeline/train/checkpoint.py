@@ -46,11 +46,18 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+# Model fields added after checkpoints existed, with their defaults: hashed only when set otherwise, so a
+# checkpoint made before a field existed still resumes.
+LATER_MODEL_FIELDS = {"sliding_window": False}
+
+
 def config_hash(cfg_dict: dict) -> str:
     """Hash of what must not change across a resume: model, data, optimizer and batch geometry.
     Steps, logging, eval and tracking may change (e.g. extending a run)."""
     t = cfg_dict["train"]
-    key = {"model": cfg_dict["model"], "data": cfg_dict["data"], "optim": cfg_dict["optim"],
+    model = {k: v for k, v in cfg_dict["model"].items()
+             if not (k in LATER_MODEL_FIELDS and v == LATER_MODEL_FIELDS[k])}
+    key = {"model": model, "data": cfg_dict["data"], "optim": cfg_dict["optim"],
            "train": {k: t[k] for k in ("batch_size", "grad_accum", "seed", "precision", "zero_stage")}}
     key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress")}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -74,7 +74,7 @@ class _Run:
     device: torch.device
     out_dir: Path
     tok_path: str | None                   # tokenizer.json copied into checkpoints
-    variants: list = field(default_factory=list)  # EvalVariants scored at the final evaluation
+    variants: list = field(default_factory=list)  # EvalVariants scored (on rank 0) at the final evaluation
 
 
 def _on_all_ranks(fn, rank: int, what: str):
@@ -204,7 +204,7 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
     data = _on_all_ranks(lambda: prepare(cfg.data, max_seq_len=cfg.model.max_seq_len), rank, "preparing data")
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
     cfg_dict = cfg.to_dict()
-    variants = [replace(v, model=replace(v.model, vocab_size=data.vocab_size)) for v in variants] if rank == 0 else []
+    variants = [replace(v, model=replace(v.model, vocab_size=data.vocab_size)) for v in variants]
     out_dir = Path(t.out_dir)
     found = ckpt.choose_checkpoint(out_dir, rank) if resume else None
     manifest = _check_resume(found, cfg, cfg_dict, data, world) if found is not None else {"step": 0}
@@ -268,15 +268,24 @@ def _evaluate(run: _Run, step: int) -> dict:
     log.info("evaluating at step %d%s", step, " (final)" if final else "")
     batch = run.cfg.train.batch_size
     evaluated = evaluate_model(run.engine.module, run.data, run.cfg.eval, batch, run.device, full=final)
-    if final and run.cfg.eval.variants:
-        weights = ckpt.full_weights(run.engine)  # every rank: collective under ZeRO-3
-        if run.variants:
-            evaluated.update(evaluate_variants(weights, run.variants, run.data, batch, run.device))
+    if final:
+        evaluated.update(_evaluate_variants(run, run.variants))
     if run.rank == 0:
         run.tracker.log_metrics(evaluated, step)
-        if final and run.variants:
-            run.tracker.set_tags(variant_tags(run.variants))
     return evaluated
+
+
+def _evaluate_variants(run: _Run, variants: list) -> dict:
+    """The variants' metrics (rank 0; {} elsewhere) and, on rank 0, their tags. Every rank calls it: the
+    weights are gathered collectively under ZeRO-3."""
+    if not variants:
+        return {}
+    weights = ckpt.full_weights(run.engine)
+    if run.rank != 0:
+        return {}
+    metrics = evaluate_variants(weights, variants, run.data, run.cfg.train.batch_size, run.device)
+    run.tracker.set_tags(variant_tags(variants))
+    return metrics
 
 
 def _report(run: _Run, step: int, evaluated: dict, checkpoint: Path | None) -> bool:
@@ -292,14 +301,17 @@ def _report(run: _Run, step: int, evaluated: dict, checkpoint: Path | None) -> b
 
 def _finished(run: _Run, progress: Progress, state: dict, checkpoint: Path) -> dict:
     """A resume at train.steps: the evaluation stored with the final checkpoint, logged again (the attempt
-    that made it may have been killed before its tracker delivered it), or, for a checkpoint made before
-    evaluations were stored, a fresh evaluation of it."""
+    that made it may have been killed before its tracker delivered it) with the evaluation variants it
+    lacks scored now, or, for a checkpoint made before evaluations were stored, a fresh evaluation of it."""
     evaluated = dict(state.get("eval") or {})
     if schema.M_VAL_LOSS in evaluated:
+        stored = [v for v in run.variants if schema.eval_variant_metric(v.label, "loss") in evaluated]
+        if run.rank == 0 and stored:
+            run.tracker.set_tags(variant_tags(stored))
+        # variants added to the config after the run finished are evaluated now, on the final weights
+        evaluated.update(_evaluate_variants(run, [v for v in run.variants if v not in stored]))
         if run.rank == 0:
             run.tracker.log_metrics(evaluated, progress.step)
-            if run.variants:
-                run.tracker.set_tags(variant_tags(run.variants))
     else:
         log.warning("checkpoint %s holds no evaluation metrics; evaluating it", checkpoint)
         evaluated = _evaluate(run, progress.step)

@@ -53,6 +53,18 @@ def test_final_evaluation_logs_variants_and_the_whole_split(env, capsys):
     assert again["run_id"] == result["run_id"]
     assert again[schema.eval_variant_metric(p8.variant(), "ppl")] == result[schema.eval_variant_metric(p8.variant(), "ppl")]
 
+    # a variant added to the config of a finished run is scored on its final weights by running it again
+    more = load_run_config(None, tiny(out, "train.steps=3", "train.ckpt_every=3", "train.eval_every=0",
+                                      "tracking.enabled=true", "tracking.experiment=evalvar",
+                                      "eval.variants=[{chunk_size: 8}, {leading_tokens: 2}]"))
+    third = train(more)
+    assert third["run_id"] == result["run_id"] and third["steps_s"] == 0
+    assert third[schema.eval_variant_metric(p8.variant(), "ppl")] == result[schema.eval_variant_metric(p8.variant(), "ppl")]
+    run = _run(result["run_id"])
+    assert run.data.tags[schema.TAG_EVAL_VARIANT_PREFIX + "attamba-P4-L2-cyclic"] == "leading_tokens=2"
+    assert run.data.metrics[schema.eval_variant_metric("attamba-P4-L2-cyclic", "ppl")] == \
+        third[schema.eval_variant_metric("attamba-P4-L2-cyclic", "ppl")]
+
     # the CLI: another variant, logged into the same run
     assert main(["eval", str(out), "--variant", "model.chunk_size=2,boundaries=uniform"]) == 0
     captured = capsys.readouterr()
