@@ -102,7 +102,9 @@ class ModelConfig:
     `head_dim=None` means dim // n_heads; `ffn_dim=None` means the Llama rule (8/3 * dim rounded up to a
     multiple of 64). Attamba fields (chunk_size = P, leading_tokens = L, ...) are ignored by baselines;
     `window` is the sliding-window baseline's number of visible keys (query included); `kv_dim` is the
-    iso-KV baseline's attention width F.
+    iso-KV baseline's attention width F. `sliding_window` (iso_kv only) limits the iso-KV transformer to the
+    last `window` keys, query included, like swa: the paper's iso-KV transformer evaluated with a sliding
+    window. It changes no parameter.
     """
 
     vocab_size: int = 4096
@@ -132,6 +134,7 @@ class ModelConfig:
     window: int = 256
     kv_dim: int | None = None
     iso: str | None = None   # iso_kv only: the cost F was matched to, "kv" | "flop" | "param" (attamba.costs)
+    sliding_window: bool = False
 
     def __post_init__(self):
         if isinstance(self.ssm, dict):
@@ -162,7 +165,7 @@ class ModelConfig:
         at_least("leading_tokens", self.leading_tokens, 0, integer=True)
         one_of("boundaries", self.boundaries, BOUNDARY_STRATEGIES)
         integer("boundary_seed", self.boundary_seed)
-        for name in ("tied_embeddings", "kv_proj", "ssm_residual", "pseudo_chunk"):
+        for name in ("tied_embeddings", "kv_proj", "ssm_residual", "pseudo_chunk", "sliding_window"):
             boolean(name, getattr(self, name))
         one_of("ssm_segmentation", self.ssm_segmentation, SSM_SEGMENTATIONS)
         at_least("window", self.window, 1, integer=True)
@@ -182,6 +185,9 @@ class ModelConfig:
                 one_of("iso", self.iso, ISO_SIZINGS)
         else:
             at_least("kv_dim", self.kv_dim, 1, integer=True, or_none=True)
+            if self.sliding_window:
+                fail("sliding_window", self.sliding_window, f"false for attention={self.attention!r}",
+                     "it applies to attention=iso_kv; a full transformer with a window is attention=swa")
             if self.iso is not None:
                 fail("iso", self.iso, f"null for attention={self.attention}",
                      "iso names how an attention=iso_kv baseline was sized; drop it for other attention kinds")
@@ -204,7 +210,8 @@ class ModelConfig:
         """Recent keys each query sees besides itself: L (attamba), W-1 (swa); None: every earlier key."""
         if self.attention == "attamba" and not self.pseudo_chunk:
             return self.leading_tokens
-        return self.window - 1 if self.attention == "swa" else None
+        windowed = self.attention == "swa" or (self.attention == "iso_kv" and self.sliding_window)
+        return self.window - 1 if windowed else None
 
     @property
     def attn_head_dim(self) -> int:
@@ -222,6 +229,8 @@ class ModelConfig:
         kind = self.kind
         core = CORE_FIELDS[self.attention]
         label = "-".join([kind] + [_core_part(name, getattr(self, name)) for name in core])
+        if self.attention == "iso_kv" and self.sliding_window:
+            label += f"-W{self.window}"   # the window is what its sliding_window adds
         for name, value in _differences(self):
             if name not in core:
                 label += _suffix(name, value)
@@ -234,7 +243,7 @@ def variant_fields(cfg: ModelConfig) -> list[tuple[str, object, object]]:
     width). Generic over dataclasses.fields, so a new field is part of the identity unless it is a size field.
     `attention` and `iso` are not listed: the kind spells them."""
     default = ModelConfig()
-    skip = set(SIZE_FIELDS) | {"attention", "iso"}
+    skip = set(SIZE_FIELDS) | {"attention", "iso", "sliding_window"}   # variant() spells these out
     if cfg.attention != "attamba":
         skip |= set(ATTAMBA_FIELDS)
     elif cfg.boundaries != "random":

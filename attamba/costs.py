@@ -3,7 +3,7 @@
 Conventions, shared with the decoding cache so that measurement and formula agree exactly:
 - After processing T tokens a layer caches exactly the keys visible to the last query (position T-1):
   the last min(L+1, T) positions, plus the visible boundaries (chunk ends and the sink) before them.
-  full / iso_kv cache all T positions; swa the last min(W, T).
+  full / iso_kv cache all T positions; swa (and iso_kv with sliding_window) the last min(W, T).
 - K/V entries have the model's dtype; the K- and V-SSM states (conv window and scan state of the current
   chunk) are kept in float32.
 - Attention FLOPs per query = 4 * attn_dim * visible keys (QK^T and PV, 2 FLOPs per multiply-add).
@@ -74,7 +74,7 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype=torch.float32) -> float:
     per = 2 * cfg.attn_dim * _dtype_bytes(dtype) * cfg.n_layers
     if cfg.attention == "attamba" and not cfg.pseudo_chunk:
         return per / cfg.chunk_size
-    if cfg.attention == "swa":
+    if cfg.leading_window is not None:   # swa, or iso_kv with a sliding window: a bounded cache
         return 0.0
     return float(per)
 

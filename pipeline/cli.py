@@ -46,6 +46,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.lm_eval and args.variant:
+        raise ValueError("--variant scores perplexity under another attention setting; run it without --lm-eval")
     if args.lm_eval:
         from pipeline.eval.harness import run_lm_eval
         from pipeline.train.checkpoint import resolve_checkpoint
@@ -55,10 +57,39 @@ def cmd_eval(args) -> int:
         return 0
     from pipeline.train.checkpoint import resolve_checkpoint
     from pipeline.eval.evaluate import evaluate_checkpoint
+    from pipeline.eval.variants import parse_variant
 
-    _print_json(evaluate_checkpoint(resolve_checkpoint(args.checkpoint), split=args.split,
-                                    paper_metric=args.paper_metric, paper_tail=args.paper_tail))
+    variants = [parse_variant(text) for text in args.variant]   # bad ones fail before the model is loaded
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    metrics = evaluate_checkpoint(checkpoint, split=args.split, paper_metric=args.paper_metric,
+                                  paper_tail=args.paper_tail, variants=variants)
+    _print_json(metrics)
+    if variants:
+        print(_log_variants(checkpoint, metrics, args.no_log), file=sys.stderr)
     return 0
+
+
+def _log_variants(checkpoint: Path, metrics: dict, no_log: bool) -> str:
+    """Log the evaluation variants into the checkpoint's MLflow run where there is one; one line saying
+    what was done."""
+    from pipeline import schema
+    from pipeline.train.checkpoint import MANIFEST, load_config
+    from pipeline.train.run_tracking import RUN_ID_FILE
+    from pipeline.tracking.mlflow_client import log_into_run
+
+    if no_log:
+        return "evaluation variants not logged (--no-log)"
+    id_file = checkpoint.parent.parent / RUN_ID_FILE   # <out_dir>/checkpoints/step_N
+    if not id_file.is_file():
+        return f"evaluation variants not logged: no {RUN_ID_FILE} in the run folder {str(id_file.parent)!r}"
+    run_id = id_file.read_text().strip()
+    step = json.loads((checkpoint / MANIFEST).read_text())["step"]
+    values = {k: v for k, v in metrics.items() if k.startswith(schema.M_EVAL_VARIANT_PREFIX)}
+    uri = load_config(checkpoint).tracking.uri
+    why = log_into_run(run_id, values, metrics["eval_variant_tags"], step, uri)
+    if why:
+        return f"evaluation variants not logged into MLflow run {run_id}: {why}"
+    return f"evaluation variants logged into MLflow run {run_id} at step {step}"
 
 
 def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -206,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval.paper_tail capped at the model's max_seq_len)")
     p.add_argument("--lm-eval", metavar="TASKS", help="comma-separated lm-evaluation-harness tasks (default: none: "
                    "perplexity and bits per byte)")
+    p.add_argument("--variant", action="append", default=[], metavar="FIELD=VALUE[,...]",
+                   help="also evaluate the weights under another attention setting, e.g. chunk_size=16 or "
+                   "boundaries=random,leading_tokens=4 (Attamba) or window=33 (transformers); repeatable, "
+                   "logged into the checkpoint's MLflow run")
+    p.add_argument("--no-log", action="store_true", help="print the --variant results without logging them")
     p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (default: none)")
     p.add_argument("--limit", type=int, help="examples per lm-eval task (default: all)")
 

@@ -20,6 +20,7 @@ import yaml
 from attamba.checks import at_least, boolean, fail, in_range, integer, number, one_of, positive, safe_name
 from attamba.config import ModelConfig
 from attamba.presets import PRESETS, model_config
+from attamba.variants import check_variant
 
 from pipeline.data.prepare import DataConfig
 from pipeline.tracking.config import TrackingConfig
@@ -101,6 +102,9 @@ class EvalConfig:
     mqar_examples: int = 64
     mqar_pairs: int = 8
     seed: int = 0                  # MQAR sequences are drawn from this seed
+    # Evaluation variants, scored at the final evaluation: each a mapping of attention fields, e.g.
+    # {chunk_size: 16} or {window: 33} (attamba.variants); a variant that does not fit a run's kind is skipped.
+    variants: tuple[dict, ...] = ()
 
     def __post_init__(self):
         at_least("eval.batches", self.batches, 0, integer=True)
@@ -110,6 +114,8 @@ class EvalConfig:
         at_least("eval.mqar_examples", self.mqar_examples, 1, integer=True)
         at_least("eval.mqar_pairs", self.mqar_pairs, 1, integer=True)
         integer("eval.seed", self.seed)
+        checked = tuple(check_variant(v, f"eval.variants[{i}]") for i, v in enumerate(self.variants))
+        object.__setattr__(self, "variants", checked)
 
 
 @dataclass(frozen=True)

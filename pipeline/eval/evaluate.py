@@ -88,15 +88,17 @@ def paper_metric(model, documents: list[np.ndarray], tail: int, device="cpu") ->
 
 def evaluate_model(model, data, eval_cfg, batch_size: int, device="cpu", full: bool = False,
                    split: str = "validation", paper: bool | None = None) -> dict[str, float]:
-    """The metrics a run logs (names from pipeline.schema) for one evaluation."""
+    """The metrics a run logs (names from pipeline.schema) for one evaluation: loss, ppl, bpb and the number
+    of targets scored, named by their split (val/ppl, test/ppl); full=True scores the whole split, else
+    the first eval_cfg.batches batches."""
     from pipeline import schema
     from pipeline.eval.mqar import mqar_accuracy
 
     res = evaluate_split(model, data, split, batch_size, 0 if full else eval_cfg.batches, device)
-    out = {schema.M_VAL_LOSS: res["loss"], schema.M_VAL_PPL: res["ppl"], schema.M_VAL_BPB: res["bpb"]}
+    out = {schema.split_metric(split, name): res[name] for name in ("loss", "ppl", "bpb", "tokens")}
     if eval_cfg.paper_metric if paper is None else paper:
         pm = paper_metric(model, data.document_tokens(split), eval_cfg.paper_tail, device)
-        out["val/paper_ppl"] = pm["paper_ppl"]
+        out[schema.split_metric(split, "paper_ppl")] = pm["paper_ppl"]
     for length in eval_cfg.mqar_lengths:
         if length <= model.config.max_seq_len:
             acc = mqar_accuracy(model, length, eval_cfg.mqar_pairs, eval_cfg.mqar_examples, eval_cfg.seed,
@@ -106,17 +108,24 @@ def evaluate_model(model, data, eval_cfg, batch_size: int, device="cpu", full: b
 
 
 def evaluate_checkpoint(path, split: str = "validation", paper_metric: bool = False, batch_size: int = 8,
-                        device: str = "cpu", paper_tail: int | None = None) -> dict:
-    """`attamba eval CHECKPOINT`: every token of `split`, plus the paper metric and MQAR if asked.
+                        device: str = "cpu", paper_tail: int | None = None, variants=()) -> dict:
+    """`attamba eval CHECKPOINT`: every token of `split`, plus the paper metric and MQAR if asked, and the
+    evaluation `variants` (checked mappings, attamba.variants) on the validation split.
 
     paper_tail: tokens kept from each document's end for the paper metric; default the config's
-    eval.paper_tail, capped at the model's max_seq_len (the paper: 1023 at sequence length 1024)."""
+    eval.paper_tail, capped at the model's max_seq_len (the paper: 1023 at sequence length 1024).
+    With variants, the result's "eval_variant_tags" holds the tags a tracked run gets for them."""
     import dataclasses
 
     from pipeline.train.checkpoint import load_model
     from pipeline.data.prepare import prepare
+    from pipeline.eval.variants import evaluate_variants, resolve, variant_tags
 
+    if variants and split != "validation":
+        raise ValueError(f"--variant scores the validation split, but --split={split!r}; evaluate the variants "
+                         f"without --split {split}")
     model, cfg, tokenizer = load_model(path, device)
+    resolved = resolve(cfg.model, variants)   # a shape-changing variant fails here, before any evaluation
     tail = paper_tail if paper_tail is not None else min(cfg.eval.paper_tail, cfg.model.max_seq_len)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, paper_tail=tail))
     data = prepare(cfg.data, max_seq_len=cfg.model.max_seq_len)
@@ -127,4 +136,7 @@ def evaluate_checkpoint(path, split: str = "validation", paper_metric: bool = Fa
     metrics = evaluate_model(model, data, cfg.eval, batch_size, device, full=True, split=split,
                              paper=paper_metric or cfg.eval.paper_metric)
     metrics["n_sequences"] = num_sequences(len(data.tokens(split)), cfg.data.seq_len)
+    if resolved:
+        metrics.update(evaluate_variants(model.state_dict(), resolved, data, batch_size, device))
+        metrics["eval_variant_tags"] = variant_tags(resolved)
     return metrics

@@ -118,3 +118,23 @@ def find_runs(experiment: str, tags: Mapping[str, str] | None = None, uri: str |
         token = page.token
         if not token:
             return runs
+
+
+def log_into_run(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str], step: int,
+                 uri: str | None = None) -> str | None:
+    """Add metrics (at `step`) and tags to an existing run; None when done, else why it was not (the store
+    unreachable, the run unknown to it)."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    try:
+        mlflow_client = client(uri)
+        mlflow_client.get_run(run_id)
+        now = int(time.time() * 1000)
+        mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
+                                tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    except Exception as exc:  # any store failure is reported, not raised: the numbers are printed anyway
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+

@@ -46,11 +46,18 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
+# Model fields added after checkpoints existed, with their defaults: hashed only when set otherwise, so a
+# checkpoint made before a field existed still resumes.
+LATER_MODEL_FIELDS = {"sliding_window": False}
+
+
 def config_hash(cfg_dict: dict) -> str:
     """Hash of what must not change across a resume: model, data, optimizer and batch geometry.
     Steps, logging, eval and tracking may change (e.g. extending a run)."""
     t = cfg_dict["train"]
-    key = {"model": cfg_dict["model"], "data": cfg_dict["data"], "optim": cfg_dict["optim"],
+    model = {k: v for k, v in cfg_dict["model"].items()
+             if not (k in LATER_MODEL_FIELDS and v == LATER_MODEL_FIELDS[k])}
+    key = {"model": model, "data": cfg_dict["data"], "optim": cfg_dict["optim"],
            "train": {k: t[k] for k in ("batch_size", "grad_accum", "seed", "precision", "zero_stage")}}
     key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress")}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -188,6 +195,14 @@ def confirm_step(directory: Path, step: int, device) -> None:
                          f"every rank must see the same train.out_dir (a shared file system)")
 
 
+def full_weights(engine) -> dict:
+    """The model's whole state dict on rank 0. Collective under ZeRO-3 (every rank calls it), whose ranks
+    hold only their partitions of each weight."""
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()  # full tensors on rank 0
+    return engine.module.state_dict()
+
+
 def save(engine, out_dir: Path, step: int, client_state: dict, cfg_dict: dict, tokenizer_path: str | None,
          rank: int, *, about: dict | None = None, keep_last: int = 0, keep_steps=()) -> Path:
     """Collective: every rank calls it. Writes and seals the checkpoint (`about`: extra manifest fields),
@@ -199,10 +214,7 @@ def save(engine, out_dir: Path, step: int, client_state: dict, cfg_dict: dict, t
         shutil.rmtree(directory)  # a leftover of an interrupted save at the same step
     dist.barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    if engine.zero_optimization_partition_weights():
-        weights = engine._zero3_consolidated_16bit_state_dict()  # collective; full tensors on rank 0
-    else:
-        weights = engine.module.state_dict()
+    weights = full_weights(engine)
     if rank == 0:
         write_model_files(directory, weights, cfg_dict, tokenizer_path)
     dist.barrier()
@@ -240,6 +252,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise ValueError(f"checkpoint {str(path)!r} does not exist; pass a run folder or one of its checkpoints")
     latest = latest_checkpoint(path) if not (path / MANIFEST).is_file() else None
     return latest if latest is not None else path
+
+
+def load_config(checkpoint_dir: str | Path):
+    """The RunConfig a checkpoint was trained with."""
+    from pipeline.config import run_config_from_dict
+
+    return run_config_from_dict(yaml.safe_load((Path(checkpoint_dir) / CONFIG).read_text()))
 
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):

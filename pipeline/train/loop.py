@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ from pipeline import schema
 from pipeline.config import RunConfig, dump_yaml, run_config_from_dict
 from pipeline.data.prepare import prepare
 from pipeline.eval.evaluate import evaluate_model
+from pipeline.eval.variants import evaluate_variants, resolve, variant_tags
 from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
                                    init_distributed, resolve_device)
 from pipeline.train.run_tracking import log_run_start, open_tracker, remember_run_id
@@ -73,6 +74,7 @@ class _Run:
     device: torch.device
     out_dir: Path
     tok_path: str | None                   # tokenizer.json copied into checkpoints
+    variants: list = field(default_factory=list)  # EvalVariants scored (on rank 0) at the final evaluation
 
 
 def _on_all_ranks(fn, rank: int, what: str):
@@ -197,10 +199,12 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
     device = resolve_device(t.device)
     if t.precision == "bf16" and device.type == "cpu" and t.zero_stage == 0:
         log.warning("bf16 on CPU is slow; fp32 is the usual choice here")
+    variants = resolve(cfg.model, cfg.eval.variants)  # a shape-changing variant fails here, before any work
     rank, world = init_distributed(device)
     data = _on_all_ranks(lambda: prepare(cfg.data, max_seq_len=cfg.model.max_seq_len), rank, "preparing data")
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
     cfg_dict = cfg.to_dict()
+    variants = [replace(v, model=replace(v.model, vocab_size=data.vocab_size)) for v in variants]
     out_dir = Path(t.out_dir)
     found = ckpt.choose_checkpoint(out_dir, rank) if resume else None
     manifest = _check_resume(found, cfg, cfg_dict, data, world) if found is not None else {"step": 0}
@@ -231,7 +235,7 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
     tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker, state.get("mlflow_run_id"))
     run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, on_step, rank, world, device,
                out_dir,
-               getattr(data.tokenizer, "path", None))
+               getattr(data.tokenizer, "path", None), variants)
     try:
         if found is None and rank == 0:
             log_run_start(tracker, cfg, out_dir / "config.yaml", world)
@@ -258,11 +262,30 @@ def _result(run: _Run, progress: Progress, metrics: dict) -> dict:
 
 
 def _evaluate(run: _Run, step: int) -> dict:
-    log.info("evaluating at step %d%s", step, " (final)" if step == run.cfg.train.steps else "")
-    evaluated = evaluate_model(run.engine.module, run.data, run.cfg.eval, run.cfg.train.batch_size, run.device)
+    """Periodic evaluations score eval.batches batches; the final one the whole validation split, then the
+    evaluation variants (rank 0: the others hold the same weights and would only repeat its numbers)."""
+    final = step == run.cfg.train.steps
+    log.info("evaluating at step %d%s", step, " (final)" if final else "")
+    batch = run.cfg.train.batch_size
+    evaluated = evaluate_model(run.engine.module, run.data, run.cfg.eval, batch, run.device, full=final)
+    if final:
+        evaluated.update(_evaluate_variants(run, run.variants))
     if run.rank == 0:
         run.tracker.log_metrics(evaluated, step)
     return evaluated
+
+
+def _evaluate_variants(run: _Run, variants: list) -> dict:
+    """The variants' metrics (rank 0; {} elsewhere) and, on rank 0, their tags. Every rank calls it: the
+    weights are gathered collectively under ZeRO-3."""
+    if not variants:
+        return {}
+    weights = ckpt.full_weights(run.engine)
+    if run.rank != 0:
+        return {}
+    metrics = evaluate_variants(weights, variants, run.data, run.cfg.train.batch_size, run.device)
+    run.tracker.set_tags(variant_tags(variants))
+    return metrics
 
 
 def _report(run: _Run, step: int, evaluated: dict, checkpoint: Path | None) -> bool:
@@ -278,10 +301,15 @@ def _report(run: _Run, step: int, evaluated: dict, checkpoint: Path | None) -> b
 
 def _finished(run: _Run, progress: Progress, state: dict, checkpoint: Path) -> dict:
     """A resume at train.steps: the evaluation stored with the final checkpoint, logged again (the attempt
-    that made it may have been killed before its tracker delivered it), or, for a checkpoint made before
-    evaluations were stored, a fresh evaluation of it."""
+    that made it may have been killed before its tracker delivered it) with the evaluation variants it
+    lacks scored now, or, for a checkpoint made before evaluations were stored, a fresh evaluation of it."""
     evaluated = dict(state.get("eval") or {})
     if schema.M_VAL_LOSS in evaluated:
+        stored = [v for v in run.variants if schema.eval_variant_metric(v.label, "loss") in evaluated]
+        if run.rank == 0 and stored:
+            run.tracker.set_tags(variant_tags(stored))
+        # variants added to the config after the run finished are evaluated now, on the final weights
+        evaluated.update(_evaluate_variants(run, [v for v in run.variants if v not in stored]))
         if run.rank == 0:
             run.tracker.log_metrics(evaluated, progress.step)
     else:

@@ -39,6 +39,7 @@ VARIANTS.update({
     "full": {"attention": "full"},
     "swa-W5": {"attention": "swa", "window": 5},
     "iso_kv-F8": {"attention": "iso_kv", "kv_dim": 8},
+    "iso_kv-F8-W5": {"attention": "iso_kv", "kv_dim": 8, "sliding_window": True, "window": 5},
 })
 
 

@@ -255,3 +255,38 @@ def test_hub_unreachable_reads_the_cause_chain():
     assert hub_unreachable(ConnectionRefusedError(111, "refused"))
     assert not hub_unreachable(chained(RuntimeError("x"), KeyError("no such task")))
     assert not hub_unreachable(ValueError("bad limit"))
+
+
+def test_metrics_are_named_by_their_split_and_count_what_they_scored(setup):
+    from pipeline import schema
+    from pipeline.eval.evaluate import evaluate_model
+
+    cfg, data, model = setup
+    whole = evaluate_model(model, data, cfg.eval, 2, full=True)
+    assert whole[schema.M_VAL_TOKENS] == len(data.tokens("validation")) - 1   # every target once
+    some = evaluate_model(model, data, replace(cfg.eval, batches=1), 2)
+    assert some[schema.M_VAL_TOKENS] == 2 * cfg.data.seq_len < whole[schema.M_VAL_TOKENS]
+    test = evaluate_model(model, data, cfg.eval, 2, full=True, split="test")
+    assert set(test) == {"test/loss", "test/ppl", "test/bpb", "test/tokens"}
+    assert test["test/tokens"] == len(data.tokens("test")) - 1
+    assert test["test/loss"] != whole[schema.M_VAL_LOSS]
+
+
+def test_cli_variants_without_a_tracked_run_say_they_were_not_logged(setup, tmp_path, capsys):
+    from pipeline import schema
+    from pipeline.cli import main
+
+    directory = _export(setup, tmp_path / "checkpoints" / "step_00000000")
+    cfg = setup[0].model
+    assert cfg.chunk_size == 8   # so chunk_size=8 is the trained setting, skipped; a window does not apply
+    assert main(["eval", str(tmp_path), "--variant", "chunk_size=4", "--variant", "model.leading_tokens=0",
+                 "--variant", "chunk_size=8", "--variant", "window=9"]) == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out[captured.out.index("{\n"):])
+    labels = {replace(cfg, chunk_size=4).variant(), replace(cfg, leading_tokens=0).variant()}
+    assert set(printed["eval_variant_tags"]) == {schema.TAG_EVAL_VARIANT_PREFIX + label for label in labels}
+    for label in labels:
+        assert schema.eval_variant_metric(label, "kv_cache_bytes") in printed
+    assert "not logged: no mlflow_run_id" in captured.err
+    assert main(["eval", str(directory), "--variant", "ssm.state_dim=64"]) == 2
+    assert "may only change the attention setting" in capsys.readouterr().err

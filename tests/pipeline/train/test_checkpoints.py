@@ -174,3 +174,14 @@ def test_two_ranks_resume_from_the_checkpoint_rank_0_chose(env):
     for step in (3, 4):
         assert losses(env / "dp")[step] == pytest.approx(before[step], abs=1e-6, rel=0)
     assert ckpt.verify(shard.parent)["step"] == 4
+
+
+def test_model_fields_added_later_keep_old_checkpoints_resumable():
+    from pipeline.config import RunConfig
+
+    now = RunConfig().to_dict()
+    before = {**now, "model": {k: v for k, v in now["model"].items() if k not in ckpt.LATER_MODEL_FIELDS}}
+    assert ckpt.config_hash(before) == ckpt.config_hash(now)
+    windowed = {**now, "model": {**now["model"], "sliding_window": True}}
+    assert ckpt.config_hash(windowed) != ckpt.config_hash(now)
+
