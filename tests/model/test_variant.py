@@ -28,6 +28,7 @@ CHANGES = {
     "window": ({"attention": "swa"}, {"window": 33}),
     "kv_dim": (ISO, {"kv_dim": 48}),
     "iso": (ISO, {"iso": "flop"}),
+    "sliding_window": (ISO, {"sliding_window": True}),
     "ssm.state_dim": ({}, {"state_dim": 16}),
     "ssm.inner_dim": ({}, {"inner_dim": 512}),
     "ssm.heads": ({}, {"heads": 4}),
@@ -62,6 +63,13 @@ def test_changing_any_non_size_field_changes_the_label(name):
     before, after = ModelConfig(**base).variant(), _build(base, change, name).variant()
     assert after != before, (name, after)
     assert SAFE_NAME.fullmatch(after), after   # a folder name
+
+
+def test_a_windowed_iso_kv_label_says_its_window():
+    windowed = ModelConfig(**ISO, sliding_window=True, window=9)
+    assert windowed.variant() == "iso_kv-F32-W9"
+    assert dataclasses.replace(windowed, window=17).variant() == "iso_kv-F32-W17"
+    assert ModelConfig(**ISO, iso="flop", sliding_window=True, window=9).variant() == "iso_flop-F32-W9"
 
 
 def test_labels_of_all_changes_are_distinct():
