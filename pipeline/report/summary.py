@@ -46,19 +46,24 @@ def best_table(ok: pd.DataFrame) -> pd.DataFrame:
 
 
 def fits_table(fits: dict[str, VariantFits]) -> pd.DataFrame:
+    """One row per fitted law: its form, sizes and runs used, status, parameters with 95% intervals and the
+    fraction of bootstrap refits that succeeded (or why the intervals were omitted), flags and notes."""
     rows = []
     for variant, vf in fits.items():
         for law, lr in vf.laws.items():
             f = lr.fit
-            row = {"variant": variant, "law": law, "sizes": f.n_distinct, "runs": f.n_points}
+            row = {"variant": variant, "law": lr.law, "form": f.form, "sizes": f.n_distinct, "runs": f.n_points,
+                   "status": f.status}
             if not f.ok:
-                row["result"] = f.reason
+                row["result"] = f"not fitted: {f.reason}"
+            elif f.intervals:
+                row["result"] = "; ".join(f"{k}={num(v)} {interval(*f.intervals[k])}" for k, v in f.params.items())
+                row["result"] += f" ({f.n_bootstrap_ok}/{f.n_bootstrap} bootstrap refits)"
             else:
-                parts = [f"{k}={num(v)} {interval(*f.intervals.get(k, (math.nan, math.nan)))}"
-                         for k, v in f.params.items()]
-                row["result"] = "; ".join(parts) + f" ({f.n_bootstrap_ok}/{f.n_bootstrap} bootstrap fits)"
+                row["result"] = "; ".join(f"{k}={num(v)}" for k, v in f.params.items()) + f" ({f.interval_note})"
             if lr.note:
                 row["result"] += f"; {lr.note}"
+            row["flags"] = "; ".join(f.flags)
             rows.append(row)
     return pd.DataFrame(rows)
 
