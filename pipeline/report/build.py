@@ -10,7 +10,8 @@ import pandas as pd
 
 from pipeline import schema
 from pipeline.report import summary as S
-from pipeline.report.compare import config_table, gap_to_transformer, iso_kv_comparison, pareto_table, recall_table
+from pipeline.report.compare import (config_table, gap_to_transformer, iso_flop_comparison, iso_kv_comparison,
+                                     iso_param_comparison, pareto_table, recall_table)
 from pipeline.report.figures import all_figures
 from pipeline.report.html import report_html
 from pipeline.report.load import load_runs
@@ -60,6 +61,8 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     fits = fit_variants(ok, n_bootstrap=n_bootstrap, seed=seed) if len(ok) else {}
     gap = gap_to_transformer(ok) if len(ok) else pd.DataFrame()
     iso = iso_kv_comparison(ok) if len(ok) else pd.DataFrame()
+    iso_flop = iso_flop_comparison(ok) if len(ok) else pd.DataFrame()
+    iso_param = iso_param_comparison(ok) if len(ok) else pd.DataFrame()
     recall = recall_table(ok) if len(ok) else pd.DataFrame()
     configs = config_table(ok) if len(ok) else pd.DataFrame()
     fronts = {cost: pareto_table(configs, cost) if cost in configs else pd.DataFrame()
@@ -72,6 +75,8 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
         "Predicted loss (largest size and extrapolations)": S.predictions_table(fits),
         "Gap to the transformer at equal size": S.comparison_table(gap),
         "Iso-KV comparison (closest KV-cache baseline, same size)": S.comparison_table(iso),
+        "Iso-FLOP comparison (closest attention-FLOPs baseline, same size)": S.comparison_table(iso_flop),
+        "Iso-parameter comparison (closest parameter-count baseline, same size)": S.comparison_table(iso_param),
         "Pareto front: perplexity vs KV-cache bytes": S.pareto_points_table(fronts[schema.M_KV_BYTES],
                                                                              schema.M_KV_BYTES),
         "Pareto front: perplexity vs attention FLOPs per token": S.pareto_points_table(
@@ -85,6 +90,7 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     files = {name: out_dir / name for name in ("report.html", "summary.md", "runs.csv", "runs.json", "fits.json")}
     fits_json = {"experiment": experiment, "fits": fits_to_json(fits),
                  "gap_to_transformer": _records(gap), "iso_kv": _records(iso),
+                 "iso_flop": _records(iso_flop), "iso_param": _records(iso_param),
                  "pareto": {cost: _records(front) for cost, front in fronts.items()},
                  "failed": _records(S.status_table(table)), "missing": table.missing}
     files["report.html"].write_text(report_html(f"Study report: {experiment}", [l for l in intro if l.strip()],
