@@ -94,18 +94,22 @@ VARIANTS = {  # variant -> (attention, P, L, E, KV bytes per non-embedding param
 TOKENS = 1e8
 
 
-def _log_run(client, exp_id, trial, variant, attention, size, seed, P, L, loss, kv, status="FINISHED", mqar=None):
+def _log_run(client, exp_id, trial, variant, attention, size, seed, P, L, loss, kv, status="FINISHED", mqar=None,
+             extra_tags=None, overrides=None):
+    """One fake training run in a real MLflow store; `extra_tags` add tags, `overrides` replace step-0 metrics."""
     run = client.create_run(exp_id, run_name=trial)
     rid = run.info.run_id
     tags = {schema.TAG_STUDY: "unit", schema.TAG_TRIAL: trial, schema.TAG_SIZE: size,
             schema.TAG_ATTENTION: attention, schema.TAG_VARIANT: variant, schema.TAG_CHUNK: P,
             schema.TAG_LEADING: L, schema.TAG_BOUNDARIES: "cyclic" if P else "", schema.TAG_SEED: str(seed),
-            schema.TAG_STATUS: "finished" if status == "FINISHED" else "failed"}
+            schema.TAG_STATUS: "finished" if status == "FINISHED" else "failed", **(extra_tags or {})}
     n = SIZES[size]
     metrics = [Metric(schema.M_PARAMS_NON_EMB, n, 0, 0), Metric(schema.M_PARAMS, n + 2e6, 0, 0),
                Metric(schema.M_KV_BYTES, kv, 0, 0), Metric(schema.M_ATTN_FLOPS_PER_TOKEN, kv * 3.0, 0, 0),
                Metric(schema.M_TRAIN_TOKENS, TOKENS, 0, 0), Metric(schema.M_TRAIN_FLOPS, 6 * n * TOKENS, 0, 0),
                Metric(schema.M_LOSS, loss + 0.1, 0, 200)]
+    for name, value in (overrides or {}).items():
+        metrics = [m for m in metrics if m.key != name] + [Metric(name, value, 0, 0)]
     if loss is not None and status == "FINISHED":
         # An earlier, worse evaluation: the report must read the last one.
         metrics += [Metric(schema.M_VAL_LOSS, loss + 0.5, 0, 100), Metric(schema.M_VAL_PPL, np.exp(loss + 0.5), 0, 100),
