@@ -12,9 +12,9 @@ curve passes exactly through the size means and nothing is left to estimate. Whe
 identified, two constrained forms can be, each labelled by its `form`: a 2-parameter power law L = A x^-alpha
 (E = 0, log-linear, >= 3 sizes) and one E shared by several variants (`fit_shared_e`).
 
-Uncertainty comes from a seeded bootstrap that resamples runs within sizes (`within_size_resamples`), refitting
-every resample; intervals are reported with the fraction of refits that succeeded, and omitted below
-MIN_REFIT_FRACTION. Exponents outside PLAUSIBLE_EXPONENT are flagged.
+Uncertainty comes from a seeded bootstrap that resamples runs within sizes, refitting every resample;
+intervals are reported with the fraction of refits that succeeded, and omitted below MIN_REFIT_FRACTION.
+Exponents outside PLAUSIBLE_EXPONENT are flagged (`pipeline.report.uncertainty`).
 """
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
+from pipeline.report.uncertainty import (CI_LEVEL, bootstrap, exponent_flags, identifiability, intervals_from,
+                                         size_labels)
+
 try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # optional: only makes the fits faster
@@ -34,10 +37,7 @@ except ImportError:  # optional: only makes the fits faster
 HUBER_DELTA = 1e-3
 ALPHA_BOUNDS = (0.0, 5.0)
 LOG_BOUNDS = (-40.0, 40.0)
-CI_LEVEL = 0.95
 N_STARTS = 10   # grid points, ranked by their starting objective, that L-BFGS is run from
-MIN_REFIT_FRACTION = 0.8           # intervals are omitted when fewer bootstrap refits than this succeed
-PLAUSIBLE_EXPONENT = (0.02, 2.0)   # fitted exponents (alpha, beta, gamma) outside this range are flagged
 STATUS_OK, STATUS_NOT_IDENTIFIABLE = "ok", "not_identifiable"
 FORM_FREE = "free E"                                   # L = E + A x^-alpha (+ B D^-beta)
 FORM_POWER = "2-parameter power law, E = 0 (constrained)"   # L = A x^-alpha
@@ -206,109 +206,10 @@ def predict(fit: PowerLawFit, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return mid, np.percentile(boots, q, axis=0), np.percentile(boots, 100 - q, axis=0)
 
 
-def identifiability(x: np.ndarray, n_params: int) -> str:
-    """Why a law with `n_params` parameters is not identified by the sizes x: [n, k] ('' when it is).
-
-    One variable: more runs than parameters and at least n_params + 1 distinct sizes (with n_params sizes the
-    curve passes exactly through the size means, whatever the noise). Two variables: n_params + 1 distinct
-    (N, D) points with at least 3 values of each variable.
-    """
-    x = np.asarray(x, dtype=float)
-    x = x[:, None] if x.ndim == 1 else x
-    n, k = x.shape
-    n_distinct = len({tuple(row) for row in x})
-    if k == 1:
-        if n_distinct < n_params + 1 or n <= n_params:
-            return f"not identifiable from {n_distinct} sizes (a {n_params}-parameter law needs >= {n_params + 1})"
-        return ""
-    per_var = [len(np.unique(x[:, j])) for j in range(k)]
-    if n_distinct < n_params + 1 or min(per_var) < 3 or n <= n_params:
-        return (f"not identifiable from {n_distinct} (N, D) points with {per_var} values per variable "
-                f"(a {n_params}-parameter law needs >= {n_params + 1} points and >= 3 values per variable)")
-    return ""
-
-
-def within_size_resamples(strata: np.ndarray, log_y: np.ndarray, n: int,
-                          rng: np.random.Generator) -> np.ndarray | None:
-    """`n` bootstrap resamples of log losses at the same sizes: [n, len(log_y)], or None when no size has 2 runs.
-
-    strata: [len(log_y)] labels, one per size (per (variant, size) for a joint fit). The sizes are the study's
-    design, chosen rather than sampled, and the seeds at a size are its replicates: so every resample keeps every
-    size and redraws that size's runs, with replacement, from the runs at that size. Resampling by size instead
-    would change the design, and with 4-5 sizes most resamples would hold too few distinct sizes to refit.
-    A draw is the size's mean plus the drawn run's deviation from it, scaled by sqrt(m / (m - 1)) for m runs at
-    that size, so the resampled spread is the seed variance rather than (m - 1) / m of it (a 20-30% narrower
-    interval with 3-4 seeds). A size with a single run draws its deviation from the pooled deviations of the
-    sizes with several runs; with no such size the runs say nothing about seed noise, and None is returned.
-    """
-    labels = np.unique(np.asarray(strata), return_inverse=True)[1].ravel()
-    groups = [np.flatnonzero(labels == s) for s in range(labels.max() + 1)]
-    mean, dev = np.empty_like(log_y), np.zeros_like(log_y)
-    for idx in groups:
-        mean[idx] = log_y[idx].mean()
-        if len(idx) > 1:
-            dev[idx] = (log_y[idx] - mean[idx]) * np.sqrt(len(idx) / (len(idx) - 1))
-    pool = np.concatenate([dev[idx] for idx in groups if len(idx) > 1] or [np.empty(0)])
-    if not len(pool):
-        return None
-    out = np.repeat(mean[None, :], n, axis=0)
-    for idx in groups:
-        src = idx if len(idx) > 1 else None
-        draws = (dev[src[rng.integers(0, len(src), (n, len(idx)))]] if src is not None
-                 else pool[rng.integers(0, len(pool), (n, len(idx)))])
-        out[:, idx] += draws
-    return out
-
-
-def _strata(*cols: np.ndarray) -> np.ndarray:
-    """One integer label per distinct row of the given columns."""
-    rows = np.column_stack([np.asarray(c, dtype=float) for c in cols])
-    return np.unique(rows, axis=0, return_inverse=True)[1].ravel()
-
-
 def _exponents_ok(alpha: np.ndarray) -> bool:
     # A refit whose exponent sits on the search bound has degenerated (a constant term, or a step): count it failed.
     lo, hi = ALPHA_BOUNDS
     return bool(np.all(np.isfinite(alpha)) and np.all(alpha > lo + 1e-6) and np.all(alpha < hi - 1e-6))
-
-
-def _bootstrap(refit, strata: np.ndarray, log_y: np.ndarray, n_bootstrap: int,
-               seed: int) -> tuple[list[np.ndarray], str]:
-    """Refit every within-size resample; `refit(log_y) -> theta | None` (None: the refit failed).
-    Returns the successful refits' thetas and, where no resample could be drawn, why."""
-    if n_bootstrap == 0:
-        return [], "no bootstrap (n_bootstrap=0)"
-    samples = within_size_resamples(strata, log_y, n_bootstrap, np.random.default_rng(seed))
-    if samples is None:
-        return [], ("interval omitted: one run per size, so resampling runs within sizes has no spread "
-                    "(run >= 2 seeds per size)")
-    return [t for t in (refit(s) for s in samples) if t is not None], ""
-
-
-def _intervals(params: dict[str, float], boot_params: list[dict[str, float]], n_bootstrap: int,
-               note: str) -> tuple[dict[str, tuple[float, float]], str]:
-    """Percentile intervals, or none and why: too few successful refits, or a distribution of zero width."""
-    if note:
-        return {}, note
-    n_ok = len(boot_params)
-    if n_ok < max(2, MIN_REFIT_FRACTION * n_bootstrap):
-        return {}, (f"interval omitted: {n_ok}/{n_bootstrap} refits succeeded "
-                    f"(needs >= {MIN_REFIT_FRACTION:.0%})")
-    q = 100 * (1 - CI_LEVEL) / 2
-    out = {}
-    for name, value in params.items():
-        vals = np.array([p[name] for p in boot_params])
-        lo, hi = float(np.percentile(vals, q)), float(np.percentile(vals, 100 - q))
-        if not hi - lo > 1e-12 * max(abs(value), 1e-300):
-            return {}, f"interval omitted: the {n_ok} refits all give {name}={value:.6g} (no spread to report)"
-        out[name] = (lo, hi)
-    return out, ""
-
-
-def exponent_flags(params: dict[str, float], exponents: list[str]) -> list[str]:
-    lo, hi = PLAUSIBLE_EXPONENT
-    return [f"implausible: {name}={params[name]:.3g} outside [{lo:g}, {hi:g}]"
-            for name in exponents if name in params and not lo <= params[name] <= hi]
 
 
 def fit_scaling_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int = 500, seed: int = 0,
@@ -356,9 +257,9 @@ def _fit_scaling_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int, seed: int, 
         t = _fit_theta(z, ly, [theta], delta)
         return t if _exponents_ok(t[1 + k:]) else None
 
-    boots, note = _bootstrap(refit, _strata(*x.T), log_y, n_bootstrap, seed)
+    boots, note = bootstrap(refit, size_labels(*x.T), log_y, n_bootstrap, seed)
     params = _to_public(theta, x0, names)
-    intervals, note = _intervals(params, [_to_public(t, x0, names) for t in boots], n_bootstrap, note)
+    intervals, note = intervals_from(params, [_to_public(t, x0, names) for t in boots], n_bootstrap, note)
     residuals = (log_y - np.log(predict_theta(theta, x0, x))).tolist()
     return PowerLawFit(status=STATUS_OK, form=FORM_FREE, n_params=n_params, n_points=len(y), n_distinct=n_distinct,
                        params=params, intervals=intervals, interval_note=note,
@@ -393,7 +294,7 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int = 500, seed: in
         return np.array([-np.inf, ly.mean() - slope * z.mean(), -slope])
 
     theta = solve(log_y)
-    boots, note = _bootstrap(lambda ly: solve(ly), _strata(x[:, 0]), log_y, n_bootstrap, seed)
+    boots, note = bootstrap(lambda ly: solve(ly), size_labels(x[:, 0]), log_y, n_bootstrap, seed)
     public = [names[1], names[2]]
 
     def to_public(t: np.ndarray) -> dict[str, float]:
@@ -401,7 +302,7 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int = 500, seed: in
         return {name: p[name] for name in public}
 
     params = to_public(theta)
-    intervals, note = _intervals(params, [to_public(t) for t in boots], n_bootstrap, note)
+    intervals, note = intervals_from(params, [to_public(t) for t in boots], n_bootstrap, note)
     residuals = (log_y - np.log(predict_theta(theta, x0, x))).tolist()
     return PowerLawFit(status=STATUS_OK, form=FORM_POWER, n_params=2, n_points=len(y), n_distinct=n_distinct,
                        params=params, intervals=intervals, interval_note=note,
@@ -430,7 +331,6 @@ def _fit_shared_e(xs, ys, n_bootstrap, seed, delta, names) -> list[PowerLawFit]:
     n_groups = len(clean)
     n_params = 1 + 2 * n_groups
     sizes = [len(np.unique(x)) for x, _, _ in clean]
-    n_points = sum(len(y) for _, y, _ in clean)
     if n_groups < 2 or min(sizes) < 3 or len(set(zip(*_joint_keys(clean)))) <= n_params:
         reason = (f"not identifiable: a shared E needs >= 2 variants with >= 3 sizes each and more distinct "
                   f"points than its {n_params} parameters; got sizes {sizes} per variant")
@@ -453,7 +353,7 @@ def _fit_shared_e(xs, ys, n_bootstrap, seed, delta, names) -> list[PowerLawFit]:
         t = fit(ly, [theta])
         return t if _exponents_ok(t[1 + n_groups:]) else None
 
-    boots, note = _bootstrap(refit, _strata(g, x_all), log_y, n_bootstrap, seed)
+    boots, note = bootstrap(refit, size_labels(g, x_all), log_y, n_bootstrap, seed)
 
     def variant_theta(t: np.ndarray, v: int) -> np.ndarray:
         return np.array([t[0], t[1 + v], t[1 + n_groups + v]])
@@ -464,7 +364,7 @@ def _fit_shared_e(xs, ys, n_bootstrap, seed, delta, names) -> list[PowerLawFit]:
         tv = variant_theta(theta, v)
         params = _to_public(tv, x0, names)
         bv = [variant_theta(t, v) for t in boots]
-        intervals, note_v = _intervals(params, [_to_public(t, x0, names) for t in bv], n_bootstrap, note)
+        intervals, note_v = intervals_from(params, [_to_public(t, x0, names) for t in bv], n_bootstrap, note)
         residuals = (np.log(y) - np.log(predict_theta(tv, x0, x))).tolist()
         out.append(PowerLawFit(status=STATUS_OK, form=FORM_SHARED_E, n_params=n_params, n_points=len(y),
                                n_distinct=sizes[v], params=params, intervals=intervals, interval_note=note_v,

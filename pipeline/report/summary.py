@@ -10,7 +10,7 @@ import math
 import pandas as pd
 
 from pipeline import schema
-from pipeline.report.fits import MIN_REFIT_FRACTION, PLAUSIBLE_EXPONENT
+from pipeline.report.uncertainty import MIN_REFIT_FRACTION, PLAUSIBLE_EXPONENT
 from pipeline.report.load import RunTable
 from pipeline.report.scaling import VariantFits
 

@@ -10,9 +10,10 @@ import pytest
 from scipy.optimize import check_grad
 
 from pipeline import schema
-from pipeline.report.fits import (FORM_FREE, FORM_POWER, FORM_SHARED_E, MIN_REFIT_FRACTION, _intervals, _objective,
-                                  _objective_shared, exponent_flags, fit_power_law, fit_scaling_law, fit_shared_e,
-                                  identifiability, within_size_resamples)
+from pipeline.report.fits import (FORM_FREE, FORM_POWER, FORM_SHARED_E, _objective, _objective_shared, fit_power_law,
+                                  fit_scaling_law, fit_shared_e)
+from pipeline.report.uncertainty import (MIN_REFIT_FRACTION, exponent_flags, identifiability, intervals_from,
+                                         within_size_resamples)
 from pipeline.report.scaling import LAW_N, fit_variants, law_key
 
 E, A, ALPHA = 1.69, 406.4, 0.34
@@ -144,15 +145,16 @@ def test_within_size_resamples_keep_sizes_and_the_seed_variance():
 def test_interval_omitted_below_the_refit_threshold():
     params = {"E": 2.0, "alpha": 0.3}
     boots = [{"E": 2.0 + 0.01 * i, "alpha": 0.3 + 0.001 * i} for i in range(10)]
-    kept, note = _intervals(params, boots[:8], 10, "")
+    kept, note = intervals_from(params, boots[:8], 10, "")
     assert MIN_REFIT_FRACTION == 0.8 and set(kept) == {"E", "alpha"} and note == ""
-    omitted, note = _intervals(params, boots[:7], 10, "")
+    omitted, note = intervals_from(params, boots[:7], 10, "")
     assert omitted == {} and note == "interval omitted: 7/10 refits succeeded (needs >= 80%)"
     # A noisy flat curve: the free law's refits degenerate (exponent on its bound), and the report says so.
     n = np.repeat(np.geomspace(1e6, 1e9, 5), 3)
     fit = fit_scaling_law(n, 3.0 * np.exp(np.random.default_rng(4).normal(0, 0.02, n.size)), n_bootstrap=50)
     assert fit.ok and fit.n_bootstrap_ok < MIN_REFIT_FRACTION * 50
-    assert not fit.intervals and fit.interval_note == f"interval omitted: {fit.n_bootstrap_ok}/50 refits succeeded (needs >= 80%)"
+    assert not fit.intervals
+    assert fit.interval_note == f"interval omitted: {fit.n_bootstrap_ok}/50 refits succeeded (needs >= 80%)"
 
 
 def test_implausible_exponents_are_flagged():
@@ -163,7 +165,8 @@ def test_implausible_exponents_are_flagged():
     ok = fit_scaling_law(x, 2.0 + 5.0 * x ** -0.5 * np.exp(np.random.default_rng(0).normal(0, 0.002, x.size)),
                          n_bootstrap=0)
     assert ok.flags == [] and ok.interval_note == "no bootstrap (n_bootstrap=0)"
-    assert exponent_flags({"gamma": 0.01, "beta": 0.5}, ["gamma", "beta"]) == ["implausible: gamma=0.01 outside [0.02, 2]"]
+    flags = exponent_flags({"gamma": 0.01, "beta": 0.5}, ["gamma", "beta"])
+    assert flags == ["implausible: gamma=0.01 outside [0.02, 2]"]
 
 
 def test_bootstrap_intervals_cover_the_truth():

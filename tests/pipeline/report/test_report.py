@@ -63,7 +63,8 @@ def test_fit_recovers_two_variable_law():
 
 def test_fit_refuses_too_few_sizes():
     fit = fit_scaling_law(np.array([1e6, 1e6, 4e6, 4e6]), np.array([3.0, 3.01, 2.5, 2.49]))
-    assert fit.status == "not_identifiable" and fit.reason == "not identifiable from 2 sizes (a 3-parameter law needs >= 4)"
+    assert fit.status == "not_identifiable"
+    assert fit.reason == "not identifiable from 2 sizes (a 3-parameter law needs >= 4)"
     assert not fit.params and not fit.intervals
     with pytest.raises(ValueError, match="x must be"):
         fit_scaling_law(np.ones((3, 3)), np.ones(3))
