@@ -11,7 +11,8 @@ import pandas as pd
 from pipeline import schema
 from pipeline.report import summary as S
 from pipeline.report.claims import claims_json, claims_table, estimates_table, evaluate_claims
-from pipeline.report.compare import gap_to_transformer, iso_kv_comparison, recall_table
+from pipeline.report.compare import (gap_to_transformer, iso_flop_comparison, iso_kv_comparison, iso_param_comparison,
+                                     recall_table)
 from pipeline.report.empty import empty, or_empty, reasons
 from pipeline.report.figures import all_figures
 from pipeline.report.html import report_html
@@ -65,6 +66,8 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     fits = fit_variants(ok, n_bootstrap=n_bootstrap, seed=seed) if len(ok) else {}
     gap = gap_to_transformer(ok) if len(ok) else pd.DataFrame()
     iso = iso_kv_comparison(ok) if len(ok) else pd.DataFrame()
+    iso_flop = iso_flop_comparison(ok) if len(ok) else pd.DataFrame()
+    iso_param = iso_param_comparison(ok) if len(ok) else pd.DataFrame()
     recall = recall_table(ok) if len(ok) else pd.DataFrame()
     claims = evaluate_claims(ok)
     points = pareto_points(ok) if len(ok) else pd.DataFrame()
@@ -81,6 +84,10 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
         "Predicted loss (largest size and extrapolations)": or_empty(S.predictions_table(fits), why["predictions"]),
         "Gap to the transformer at equal size": or_empty(S.comparison_table(gap), why["gap"]),
         "Iso-KV comparison (closest KV-cache baseline, same size)": or_empty(S.comparison_table(iso), why["iso_kv"]),
+        "Iso-FLOP comparison (closest attention-FLOPs baseline, same size)": or_empty(
+            S.comparison_table(iso_flop), why["iso_flop"]),
+        "Iso-parameter comparison (closest parameter-count baseline, same size)": or_empty(
+            S.comparison_table(iso_param), why["iso_param"]),
         **{title: or_empty(S.pareto_points_table(fronts[cost], cost), why[f"pareto:{cost}"])
            for title, cost in (("Pareto front: perplexity vs KV-cache bytes", schema.M_KV_BYTES),
                                ("Pareto front: perplexity vs attention FLOPs per token",
@@ -97,6 +104,7 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
                                                  "claims.json")}
     fits_json = {"experiment": experiment, "fits": fits_to_json(fits),
                  "gap_to_transformer": _records(gap), "iso_kv": _records(iso),
+                 "iso_flop": _records(iso_flop), "iso_param": _records(iso_param),
                  "pareto": {cost: _records(front) for cost, front in fronts.items()},
                  "measured": _records(opening["What was measured"]),
                  "failed": _records(S.status_table(table)), "missing": table.missing}

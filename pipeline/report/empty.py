@@ -44,13 +44,16 @@ def _n_sizes(ok: pd.DataFrame) -> int:
     return ok[schema.TAG_SIZE].nunique() if len(ok) else 0
 
 
+ISO_NAMES = {"iso_kv": "iso-KV", "iso_flop": "iso-FLOP", "iso_param": "iso-parameter"}
+
+
 def reasons(runs: pd.DataFrame, ok: pd.DataFrame) -> dict[str, str]:
     """Why each kind of section would be empty for this study. runs: every run; ok: the usable ones.
 
-    Keys: status, results, fits, predictions, gap, iso_kv, pareto:<cost metric>, recall."""
+    Keys: status, results, fits, predictions, gap, iso_kv, iso_flop, iso_param, pareto:<cost metric>, recall."""
     if ok.empty:
         none = "no runs finished" if len(runs) else "no runs in this experiment"
-        out = {k: none for k in ("results", "fits", "predictions", "gap", "iso_kv", "recall")}
+        out = {k: none for k in ("results", "fits", "predictions", "gap", *ISO_NAMES, "recall")}
         out.update({f"pareto:{c}": none for c in (schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN)})
         out["status"] = "every run finished and none is missing" if len(runs) else "no runs in this experiment"
         return out
@@ -62,19 +65,21 @@ def reasons(runs: pd.DataFrame, ok: pd.DataFrame) -> dict[str, str]:
         gap = "every run in this study is the transformer itself"
     else:
         gap = "no run shares a size and token budget with a transformer run"
-    if "iso_kv" not in kinds:
-        iso = "no iso-KV baseline in this study"
-    elif "attamba" not in kinds:
-        iso = "no Attamba run in this study"
-    else:
-        iso = "no Attamba run shares a size and token budget with an iso-KV baseline"
+    iso = {}
+    for kind, name in ISO_NAMES.items():
+        if kind not in kinds:
+            iso[kind] = f"no {name} baseline in this study"
+        elif "attamba" not in kinds:
+            iso[kind] = "no Attamba run in this study"
+        else:
+            iso[kind] = f"no Attamba run shares a size and token budget with an {name} baseline"
     out = {
         "status": "every run finished and none is missing",
         "results": "no runs finished",
         "fits": f"no scaling law could be fitted: {sizes}",
         "predictions": f"no scaling law was fitted, so nothing is predicted: {sizes}",
         "gap": gap,
-        "iso_kv": iso,
+        **iso,
         "recall": "no MQAR lengths evaluated (eval.mqar_lengths)",
     }
     for cost in (schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN):

@@ -6,7 +6,15 @@ gives L(N) or L(C); two give L(N, D) = E + A/N^alpha + B/D^beta.
 
 Each x_j is divided by its geometric mean x0_j before fitting: with raw N ~ 1e8 or C ~ 1e18 the
 coefficient a_j would sit far from its grid and the problem would be badly conditioned.
-Uncertainty comes from a seeded bootstrap over runs (seeds included), refitting every resample.
+
+A law is fitted only when the data identify it (`identifiability`): with as many sizes as parameters the
+curve passes exactly through the size means and nothing is left to estimate. Where the free form is not
+identified, two constrained forms can be, each labelled by its `form`: a 2-parameter power law L = A x^-alpha
+(E = 0, log-linear, >= 3 sizes) and one E shared by several variants (`fit_shared_e`).
+
+Uncertainty comes from a seeded bootstrap that resamples runs within sizes, refitting every resample;
+intervals are reported with the fraction of refits that succeeded, and omitted below MIN_REFIT_FRACTION.
+Exponents outside PLAUSIBLE_EXPONENT are flagged (`pipeline.report.uncertainty`).
 """
 from __future__ import annotations
 
@@ -18,6 +26,9 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
+from pipeline.report.uncertainty import (CI_LEVEL, bootstrap, exponent_flags, identifiability, intervals_from,
+                                         size_labels)
+
 try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # optional: only makes the fits faster
@@ -26,8 +37,11 @@ except ImportError:  # optional: only makes the fits faster
 HUBER_DELTA = 1e-3
 ALPHA_BOUNDS = (0.0, 5.0)
 LOG_BOUNDS = (-40.0, 40.0)
-CI_LEVEL = 0.95
 N_STARTS = 10   # grid points, ranked by their starting objective, that L-BFGS is run from
+STATUS_OK, STATUS_NOT_IDENTIFIABLE = "ok", "not_identifiable"
+FORM_FREE = "free E"                                   # L = E + A x^-alpha (+ B D^-beta)
+FORM_POWER = "2-parameter power law, E = 0 (constrained)"   # L = A x^-alpha
+FORM_SHARED_E = "E shared across variants (constrained)"    # one E, per-variant A and alpha
 # Names of the public parameters for one and two size variables.
 PARAM_NAMES = {1: ["E", "A", "alpha"], 2: ["E", "A", "alpha", "B", "beta"]}
 
@@ -37,15 +51,21 @@ class PowerLawFit:
     """A fitted law L = E + sum_j A_j x_j^-alpha_j, or the reason it was not fitted (`status != "ok"`).
 
     `params` and `intervals` use the names E, A, alpha (and B, beta); A and B are in the units of the raw x.
+    A FORM_POWER law has no E. `intervals` is empty when `interval_note` says why they were omitted.
+    `n_params` counts the parameters fitted jointly (for FORM_SHARED_E: the shared E and every variant's A, alpha).
     `residuals` are log(observed) - log(predicted), one per input point, in input order.
     """
 
     status: str
     reason: str = ""
+    form: str = FORM_FREE
+    n_params: int = 0
     n_points: int = 0
     n_distinct: int = 0
     params: dict[str, float] = field(default_factory=dict)
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    interval_note: str = ""
+    flags: list[str] = field(default_factory=list)
     residuals: list[float] = field(default_factory=list)
     n_bootstrap: int = 0
     n_bootstrap_ok: int = 0
@@ -55,7 +75,11 @@ class PowerLawFit:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == STATUS_OK
+
+    @property
+    def refit_fraction(self) -> float:
+        return self.n_bootstrap_ok / self.n_bootstrap if self.n_bootstrap else float("nan")
 
 
 def huber(r: np.ndarray, delta: float) -> np.ndarray:
@@ -81,11 +105,38 @@ def _objective(theta: np.ndarray, z: np.ndarray, log_y: np.ndarray, delta: float
     return float(huber(r, delta).sum() / delta / len(z)), grad
 
 
+def _objective_shared(theta: np.ndarray, z: np.ndarray, g: np.ndarray, log_y: np.ndarray, delta: float,
+                      n_groups: int) -> tuple[float, np.ndarray]:
+    """`_objective` for one size variable with e shared by all groups and (a, alpha) per group.
+
+    theta: [e, a_1..a_G, alpha_1..alpha_G]; z: [n] normalised log sizes; g: [n] group index in [0, G).
+    """
+    e, a, alpha = theta[0], theta[1:1 + n_groups], theta[1 + n_groups:]
+    t1 = a[g] - alpha[g] * z
+    m = np.maximum(e, t1)
+    ex0, ex1 = np.exp(e - m), np.exp(t1 - m)
+    tot = ex0 + ex1
+    r = m + np.log(tot) - log_y
+    w0, w1 = ex0 / tot, ex1 / tot
+    dr = np.clip(r, -delta, delta) / delta / len(z)
+    grad = np.concatenate([[np.sum(dr * w0)], np.bincount(g, dr * w1, n_groups),
+                           -np.bincount(g, dr * w1 * z, n_groups)])
+    return float(huber(r, delta).sum() / delta / len(z)), grad
+
+
 def _minimise(theta0: np.ndarray, z: np.ndarray, log_y: np.ndarray, delta: float) -> tuple[np.ndarray, float]:
     k = z.shape[1]
     bounds = [LOG_BOUNDS] * (1 + k) + [ALPHA_BOUNDS] * k
     res = minimize(_objective, theta0, args=(z, log_y, delta), jac=True, method="L-BFGS-B", bounds=bounds,
                    options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
+    return res.x, float(res.fun)
+
+
+def _minimise_shared(theta0: np.ndarray, z: np.ndarray, g: np.ndarray, log_y: np.ndarray, delta: float,
+                     n_groups: int) -> tuple[np.ndarray, float]:
+    bounds = [LOG_BOUNDS] * (1 + n_groups) + [ALPHA_BOUNDS] * n_groups
+    res = minimize(_objective_shared, theta0, args=(z, g, log_y, delta, n_groups), jac=True, method="L-BFGS-B",
+                   bounds=bounds, options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-10})
     return res.x, float(res.fun)
 
 
@@ -105,17 +156,21 @@ def _single_thread_blas():
     return threadpool_limits(1) if threadpool_limits is not None else nullcontext()
 
 
-def _fit_theta(z: np.ndarray, log_y: np.ndarray, starts: list[np.ndarray], delta: float) -> np.ndarray:
+def _best_of(objective, minimise, starts: list[np.ndarray]) -> np.ndarray:
     if len(starts) > N_STARTS:
         # Screening the grid by its starting objective keeps the L-BFGS runs few without losing the basin.
-        f0 = [_objective(t, z, log_y, delta)[0] for t in starts]
+        f0 = [objective(t) for t in starts]
         starts = [starts[i] for i in np.argsort(f0)[:N_STARTS]]
     best, best_f = None, np.inf
     for theta0 in starts:
-        theta, f = _minimise(theta0, z, log_y, delta)
+        theta, f = minimise(theta0)
         if f < best_f:
             best, best_f = theta, f
     return best
+
+
+def _fit_theta(z: np.ndarray, log_y: np.ndarray, starts: list[np.ndarray], delta: float) -> np.ndarray:
+    return _best_of(lambda t: _objective(t, z, log_y, delta)[0], lambda t: _minimise(t, z, log_y, delta), starts)
 
 
 def _to_public(theta: np.ndarray, x0: np.ndarray, names: list[str]) -> dict[str, float]:
@@ -151,20 +206,25 @@ def predict(fit: PowerLawFit, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return mid, np.percentile(boots, q, axis=0), np.percentile(boots, 100 - q, axis=0)
 
 
+def _exponents_ok(alpha: np.ndarray) -> bool:
+    # A refit whose exponent sits on the search bound has degenerated (a constant term, or a step): count it failed.
+    lo, hi = ALPHA_BOUNDS
+    return bool(np.all(np.isfinite(alpha)) and np.all(alpha > lo + 1e-6) and np.all(alpha < hi - 1e-6))
+
+
 def fit_scaling_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int = 500, seed: int = 0,
                     delta: float = HUBER_DELTA, names: list[str] | None = None) -> PowerLawFit:
     """Fit L = E + sum_j A_j x_j^-alpha_j. x: [n] or [n, k] raw sizes (k = 1 or 2); y: [n] losses (> 0).
 
-    Rows are runs; repeated x (several seeds) are fine. Needs at least as many distinct x rows as parameters
-    (3 for one variable, 5 for two), otherwise returns status "insufficient" with the reason.
-    `names` renames the public parameters (default E, A, alpha[, B, beta]; e.g. E, A, gamma for L(C)).
+    Rows are runs; repeated x (several seeds) are fine. Fitted only where `identifiability` passes, otherwise
+    status "not_identifiable" with the reason. `names` renames the public parameters (default E, A, alpha[, B,
+    beta]; e.g. E, A, gamma for L(C)).
     """
     with _single_thread_blas():
         return _fit_scaling_law(x, y, n_bootstrap, seed, delta, names)
 
 
-def _fit_scaling_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int, seed: int, delta: float,
-                     names: list[str] | None) -> PowerLawFit:
+def _clean_inputs(x: np.ndarray, y: np.ndarray, names: list[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     x = np.asarray(x, dtype=float)
     x = x[:, None] if x.ndim == 1 else x
     y = np.asarray(y, dtype=float)
@@ -175,38 +235,145 @@ def _fit_scaling_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int, seed: int, 
     if len(names) != 1 + 2 * k:
         raise ValueError(f"names must list {1 + 2 * k} parameter names for {k} size variable(s), got {names}")
     keep = np.isfinite(y) & (y > 0) & np.all(np.isfinite(x) & (x > 0), axis=1)
-    x, y = x[keep], y[keep]
+    return x[keep], y[keep], names
+
+
+def _fit_scaling_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int, seed: int, delta: float,
+                     names: list[str] | None) -> PowerLawFit:
+    x, y, names = _clean_inputs(x, y, names)
+    k = x.shape[1]
     n_params = 1 + 2 * k
     n_distinct = len({tuple(row) for row in x})
-    per_var = [len(np.unique(x[:, j])) for j in range(k)]
-    if n_distinct < n_params or min(per_var, default=0) < 2:
-        return PowerLawFit(status="insufficient", n_points=len(y), n_distinct=n_distinct,
-                           reason=f"{n_distinct} distinct size point(s) (per variable {per_var}) for "
-                                  f"{n_params} parameters: need at least {n_params} and 2 per variable; not fitted")
+    reason = identifiability(x, n_params)
+    if reason:
+        return PowerLawFit(status=STATUS_NOT_IDENTIFIABLE, reason=reason, n_params=n_params, n_points=len(y),
+                           n_distinct=n_distinct)
     x0 = np.exp(np.log(x).mean(0))
     z, log_y = np.log(x / x0), np.log(y)
-    grid = initial_grid(log_y, k)
-    theta = _fit_theta(z, log_y, grid, delta)
+    theta = _fit_theta(z, log_y, initial_grid(log_y, k), delta)
 
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, len(y), len(y))
-        if len({tuple(row) for row in x[idx]}) < n_params or min(len(np.unique(x[idx, j])) for j in range(k)) < 2:
-            continue
+    def refit(ly: np.ndarray) -> np.ndarray | None:
         # Resamples start at the full-data optimum: a resample's optimum lies close to it.
-        boots.append(_fit_theta(z[idx], log_y[idx], [theta], delta))
-    boot_thetas = np.array(boots) if boots else None
+        t = _fit_theta(z, ly, [theta], delta)
+        return t if _exponents_ok(t[1 + k:]) else None
 
+    boots, note = bootstrap(refit, size_labels(*x.T), log_y, n_bootstrap, seed)
     params = _to_public(theta, x0, names)
-    intervals = {}
-    if boot_thetas is not None and len(boot_thetas) >= 2:
-        pub = [_to_public(t, x0, names) for t in boot_thetas]
-        q = 100 * (1 - CI_LEVEL) / 2
-        for name in params:
-            vals = np.array([p[name] for p in pub])
-            intervals[name] = (float(np.percentile(vals, q)), float(np.percentile(vals, 100 - q)))
+    intervals, note = intervals_from(params, [_to_public(t, x0, names) for t in boots], n_bootstrap, note)
     residuals = (log_y - np.log(predict_theta(theta, x0, x))).tolist()
-    return PowerLawFit(status="ok", n_points=len(y), n_distinct=n_distinct, params=params, intervals=intervals,
-                       residuals=residuals, n_bootstrap=n_bootstrap, n_bootstrap_ok=len(boots), theta=theta,
-                       x0=x0, boot_thetas=boot_thetas)
+    return PowerLawFit(status=STATUS_OK, form=FORM_FREE, n_params=n_params, n_points=len(y), n_distinct=n_distinct,
+                       params=params, intervals=intervals, interval_note=note,
+                       flags=exponent_flags(params, names[2::2]), residuals=residuals, n_bootstrap=n_bootstrap,
+                       n_bootstrap_ok=len(boots), theta=theta, x0=x0,
+                       boot_thetas=np.array(boots) if intervals else None)
+
+
+def fit_power_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int = 500, seed: int = 0,
+                  names: list[str] | None = None) -> PowerLawFit:
+    """Fit the constrained 2-parameter law L = A x^-alpha (E = 0) by least squares in log-log.
+
+    x: [n] raw sizes; y: [n] losses. `names` as for fit_scaling_law (E, A, alpha); E is not reported. Needs
+    3 distinct sizes (with 2 the line passes exactly through both size means). With a real irreducible loss
+    the exponent comes out smaller than the free law's: it is a description of the measured range, labelled
+    FORM_POWER, not an estimate of E + A x^-alpha.
+    """
+    x, y, names = _clean_inputs(x, y, names)
+    if x.shape[1] != 1:
+        raise ValueError(f"x must be one size variable [n] for a power law, got shape {x.shape}")
+    n_distinct = len(np.unique(x))
+    reason = identifiability(x, 2)
+    if reason:
+        return PowerLawFit(status=STATUS_NOT_IDENTIFIABLE, reason=reason, form=FORM_POWER, n_params=2,
+                           n_points=len(y), n_distinct=n_distinct)
+    x0 = np.exp(np.log(x).mean(0))
+    z, log_y = np.log(x / x0)[:, 0], np.log(y)
+    zc = z - z.mean()
+
+    def solve(ly: np.ndarray) -> np.ndarray:
+        slope = float(zc @ (ly - ly.mean()) / (zc @ zc))
+        return np.array([-np.inf, ly.mean() - slope * z.mean(), -slope])
+
+    theta = solve(log_y)
+    boots, note = bootstrap(lambda ly: solve(ly), size_labels(x[:, 0]), log_y, n_bootstrap, seed)
+    public = [names[1], names[2]]
+
+    def to_public(t: np.ndarray) -> dict[str, float]:
+        p = _to_public(t, x0, names)
+        return {name: p[name] for name in public}
+
+    params = to_public(theta)
+    intervals, note = intervals_from(params, [to_public(t) for t in boots], n_bootstrap, note)
+    residuals = (log_y - np.log(predict_theta(theta, x0, x))).tolist()
+    return PowerLawFit(status=STATUS_OK, form=FORM_POWER, n_params=2, n_points=len(y), n_distinct=n_distinct,
+                       params=params, intervals=intervals, interval_note=note,
+                       flags=exponent_flags(params, [names[2]]), residuals=residuals, n_bootstrap=n_bootstrap,
+                       n_bootstrap_ok=len(boots), theta=theta, x0=x0,
+                       boot_thetas=np.array(boots) if intervals else None)
+
+
+def fit_shared_e(xs: list[np.ndarray], ys: list[np.ndarray], n_bootstrap: int = 500, seed: int = 0,
+                 delta: float = HUBER_DELTA, names: list[str] | None = None) -> list[PowerLawFit]:
+    """Fit L_v = E + A_v x^-alpha_v jointly over variants v: one irreducible loss E, per-variant A_v and alpha_v.
+
+    xs, ys: per variant, [n_v] raw sizes and losses. Returns one PowerLawFit per variant (form FORM_SHARED_E, E
+    the same in all), each "not_identifiable" unless there are >= 2 variants with >= 3 distinct sizes each and
+    more points than the 1 + 2V parameters. The bootstrap resamples runs within each (variant, size).
+    """
+    with _single_thread_blas():
+        return _fit_shared_e(xs, ys, n_bootstrap, seed, delta, names)
+
+
+def _fit_shared_e(xs, ys, n_bootstrap, seed, delta, names) -> list[PowerLawFit]:
+    clean = [_clean_inputs(x, y, names) for x, y in zip(xs, ys, strict=True)]
+    names = clean[0][2] if clean else list(PARAM_NAMES[1])
+    if any(x.shape[1] != 1 for x, _, _ in clean):
+        raise ValueError("xs must hold one size variable [n] per variant for a shared-E fit")
+    n_groups = len(clean)
+    n_params = 1 + 2 * n_groups
+    sizes = [len(np.unique(x)) for x, _, _ in clean]
+    if n_groups < 2 or min(sizes) < 3 or len(set(zip(*_joint_keys(clean)))) <= n_params:
+        reason = (f"not identifiable: a shared E needs >= 2 variants with >= 3 sizes each and more distinct "
+                  f"points than its {n_params} parameters; got sizes {sizes} per variant")
+        return [PowerLawFit(status=STATUS_NOT_IDENTIFIABLE, reason=reason, form=FORM_SHARED_E, n_params=n_params,
+                            n_points=len(y), n_distinct=s) for (_, y, _), s in zip(clean, sizes)]
+    x0s = np.array([np.exp(np.log(x).mean()) for x, _, _ in clean])
+    g = np.concatenate([np.full(len(y), i) for i, (_, y, _) in enumerate(clean)])
+    x_all = np.concatenate([x[:, 0] for x, _, _ in clean])
+    z, log_y = np.log(x_all / x0s[g]), np.log(np.concatenate([y for _, y, _ in clean]))
+
+    def fit(ly: np.ndarray, starts: list[np.ndarray]) -> np.ndarray:
+        return _best_of(lambda t: _objective_shared(t, z, g, ly, delta, n_groups)[0],
+                        lambda t: _minimise_shared(t, z, g, ly, delta, n_groups), starts)
+
+    grid = [np.concatenate([[t[0]], np.full(n_groups, t[1]), np.full(n_groups, t[2])])
+            for t in initial_grid(log_y, 1)]
+    theta = fit(log_y, grid)
+
+    def refit(ly: np.ndarray) -> np.ndarray | None:
+        t = fit(ly, [theta])
+        return t if _exponents_ok(t[1 + n_groups:]) else None
+
+    boots, note = bootstrap(refit, size_labels(g, x_all), log_y, n_bootstrap, seed)
+
+    def variant_theta(t: np.ndarray, v: int) -> np.ndarray:
+        return np.array([t[0], t[1 + v], t[1 + n_groups + v]])
+
+    out = []
+    for v, (x, y, _) in enumerate(clean):
+        x0 = x0s[v:v + 1]
+        tv = variant_theta(theta, v)
+        params = _to_public(tv, x0, names)
+        bv = [variant_theta(t, v) for t in boots]
+        intervals, note_v = intervals_from(params, [_to_public(t, x0, names) for t in bv], n_bootstrap, note)
+        residuals = (np.log(y) - np.log(predict_theta(tv, x0, x))).tolist()
+        out.append(PowerLawFit(status=STATUS_OK, form=FORM_SHARED_E, n_params=n_params, n_points=len(y),
+                               n_distinct=sizes[v], params=params, intervals=intervals, interval_note=note_v,
+                               flags=exponent_flags(params, [names[2]]), residuals=residuals,
+                               n_bootstrap=n_bootstrap, n_bootstrap_ok=len(boots), theta=tv, x0=x0,
+                               boot_thetas=np.array(bv) if intervals else None))
+    return out
+
+
+def _joint_keys(clean) -> tuple[list[int], list[float]]:
+    """(variant index, size) of every run of a joint fit."""
+    return ([v for v, (_, y, _) in enumerate(clean) for _ in y], [float(s) for x, _, _ in clean for s in x[:, 0]])

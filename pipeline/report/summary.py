@@ -11,6 +11,7 @@ import pandas as pd
 
 from pipeline import schema
 from pipeline.report.empty import reason_of
+from pipeline.report.uncertainty import MIN_REFIT_FRACTION, PLAUSIBLE_EXPONENT
 from pipeline.report.load import RunTable
 from pipeline.report.scaling import VariantFits
 
@@ -47,19 +48,24 @@ def best_table(ok: pd.DataFrame) -> pd.DataFrame:
 
 
 def fits_table(fits: dict[str, VariantFits]) -> pd.DataFrame:
+    """One row per fitted law: its form, sizes and runs used, status, parameters with 95% intervals and the
+    fraction of bootstrap refits that succeeded (or why the intervals were omitted), flags and notes."""
     rows = []
     for variant, vf in fits.items():
         for law, lr in vf.laws.items():
             f = lr.fit
-            row = {"variant": variant, "law": law, "sizes": f.n_distinct, "runs": f.n_points}
+            row = {"variant": variant, "law": lr.law, "form": f.form, "sizes": f.n_distinct, "runs": f.n_points,
+                   "status": f.status}
             if not f.ok:
-                row["result"] = f.reason
+                row["result"] = f"not fitted: {f.reason}"
+            elif f.intervals:
+                row["result"] = "; ".join(f"{k}={num(v)} {interval(*f.intervals[k])}" for k, v in f.params.items())
+                row["result"] += f" ({f.n_bootstrap_ok}/{f.n_bootstrap} bootstrap refits)"
             else:
-                parts = [f"{k}={num(v)} {interval(*f.intervals.get(k, (math.nan, math.nan)))}"
-                         for k, v in f.params.items()]
-                row["result"] = "; ".join(parts) + f" ({f.n_bootstrap_ok}/{f.n_bootstrap} bootstrap fits)"
+                row["result"] = "; ".join(f"{k}={num(v)}" for k, v in f.params.items()) + f" ({f.interval_note})"
             if lr.note:
                 row["result"] += f"; {lr.note}"
+            row["flags"] = "; ".join(f.flags)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -77,6 +83,7 @@ def predictions_table(fits: dict[str, VariantFits]) -> pd.DataFrame:
 
 
 def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
+    """A comparison (compare.pct_difference rows) with its verdict and both models' non-embedding parameters."""
     if comp.empty:
         return comp
     return pd.DataFrame({
@@ -84,8 +91,13 @@ def comparison_table(comp: pd.DataFrame) -> pd.DataFrame:
         "ppl": comp["ppl"].map(num), "ref ppl": comp["ref_ppl"].map(num),
         "ppl diff %": comp["pct_mean"].map(num),
         "95% interval": [interval(lo, hi) for lo, hi in zip(comp["pct_lo"], comp["pct_hi"])],
+        "verdict": comp["verdict"],
         "pairs": comp["n_pairs"], "paired by seed": comp["paired_by_seed"],
+        "runs": [f"{a} vs {b}" for a, b in zip(comp["n_runs"], comp["n_ref_runs"])],
+        "params": comp["params"].map(num), "ref params": comp["ref_params"].map(num),
+        "params ratio": comp["params_ratio"].map(num),
         "KV bytes": comp["kv_bytes"].map(num), "ref KV bytes": comp["ref_kv_bytes"].map(num),
+        "attn FLOPs/token": comp["attn_flops"].map(num), "ref attn FLOPs/token": comp["ref_attn_flops"].map(num),
     })
 
 
@@ -130,7 +142,13 @@ def summary_markdown(experiment: str, table: RunTable, sections: dict[str, pd.Da
            f"Runs: {n_total} in MLflow, {n_ok} usable, {n_total - n_ok} failed or incomplete, "
            f"{len(table.missing)} expected but missing.\n",
            "Percent differences are 100 * (ppl / reference ppl - 1): negative means better than the reference. "
-           "Intervals are 95% (bootstrap over runs for fits, Student-t across seeds for comparisons).\n",
+           "Intervals are 95%: for fits, a bootstrap that resamples runs within each size, reported with the "
+           f"fraction of refits that succeeded and omitted below {MIN_REFIT_FRACTION:.0%}; for comparisons, "
+           "Student-t across seed-paired runs (Welch where seeds do not pair), with a verdict: better / worse "
+           "when the interval excludes 0, inconclusive when it spans 0. A law is fitted only when its sizes "
+           "identify it (a 3-parameter law needs >= 4 sizes); exponents outside "
+           f"[{PLAUSIBLE_EXPONENT[0]:g}, {PLAUSIBLE_EXPONENT[1]:g}] are flagged implausible. params are "
+           "non-embedding parameters.\n",
            "Pareto points are labelled with their size and non-embedding parameter count; `point` is `trained` "
            "(weights trained as that variant) or `evaluated` (weights trained as `trained as`, evaluated at "
            "that variant's attention setting), each averaged over its seeds.\n"]

@@ -63,7 +63,9 @@ def test_fit_recovers_two_variable_law():
 
 def test_fit_refuses_too_few_sizes():
     fit = fit_scaling_law(np.array([1e6, 1e6, 4e6, 4e6]), np.array([3.0, 3.01, 2.5, 2.49]))
-    assert fit.status == "insufficient" and "2 distinct" in fit.reason
+    assert fit.status == "not_identifiable"
+    assert fit.reason == "not identifiable from 2 sizes (a 3-parameter law needs >= 4)"
+    assert not fit.params and not fit.intervals
     with pytest.raises(ValueError, match="x must be"):
         fit_scaling_law(np.ones((3, 3)), np.ones(3))
 
@@ -93,18 +95,22 @@ VARIANTS = {  # variant -> (attention, P, L, E, KV bytes per non-embedding param
 TOKENS = 1e8
 
 
-def _log_run(client, exp_id, trial, variant, attention, size, seed, P, L, loss, kv, status="FINISHED", mqar=None):
+def _log_run(client, exp_id, trial, variant, attention, size, seed, P, L, loss, kv, status="FINISHED", mqar=None,
+             extra_tags=None, overrides=None):
+    """One fake training run in a real MLflow store; `extra_tags` add tags, `overrides` replace step-0 metrics."""
     run = client.create_run(exp_id, run_name=trial)
     rid = run.info.run_id
     tags = {schema.TAG_STUDY: "unit", schema.TAG_TRIAL: trial, schema.TAG_SIZE: size,
             schema.TAG_ATTENTION: attention, schema.TAG_VARIANT: variant, schema.TAG_CHUNK: P,
             schema.TAG_LEADING: L, schema.TAG_BOUNDARIES: "cyclic" if P else "", schema.TAG_SEED: str(seed),
-            schema.TAG_STATUS: "finished" if status == "FINISHED" else "failed"}
+            schema.TAG_STATUS: "finished" if status == "FINISHED" else "failed", **(extra_tags or {})}
     n = SIZES[size]
     metrics = [Metric(schema.M_PARAMS_NON_EMB, n, 0, 0), Metric(schema.M_PARAMS, n + 2e6, 0, 0),
                Metric(schema.M_KV_BYTES, kv, 0, 0), Metric(schema.M_ATTN_FLOPS_PER_TOKEN, kv * 3.0, 0, 0),
                Metric(schema.M_TRAIN_TOKENS, TOKENS, 0, 0), Metric(schema.M_TRAIN_FLOPS, 6 * n * TOKENS, 0, 0),
                Metric(schema.M_LOSS, loss + 0.1, 0, 200)]
+    for name, value in (overrides or {}).items():
+        metrics = [m for m in metrics if m.key != name] + [Metric(name, value, 0, 0)]
     if loss is not None and status == "FINISHED":
         # An earlier, worse evaluation: the report must read the last one.
         metrics += [Metric(schema.M_VAL_LOSS, loss + 0.5, 0, 100), Metric(schema.M_VAL_PPL, np.exp(loss + 0.5), 0, 100),
@@ -215,16 +221,37 @@ def test_summary_numbers_equal_mlflow_metrics(study):
 
 def test_fits_in_report(study):
     fits = json.loads((study["out"] / "fits.json").read_text())["fits"]
+    shared_e = set()
     for variant in VARIANTS:
-        law = fits[variant]["laws"]["L(N)"]
-        assert law["status"] == "ok" and law["n_distinct_sizes"] == 3
-        lo, hi = law["intervals_95"]["alpha"]
-        assert lo <= law["params"]["alpha"] <= hi
-        assert [p["extrapolation"] for p in law["predictions"]] == [False, True, True, True]
-        assert len(law["residuals_log"]) == 6
-    assert fits["iso_kv-F96"]["laws"]["L(N)"]["status"] == "insufficient"
+        laws = fits[variant]["laws"]
+        # 3 sizes for a 3-parameter law: exactly determined, so not fitted; the constrained forms take over.
+        law = laws["L(N)"]
+        assert law["status"] == "not_identifiable" and law["n_distinct_sizes"] == 3 and law["form"] == "free E"
+        assert law["reason"] == "not identifiable from 3 sizes (a 3-parameter law needs >= 4)"
+        assert not law["params"] and not law["intervals_95"] and not law["predictions"]
+        for key, form in (("L(N) power law", "2-parameter power law, E = 0 (constrained)"),
+                          ("L(N) shared E", "E shared across variants (constrained)")):
+            law = laws[key]
+            assert law["status"] == "ok" and law["form"] == form and law["law"] == "L(N)"
+            lo, hi = law["intervals_95"]["alpha"]
+            assert lo < law["params"]["alpha"] < hi
+            assert law["refit_fraction"] >= 0.8 and law["n_bootstrap_ok"] == round(law["refit_fraction"] * 200)
+            assert [p["extrapolation"] for p in law["predictions"]] == [False, True, True, True]
+            assert len(law["residuals_log"]) == 6
+        assert "E" not in laws["L(N) power law"]["params"]
+        shared_e.add(laws["L(N) shared E"]["params"]["E"])
+    assert len(shared_e) == 1
+    assert fits["iso_kv-F96"]["laws"]["L(N)"]["status"] == "not_identifiable"
+    assert "L(N) shared E" not in fits["iso_kv-F96"]["laws"]   # one size: not part of the joint fit
+    for laws in (v["laws"] for v in fits.values()):
+        for law in laws.values():
+            assert all(hi > lo for lo, hi in law["intervals_95"].values())
     fits_md = _md_section((study["out"] / "summary.md").read_text(), "Scaling-law fits (95% bootstrap intervals)")
     assert any(r["variant"] == "iso_kv-F96" and "not fitted" in r["result"] for r in fits_md)
+    rows = {(r["variant"], r["law"], r["form"]): r for r in fits_md}
+    row = rows[("full", "L(N)", "2-parameter power law, E = 0 (constrained)")]
+    assert row["status"] == "ok" and row["sizes"] == "3" and row["runs"] == "6" and "bootstrap refits)" in row["result"]
+    assert "flags" in row
 
 
 def _chromium() -> str | None:
