@@ -21,7 +21,7 @@ from mlflow.entities import ViewType
 from pipeline import schema
 
 TAGS = [
-    schema.TAG_STUDY, schema.TAG_TRIAL, schema.TAG_SIZE, schema.TAG_ATTENTION, schema.TAG_KIND, schema.TAG_VARIANT,
+    schema.TAG_STUDY, schema.TAG_TRIAL, schema.TAG_SIZE, schema.TAG_ATTENTION, schema.TAG_VARIANT,
     schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_BOUNDARIES, schema.TAG_SEED,
     schema.TAG_OPTUNA_TRIAL, schema.TAG_STATUS, schema.TAG_KIND, schema.TAG_SEGMENTATION, schema.TAG_CODE_VERSION,
 ]
