@@ -13,6 +13,9 @@ TAG_KIND = "kind"                  # what the run is, for comparisons: attamba |
                                    # | iso_param (iso_flop and iso_param runs use the iso_kv module at the
                                    # width F that matches Attamba's FLOPs or parameters: ModelConfig.iso)
 TAG_SEGMENTATION = "ssm_segmentation"  # chunk | offset ("" for baselines)
+# On Attamba runs: the variant label of the iso baseline of each kind sized from this model at data.seq_len
+# (attamba.costs.iso_kv_config / iso_flop_config), so the report pairs each Attamba with its own baseline.
+TAG_MATCH = {"iso_kv": "iso_kv_match", "iso_flop": "iso_flop_match"}
 TAG_VARIANT = "variant"            # the model variant: ModelConfig.variant(), the one identity that run names,
                                    # tags and report grouping share, e.g. "attamba-P8-L32-cyclic-seg_offset"
 TAG_CHUNK = "chunk_size"           # P ("" for baselines)

@@ -144,6 +144,14 @@ def _closest(cands: pd.DataFrame, col: str | None, target: float) -> str:
     return min(cands["_variant"].unique(), key=lambda v: (dist.get(v, math.inf), len(v), v))
 
 
+def _sized_from(a: pd.DataFrame, cands: pd.DataFrame, kind: str) -> str:
+    """The variant of `cands` the Attamba runs `a` name as their `kind` baseline (schema.TAG_MATCH), if any."""
+    tag = schema.TAG_MATCH.get(kind)
+    names = set(_strings(a[tag])) - {""} if tag in a else set()
+    found = [v for v in cands["_variant"].unique() if v in names]
+    return found[0] if len(found) == 1 else ""
+
+
 def _by_variant(df: pd.DataFrame):
     return df.groupby("_variant", sort=True)
 
@@ -163,7 +171,8 @@ def _vs_baseline(df, attamba, kind, match_col, note_fn=None) -> tuple[list[Estim
             cands = _same_cell(base, a_cell)
             if cands.empty:
                 continue
-            ref = _closest(cands, match_col, _mean(a_cell, match_col) if match_col else math.nan)
+            ref = _sized_from(a_cell, cands, kind) or _closest(cands, match_col,
+                                                               _mean(a_cell, match_col) if match_col else math.nan)
             e = _estimate(a_cell, cands[cands["_variant"] == ref], note=note_fn(a_cell) if note_fn else "")
             if e:
                 out.append(e)

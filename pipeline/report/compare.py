@@ -161,37 +161,45 @@ def gap_to_transformer(ok: pd.DataFrame) -> pd.DataFrame:
 
 
 def matched_comparison(ok: pd.DataFrame, ref_kind: str, match_on: str) -> pd.DataFrame:
-    """Each Attamba configuration against the `ref_kind` configuration of the same size and token budget whose
-    mean `match_on` (a cost metric) is closest on a log scale: a 2x larger and a 2x smaller cost are equally far.
-    Only runs of exactly that kind are candidates (an iso_flop run is never an iso-KV reference)."""
+    """Each Attamba configuration against its `ref_kind` configuration of the same size and token budget: the
+    one sized from it (the Attamba runs' schema.TAG_MATCH tag names its variant), else, for runs without the
+    tag or a study without that baseline, the one whose mean `match_on` (a cost metric) is closest on a log
+    scale: a 2x larger and a 2x smaller cost are equally far. `matched_on` says which. Only runs of exactly
+    that kind are candidates (an iso_flop run is never an iso-KV reference)."""
     df = _with_keys(ok)
     if match_on not in df or schema.M_VAL_PPL not in df:
         return pd.DataFrame()
     rows = []
     cands_all = df[(df[KIND] == ref_kind) & df[match_on].notna()]
+    tag = schema.TAG_MATCH.get(ref_kind)
     for (variant, size, tokens), runs in df[df[KIND] == ATTAMBA].groupby(CONFIG_KEYS, sort=True):
         cands = cands_all[(cands_all[schema.TAG_SIZE] == size) & (cands_all[schema.M_TRAIN_TOKENS] == tokens)]
         if cands.empty or not np.isfinite(runs[match_on].mean()):
             continue
-        cost = runs[match_on].mean()
-        cand_cost = cands.groupby("variant")[match_on].mean()
-        best = (np.log(cand_cost) - np.log(cost)).abs().idxmin()
+        sized_from = runs[tag].dropna().iloc[0] if tag in runs and runs[tag].notna().any() else ""
+        if sized_from and (cands["variant"] == sized_from).any():
+            best, matched_on = sized_from, "sized from it"
+        else:
+            cost = runs[match_on].mean()
+            cand_cost = cands.groupby("variant")[match_on].mean()
+            best, matched_on = (np.log(cand_cost) - np.log(cost)).abs().idxmin(), f"closest {match_on}"
         ref = cands[cands["variant"] == best]
         row = {"variant": variant, schema.TAG_SIZE: size, schema.M_TRAIN_TOKENS: tokens, "reference": best,
-               "matched_on": match_on}
+               "matched_on": matched_on}
         row.update(_comparison_row(runs, ref))
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def iso_kv_comparison(ok: pd.DataFrame) -> pd.DataFrame:
-    """Each Attamba configuration against the `iso_kv` baseline of the same size with the closest KV bytes."""
+    """Each Attamba configuration against the `iso_kv` baseline sized from it (else the one of the same size with
+    the closest KV bytes)."""
     return matched_comparison(ok, ISO_KV, schema.M_KV_BYTES)
 
 
 def iso_flop_comparison(ok: pd.DataFrame) -> pd.DataFrame:
-    """Each Attamba configuration against the `iso_flop` baseline of the same size with the closest attention
-    FLOPs per token (the one sized from it)."""
+    """Each Attamba configuration against the `iso_flop` baseline sized from it (else the one of the same size
+    with the closest attention FLOPs per token)."""
     return matched_comparison(ok, ISO_FLOP, schema.M_ATTN_FLOPS_PER_TOKEN)
 
 

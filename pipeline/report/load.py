@@ -24,6 +24,7 @@ TAGS = [
     schema.TAG_STUDY, schema.TAG_TRIAL, schema.TAG_SIZE, schema.TAG_ATTENTION, schema.TAG_VARIANT,
     schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_BOUNDARIES, schema.TAG_SEED,
     schema.TAG_OPTUNA_TRIAL, schema.TAG_STATUS, schema.TAG_KIND, schema.TAG_SEGMENTATION, schema.TAG_CODE_VERSION,
+    *schema.TAG_MATCH.values(),
 ]
 # Config params (flattened `section.key`, as pipeline.tracking logs them); "" where a run did not log one.
 # data.dataset is read where a config has it (a hub dataset named apart from data.source).

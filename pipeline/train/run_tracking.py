@@ -28,6 +28,9 @@ def run_tags(cfg: RunConfig) -> dict[str, str]:
         schema.TAG_SEED: str(cfg.train.seed), schema.TAG_STATUS: "running",
         schema.TAG_CODE_VERSION: code_version(),
     }
+    if attamba:
+        for kind, solver in (("iso_kv", costs.iso_kv_config), ("iso_flop", costs.iso_flop_config)):
+            tags[schema.TAG_MATCH[kind]] = solver(m, cfg.data.seq_len).variant()
     if cfg.train.study:
         tags[schema.TAG_STUDY] = cfg.train.study
     if cfg.train.trial:

@@ -122,3 +122,35 @@ def test_iso_kv_never_picks_an_iso_flop_run(study):
     assert {r["reference"] for r in param} == {"iso_param-F200"}
     assert all(float(r["ref params"]) == 9.6e6 for r in param)
     assert {r["reference"] for r in study["json"]["iso_flop"]} == {"iso_flop-F64"}
+
+
+def test_an_attamba_is_compared_with_the_iso_baselines_sized_from_it(tmp_path):
+    """Attamba runs name the iso baselines sized from them (schema.TAG_MATCH): the comparison and the claims
+    take those, even where another baseline of that kind is closer in the cost metric; runs without the tag
+    fall back to the closest cost."""
+    from pipeline.report.claims import evaluate_claims
+    from pipeline.report.load import load_runs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("matched", artifact_location=str(tmp_path / "artifacts"))
+    for seed, loss in FULL_LOSS.items():
+        for variant, match in (("attamba-P4-L8-cyclic", "iso_flop-F128"), ("attamba-P8-L8-cyclic", "")):
+            tags = {schema.TAG_KIND: "attamba", **({schema.TAG_MATCH["iso_flop"]: match} if match else {})}
+            _log_run(client, exp_id, f"{variant}-seed{seed}", variant, "attamba", "s2", seed, variant[9], "8", loss,
+                     KV, extra_tags=tags)
+        for variant in ("iso_flop-F64", "iso_flop-F128"):
+            kind, kv, flops, params, offset = BASELINES[variant]
+            _log_run(client, exp_id, f"{variant}-seed{seed}", variant, "iso_kv", "s2", seed, "", "", loss + offset,
+                     kv, extra_tags={schema.TAG_KIND: kind},
+                     overrides={schema.M_ATTN_FLOPS_PER_TOKEN: flops, schema.M_PARAMS_NON_EMB: params})
+    out = tmp_path / "out"
+    make_report("matched", out, tracking_uri=uri, n_bootstrap=0)
+    flop = {r["variant"]: r for r in json.loads((out / "fits.json").read_text())["iso_flop"]}
+    assert (flop["attamba-P4-L8-cyclic"]["reference"], flop["attamba-P4-L8-cyclic"]["matched_on"]) == (
+        "iso_flop-F128", "sized from it")   # F64 is closer in attention FLOPs (3.3e6 against 3e6)
+    assert (flop["attamba-P8-L8-cyclic"]["reference"], flop["attamba-P8-L8-cyclic"]["matched_on"]) == (
+        "iso_flop-F64", f"closest {schema.M_ATTN_FLOPS_PER_TOKEN}")
+    claim = {c.id: c for c in evaluate_claims(load_runs("matched", uri).ok)}["attamba_vs_iso_flop"]
+    assert {(e.a, e.b) for e in claim.estimates} == {("attamba-P4-L8-cyclic", "iso_flop-F128"),
+                                                      ("attamba-P8-L8-cyclic", "iso_flop-F64")}

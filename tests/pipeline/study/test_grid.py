@@ -46,6 +46,9 @@ def test_the_ablation_example_gives_distinct_variants_names_and_tags(tmp_path):
             assert ("-segoff-" in shown) == (model.ssm_segmentation == "offset")
             assert ("-kvp-" in shown) == model.kv_proj and ("-nokvp-" in shown) == (not model.kv_proj)
     assert {t[schema.TAG_KIND] for t in tags} == {"attamba", "full", "iso_flop"}   # never iso_kv
+    # each Attamba run names the iso-FLOP run of the study sized from it, which the report pairs it with
+    assert {t[schema.TAG_MATCH["iso_flop"]] for s, t in zip(specs, tags) if s.config.model.kind == "attamba"} == {
+        s.variant for s in iso}
     assert all(s.config.model.iso == "flop" for s in iso)
 
 
