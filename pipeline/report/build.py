@@ -83,8 +83,8 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
         "Scaling-law fits (95% bootstrap intervals)": or_empty(S.fits_table(fits), why["fits"]),
         "Predicted loss (largest size and extrapolations)": or_empty(S.predictions_table(fits), why["predictions"]),
         "Gap to the transformer at equal size": or_empty(S.comparison_table(gap), why["gap"]),
-        "Iso-KV comparison (closest KV-cache baseline, same size)": or_empty(S.comparison_table(iso), why["iso_kv"]),
-        "Iso-FLOP comparison (closest attention-FLOPs baseline, same size)": or_empty(
+        "Iso-KV comparison (the iso-KV baseline sized from each Attamba, same size)": or_empty(S.comparison_table(iso), why["iso_kv"]),
+        "Iso-FLOP comparison (the iso-FLOP baseline sized from each Attamba, same size)": or_empty(
             S.comparison_table(iso_flop), why["iso_flop"]),
         "Iso-parameter comparison (closest parameter-count baseline, same size)": or_empty(
             S.comparison_table(iso_param), why["iso_param"]),

@@ -110,10 +110,10 @@ def test_unpaired_differences_are_one_per_run_not_every_pair():
 
 
 def test_iso_kv_never_picks_an_iso_flop_run(study):
-    iso = _md_section(study["md"], "Iso-KV comparison (closest KV-cache baseline, same size)")
+    iso = _md_section(study["md"], "Iso-KV comparison (the iso-KV baseline sized from each Attamba, same size)")
     assert {r["variant"] for r in iso} == set(ATTAMBA)
     assert {r["reference"] for r in iso} == {"iso_kv-F96"}
-    flop = _md_section(study["md"], "Iso-FLOP comparison (closest attention-FLOPs baseline, same size)")
+    flop = _md_section(study["md"], "Iso-FLOP comparison (the iso-FLOP baseline sized from each Attamba, same size)")
     assert {r["reference"] for r in flop} == {"iso_flop-F64"}        # 3.3e6 FLOPs against 3e6, not 3e7
     for row in flop:
         assert (float(row["attn FLOPs/token"]), float(row["ref attn FLOPs/token"])) == (ATTN_FLOPS, 3.3e6)

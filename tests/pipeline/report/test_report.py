@@ -209,7 +209,7 @@ def test_summary_numbers_equal_mlflow_metrics(study):
         pct = [100 * (a[s] / b[s] - 1) for s in sorted(a)]
         assert float(row["ppl diff %"]) == pytest.approx(np.mean(pct), rel=5e-6, abs=1e-9)
         assert row["paired by seed"] == "True"
-    iso = _md_section(md, "Iso-KV comparison (closest KV-cache baseline, same size)")
+    iso = _md_section(md, "Iso-KV comparison (the iso-KV baseline sized from each Attamba, same size)")
     assert [(r["variant"], r["reference"]) for r in iso] == [("attamba-P4-L8-cyclic", "iso_kv-F96"),
                                                              ("attamba-P8-L8-cyclic", "iso_kv-F96")]
     for row in iso:

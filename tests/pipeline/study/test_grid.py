@@ -139,3 +139,39 @@ def test_bad_grids_fail_before_any_trial_naming_the_path(tmp_path, change, words
     for word in words:
         assert word in str(info.value), str(info.value)
     assert not (tmp_path / "studies").exists()
+
+
+def test_the_ablation_example_keeps_its_variants_apart_in_the_report(tmp_path):
+    """The example study's runs, logged to a real MLflow store with the tags and cost metrics training logs
+    (run_tags, cost_metrics) and a final evaluation, give one report row per variant (no two models merged
+    as seeds of one), and the iso-KV comparison never takes one of its iso-FLOP runs."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    from pipeline.report import make_report
+    from pipeline.train.run_tracking import cost_metrics
+    from tests.pipeline.report.test_report import _md_section
+
+    specs = _specs(tmp_path, seeds=[0, 1], **EXAMPLE)
+    uri = f"sqlite:///{tmp_path / 'report.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("ablation", artifact_location=str(tmp_path / "artifacts"))
+    for i, spec in enumerate(specs):
+        run_id = client.create_run(exp_id, run_name=spec.config.tracking.run_name).info.run_id
+        tags = {**run_tags(spec.config), schema.TAG_STATUS: "finished", schema.TAG_STUDY: "ablation"}
+        loss = 3.0 + 0.01 * (i % 7) + 0.001 * spec.seed
+        metrics = [Metric(k, v, 0, 0) for k, v in cost_metrics(spec.config, 1).items()]
+        metrics += [Metric(schema.M_VAL_LOSS, loss, 0, 1), Metric(schema.M_VAL_PPL, 2.718281828 ** loss, 0, 1)]
+        client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run_id, "FINISHED")
+    out = tmp_path / "report"
+    make_report("ablation", out, tracking_uri=uri, n_bootstrap=0)
+    md = (out / "summary.md").read_text()
+    best = _md_section(md, "Best run per variant")
+    assert sorted(r["variant"] for r in best) == sorted({s.variant for s in specs})
+    assert all(r["runs"] == "2" for r in best)   # the two seeds of each variant, nothing more
+    assert "no iso-KV baseline in this study" in md.split("## Iso-KV comparison", 1)[1].split("\n## ", 1)[0]
+    flop = _md_section(md, "Iso-FLOP comparison (the iso-FLOP baseline sized from each Attamba, same size)")
+    attamba = {s.variant: s.config for s in specs if s.config.model.kind == "attamba"}
+    assert {r["variant"]: r["reference"] for r in flop} == {
+        v: costs.iso_flop_config(c.model, c.data.seq_len).variant() for v, c in attamba.items()}
