@@ -1,7 +1,9 @@
 """`make_report`: MLflow experiment -> report.html, summary.md, runs.csv, runs.json, fits.json, claims.json."""
 from __future__ import annotations
 
+import base64
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +55,27 @@ def _records(df: pd.DataFrame) -> list[dict]:
     return df.to_dict(orient="records")
 
 
+FIGURES_DIR = "figures"
+
+
+def _figure_links(out_dir: Path, figures: list[tuple[str, str]]) -> str:
+    """Each figure also as figures/NN-<slug>.png, linked from a Figures section of summary.md (a Markdown
+    viewer shows them; report.html embeds them). Figures of an earlier report are removed first."""
+    folder = out_dir / FIGURES_DIR
+    for old in folder.glob("*.png") if folder.is_dir() else []:
+        old.unlink()
+    if not figures:
+        return ""
+    folder.mkdir(exist_ok=True)
+    lines = ["\n## Figures\n"]
+    for i, (caption, png) in enumerate(figures, 1):
+        slug = re.sub(r"[^a-z0-9]+", "-", caption.lower().split(",")[0]).strip("-")[:60]
+        name = f"{i:02d}-{slug}.png"
+        (folder / name).write_bytes(base64.b64decode(png))
+        lines.append(f"![{caption}]({FIGURES_DIR}/{name})\n\n*{caption}*\n")
+    return "\n".join(lines)
+
+
 def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
                 expected_runs: list[str] | None = None, n_bootstrap: int = 500, seed: int = 0) -> ReportResult:
     """Read every run of `experiment`, fit scaling laws, compare variants and write the report into out_dir."""
@@ -98,7 +121,8 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     }
     md = S.summary_markdown(experiment, table, {**opening, **sections})
     intro = md.split("## ", 1)[0].splitlines()[1:]
-    figures = all_figures(ok, fits, gap, iso, recall) if len(ok) else []
+    figures = all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else []
+    md += _figure_links(out_dir, figures)
 
     files = {name: out_dir / name for name in ("report.html", "summary.md", "runs.csv", "runs.json", "fits.json",
                                                  "claims.json")}

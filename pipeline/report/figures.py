@@ -176,7 +176,7 @@ def recall_figure(recall: pd.DataFrame) -> Figure | None:
 
 
 def all_figures(ok: pd.DataFrame, fits: dict[str, VariantFits], gap: pd.DataFrame, iso: pd.DataFrame,
-                recall: pd.DataFrame) -> list[tuple[str, str]]:
+                recall: pd.DataFrame, iso_flop: pd.DataFrame | None = None) -> list[tuple[str, str]]:
     """(caption, base64 PNG) for every figure that has data."""
     candidates = [
         ("Validation loss against non-embedding parameters, L(N) = E + A N^-alpha",
@@ -189,8 +189,10 @@ def all_figures(ok: pd.DataFrame, fits: dict[str, VariantFits], gap: pd.DataFram
         ("Perplexity against attention FLOPs per token, each point labelled with its size (Pareto front in black)",
          lambda: pareto_figure(ok, schema.M_ATTN_FLOPS_PER_TOKEN, "attention FLOPs per token")),
         ("Gap to the transformer at equal size", lambda: gap_figure(gap, "vs full attention, same size")),
-        ("Attamba against the iso-KV transformer with the closest KV-cache",
+        ("Attamba against the iso-KV transformer sized from it (the same KV-cache)",
          lambda: gap_figure(iso, "vs iso-KV baseline, same size")),
+        ("Attamba against the iso-FLOP transformer sized from it (the same attention-layer FLOPs)",
+         lambda: gap_figure(iso_flop if iso_flop is not None else pd.DataFrame(), "vs iso-FLOP baseline, same size")),
         ("MQAR recall against chunk size P", lambda: recall_figure(recall)),
     ]
     out = []

@@ -166,6 +166,18 @@ def _all_runs(client, exp_id):
     return client.search_runs([exp_id], max_results=1000)
 
 
+def test_figures_are_files_linked_from_the_summary(study):
+    import re
+
+    out = study["out"]
+    md = (out / "summary.md").read_text()
+    links = re.findall(r"!\[[^\]]+\]\((figures/[^)]+\.png)\)", md)
+    assert links and sorted(links) == sorted(f"figures/{p.name}" for p in (out / "figures").glob("*.png"))
+    for link in links:
+        assert (out / link).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(links) == (out / "report.html").read_text().count("<figure>")
+
+
 def test_report_writes_all_files_and_lists_failed_and_missing(study):
     res, out = study["result"], study["out"]
     for name in ("report.html", "summary.md", "runs.csv", "runs.json", "fits.json"):
