@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from mlflow.entities import Metric, RunTag
 from scipy import stats
 
@@ -17,6 +16,7 @@ from pipeline.report import make_report
 from pipeline.report.claims import (CONTRADICTED, DIRECTIONAL, INCONCLUSIVE, MAGNITUDE, NOT_MEASURED, ONE_SEED,
                                     SUPPORTED, evaluate_claims, judge)
 from pipeline.report.load import load_runs
+from tests.pipeline.report.test_report import mlflow_experiment
 
 # ---------------------------------------------------------------- the rule
 
@@ -127,9 +127,7 @@ def _log(client, exp_id, variant, size, seed):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("claims")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("claims-study", artifact_location=str(root / "artifacts"))
+    uri, client, exp_id = mlflow_experiment(root, "claims-study")
     for variant, spec in VARIANTS.items():
         for size in spec[-1]:
             for seed in spec[-2]:

@@ -8,13 +8,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from scipy import stats
 
 from pipeline import schema
 from pipeline.report import make_report
 from pipeline.report.compare import ONE_SEED, paired_pct, pct_difference
-from tests.pipeline.report.test_report import _log_run, _md_section
+from tests.pipeline.report.test_report import _log_run, _md_section, mlflow_experiment
 
 FULL_LOSS = {0: 2.50, 1: 2.51, 2: 2.49}
 KV, ATTN_FLOPS, PARAMS, FULL_PARAMS = 1e6, 3e6, 8e6, 9.7e6
@@ -36,9 +35,7 @@ BASELINES = {  # variant -> (kind, KV bytes, attention FLOPs per token, non-embe
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("compare")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("compare-study", artifact_location=str(root / "artifacts"))
+    uri, client, exp_id = mlflow_experiment(root, "compare-study")
     for seed, loss in FULL_LOSS.items():   # logged before the kind tag existed: matched by their attention tag
         _log_run(client, exp_id, f"full-s2-seed{seed}", "full", "full", "s2", seed, "", "", loss, 8 * KV,
                  overrides={schema.M_PARAMS_NON_EMB: FULL_PARAMS})
@@ -131,9 +128,7 @@ def test_an_attamba_is_compared_with_the_iso_baselines_sized_from_it(tmp_path):
     from pipeline.report.claims import evaluate_claims
     from pipeline.report.load import load_runs
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("matched", artifact_location=str(tmp_path / "artifacts"))
+    uri, client, exp_id = mlflow_experiment(tmp_path, "matched")
     for seed, loss in FULL_LOSS.items():
         for variant, match in (("attamba-P4-L8-cyclic", "iso_flop-F128"), ("attamba-P8-L8-cyclic", "")):
             tags = {schema.TAG_KIND: "attamba", **({schema.TAG_MATCH["iso_flop"]: match} if match else {})}

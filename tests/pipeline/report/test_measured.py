@@ -9,14 +9,13 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from pipeline import schema
 from pipeline.report import make_report
 from pipeline.report.empty import empty, or_empty, reason_of
 from pipeline.report.pareto import pareto_mask_naive
-from tests.pipeline.report.test_report import _log_run, _md_section
+from tests.pipeline.report.test_report import _log_run, _md_section, mlflow_experiment
 
 PARAMS = {"data.source": "bundled", "data.tokenizer": "bpe", "model.vocab_size": "4096", "data.seq_len": "256",
           "eval.batches": "20"}
@@ -32,9 +31,7 @@ def _extra(client, rid, params=None, tags=None, metrics=()):
 
 
 def _experiment(tmp_path, name):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    return uri, client, client.create_experiment(name, artifact_location=str(tmp_path / "artifacts"))
+    return mlflow_experiment(tmp_path, name)
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,13 @@ VARIANTS = {  # variant -> (attention, P, L, E, KV bytes per non-embedding param
 TOKENS = 1e8
 
 
+def mlflow_experiment(folder, name: str):
+    """(uri, client, experiment id) of a new experiment in a real SQLite MLflow store in `folder`."""
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    return uri, client, client.create_experiment(name, artifact_location=str(folder / "artifacts"))
+
+
 def _log_run(client, exp_id, trial, variant, attention, size, seed, P, L, loss, kv, status="FINISHED", mqar=None,
              extra_tags=None, overrides=None):
     """One fake training run in a real MLflow store; `extra_tags` add tags, `overrides` replace step-0 metrics."""
@@ -125,9 +132,7 @@ def _log_run(client, exp_id, trial, variant, attention, size, seed, P, L, loss, 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp_id = client.create_experiment("unit-study", artifact_location=str(root / "artifacts"))
+    uri, client, exp_id = mlflow_experiment(root, "unit-study")
     rng = np.random.default_rng(0)
     expected = []
     for variant, (attention, P, L, E, kv_per_param) in VARIANTS.items():
