@@ -11,9 +11,10 @@ Decision rule, per estimate:
   interval lies on the claimed side of 0, contradicted when it lies wholly on the other side, inconclusive
   when it spans 0;
 - a *magnitude* claim ("A is about x% worse than B") has a tolerance band x +- max(MAGNITUDE_MIN_BAND_PP,
-  MAGNITUDE_REL_BAND * |x|). It is supported when the interval overlaps the band and excludes 0 on x's
-  side, contradicted when the interval misses the band, inconclusive otherwise (overlapping the band but
-  spanning 0);
+  MAGNITUDE_REL_BAND * |x|) (on one side of 0 for every claim here). It is supported when the whole
+  interval lies inside the band (an equivalence test: every value the data allow is "about x"),
+  contradicted when the interval misses the band, inconclusive when it reaches past an edge of the band
+  (values in and out of it both fit the data);
 - one seed pair gives no interval: inconclusive, "one seed: no interval"; runs that share no seed (or
   repeat one) cannot be paired: inconclusive.
 Overall: trained comparisons decide; comparisons through evaluation variants (trained weights evaluated
@@ -53,8 +54,8 @@ RULE = {
     DIRECTIONAL: "supported when the whole interval is on the claimed side of 0, contradicted when it is wholly "
                  "on the other side, inconclusive when it spans 0",
     MAGNITUDE: f"band = paper +- max({MAGNITUDE_MIN_BAND_PP:g} points, {MAGNITUDE_REL_BAND:g} x |paper|); "
-               "supported when the interval overlaps the band and excludes 0 on the paper's side, contradicted "
-               "when it misses the band, inconclusive otherwise",
+               "supported when the whole interval lies inside the band, contradicted when it misses the band, "
+               "inconclusive when it reaches past an edge of the band",
     "one_seed": f"inconclusive ({ONE_SEED})",
     "overall": "trained comparisons decide (evaluation variants only when no trained one exists); the verdict "
                "at the largest size (non-embedding parameters, then training tokens): supported / contradicted "
@@ -113,9 +114,9 @@ def judge(lo: float, hi: float, n_pairs: int, paired: bool, rule: str, sign: int
     b_lo, b_hi = band
     if hi < b_lo or lo > b_hi:
         return CONTRADICTED, f"interval misses the band [{b_lo:.3g}, {b_hi:.3g}]"
-    if on_side:
-        return SUPPORTED, f"interval meets the band [{b_lo:.3g}, {b_hi:.3g}] and is all {claimed}"
-    return INCONCLUSIVE, f"interval meets the band [{b_lo:.3g}, {b_hi:.3g}] but spans 0"
+    if b_lo <= lo and hi <= b_hi:
+        return SUPPORTED, f"interval inside the band [{b_lo:.3g}, {b_hi:.3g}]"
+    return INCONCLUSIVE, f"interval reaches past the band [{b_lo:.3g}, {b_hi:.3g}]: values in and out of it fit"
 
 
 
@@ -214,7 +215,7 @@ def _rule_text(c: Claim) -> str:
     if c.rule == MAGNITUDE:
         lo, hi = c.band()
         side = "> 0" if c.sign > 0 else "< 0"
-        return f"magnitude: interval meets [{lo:.3g}, {hi:.3g}] and is all {side}"
+        return f"magnitude: interval inside [{lo:.3g}, {hi:.3g}] (all {side})"
     return f"directional: interval all {'> 0' if c.sign > 0 else '< 0'}"
 
 

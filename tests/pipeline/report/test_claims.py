@@ -30,10 +30,11 @@ BAND = (2.45, 7.35)   # the "about +4.9%" band: 4.9 +- 0.5 * 4.9
     (-3.0, -1.0, 3, True, DIRECTIONAL, -1, SUPPORTED),
     (1.0, 3.0, 3, True, DIRECTIONAL, -1, CONTRADICTED),
     (3.0, 6.0, 3, True, MAGNITUDE, 1, SUPPORTED),            # inside the band
-    (7.0, 12.0, 3, True, MAGNITUDE, 1, SUPPORTED),           # overlaps the band's top
+    (7.0, 12.0, 3, True, MAGNITUDE, 1, INCONCLUSIVE),        # reaches past the band's top: 12% fits too
     (9.0, 12.0, 3, True, MAGNITUDE, 1, CONTRADICTED),        # worse than claimed: misses the band
     (-1.0, 1.0, 3, True, MAGNITUDE, 1, CONTRADICTED),        # no gap at all
     (-1.0, 4.0, 3, True, MAGNITUDE, 1, INCONCLUSIVE),        # meets the band but spans 0
+    (2.46, 7.35, 3, True, MAGNITUDE, 1, SUPPORTED),          # just inside both edges
     (np.nan, np.nan, 1, True, DIRECTIONAL, 1, INCONCLUSIVE),  # one seed
     (1.0, 3.0, 0, False, DIRECTIONAL, 1, INCONCLUSIVE),      # not paired by seed
 ])
