@@ -8,7 +8,8 @@ import io
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from pipeline import schema
 from pipeline.report.fits import predict
@@ -40,9 +41,12 @@ def scaling_figure(fits: dict[str, VariantFits], law: str, xlabel: str) -> Figur
     """Loss against size (log-log): seed mean +- std, fitted curve with 95% band, extrapolation dashed,
     and a residual panel below."""
     laws = {v: vf.laws[law] for v, vf in fits.items() if law in vf.laws}
+    # a variant at one size is a point, not a trend: those are left to the tables
+    single = [v for v, lr in laws.items() if len(np.unique(np.asarray(lr.x, dtype=float))) < 2]
+    laws = {v: lr for v, lr in laws.items() if v not in single}
     if not laws:
         return None
-    fig = Figure(figsize=(7.5, 6.5))
+    fig = Figure(figsize=(7.5, 6.5 + 0.18 * len(laws)))
     ax, rax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     colours = _colours(list(laws))
     for variant, lr in laws.items():
@@ -71,8 +75,11 @@ def scaling_figure(fits: dict[str, VariantFits], law: str, xlabel: str) -> Figur
     ax.set_yscale("log")
     _plain_log_y(ax)
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(f"{law} fits: solid = fitted range, dashed = extrapolation, band = 95% bootstrap")
-    ax.legend(fontsize=7.5, loc="upper right")
+    ax.set_title(f"{law} fits: solid = fitted range, dashed = extrapolation, band = 95% bootstrap"
+                 + (f"\n({len(single)} variants run at one size only are in the tables)" if single else ""),
+                 fontsize=9)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=7.5, frameon=False, ncol=1)
+    fig.subplots_adjust(bottom=0.1 + 0.03 * len(laws))
     ax.grid(True, which="both", alpha=0.3)
     rax.axhline(0, color="k", lw=0.8)
     rax.set_xlabel(xlabel)
@@ -107,34 +114,63 @@ def nd_figure(fits: dict[str, VariantFits]) -> Figure | None:
 MARKERS = {TRAINED: "o", EVALUATED: "D"}   # evaluated points are hollow diamonds
 
 
+KIND_COLOURS = {"full": "black", "swa": "tab:gray", "attamba": "tab:blue", "iso_kv": "tab:orange",
+                "iso_flop": "tab:green", "iso_param": "tab:purple"}
+
+
+def _label_kind(variant: str) -> str:
+    """The kind a variant label starts with (ModelConfig.variant(): "iso_flop-F48-W33" -> "iso_flop")."""
+    for kind in sorted(KIND_COLOURS, key=len, reverse=True):
+        if variant == kind or variant.startswith(kind + "-"):
+            return kind
+    return "other"
+
+
 def pareto_figure(ok: pd.DataFrame, cost: str, xlabel: str) -> Figure | None:
-    """Perplexity against one cost for every point (mean +- std over seeds), each labelled with its size;
-    trained points filled circles, evaluation variants hollow diamonds; the front drawn as steps."""
+    """Perplexity against one cost, one panel per size (models compete at equal size): every point the mean
+    +- std over seeds, coloured by its kind, trained points filled circles, evaluation variants hollow
+    diamonds; each panel's front drawn as steps, its points labelled with their variant."""
     points = pareto_points(ok).dropna(subset=[cost, schema.M_VAL_PPL]) if len(ok) else pd.DataFrame()
     if points.empty:
         return None
-    fig = Figure(figsize=(7.5, 5))
-    ax = fig.subplots()
-    colours = _colours(list(points["variant"].unique()))
-    for (variant, kind), g in points.groupby(["variant", "point"]):
-        c = colours[variant]
-        ax.errorbar(g[cost], g[schema.M_VAL_PPL], yerr=g[schema.M_VAL_PPL + " std"].fillna(0.0),
-                    fmt=MARKERS[kind], color=c, mfc=c if kind == TRAINED else "none", ms=5, capsize=3,
-                    label=variant if kind == TRAINED else f"{variant} (evaluated)")
-        for _, r in g.iterrows():
-            text = r[schema.TAG_SIZE] if kind == TRAINED else f"{r[schema.TAG_SIZE]}, from {r['trained_as']}"
-            ax.annotate(text, (r[cost], r[schema.M_VAL_PPL]), fontsize=6, xytext=(4, 3), textcoords="offset points")
-    front = pareto_front(points, cost)
-    ax.step(front[cost], front[schema.M_VAL_PPL], where="post", color="k", lw=1.2, label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    _plain_log_y(ax)
-    ax.set_ylabel("validation perplexity (per token)")
-    ax.set_title("filled: trained at the variant; hollow: evaluated at it (trained as the named variant)",
-                 fontsize=8)
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
+    sizes = list(points.groupby(schema.TAG_SIZE)[schema.M_PARAMS_NON_EMB].min().sort_values().index)
+    cols = min(len(sizes), 2)
+    rows = -(-len(sizes) // cols)
+    fig = Figure(figsize=(6.2 * cols, 4.6 * rows + 0.8))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax, size in zip(axes, sizes):
+        here = points[points[schema.TAG_SIZE] == size]
+        for (variant, point), g in here.groupby(["variant", "point"]):
+            c = KIND_COLOURS.get(_label_kind(variant), "tab:red")
+            ax.errorbar(g[cost], g[schema.M_VAL_PPL], yerr=g[schema.M_VAL_PPL + " std"].fillna(0.0),
+                        fmt=MARKERS[point], color=c, mfc=c if point == TRAINED else "none", ms=5, capsize=2,
+                        alpha=0.9, lw=0.8)
+        front = pareto_front(here, cost)
+        ax.step(front[cost], front[schema.M_VAL_PPL], where="post", color="k", lw=1.0, alpha=0.6)
+        for _, r in front.iterrows():
+            text = r["variant"] if r["point"] == TRAINED else f"{r['variant']} (from {r['trained_as']})"
+            ax.annotate(text, (r[cost], r[schema.M_VAL_PPL]), fontsize=6, xytext=(4, -9),
+                        textcoords="offset points")
+        params = here[schema.M_PARAMS_NON_EMB]
+        ax.set_title(f"{size}: {params.min():.3g}-{params.max():.3g} non-embedding parameters", fontsize=9)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())   # minor tick labels collide within a decade
+        ax.set_yscale("log")
+        _plain_log_y(ax)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("validation perplexity (per token)", fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[len(sizes):]:
+        ax.set_visible(False)
+    kinds = sorted({_label_kind(v) for v in points["variant"]}, key=lambda k: list(KIND_COLOURS).index(k)
+                   if k in KIND_COLOURS else len(KIND_COLOURS))
+    handles = [Line2D([], [], marker="s", ls="", color=KIND_COLOURS.get(k, "tab:red"), label=k) for k in kinds]
+    handles += [Line2D([], [], marker=MARKERS[TRAINED], ls="", color="k", label="trained at the variant"),
+                Line2D([], [], marker=MARKERS[EVALUATED], ls="", color="k", mfc="none",
+                       label="evaluated at the variant (trained as another)"),
+                Line2D([], [], color="k", alpha=0.6, label="Pareto front of the size (its points labelled)")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7, frameon=False)
+    fig.subplots_adjust(bottom=0.8 / (4.6 * rows + 0.8) + 0.06, hspace=0.35, wspace=0.25)
     return fig
 
 

@@ -137,15 +137,22 @@ def test_pareto_figure_marks_evaluated_points_and_labels_sizes(measured):
 
     ok = load_runs("measured", measured["client"].tracking_uri).ok
     fig = pareto_figure(ok, schema.M_KV_BYTES, "KV bytes")
-    ax = fig.axes[0]
-    markers = {(line.get_marker(), line.get_markerfacecolor() == "none") for line in ax.lines if line.get_marker()
-               not in (None, "None", "")}
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title().split(":")[0] for ax in panels] == ["s1", "s2"]   # one panel per size, smallest first
+    markers = {(line.get_marker(), line.get_markerfacecolor() == "none") for ax in panels for line in ax.lines
+               if line.get_marker() not in (None, "None", "")}
     assert ("o", False) in markers and ("D", True) in markers
-    labels = [t.get_text() for t in ax.texts]
-    assert labels.count("s1") == 2 and labels.count("s2") == 2   # full and Attamba trained, at each size
-    assert "s1, from attamba-P4-L8-cyclic" in labels and "s2, from full" in labels
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "swa-W33 (evaluated)" in legend and "full" in legend
+    from pipeline.report.pareto import pareto_front, pareto_points
+
+    points = pareto_points(ok)
+    for ax in panels:   # each panel's front points carry their variant (and, evaluated, what they were trained as)
+        size = ax.get_title().split(":")[0]
+        front = pareto_front(points[points[schema.TAG_SIZE] == size], schema.M_KV_BYTES)
+        expected = [r["variant"] if r["point"] == "trained" else f"{r['variant']} (from {r['trained_as']})"
+                    for _, r in front.iterrows()]
+        assert [t.get_text() for t in ax.texts] == expected and expected
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert {"full", "attamba", "trained at the variant", "evaluated at the variant (trained as another)"} <= set(legend)
 
 
 def _sections(md: str) -> dict[str, str]:
