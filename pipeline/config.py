@@ -213,9 +213,12 @@ def build(cls, data: dict | None, prefix: str = ""):
         return cls(**kwargs)
     except ValueError as exc:
         message = str(exc)
-        # Field checks inside attamba.config name bare fields; give them their place in the file.
+        # Field checks inside attamba.config name fields from their own section ("ssm.state_dim"); give them
+        # their place in the file without repeating the part of the place they already name.
         if prefix and not message.startswith(prefix):
-            message = prefix + message
+            parts = prefix.rstrip(".").split(".")
+            named = next((i for i in range(len(parts)) if message.startswith(".".join(parts[i:]) + ".")), len(parts))
+            message = "".join(f"{p}." for p in parts[:named]) + message
         raise ValueError(message) from None
 
 

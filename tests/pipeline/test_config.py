@@ -71,3 +71,14 @@ def test_run_study_and_search_files_share_the_loader(tmp_path):
     study = tmp_path / "study.yaml"
     study.write_text("name: s\nsizes: [micro]\nrun: run.yaml\n")
     assert load_study(study, ["run.train.steps=6"]).run == {"size": "micro", "train": {"steps": 6}}
+
+
+@pytest.mark.parametrize("data, place", [({"model": {"ssm": {"state_dim": 0}}}, "model.ssm.state_dim must be"),
+                                         ({"model": {"dim": 0}}, "model.dim must be"),
+                                         ({"train": {"steps": 0}}, "train.steps must be")])
+def test_a_nested_field_error_names_its_place_once(data, place):
+    from pipeline.config import run_config_from_dict
+
+    with pytest.raises(ValueError) as info:
+        run_config_from_dict(data)
+    assert str(info.value).startswith(place), str(info.value)
