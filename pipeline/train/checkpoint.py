@@ -48,7 +48,7 @@ def checkpoint_root(out_dir: str | Path) -> Path:
 
 # Model fields added after checkpoints existed, with their defaults: hashed only when set otherwise, so a
 # checkpoint made before a field existed still resumes.
-LATER_MODEL_FIELDS = {"sliding_window": False}
+LATER_MODEL_FIELDS = {"iso": None, "sliding_window": False}
 
 
 def config_hash(cfg_dict: dict) -> str:
@@ -265,12 +265,11 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, RunConfig, tokenizer) from a verified checkpoint directory."""
     from attamba.model import AttambaLM
 
-    from pipeline.config import run_config_from_dict
     from pipeline.data.tokenizer import ByteTokenizer, HFTokenizer
 
     directory = Path(checkpoint_dir)
     verify(directory)
-    cfg = run_config_from_dict(yaml.safe_load((directory / CONFIG).read_text()))
+    cfg = load_config(directory)
     tok_path = directory / TOKENIZER
     tokenizer = HFTokenizer.from_file(str(tok_path)) if tok_path.is_file() else ByteTokenizer()
     if tokenizer.vocab_size != cfg.model.vocab_size:

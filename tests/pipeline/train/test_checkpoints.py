@@ -184,4 +184,7 @@ def test_model_fields_added_later_keep_old_checkpoints_resumable():
     assert ckpt.config_hash(before) == ckpt.config_hash(now)
     windowed = {**now, "model": {**now["model"], "sliding_window": True}}
     assert ckpt.config_hash(windowed) != ckpt.config_hash(now)
+    assert set(ckpt.LATER_MODEL_FIELDS) == {"iso", "sliding_window"}   # both added after checkpoints existed
+    sized = {**now, "model": {**now["model"], "iso": "kv"}}
+    assert ckpt.config_hash(sized) != ckpt.config_hash(now)
 
