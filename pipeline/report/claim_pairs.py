@@ -5,7 +5,7 @@ the seed-paired percent difference in validation perplexity 100 * (ppl_A / ppl_B
 Student-t interval (`compare.paired_pct`, `compare._t_interval`). Each finder below takes the prepared run
 table and returns its estimates, or none and the reason (what is missing).
 
-`kind` (schema.TAG_KIND; `attention` for runs without it) picks baselines, so an iso-KV comparison never
+`kind` (schema.TAG_KIND; load.py gives runs without it their `attention`) picks baselines, so an iso-KV comparison never
 reads an iso_flop run. The Attamba side of a comparison with a baseline is the plain Attamba: cyclic
 boundaries, chunk segmentation and no other field changed (its variant is exactly "attamba-P<P>-L<L>-cyclic").
 Ablations (boundaries, L, segmentation) pair variants that differ in that one field only. Evaluation
@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline import schema
-from pipeline.report.compare import _t_interval, paired_pct
+from pipeline.report.compare import _t_interval, paired_pct, reference_variant
+from pipeline.report.pareto import eval_variant_labels
 
 TRAINED = "trained"
 
@@ -75,8 +76,7 @@ def prepare(ok: pd.DataFrame) -> pd.DataFrame:
     """The finished runs with the columns the finders read: _kind, _variant, _P, _L, _b (boundaries), _seg,
     _size, _tokens (-1 where unknown), _ppl, _rest (see _rest)."""
     df = ok.copy()
-    kind, attention = _strings(_column(df, schema.TAG_KIND, "")), _strings(_column(df, schema.TAG_ATTENTION, ""))
-    df["_kind"] = kind.where(kind != "", attention)
+    df["_kind"] = _strings(_column(df, schema.TAG_KIND, ""))
     df["_variant"] = _strings(_column(df, "variant", ""))
     df["_P"] = pd.to_numeric(_column(df, schema.TAG_CHUNK, np.nan), errors="coerce")
     df["_L"] = pd.to_numeric(_column(df, schema.TAG_LEADING, np.nan), errors="coerce")
@@ -136,22 +136,6 @@ def _log_distance(x: float, y: float) -> float:
     return abs(math.log(x / y)) if x > 0 and y > 0 and math.isfinite(x / y) else math.inf
 
 
-def _closest(cands: pd.DataFrame, col: str | None, target: float) -> str:
-    """The variant of `cands` whose mean `col` is closest to target on a log scale; the shortest label where
-    no cost tells them apart (col None or unknown)."""
-    means = cands.groupby("_variant")[col].mean() if col in cands else pd.Series(dtype=float)
-    dist = {v: _log_distance(m, target) for v, m in means.items()}
-    return min(cands["_variant"].unique(), key=lambda v: (dist.get(v, math.inf), len(v), v))
-
-
-def _sized_from(a: pd.DataFrame, cands: pd.DataFrame, kind: str) -> str:
-    """The variant of `cands` the Attamba runs `a` name as their `kind` baseline (schema.TAG_MATCH), if any."""
-    tag = schema.TAG_MATCH.get(kind)
-    names = set(_strings(a[tag])) - {""} if tag in a else set()
-    found = [v for v in cands["_variant"].unique() if v in names]
-    return found[0] if len(found) == 1 else ""
-
-
 def _by_variant(df: pd.DataFrame):
     return df.groupby("_variant", sort=True)
 
@@ -159,7 +143,8 @@ def _by_variant(df: pd.DataFrame):
 # ---------------------------------------------------------------- what each claim compares
 
 def _vs_baseline(df, attamba, kind, match_col, note_fn=None) -> tuple[list[Estimate], str]:
-    """Each Attamba variant of `attamba` against the `kind` baseline of its cell closest in match_col."""
+    """Each Attamba variant of `attamba` against the `kind` baseline of its cell that compare.reference_variant
+    chooses: the one sized from it, else the closest in match_col."""
     base = df[df["_kind"] == kind]
     if attamba.empty:
         return [], "no plain Attamba run (cyclic boundaries, chunk segmentation)"
@@ -171,9 +156,8 @@ def _vs_baseline(df, attamba, kind, match_col, note_fn=None) -> tuple[list[Estim
             cands = _same_cell(base, a_cell)
             if cands.empty:
                 continue
-            ref = _sized_from(a_cell, cands, kind) or _closest(cands, match_col,
-                                                               _mean(a_cell, match_col) if match_col else math.nan)
-            e = _estimate(a_cell, cands[cands["_variant"] == ref], note=note_fn(a_cell) if note_fn else "")
+            ref, _ = reference_variant(a_cell, cands, kind, match_col)
+            e = _estimate(a_cell, cands[cands["variant"] == ref], note=note_fn(a_cell) if note_fn else "")
             if e:
                 out.append(e)
     return out, "" if out else f"no size holds both the Attamba runs and a {kind} run"
@@ -224,16 +208,14 @@ def _overrides(text: str) -> dict[str, str]:
 def _eval_variants(df: pd.DataFrame) -> dict[str, dict[str, str]]:
     """label -> overrides, for every evaluation variant with a perplexity metric in the table."""
     out = {}
-    for col in df.columns:
-        if col.startswith(schema.M_EVAL_VARIANT_PREFIX) and col.endswith("/ppl"):
-            label = col[len(schema.M_EVAL_VARIANT_PREFIX):-len("/ppl")]
-            tags = _strings(_column(df, schema.TAG_EVAL_VARIANT_PREFIX + label, ""))
-            text = next((t for t in tags if t), "")
-            if text:
-                out[label] = _overrides(text)
-            else:  # no overrides tag: read the label (swa-W33, ...-W33, ...-random)
-                m = re.search(r"(?:^|-)W(\d+)(?:-|$)", label)
-                out[label] = {"window": m.group(1)} if m else ({"boundaries": "random"} if "-random" in label else {})
+    for label in eval_variant_labels(df.columns):
+        tags = _strings(_column(df, schema.TAG_EVAL_VARIANT_PREFIX + label, ""))
+        text = next((t for t in tags if t), "")
+        if text:
+            out[label] = _overrides(text)
+        else:  # no overrides tag: read the label (swa-W33, ...-W33, ...-random)
+            m = re.search(r"(?:^|-)W(\d+)(?:-|$)", label)
+            out[label] = {"window": m.group(1)} if m else ({"boundaries": "random"} if "-random" in label else {})
     return out
 
 

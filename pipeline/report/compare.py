@@ -1,10 +1,10 @@
-"""Trade-off tables from finished runs: per-configuration means, Pareto fronts, gap to the transformer,
-iso-KV / iso-FLOP / iso-parameter comparisons and recall against P. Percent differences are
+"""Trade-off tables from finished runs: gap to the transformer, iso-KV / iso-FLOP / iso-parameter
+comparisons and recall against P (the Pareto points are pareto.py's). Percent differences are
 100 * (ppl_variant / ppl_reference - 1): negative means the variant is better.
 
 Runs are grouped by their `variant` tag (ModelConfig.variant()) and matched to references by their `kind`
-tag (attamba | full | swa | iso_kv | iso_flop | iso_param; runs logged before that tag existed fall back
-to their `attention` tag). Intervals are 95% Student-t intervals over seed-paired differences; where the
+(attamba | full | swa | iso_kv | iso_flop | iso_param; load.py gives runs logged before that tag existed
+their `attention` tag). Intervals are 95% Student-t intervals over seed-paired differences; where the
 seeds do not pair, Welch's interval on the difference of mean log perplexities. Each comparison has a
 verdict: "better" / "worse" when its interval excludes zero, "inconclusive" when it spans zero, and
 "one seed: no interval" when there is only one pair (or one run on a side, unpaired)."""
@@ -15,7 +15,6 @@ import pandas as pd
 from scipy import stats
 
 from pipeline import schema
-from pipeline.report.pareto import pareto_mask
 
 CONFIG_KEYS = ["variant", schema.TAG_SIZE, schema.M_TRAIN_TOKENS]
 FULL = "full"
@@ -23,7 +22,6 @@ ISO_KV = "iso_kv"
 ISO_FLOP = "iso_flop"
 ISO_PARAM = "iso_param"
 ATTAMBA = "attamba"
-KIND = "kind"       # column: the kind tag, or the attention tag for runs without one
 BETTER, WORSE, INCONCLUSIVE, ONE_SEED = "better", "worse", "inconclusive", "one seed: no interval"
 PAIRED, WELCH = "paired by seed", "Welch (unpaired)"
 
@@ -34,31 +32,7 @@ def _with_keys(ok: pd.DataFrame) -> pd.DataFrame:
         df[schema.M_TRAIN_TOKENS] = np.nan
     # groupby drops NaN keys; a sentinel keeps runs that never logged their token count.
     df[schema.M_TRAIN_TOKENS] = df[schema.M_TRAIN_TOKENS].fillna(-1.0)
-    kind = df[schema.TAG_KIND] if schema.TAG_KIND in df else pd.Series("", index=df.index)
-    df[KIND] = kind.fillna("").astype(str).where(kind.fillna("") != "", df[schema.TAG_ATTENTION])
     return df
-
-
-def config_table(ok: pd.DataFrame) -> pd.DataFrame:
-    """One row per (variant, size, tokens): mean val loss/ppl over seeds, their std, seed count and mean costs."""
-    df = _with_keys(ok)
-    cost_cols = [c for c in (schema.M_PARAMS_NON_EMB, schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN,
-                             schema.M_TRAIN_FLOPS) if c in df]
-    val_cols = [c for c in (schema.M_VAL_LOSS, schema.M_VAL_PPL) if c in df]
-    g = df.groupby(CONFIG_KEYS, sort=True)
-    out = g[val_cols + cost_cols].mean()
-    for c in val_cols:
-        out[c + " std"] = g[c].std()
-    out["n_seeds"] = g.size()
-    first = g[[schema.TAG_ATTENTION, schema.TAG_CHUNK, schema.TAG_LEADING]].first()
-    return pd.concat([first, out], axis=1).reset_index()
-
-
-def pareto_table(configs: pd.DataFrame, cost: str) -> pd.DataFrame:
-    """Configurations on the front of (cost, val/ppl), both minimised, sorted by cost."""
-    df = configs.dropna(subset=[cost, schema.M_VAL_PPL])
-    front = df[pareto_mask(df[cost].to_numpy(), df[schema.M_VAL_PPL].to_numpy())]
-    return front.sort_values(cost).reset_index(drop=True)
 
 
 def _t_interval(values: np.ndarray) -> tuple[float, float, float]:
@@ -147,8 +121,8 @@ def gap_to_transformer(ok: pd.DataFrame) -> pd.DataFrame:
     """Every non-transformer variant against the `full` runs of the same size and token budget."""
     df = _with_keys(ok)
     rows = []
-    full = df[df[KIND] == FULL]
-    for (variant, size, tokens), runs in df[df[KIND] != FULL].groupby(CONFIG_KEYS, sort=True):
+    full = df[df[schema.TAG_KIND] == FULL]
+    for (variant, size, tokens), runs in df[df[schema.TAG_KIND] != FULL].groupby(CONFIG_KEYS, sort=True):
         ref = full[(full[schema.TAG_SIZE] == size) & (full[schema.M_TRAIN_TOKENS] == tokens)]
         if ref.empty or schema.M_VAL_PPL not in df:
             continue
@@ -170,25 +144,37 @@ def matched_comparison(ok: pd.DataFrame, ref_kind: str, match_on: str) -> pd.Dat
     if match_on not in df or schema.M_VAL_PPL not in df:
         return pd.DataFrame()
     rows = []
-    cands_all = df[(df[KIND] == ref_kind) & df[match_on].notna()]
-    tag = schema.TAG_MATCH.get(ref_kind)
-    for (variant, size, tokens), runs in df[df[KIND] == ATTAMBA].groupby(CONFIG_KEYS, sort=True):
+    cands_all = df[(df[schema.TAG_KIND] == ref_kind) & df[match_on].notna()]
+    for (variant, size, tokens), runs in df[df[schema.TAG_KIND] == ATTAMBA].groupby(CONFIG_KEYS, sort=True):
         cands = cands_all[(cands_all[schema.TAG_SIZE] == size) & (cands_all[schema.M_TRAIN_TOKENS] == tokens)]
         if cands.empty or not np.isfinite(runs[match_on].mean()):
             continue
-        sized_from = runs[tag].dropna().iloc[0] if tag in runs and runs[tag].notna().any() else ""
-        if sized_from and (cands["variant"] == sized_from).any():
-            best, matched_on = sized_from, "sized from it"
-        else:
-            cost = runs[match_on].mean()
-            cand_cost = cands.groupby("variant")[match_on].mean()
-            best, matched_on = (np.log(cand_cost) - np.log(cost)).abs().idxmin(), f"closest {match_on}"
+        best, matched_on = reference_variant(runs, cands, ref_kind, match_on)
         ref = cands[cands["variant"] == best]
         row = {"variant": variant, schema.TAG_SIZE: size, schema.M_TRAIN_TOKENS: tokens, "reference": best,
                "matched_on": matched_on}
         row.update(_comparison_row(runs, ref))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def reference_variant(runs: pd.DataFrame, cands: pd.DataFrame, ref_kind: str,
+                      match_on: str | None) -> tuple[str, str]:
+    """(variant, how it was chosen) of the `ref_kind` runs `cands` that the Attamba `runs` are compared with:
+    the one sized from them (the single variant their schema.TAG_MATCH tag names), else the one whose mean
+    `match_on` is closest on a log scale (a 2x larger and a 2x smaller cost are equally far), else, with no
+    cost to tell them apart, the shortest label."""
+    tag = schema.TAG_MATCH.get(ref_kind)
+    named = set(runs[tag].dropna().astype(str)) - {""} if tag in runs else set()
+    found = [v for v in cands["variant"].unique() if v in named]
+    if len(found) == 1:
+        return found[0], "sized from it"
+    cost = float(runs[match_on].mean()) if match_on in runs else np.nan
+    if match_on in cands and np.isfinite(cost) and cost > 0:
+        dist = (np.log(cands.groupby("variant")[match_on].mean()) - np.log(cost)).abs()
+        if dist.notna().any():
+            return dist.idxmin(), f"closest {match_on}"
+    return min(cands["variant"].unique(), key=lambda v: (len(v), v)), "no cost to match on: the shortest label"
 
 
 def iso_kv_comparison(ok: pd.DataFrame) -> pd.DataFrame:

@@ -36,8 +36,7 @@ def reason_of(df: pd.DataFrame) -> str:
 def _kinds(ok: pd.DataFrame) -> set[str]:
     if ok.empty:
         return set()
-    col = schema.TAG_KIND if schema.TAG_KIND in ok else schema.TAG_ATTENTION
-    return set(ok[col])
+    return set(ok[schema.TAG_KIND])
 
 
 def _n_sizes(ok: pd.DataFrame) -> int:

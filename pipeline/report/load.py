@@ -4,14 +4,13 @@ A run that failed, was killed, is still running or never logged a validation los
 with a `state` saying why, so the report can list it instead of silently losing it.
 
 Beside tags and metrics, the table holds the tracked config params the report states what was measured
-with (PARAMS: corpus, tokenizer, sequence length, evaluation batches) and, in `eval_variants`, the
-evaluation variants of a run as JSON {label: overrides} ("" when it has none).
+with (PARAMS: corpus, tokenizer, sequence length, evaluation batches) and, per evaluation variant of a
+run, its overrides in the column eval_variant.<label> (the tag, as logged).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import json
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,6 @@ TAGS = [
 # Config params (flattened `section.key`, as pipeline.tracking logs them); "" where a run did not log one.
 # data.dataset is read where a config has it (a hub dataset named apart from data.source).
 PARAMS = ["data.source", "data.dataset", "data.tokenizer", "model.vocab_size", "data.seq_len", "eval.batches"]
-EVAL_VARIANTS = "eval_variants"
 NUMERIC_TAGS = [schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_SEED, schema.TAG_OPTUNA_TRIAL]
 STATE_OK = "ok"
 PAGE_SIZE = 500
@@ -84,13 +82,6 @@ def _search_all(client: MlflowClient, experiment_id: str) -> list:
             return runs
 
 
-def _eval_variants(tags: dict[str, str]) -> str:
-    """{label: overrides} of a run's evaluation variants as sorted JSON, "" when it has none."""
-    found = {k[len(schema.TAG_EVAL_VARIANT_PREFIX):]: v for k, v in tags.items()
-             if k.startswith(schema.TAG_EVAL_VARIANT_PREFIX)}
-    return json.dumps(found, sort_keys=True) if found else ""
-
-
 def runs_to_frame(mlflow_runs: list) -> pd.DataFrame:
     """One row per run. `run.data.metrics` already holds the last logged value (highest step) of each metric."""
     rows = []
@@ -108,7 +99,6 @@ def runs_to_frame(mlflow_runs: list) -> pd.DataFrame:
         # Runs logged before the kind tag existed: their attention module is their kind.
         row[schema.TAG_KIND] = tags.get(schema.TAG_KIND) or tags.get(schema.TAG_ATTENTION, "")
         row.update({p: run.data.params.get(p, "") for p in PARAMS})
-        row[EVAL_VARIANTS] = _eval_variants(tags)
         # The trial name identifies a planned run; a lone run is known by its MLflow name.
         row["trial"] = tags.get(schema.TAG_TRIAL) or row["run_name"]
         row["variant"] = tags.get(schema.TAG_VARIANT) or tags.get(schema.TAG_ATTENTION, "") or "unknown"
@@ -116,7 +106,7 @@ def runs_to_frame(mlflow_runs: list) -> pd.DataFrame:
         row.update(metrics)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=None if rows else ["run_id", "run_name", "mlflow_status", "start_time",
-                                                          *TAGS, *PARAMS, EVAL_VARIANTS, "state"])
+                                                          *TAGS, *PARAMS, "state"])
     for col in NUMERIC_TAGS:
         if col in frame:
             frame[col] = pd.to_numeric(frame[col].replace("", np.nan), errors="coerce")
