@@ -1,7 +1,6 @@
 """`make_report`: MLflow experiment -> report.html, summary.md, runs.csv, runs.json, fits.json, claims.json."""
 from __future__ import annotations
 
-import base64
 import json
 import re
 from dataclasses import dataclass, field
@@ -58,7 +57,7 @@ def _records(df: pd.DataFrame) -> list[dict]:
 FIGURES_DIR = "figures"
 
 
-def _figure_links(out_dir: Path, figures: list[tuple[str, str]]) -> str:
+def _figure_links(out_dir: Path, figures: list[tuple[str, bytes]]) -> str:
     """Each figure also as figures/NN-<slug>.png, linked from a Figures section of summary.md (a Markdown
     viewer shows them; report.html embeds them). Figures of an earlier report are removed first."""
     folder = out_dir / FIGURES_DIR
@@ -71,7 +70,7 @@ def _figure_links(out_dir: Path, figures: list[tuple[str, str]]) -> str:
     for i, (caption, png) in enumerate(figures, 1):
         slug = re.sub(r"[^a-z0-9]+", "-", caption.lower().split(",")[0]).strip("-")[:60]
         name = f"{i:02d}-{slug}.png"
-        (folder / name).write_bytes(base64.b64decode(png))
+        (folder / name).write_bytes(png)
         lines.append(f"![{caption}]({FIGURES_DIR}/{name})\n\n*{caption}*\n")
     return "\n".join(lines)
 

@@ -1,8 +1,7 @@
 """Paper-style figures, drawn on bare `matplotlib.figure.Figure` objects (Agg canvas, no pyplot global state)
-and returned as base64 PNG so the HTML report stays one self-contained file."""
+and returned as PNG bytes: report.html embeds them (one self-contained file), summary.md links their files."""
 from __future__ import annotations
 
-import base64
 import io
 
 import numpy as np
@@ -19,10 +18,10 @@ from pipeline.report.scaling import LAW_C, LAW_N, LAW_ND, VariantFits
 DPI = 110
 
 
-def to_base64_png(fig: Figure) -> str:
+def to_png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def _plain_log_y(ax) -> None:
@@ -212,8 +211,8 @@ def recall_figure(recall: pd.DataFrame) -> Figure | None:
 
 
 def all_figures(ok: pd.DataFrame, fits: dict[str, VariantFits], gap: pd.DataFrame, iso: pd.DataFrame,
-                recall: pd.DataFrame, iso_flop: pd.DataFrame | None = None) -> list[tuple[str, str]]:
-    """(caption, base64 PNG) for every figure that has data."""
+                recall: pd.DataFrame, iso_flop: pd.DataFrame | None = None) -> list[tuple[str, bytes]]:
+    """(caption, PNG bytes) for every figure that has data."""
     candidates = [
         ("Validation loss against non-embedding parameters, L(N) = E + A N^-alpha",
          lambda: scaling_figure(fits, LAW_N, "non-embedding parameters N")),
@@ -235,5 +234,5 @@ def all_figures(ok: pd.DataFrame, fits: dict[str, VariantFits], gap: pd.DataFram
     for caption, make in candidates:
         fig = make()
         if fig is not None:
-            out.append((caption, to_base64_png(fig)))
+            out.append((caption, to_png(fig)))
     return out

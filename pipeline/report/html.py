@@ -1,6 +1,7 @@
 """One self-contained HTML page: inline CSS, tables, figures as data-URI PNGs; no scripts, no external files."""
 from __future__ import annotations
 
+import base64
 import html
 
 import pandas as pd
@@ -31,7 +32,7 @@ def table_html(df: pd.DataFrame) -> str:
 def report_html(title: str, intro: list[str], sections: dict[str, pd.DataFrame],
                 figures: list[tuple[str, str]], no_figures: str = "no runs finished",
                 opening: dict[str, pd.DataFrame] | None = None) -> str:
-    """sections: heading -> table (an empty one prints its reason); figures: (caption, base64 PNG);
+    """sections: heading -> table (an empty one prints its reason); figures: (caption, PNG bytes), embedded;
     no_figures: why there is no figure, printed when `figures` is empty; opening: sections shown before
     the figures (what was measured)."""
     parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'>",
@@ -44,7 +45,8 @@ def report_html(title: str, intro: list[str], sections: dict[str, pd.DataFrame],
     if not figures:
         parts.append(f"<p class='note'>No figure: {html.escape(no_figures)}.</p>")
     for caption, png in figures:
-        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{png}'>"
+        data = base64.b64encode(png).decode("ascii")
+        parts.append(f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     for heading, df in sections.items():
         parts.append(f"<h2>{html.escape(heading)}</h2>")

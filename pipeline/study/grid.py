@@ -157,7 +157,7 @@ def baseline_grids(value, study_sizes: tuple[str, ...]) -> list[Grid]:
         if isinstance(entry, dict):
             if KIND_KEY not in entry:
                 fail(where, entry, f"a mapping with a `{KIND_KEY}` ({', '.join(BASELINES)})",
-                     f"e.g. {{kind: swa, window: [17, 33]}}")
+                     "e.g. {kind: swa, window: [17, 33]}")
             kind = one_of(f"{where}.{KIND_KEY}", entry[KIND_KEY], BASELINES, what="baseline")
             grids.append(_grid(where, kind, entry, study_sizes))
         else:

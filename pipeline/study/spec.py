@@ -14,12 +14,12 @@ from pathlib import Path
 
 from attamba import costs
 from attamba.checks import at_least, boolean, fail, one_of, positive, safe_name, text
-from attamba.config import ModelConfig, variant_fields
+from attamba.config import ATTAMBA_FIELDS, ModelConfig, variant_fields
 from attamba.presets import PRESETS
 
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
 from pipeline.ray.cluster import Resources
-from pipeline.study.grid import BASELINES, Grid, attamba_grids, baseline_grids, with_point
+from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
 
 TOKEN_RULES = ("fixed", "per_param")
 
@@ -142,9 +142,7 @@ def _iso_baseline(attamba: RunConfig, grid: Grid) -> list[RunConfig]:
     solver = costs.iso_kv_config if grid.kind == "iso_kv" else costs.iso_flop_config
     iso = solver(attamba.model, attamba.data.seq_len)
     defaults = ModelConfig()
-    iso = dataclasses.replace(iso, **{name: getattr(defaults, name) for name in
-                                      ("chunk_size", "leading_tokens", "boundaries", "boundary_seed", "kv_proj",
-                                       "ssm_residual", "pseudo_chunk", "ssm_segmentation", "ssm")})
+    iso = dataclasses.replace(iso, **{name: getattr(defaults, name) for name in ATTAMBA_FIELDS})
     return _grid_runs(dataclasses.replace(attamba, model=iso), grid, {})
 
 
