@@ -258,13 +258,21 @@ def _fit_scaling_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int, seed: int, 
         return t if _exponents_ok(t[1 + k:]) else None
 
     boots, note = bootstrap(refit, size_labels(*x.T), log_y, n_bootstrap, seed)
-    params = _to_public(theta, x0, names)
-    intervals, note = intervals_from(params, [_to_public(t, x0, names) for t in boots], n_bootstrap, note)
-    residuals = (log_y - np.log(predict_theta(theta, x0, x))).tolist()
-    return PowerLawFit(status=STATUS_OK, form=FORM_FREE, n_params=n_params, n_points=len(y), n_distinct=n_distinct,
-                       params=params, intervals=intervals, interval_note=note,
-                       flags=exponent_flags(params, names[2::2]), residuals=residuals, n_bootstrap=n_bootstrap,
-                       n_bootstrap_ok=len(boots), theta=theta, x0=x0,
+    return _fitted(FORM_FREE, n_params, n_distinct, x, y, theta, x0, boots, n_bootstrap, note,
+                   lambda t: _to_public(t, x0, names), names[2::2])
+
+
+def _fitted(form: str, n_params: int, n_distinct: int, x: np.ndarray, y: np.ndarray, theta: np.ndarray,
+            x0: np.ndarray, boots: list[np.ndarray], n_bootstrap: int, note: str, to_public,
+            exponents: list[str]) -> PowerLawFit:
+    """The PowerLawFit of a law fitted at `theta` (normalised by x0), with its successful bootstrap refits
+    `boots`: public parameters, their intervals (or why omitted), flags and residuals."""
+    params = to_public(theta)
+    intervals, note = intervals_from(params, [to_public(t) for t in boots], n_bootstrap, note)
+    residuals = (np.log(y) - np.log(predict_theta(theta, x0, x))).tolist()
+    return PowerLawFit(status=STATUS_OK, form=form, n_params=n_params, n_points=len(y), n_distinct=n_distinct,
+                       params=params, intervals=intervals, interval_note=note, flags=exponent_flags(params, exponents),
+                       residuals=residuals, n_bootstrap=n_bootstrap, n_bootstrap_ok=len(boots), theta=theta, x0=x0,
                        boot_thetas=np.array(boots) if intervals else None)
 
 
@@ -293,22 +301,14 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int = 500, seed: in
         slope = float(zc @ (ly - ly.mean()) / (zc @ zc))
         return np.array([-np.inf, ly.mean() - slope * z.mean(), -slope])
 
-    theta = solve(log_y)
-    boots, note = bootstrap(lambda ly: solve(ly), size_labels(x[:, 0]), log_y, n_bootstrap, seed)
-    public = [names[1], names[2]]
+    boots, note = bootstrap(solve, size_labels(x[:, 0]), log_y, n_bootstrap, seed)
 
-    def to_public(t: np.ndarray) -> dict[str, float]:
+    def to_public(t: np.ndarray) -> dict[str, float]:   # A and alpha: a power law has no E
         p = _to_public(t, x0, names)
-        return {name: p[name] for name in public}
+        return {name: p[name] for name in names[1:3]}
 
-    params = to_public(theta)
-    intervals, note = intervals_from(params, [to_public(t) for t in boots], n_bootstrap, note)
-    residuals = (log_y - np.log(predict_theta(theta, x0, x))).tolist()
-    return PowerLawFit(status=STATUS_OK, form=FORM_POWER, n_params=2, n_points=len(y), n_distinct=n_distinct,
-                       params=params, intervals=intervals, interval_note=note,
-                       flags=exponent_flags(params, [names[2]]), residuals=residuals, n_bootstrap=n_bootstrap,
-                       n_bootstrap_ok=len(boots), theta=theta, x0=x0,
-                       boot_thetas=np.array(boots) if intervals else None)
+    return _fitted(FORM_POWER, 2, n_distinct, x, y, solve(log_y), x0, boots, n_bootstrap, note, to_public,
+                   [names[2]])
 
 
 def fit_shared_e(xs: list[np.ndarray], ys: list[np.ndarray], n_bootstrap: int = 500, seed: int = 0,
@@ -361,16 +361,9 @@ def _fit_shared_e(xs, ys, n_bootstrap, seed, delta, names) -> list[PowerLawFit]:
     out = []
     for v, (x, y, _) in enumerate(clean):
         x0 = x0s[v:v + 1]
-        tv = variant_theta(theta, v)
-        params = _to_public(tv, x0, names)
-        bv = [variant_theta(t, v) for t in boots]
-        intervals, note_v = intervals_from(params, [_to_public(t, x0, names) for t in bv], n_bootstrap, note)
-        residuals = (np.log(y) - np.log(predict_theta(tv, x0, x))).tolist()
-        out.append(PowerLawFit(status=STATUS_OK, form=FORM_SHARED_E, n_params=n_params, n_points=len(y),
-                               n_distinct=sizes[v], params=params, intervals=intervals, interval_note=note_v,
-                               flags=exponent_flags(params, [names[2]]), residuals=residuals,
-                               n_bootstrap=n_bootstrap, n_bootstrap_ok=len(boots), theta=tv, x0=x0,
-                               boot_thetas=np.array(bv) if intervals else None))
+        out.append(_fitted(FORM_SHARED_E, n_params, sizes[v], x, y, variant_theta(theta, v), x0,
+                           [variant_theta(t, v) for t in boots], n_bootstrap, note,
+                           lambda t, x0=x0: _to_public(t, x0, names), [names[2]]))
     return out
 
 
