@@ -84,14 +84,20 @@ def feasible(trial) -> bool:
     return all(v <= 0 for v in trial.user_attrs.get(CONSTRAINTS_ATTR, []))
 
 
-def pareto_trials(trials: list) -> list:
-    """Feasible completed trials on the front (constraints first, as Optuna's constrained samplers do), trial
-    by trial as Optuna's `study.best_trials` sees it; the export merges revisits first (pareto_points)."""
-    ok = [t for t in trials if feasible(t)]
+def _front(items: list, values, is_feasible) -> list:
+    """The feasible items (constraints first, as Optuna's constrained samplers do) not dominated on
+    values(item), sorted by the costs, then the quality."""
+    ok = [i for i in items if is_feasible(i)]
     if not ok:
         return []
-    mask = non_dominated(np.array([t.values for t in ok]))
-    return sorted((t for t, m in zip(ok, mask) if m), key=lambda t: t.values[1:] + t.values[:1])
+    mask = non_dominated(np.array([values(i) for i in ok]))
+    return sorted((i for i, m in zip(ok, mask) if m), key=lambda i: list(values(i)[1:]) + list(values(i)[:1]))
+
+
+def pareto_trials(trials: list) -> list:
+    """Feasible completed trials on the front, trial by trial as Optuna's `study.best_trials` sees it; the
+    export merges revisits first (pareto_points)."""
+    return _front(trials, lambda t: t.values, feasible)
 
 
 @dataclass
@@ -117,6 +123,10 @@ class Point:
         rows = [t.user_attrs.get(CONSTRAINTS_ATTR, []) for t in self.trials]
         return np.mean(rows, axis=0).tolist() if rows and all(len(r) == len(rows[0]) and r for r in rows) else []
 
+    @property
+    def feasible(self) -> bool:
+        return all(v <= 0 for v in self.constraints)
+
 
 def _key(params: dict) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in params.items()))
@@ -138,18 +148,17 @@ def distinct_points(trials: list) -> list[Point]:
     return sorted(points, key=lambda p: p.original.number)
 
 
-def pareto_points(trials: list) -> list[Point]:
-    """Feasible distinct configurations on the front of their mean values, each counted once."""
-    ok = [p for p in distinct_points(trials) if all(v <= 0 for v in p.constraints)]
-    if not ok:
-        return []
-    mask = non_dominated(np.array([p.values for p in ok]))
-    return sorted((p for p, m in zip(ok, mask) if m), key=lambda p: p.values[1:] + p.values[:1])
+def pareto_points(points: list[Point]) -> list[Point]:
+    """Feasible distinct configurations (distinct_points) on the front of their mean values, each once."""
+    return _front(points, lambda p: p.values, lambda p: p.feasible)
 
 
-def front_record(search: SearchConfig, study, trials: list, storage_url: str) -> dict:
+def front_record(search: SearchConfig, study, trials: list, storage_url: str,
+                 points: list[Point] | None = None) -> dict:
+    """The pareto.json record; `points` are distinct_points(trials), when already merged."""
     metrics = search.objectives.metrics
-    front = pareto_points(trials)
+    points = distinct_points(trials) if points is None else points
+    front = pareto_points(points)
     return {
         "study": search.name,
         "storage": redact(storage_url),
@@ -158,7 +167,7 @@ def front_record(search: SearchConfig, study, trials: list, storage_url: str) ->
         "constraints": {name: getattr(search.constraints, f"max_{name}") for name in search.constraints.names},
         "reference": study.user_attrs.get(REFERENCE_ATTR),
         "n_complete": len(trials),
-        "n_distinct": len(distinct_points(trials)),
+        "n_distinct": len(points),
         "front": [{"number": p.original.number, "numbers": sorted(t.number for t in p.trials),
                    "count": len(p.trials), "params": p.params, "values": dict(zip(metrics, p.values)),
                    "constraints": p.constraints, "run_name": p.original.user_attrs.get(RUN_NAME_ATTR),
@@ -171,7 +180,8 @@ def export_front(search: SearchConfig, study, trials: list, storage_url: str, fo
     """Write pareto.json, pareto.csv and pareto.png into `folder`; returns the JSON record."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    record = front_record(search, study, trials, storage_url)
+    points = distinct_points(trials)
+    record = front_record(search, study, trials, storage_url, points)
     (folder / "pareto.json").write_text(json.dumps(record, indent=1))
     params = ["chunk_size", "leading_tokens", "boundaries"] + (["state_dim"] if search.space.state_dim else [])
     with open(folder / "pareto.csv", "w", newline="") as f:
@@ -181,11 +191,11 @@ def export_front(search: SearchConfig, study, trials: list, storage_url: str, fo
             writer.writerow([p["number"], *(p["params"].get(k) for k in params),
                              *(p["values"][m] for m in record["objectives"]), p["count"], p["run_name"]])
     if trials:
-        plot_front(search, trials, record, folder / "pareto.png")
+        plot_front(search, trials, points, record, folder / "pareto.png")
     return record
 
 
-def plot_front(search: SearchConfig, trials: list, record: dict, path: Path) -> None:
+def plot_front(search: SearchConfig, trials: list, points: list[Point], record: dict, path: Path) -> None:
     """Quality against each cost: every distinct configuration once (xN: merged from N trials), infeasible
     ones hollow, the front joined."""
     import matplotlib
@@ -195,13 +205,12 @@ def plot_front(search: SearchConfig, trials: list, record: dict, path: Path) -> 
 
     metrics = record["objectives"]
     front = {p["number"] for p in record["front"]}
-    points = distinct_points(trials)
     fig, axes = plt.subplots(1, len(metrics) - 1, figsize=(5.5 * (len(metrics) - 1), 4.2), squeeze=False)
     for ax, j in zip(axes[0], range(1, len(metrics))):
         for p in points:
             on, values = p.original.number in front, p.values
             ax.scatter(values[j], values[0], s=40 if on else 18,
-                       c="C3" if on else ("C0" if all(v <= 0 for v in p.constraints) else "none"),
+                       c="C3" if on else ("C0" if p.feasible else "none"),
                        edgecolors="C3" if on else "C0", zorder=3 if on else 2)
             times = f" x{len(p.trials)}" if len(p.trials) > 1 else ""
             ax.annotate(f"P{p.params['chunk_size']} L{p.params['leading_tokens']}{times}", (values[j], values[0]),
