@@ -25,7 +25,12 @@ from pipeline.report.scaling import LAW_C, LAW_N, LAW_ND, VariantFits
 DPI = 110
 MARKERS = {TRAINED: "o", EVALUATED: "D"}   # evaluated points are hollow diamonds
 FRONT_COLOUR, FRONT_COLOUR_NAME, FRONT_STYLE, FRONT_STYLE_NAME = "dimgray", "grey", "--", "dashed"
-LABEL_COLOUR = "#222222"
+LABEL_COLOUR, OFF_FRONT_LABEL_COLOUR = "#222222", "#777777"   # labels of front points; of the others
+LABEL_ALL_UP_TO = 15   # a panel with at most this many points has every point labelled, else its front only
+
+
+def _point_label(r) -> str:
+    return r["variant"] if r["point"] == TRAINED else f"{r['variant']} (from {r['trained_as']})"
 
 
 def to_png(fig: Figure) -> bytes:
@@ -127,7 +132,8 @@ def _size_order(df: pd.DataFrame) -> list[str]:
 def pareto_figure(ok: pd.DataFrame, cost: str, xlabel: str, colours: dict | None = None) -> Figure | None:
     """Perplexity against one cost, one panel per size (models compete at equal size): every point the mean
     +- std over seeds in its variant's colour, trained points filled circles, evaluation variants hollow
-    diamonds; each panel's front drawn as dashed grey steps, its points labelled with their variant."""
+    diamonds; each panel's front drawn as dashed grey steps, its points labelled with their variant (and the
+    other points too, in a lighter grey, when the panel has at most LABEL_ALL_UP_TO points)."""
     points = pareto_points(ok).dropna(subset=[cost, schema.M_VAL_PPL]) if len(ok) else pd.DataFrame()
     if points.empty:
         return None
@@ -135,11 +141,13 @@ def pareto_figure(ok: pd.DataFrame, cost: str, xlabel: str, colours: dict | None
     sizes = _size_order(points)
     plotted = [v for v in colours if v in set(points["variant"])]
     handles = [Patch(color=colours[v], label=v) for v in plotted]
-    handles += [Line2D([], [], marker=MARKERS[TRAINED], ls="", color="k", label="trained at the variant"),
-                Line2D([], [], marker=MARKERS[EVALUATED], ls="", color="k", mfc="none",
-                       label="evaluated at the variant (trained as another)"),
-                Line2D([], [], color=FRONT_COLOUR, ls=FRONT_STYLE,
-                       label=f"Pareto front of the size ({FRONT_COLOUR_NAME}, {FRONT_STYLE_NAME}; its points labelled)")]
+    kinds = set(points["point"])
+    handles += [Line2D([], [], marker=MARKERS[TRAINED], ls="", color="k", label="trained at the variant")] \
+        if TRAINED in kinds else []
+    handles += [Line2D([], [], marker=MARKERS[EVALUATED], ls="", color="k", mfc="none",
+                       label="evaluated at the variant (trained as another)")] if EVALUATED in kinds else []
+    handles += [Line2D([], [], color=FRONT_COLOUR, ls=FRONT_STYLE,
+                       label=f"Pareto front of the size ({FRONT_COLOUR_NAME}, {FRONT_STYLE_NAME})")]
     ncol = 3 if len(handles) > 6 else 2
     legend_h = 0.3 + 0.2 * -(-len(handles) // ncol)
     cols = min(len(sizes), 2)
@@ -173,13 +181,19 @@ def pareto_figure(ok: pd.DataFrame, cost: str, xlabel: str, colours: dict | None
     # Labels go on once limits and layout are final: their placement is measured on the drawn figure.
     for ax, here, front in panels:
         freeze_log_limits(ax, pad=0.12)
-        labels = [(r[cost], r[schema.M_VAL_PPL],
-                   r["variant"] if r["point"] == TRAINED else f"{r['variant']} (from {r['trained_as']})",
-                   colours[r["variant"]]) for _, r in front.iterrows()]
+        # The front's points first (placed nearest), then, in a panel of few points, every other point.
+        keys = ["variant", "point", "trained_as"]
+        others = here.merge(front[keys], on=keys, how="left", indicator=True)
+        others = others[others["_merge"] == "left_only"] if len(here) <= LABEL_ALL_UP_TO else others.iloc[:0]
+        labels = [(r[cost], r[schema.M_VAL_PPL], _point_label(r), colours[r["variant"]], text)
+                  for rows, text in ((front, LABEL_COLOUR), (others, OFF_FRONT_LABEL_COLOUR))
+                  for _, r in rows.iterrows()]
         xs, ys = front[cost].to_numpy(), front[schema.M_VAL_PPL].to_numpy()
         steps = [seg for i in range(len(xs) - 1)
                  for seg in (((xs[i], ys[i]), (xs[i + 1], ys[i])), ((xs[i + 1], ys[i]), (xs[i + 1], ys[i + 1])))]
-        place_labels(ax, labels, obstacles=list(zip(here[cost], here[schema.M_VAL_PPL])), lines=steps)
+        std = here[schema.M_VAL_PPL + " std"].fillna(0.0)
+        bars = [((x, y - e), (x, y + e)) for x, y, e in zip(here[cost], here[schema.M_VAL_PPL], std) if e > 0]
+        place_labels(ax, labels, obstacles=list(zip(here[cost], here[schema.M_VAL_PPL])), lines=steps + bars)
     return fig
 
 
@@ -194,7 +208,7 @@ def gap_figure(gap: pd.DataFrame, title: str, colours: dict | None = None) -> Fi
     y, labels, heads, rows = 0, [], [], []
     for size, g in df.groupby("_o", sort=True):
         heads.append(len(labels))
-        labels.append(f"{g[schema.TAG_SIZE].iloc[0]} ({fmt.num(g['params'].mean())} params)")
+        labels.append(str(g[schema.TAG_SIZE].iloc[0]))
         for _, r in g.iterrows():
             rows.append((len(labels), r))
             labels.append(f"{r['variant']} vs {r['reference']}")
@@ -250,7 +264,9 @@ def report_colours(ok: pd.DataFrame) -> dict:
 
 PARETO_CAPTION = ("Perplexity against {what}, one panel per size: each variant in its own colour (legend), "
                   "trained points filled circles, evaluated points hollow diamonds, bars the seed std; the "
-                  f"Pareto front a {FRONT_COLOUR_NAME} {FRONT_STYLE_NAME} line, each of its points labelled")
+                  f"Pareto front a {FRONT_COLOUR_NAME} {FRONT_STYLE_NAME} line. Every point of the front is "
+                  f"labelled with its variant in dark grey; in a panel of at most {LABEL_ALL_UP_TO} points the "
+                  "others are too, in light grey")
 GAP_CAPTION = ", grouped by size (smallest first), each bar in its variant's colour with its 95% interval"
 
 

@@ -53,11 +53,13 @@ BASELINES = (("gap", "the transformer"), ("iso_kv", "the iso-KV transformer"),
 
 @dataclass
 class Block:
-    """A part of the report: a heading, lines (bullets), an optional table and lines after it. Lines may
+    """A part of the report: a heading, paragraphs (`lead`), lines (bullets), an optional table and paragraphs
+    after it (`after`). Lines may
     use **bold** and `code`, the only markup both summary.md and report.html render."""
 
     title: str
     lines: list[str] = field(default_factory=list)
+    lead: list[str] = field(default_factory=list)      # paragraphs before the lines
     table: pd.DataFrame | None = None
     after: list[str] = field(default_factory=list)
     css: str = ""                   # a class for report.html (the headline's box)
@@ -154,12 +156,13 @@ def headline(data: ReportData) -> Block:
     lead = ("Perplexity of each Attamba against its baselines of the same size preset, as a % difference "
             "(negative: Attamba better) with its 95% interval over seed-paired runs and the verdict, beside "
             "the measured KV-cache and non-embedding parameter ratios.")
-    return Block("The answer", [lead, *answer_lines(data), claims_tally(data.claims)], css="headline")
+    return Block("The answer", answer_lines(data), lead=[lead], after=[claims_tally(data.claims)], css="headline")
 
 
 def headline_text(block: Block) -> list[str]:
-    """The headline's lines without markup: for the MLflow run description and the CLI's JSON."""
-    return [line.replace("**", "").replace("`", "") for line in block.lines]
+    """The headline's answer lines and claims line, without markup: for the MLflow run description and the
+    CLI's JSON."""
+    return [line.replace("**", "").replace("`", "") for line in block.lines + block.after]
 
 
 def context_matters(data: ReportData) -> Block | None:

@@ -43,10 +43,11 @@ def inline(text: str) -> str:
 
 
 def block_html(block) -> str:
-    """A front.Block: heading, bullet lines, table, lines after."""
+    """A front.Block: heading, lead paragraphs, bullet lines, table, paragraphs after."""
     parts = [f"<section class='{html.escape(block.css)}'>" if block.css else "<section>"]
     if block.title:
         parts.append(f"<h2>{html.escape(block.title)}</h2>")
+    parts += [f"<p>{inline(line)}</p>" for line in block.lead]
     if block.lines:
         parts.append("<ul>" + "".join(f"<li>{inline(line)}</li>" for line in block.lines) + "</ul>")
     if block.table is not None:

@@ -196,18 +196,19 @@ LABEL_COLOUR = "#222222"
 CLOSE_PX = 12.0   # a point this near another gets its label on a leader line (in its colour) for sure
 
 
-def _annotate(ax, text, x, y, ox, oy, fontsize, colour, leader):
+def _annotate(ax, text, x, y, ox, oy, fontsize, colour, leader, text_colour=LABEL_COLOUR):
     dx, dy = np.sign(ox), np.sign(oy)
     arrow = {"arrowstyle": "-", "lw": 0.9, "color": colour, "shrinkA": 0, "shrinkB": 2} if leader else None
     return ax.annotate(text, (x, y), xytext=(ox, oy), textcoords="offset points", fontsize=fontsize,
-                       color=LABEL_COLOUR,
+                       color=text_colour,
                        ha="left" if dx > 0 else "right" if dx < 0 else "center",
                        va="bottom" if dy > 0 else "top" if dy < 0 else "center", arrowprops=arrow)
 
 
-def place_labels(ax, labels: list[tuple[float, float, str, object]], obstacles: list[tuple[float, float]] = (),
+def place_labels(ax, labels: list[tuple], obstacles: list[tuple[float, float]] = (),
                  lines: list[tuple[tuple[float, float], tuple[float, float]]] = (), fontsize: float = 6.5) -> list:
-    """Annotate each (x, y, text, colour) point with its text (dark; `colour` is its leader line's). Greedy: label by label, the offset (nearest
+    """Annotate each (x, y, text, colour[, text colour]) point with its text (`colour` is its leader line's;
+    the text is LABEL_COLOUR unless given). Greedy, in the order given: label by label, the offset (nearest
     first) whose box covers no placed label, no `obstacles` point and nothing outside the axes, and whose
     leader line crosses no placed label or leader, and that is nearer to its own point than to any other;
     failing that, the offset that costs least (weights _W_*). `lines`
@@ -222,7 +223,8 @@ def place_labels(ax, labels: list[tuple[float, float, str, object]], obstacles: 
     dot_boxes = [Bbox.from_extents(u - dot, v - dot, u + dot, v + dot) for u, v in dots]
     drawn = [(to_px(a), to_px(b)) for a, b in lines]
     boxes, leaders, out = [], [], []
-    for x, y, text, colour in labels:
+    for x, y, text, colour, *rest in labels:
+        text_colour = rest[0] if rest else LABEL_COLOUR
         point = to_px((x, y))
         crowded = any(1 < math.dist(d, point) < CLOSE_PX * fig.dpi / 72.0 for d in dots)
         best = None
@@ -251,7 +253,7 @@ def place_labels(ax, labels: list[tuple[float, float, str, object]], obstacles: 
             if best[0] == 0:
                 break
         _, ox, oy, radius, box, leader = best
-        out.append(_annotate(ax, text, x, y, ox, oy, fontsize, colour, leader is not None))
+        out.append(_annotate(ax, text, x, y, ox, oy, fontsize, colour, leader is not None, text_colour))
         boxes.append(box)
         if leader:
             leaders.append(leader)

@@ -145,8 +145,9 @@ def intro_lines(table: RunTable) -> list[str]:
 
 
 def block_markdown(block) -> str:
-    """A front.Block as Markdown: heading, bullet lines, table, lines after."""
+    """A front.Block as Markdown: heading, lead paragraphs, bullet lines, table, paragraphs after."""
     out = [f"## {block.title}\n"] if block.title else []
+    out += [f"{line}\n" for line in block.lead]
     if block.lines:
         out.append("\n".join(f"- {line}" for line in block.lines) + "\n")
     if block.table is not None:
