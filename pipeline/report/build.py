@@ -16,7 +16,7 @@ from pipeline.report.compare import (gap_to_transformer, iso_flop_comparison, is
                                      recall_table)
 from pipeline.report.empty import empty, or_empty, reasons
 from pipeline.report.figures import all_figures
-from pipeline.report.front import Block, ReportData, claims_block, front_blocks, headline_text
+from pipeline.report.front import Block, ReportData, claims_block, front_blocks, headline_text, run_description
 from pipeline.report.html import report_html
 from pipeline.report.load import load_runs
 from pipeline.report.measured import measured_table
@@ -35,6 +35,7 @@ class ReportResult:
     fits: dict = field(default_factory=dict)            # the content of fits.json
     claims: dict = field(default_factory=dict)          # the content of claims.json
     headline: list[str] = field(default_factory=list)   # the answer's lines, as the report opens with them
+    description: str = ""                               # the same as Markdown, for the MLflow parent run
 
 
 def _clean(v):
@@ -146,4 +147,5 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     files["claims.json"].write_text(json.dumps(_clean(claims_out), indent=1, allow_nan=False))
     return ReportResult(out_dir=out_dir, files=files, n_runs=len(table.runs), n_ok=len(ok),
                         failed=table.not_ok["trial"].tolist(), missing=list(table.missing), fits=_clean(fits_json),
-                        claims=_clean(claims_out), headline=headline_text(front[0]))
+                        claims=_clean(claims_out), headline=headline_text(front[0]),
+                        description=run_description(front[0], str(files["report.html"])))

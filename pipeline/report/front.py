@@ -165,6 +165,13 @@ def headline_text(block: Block) -> list[str]:
     return [line.replace("**", "").replace("`", "") for line in block.lines + block.after]
 
 
+def run_description(block: Block, report: str) -> str:
+    """The headline as an MLflow run description (Markdown): where the report is, the answer lines, the
+    claims line."""
+    return "\n\n".join([f"**The answer** (report: `{report}`; also under this run's artifacts, `report/`)",
+                        "\n".join(f"- {line}" for line in block.lines), *block.after])
+
+
 def context_matters(data: ReportData) -> Block | None:
     """"Does context matter here?": the section kept for right after the headline. Not written yet, so it
     returns None and the report has no such section."""
