@@ -26,7 +26,8 @@ DPI = 110
 MARKERS = {TRAINED: "o", EVALUATED: "D"}   # evaluated points are hollow diamonds
 FRONT_COLOUR, FRONT_COLOUR_NAME, FRONT_STYLE, FRONT_STYLE_NAME = "dimgray", "grey", "--", "dashed"
 LABEL_COLOUR, OFF_FRONT_LABEL_COLOUR = "#222222", "#777777"   # labels of front points; of the others
-LABEL_ALL_UP_TO = 15   # a panel with at most this many points has every point labelled, else its front only
+LABEL_ALL_UP_TO = 15   # in a panel of at most this many points, the points off the front are labelled where
+                       # their label fits; in a larger one, the front's only
 
 
 def _point_label(r) -> str:
@@ -133,7 +134,8 @@ def pareto_figure(ok: pd.DataFrame, cost: str, xlabel: str, colours: dict | None
     """Perplexity against one cost, one panel per size (models compete at equal size): every point the mean
     +- std over seeds in its variant's colour, trained points filled circles, evaluation variants hollow
     diamonds; each panel's front drawn as dashed grey steps, its points labelled with their variant (and the
-    other points too, in a lighter grey, when the panel has at most LABEL_ALL_UP_TO points)."""
+    other points too, in a lighter grey, where their label fits, when the panel has at most LABEL_ALL_UP_TO
+    points)."""
     points = pareto_points(ok).dropna(subset=[cost, schema.M_VAL_PPL]) if len(ok) else pd.DataFrame()
     if points.empty:
         return None
@@ -181,12 +183,13 @@ def pareto_figure(ok: pd.DataFrame, cost: str, xlabel: str, colours: dict | None
     # Labels go on once limits and layout are final: their placement is measured on the drawn figure.
     for ax, here, front in panels:
         freeze_log_limits(ax, pad=0.12)
-        # The front's points first (placed nearest), then, in a panel of few points, every other point.
+        # The front's points first (placed nearest, always), then, in a panel of few points, every other
+        # point whose label fits without covering anything.
         keys = ["variant", "point", "trained_as"]
         others = here.merge(front[keys], on=keys, how="left", indicator=True)
         others = others[others["_merge"] == "left_only"] if len(here) <= LABEL_ALL_UP_TO else others.iloc[:0]
-        labels = [(r[cost], r[schema.M_VAL_PPL], _point_label(r), colours[r["variant"]], text)
-                  for rows, text in ((front, LABEL_COLOUR), (others, OFF_FRONT_LABEL_COLOUR))
+        labels = [(r[cost], r[schema.M_VAL_PPL], _point_label(r), colours[r["variant"]], text, optional)
+                  for rows, text, optional in ((front, LABEL_COLOUR, False), (others, OFF_FRONT_LABEL_COLOUR, True))
                   for _, r in rows.iterrows()]
         xs, ys = front[cost].to_numpy(), front[schema.M_VAL_PPL].to_numpy()
         steps = [seg for i in range(len(xs) - 1)
@@ -256,17 +259,19 @@ def recall_figure(recall: pd.DataFrame) -> Figure | None:
 
 
 def report_colours(ok: pd.DataFrame) -> dict:
-    """The report's one variant -> colour mapping: every trained variant and every evaluation variant."""
+    """The report's one variant -> colour mapping: every trained variant (the strongest colours) and every
+    evaluation variant."""
     if ok.empty:
         return {}
-    return variant_colours(set(ok["variant"]) | set(pareto_points(ok)["variant"]))
+    trained = set(ok["variant"])
+    return variant_colours(trained | set(pareto_points(ok)["variant"]), first=trained)
 
 
 PARETO_CAPTION = ("Perplexity against {what}, one panel per size: each variant in its own colour (legend), "
                   "trained points filled circles, evaluated points hollow diamonds, bars the seed std; the "
                   f"Pareto front a {FRONT_COLOUR_NAME} {FRONT_STYLE_NAME} line. Every point of the front is "
                   f"labelled with its variant in dark grey; in a panel of at most {LABEL_ALL_UP_TO} points the "
-                  "others are too, in light grey")
+                  "others are too, in light grey, where their label fits")
 GAP_CAPTION = ", grouped by size (smallest first), each bar in its variant's colour with its 95% interval"
 
 

@@ -23,8 +23,9 @@ def _finite(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def num(v, sig: int = 3) -> str:
-    """`v` with `sig` significant figures under the module's rules; strings pass through unchanged."""
+def num(v, sig: int = 3, whole: bool = True) -> str:
+    """`v` with `sig` significant figures under the module's rules; strings pass through unchanged.
+    whole=False prints a whole float like any other (`4.00`, not `4`): for a measured ratio."""
     if v is None:
         return NA
     if isinstance(v, str):
@@ -36,7 +37,7 @@ def num(v, sig: int = 3) -> str:
     if not math.isfinite(v):
         return NA
     a = abs(v)
-    if (isinstance(v, numbers.Integral) or float(v).is_integer()) and a < 1e4:
+    if (isinstance(v, numbers.Integral) or (whole and float(v).is_integer())) and a < 1e4:
         return str(int(v))
     if a >= 1e4:
         units = SI[::-1]                                    # k, M, G, T
@@ -81,8 +82,8 @@ def pct(mean, lo=None, hi=None, sig: int = 3) -> str:
 
 
 def ratio(v, sig: int = 3) -> str:
-    """A ratio as a factor: `1.94x`."""
-    return f"{num(v, sig)}x" if _finite(v) else NA
+    """A ratio as a factor: `1.94x`, `4.00x`."""
+    return f"{num(v, sig, whole=False)}x" if _finite(v) else NA
 
 
 def parse(text: str) -> float:

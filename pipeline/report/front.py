@@ -100,7 +100,7 @@ def _pairs(row: pd.Series) -> str:
 
 def _comparison(row: pd.Series, name: str, context: float) -> str:
     """One comparison: % gap with interval and verdict, the KV-cache ratio and the parameter ratio."""
-    whose = "the transformer's" if name == "the transformer" else "its"
+    whose = "the transformer's" if name == "the transformer" else "the baseline's"
     return (f"perplexity {fmt.pct(row['pct_mean'], row['pct_lo'], row['pct_hi'])} against {name} "
             f"({row['reference']}): {row['verdict']} ({_pairs(row)}); "
             f"{_kv_text(row['ref_kv_bytes'], row['kv_bytes'], whose, context)}, "

@@ -35,21 +35,28 @@ def variant_kind(variant: str) -> str:
 
 
 def _palette() -> list:
-    """Distinct colours, strongest first: tab10 without its grey, then Dark2, then Set1 without its yellow
-    (25 in all)."""
+    """Distinct colours, strongest first: tab10 without its grey, Dark2, Set1 without its yellow (25), then
+    tab20's light shades without grey, tab20b and tab20c (74 in all)."""
     tab10 = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]
     set1 = [c for i, c in enumerate(colormaps["Set1"].colors) if i != 5]
-    return tab10 + list(colormaps["Dark2"].colors) + set1
+    light = [c for i, c in enumerate(colormaps["tab20"].colors) if i % 2 and i != 15]
+    return (tab10 + list(colormaps["Dark2"].colors) + set1 + light + list(colormaps["tab20b"].colors)
+            + list(colormaps["tab20c"].colors))
 
 
-def variant_colours(variants) -> dict[str, tuple]:
+def variant_colours(variants, first=()) -> dict[str, tuple]:
     """One colour per variant, for every figure of a report: the plain transformer ("full") black, the others
-    in KIND_ORDER then by name, each its own colour (they repeat only past 25 variants)."""
+    each its own colour (repeating only past 74 variants), those in `first` (a report's trained variants)
+    taking the strongest colours; within each group in KIND_ORDER, then by name."""
     colours = _palette()
-    names = sorted(set(variants), key=lambda v: (KIND_ORDER.index(variant_kind(v)) if variant_kind(v) in KIND_ORDER
-                                                   else len(KIND_ORDER), v))
+    first = set(first)
+
+    def order(v):
+        kind = variant_kind(v)
+        return (v not in first, KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), v)
+
     out, i = {}, 0
-    for name in names:
+    for name in sorted(set(variants), key=order):
         if name == "full":
             out[name] = TRANSFORMER_COLOUR
         else:
@@ -141,7 +148,7 @@ def freeze_log_limits(ax, pad: float = 0.08) -> None:
 # past the first ring a leader line joins label and point.
 _DIRECTIONS = [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1), (-1, -1), (1, -1),
                (2, 1), (1, 2), (-1, 2), (-2, 1), (-2, -1), (-1, -2), (1, -2), (2, -1)]
-_RADII = (6, 14, 24, 36, 50, 66, 84)
+_RADII = (6, 14, 24, 36, 50, 66, 84, 110, 140)
 # What a label may not cover, by weight: another label, a point, the outside of the axes, a leader line
 # crossing a label or another leader, a drawn line (the front) under the label.
 # A label nearer to another point than to its own (and without a leader line) reads as that point's.
@@ -207,8 +214,9 @@ def _annotate(ax, text, x, y, ox, oy, fontsize, colour, leader, text_colour=LABE
 
 def place_labels(ax, labels: list[tuple], obstacles: list[tuple[float, float]] = (),
                  lines: list[tuple[tuple[float, float], tuple[float, float]]] = (), fontsize: float = 6.5) -> list:
-    """Annotate each (x, y, text, colour[, text colour]) point with its text (`colour` is its leader line's;
-    the text is LABEL_COLOUR unless given). Greedy, in the order given: label by label, the offset (nearest
+    """Annotate each (x, y, text, colour[, text colour[, optional]]) point with its text (`colour` is its
+    leader line's; the text is LABEL_COLOUR unless given; an optional label is left out unless it fits
+    without any cost). Greedy, in the order given: label by label, the offset (nearest
     first) whose box covers no placed label, no `obstacles` point and nothing outside the axes, and whose
     leader line crosses no placed label or leader, and that is nearer to its own point than to any other;
     failing that, the offset that costs least (weights _W_*). `lines`
@@ -225,6 +233,7 @@ def place_labels(ax, labels: list[tuple], obstacles: list[tuple[float, float]] =
     boxes, leaders, out = [], [], []
     for x, y, text, colour, *rest in labels:
         text_colour = rest[0] if rest else LABEL_COLOUR
+        optional = len(rest) > 1 and rest[1]
         point = to_px((x, y))
         crowded = any(1 < math.dist(d, point) < CLOSE_PX * fig.dpi / 72.0 for d in dots)
         best = None
@@ -252,7 +261,9 @@ def place_labels(ax, labels: list[tuple], obstacles: list[tuple[float, float]] =
                     break
             if best[0] == 0:
                 break
-        _, ox, oy, radius, box, leader = best
+        cost, ox, oy, radius, box, leader = best
+        if optional and cost > 0:
+            continue
         out.append(_annotate(ax, text, x, y, ox, oy, fontsize, colour, leader is not None, text_colour))
         boxes.append(box)
         if leader:

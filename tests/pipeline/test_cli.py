@@ -129,7 +129,7 @@ def test_report_prints_strict_json_with_the_answer_and_describes_the_studys_pare
     pct = 100 * np.mean([np.exp(0.1 + 0.01 * s) - 1 for s in (0, 1, 2)])
     answer = next(line for line in result["answer"] if line.startswith("attamba-P8-L8-cyclic @ s1: "))
     assert f"perplexity +{pct:.3g}% [" in answer and "against the transformer (full): worse" in answer
-    assert "KV-cache 4x smaller" in answer    # 4e5 / 1e5 bytes
+    assert "KV-cache 4.00x smaller" in answer    # 4e5 / 1e5 bytes
     assert "report written to" in printed.err and "nan" not in printed.out.lower()
     note = MlflowClient(uri).get_run(parent).data.tags["mlflow.note.content"]
     assert str(out / "report.html") in note and "perplexity +" in note
