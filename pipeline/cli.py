@@ -30,18 +30,34 @@ def _finite(value):
     return value
 
 
-def _print_json(obj) -> None:
+def _print_json(obj, indent: int | None = 2) -> None:
     """Strict JSON on stdout (no NaN or Infinity, which `json.loads` of other languages refuses): a
     non-finite number is printed as null."""
-    print(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
+    print(json.dumps(_finite(obj), indent=indent, default=str, allow_nan=False))
+
+
+def _say_ui(result: dict, what: str) -> None:
+    """Where the MLflow UI shows the result (result["mlflow_ui"], from tracking.ui), as a line on stderr."""
+    from pipeline.tracking.ui import ui_line
+
+    line = ui_line(result.get("mlflow_ui"), what)
+    if line:
+        print(line, file=sys.stderr)
 
 
 def cmd_train(args) -> int:
     from pipeline.config import load_run_config
     from pipeline.train.loop import train
 
+    from pipeline.tracking.config import resolve_uri
+    from pipeline.tracking.ui import run_links
+
     cfg = load_run_config(args.config, args.overrides)
-    _print_json(train(cfg))
+    result = train(cfg)
+    if cfg.tracking.enabled:
+        result = {**result, "mlflow_ui": run_links(resolve_uri(cfg.tracking.uri), result.get("run_id"))}
+    _print_json(result)
+    _say_ui(result, "run")
     return 0
 
 
@@ -133,24 +149,40 @@ def cmd_generate(args) -> int:
 def cmd_study(args) -> int:
     from pipeline.study.driver import run_study
 
-    _print_json(run_study(args.config, args.overrides, address=args.address))
+    result = run_study(args.config, args.overrides, address=args.address)
+    _print_json(result)
+    _say_ui(result, "study's parent run, its description the answer")
     return 0
 
 
 def cmd_search(args) -> int:
     from pipeline.search.driver import run_search
 
-    _print_json(run_search(args.config, args.overrides, address=args.address))
+    result = run_search(args.config, args.overrides, address=args.address)
+    _print_json(result)
+    _say_ui(result, "search's parent run")
     return 0
 
 
 def cmd_report(args) -> int:
     from pipeline.report import make_report
 
+    from pipeline.study.driver import PARENT_ROLE
+    from pipeline.tracking.config import resolve_uri
+    from pipeline.tracking.parent import find_parent
+
     out = Path(args.out or f"reports/{args.experiment}")
-    result = make_report(args.experiment, out, tracking_uri=args.tracking_uri)
-    print(f"report written to {out / 'report.html'}")
-    return 0 if result is not None else 1
+    uri = resolve_uri(args.tracking_uri)
+    result = make_report(args.experiment, out, tracking_uri=uri)
+    parent = find_parent(uri, args.experiment, PARENT_ROLE)
+    if parent is not None:   # a study's: its description is the answer of the latest report
+        parent.describe(result.description)
+    _print_json({"experiment": args.experiment, "report": str(out / "report.html"),
+                 "files": {name: str(path) for name, path in result.files.items()}, "runs": result.n_runs,
+                 "usable": result.n_ok, "failed": result.failed, "missing": result.missing,
+                 "answer": result.headline, "parent_run_id": parent.run_id if parent else None})
+    print(f"report written to {out / 'report.html'}", file=sys.stderr)
+    return 0
 
 
 def cmd_sync(args) -> int:
@@ -194,7 +226,7 @@ def cmd_bench(args) -> int:
 
         result = bench_decode(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
                               batch=args.batch, new_tokens=args.new_tokens, compile=args.compile)
-    print(json.dumps(result))
+    _print_json(result, indent=None)   # one line, strict like every other subcommand's JSON
     return 0
 
 

@@ -15,6 +15,13 @@ from typing import TextIO
 
 from pipeline import schema
 
+
+def _loss(value: float | None, missing: str) -> str:
+    """`val/loss 4.712`, `missing` before the first evaluation, and never `nan` (a diverged run)."""
+    if value is None:
+        return missing
+    return f"val/loss {value:.3f}" if math.isfinite(value) else "val/loss not finite"
+
 REDRAW_S = 0.5        # a terminal is redrawn at most this often
 
 
@@ -81,7 +88,7 @@ class ProgressBoard:
         trial.status = "done" if ok else "failed"
         if ok:
             trial.step = trial.total_steps
-            loss = f"val/loss {trial.val_loss:.3f}" if trial.val_loss is not None else "no val/loss"
+            loss = _loss(trial.val_loss, "no val/loss")
             self.note(f"  done   {name}: {loss}")
         else:
             self.note(f"  FAILED {name}")
@@ -129,8 +136,9 @@ class ProgressBoard:
             if not t.samples:
                 rows.append(f"  {name}  starting (step {t.step}/{t.total_steps})")
                 continue
-            speed = f"{t.tokens_per_s:,.0f} tok/s" if t.tokens_per_s is not None else "? tok/s"
-            loss = f"val/loss {t.val_loss:.3f}" if t.val_loss is not None else "val/loss -"
+            speed = (f"{t.tokens_per_s:,.0f} tok/s" if t.tokens_per_s is not None and math.isfinite(t.tokens_per_s)
+                     else "? tok/s")
+            loss = _loss(t.val_loss, "val/loss -")
             rows.append(f"  {name}  step {t.step}/{t.total_steps}  {speed}  {loss}  ETA {duration(self.trial_eta(t))}")
         return rows
 

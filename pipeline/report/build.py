@@ -11,11 +11,12 @@ import pandas as pd
 
 from pipeline import schema
 from pipeline.report import summary as S
-from pipeline.report.claims import claims_json, claims_table, estimates_table, evaluate_claims
+from pipeline.report.claims import claims_json, estimates_table, evaluate_claims
 from pipeline.report.compare import (gap_to_transformer, iso_flop_comparison, iso_kv_comparison, iso_param_comparison,
                                      recall_table)
 from pipeline.report.empty import empty, or_empty, reasons
 from pipeline.report.figures import all_figures
+from pipeline.report.front import Block, ReportData, claims_block, front_blocks, headline_text, run_description
 from pipeline.report.html import report_html
 from pipeline.report.load import load_runs
 from pipeline.report.measured import measured_table
@@ -33,6 +34,8 @@ class ReportResult:
     missing: list[str] = field(default_factory=list)    # expected trial names with no run
     fits: dict = field(default_factory=dict)            # the content of fits.json
     claims: dict = field(default_factory=dict)          # the content of claims.json
+    headline: list[str] = field(default_factory=list)   # the answer's lines, as the report opens with them
+    description: str = ""                               # the same as Markdown, for the MLflow parent run
 
 
 def _clean(v):
@@ -55,6 +58,7 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 
 FIGURES_DIR = "figures"
+GAP_TITLE = "Gap to the transformer of the same size preset (parameter and KV-cache ratios in the last columns)"
 
 
 def _figure_links(out_dir: Path, figures: list[tuple[str, bytes]]) -> str:
@@ -97,14 +101,16 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
               for cost in (schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN)}
     why = reasons(table.runs, ok)
 
-    opening = {"What was measured": or_empty(measured_table(table.runs, ok), why["results"]),
-               "Claims: the paper's, recomputed from this study (rule in claims.json)": claims_table(claims)}
+    data = ReportData(ok=ok, gap=gap, iso_kv=iso, iso_flop=iso_flop, claims=claims)
+    front = front_blocks(data)
+    measured = or_empty(measured_table(table.runs, ok), why["results"])
+    opening = [Block("What was measured", table=measured), claims_block(claims)]
     sections = {
         "Failed, incomplete and missing runs": or_empty(S.status_table(table), why["status"]),
         "Best run per variant": S.best_table(ok) if len(ok) else empty(why["results"]),
         "Scaling-law fits (95% bootstrap intervals)": or_empty(S.fits_table(fits), why["fits"]),
         "Predicted loss (largest size and extrapolations)": or_empty(S.predictions_table(fits), why["predictions"]),
-        "Gap to the transformer at equal size": or_empty(S.comparison_table(gap), why["gap"]),
+        GAP_TITLE: or_empty(S.comparison_table(gap), why["gap"]),
         "Iso-KV comparison (the iso-KV baseline sized from each Attamba, same size)": or_empty(S.comparison_table(iso), why["iso_kv"]),
         "Iso-FLOP comparison (the iso-FLOP baseline sized from each Attamba, same size)": or_empty(
             S.comparison_table(iso_flop), why["iso_flop"]),
@@ -118,8 +124,7 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
         "Claims: every comparison behind them": or_empty(estimates_table(claims), "no claim could be measured "
                                                          "from this study's runs (see the verdicts above)"),
     }
-    md = S.summary_markdown(experiment, table, {**opening, **sections})
-    intro = md.split("## ", 1)[0].splitlines()[1:]
+    md = S.summary_markdown(experiment, table, sections, front=front, opening=opening)
     figures = all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else []
     md += _figure_links(out_dir, figures)
 
@@ -129,11 +134,11 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
                  "gap_to_transformer": _records(gap), "iso_kv": _records(iso),
                  "iso_flop": _records(iso_flop), "iso_param": _records(iso_param),
                  "pareto": {cost: _records(front) for cost, front in fronts.items()},
-                 "measured": _records(opening["What was measured"]),
+                 "measured": _records(measured),
                  "failed": _records(S.status_table(table)), "missing": table.missing}
-    files["report.html"].write_text(report_html(f"Study report: {experiment}", [l for l in intro if l.strip()],
-                                                sections, figures, no_figures=why["results"], opening=opening),
-                                    encoding="utf-8")
+    files["report.html"].write_text(report_html(f"Study report: {experiment}", S.intro_lines(table), sections,
+                                                figures, no_figures=why["results"], front=front,
+                                                opening=opening), encoding="utf-8")
     files["summary.md"].write_text(md, encoding="utf-8")
     table.runs.to_csv(files["runs.csv"], index=False)
     files["runs.json"].write_text(json.dumps(_clean(_records(table.runs)), indent=1, allow_nan=False))
@@ -142,4 +147,5 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     files["claims.json"].write_text(json.dumps(_clean(claims_out), indent=1, allow_nan=False))
     return ReportResult(out_dir=out_dir, files=files, n_runs=len(table.runs), n_ok=len(ok),
                         failed=table.not_ok["trial"].tolist(), missing=list(table.missing), fits=_clean(fits_json),
-                        claims=_clean(claims_out))
+                        claims=_clean(claims_out), headline=headline_text(front[0]),
+                        description=run_description(front[0], str(files["report.html"])))

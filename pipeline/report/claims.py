@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from pipeline import schema
+from pipeline.report import fmt
 from pipeline.report.claim_pairs import (TRAINED, Estimate, boundaries_random, boundaries_uniform, collapse,
                                          full_gap, full_gap_5pct, iso_flop, iso_kv_trained, iso_kv_window,
                                          leading_tokens, prepare, segmentation)
@@ -161,7 +162,7 @@ def _rank(df: pd.DataFrame):
 
 
 def _cell_name(e: Estimate) -> str:
-    return e.size + (f" ({e.train_tokens:.3g} tokens)" if e.train_tokens is not None else "")
+    return e.size + (f" ({fmt.num(e.train_tokens)} tokens)" if e.train_tokens is not None else "")
 
 
 def _decide(claim: Claim, rank) -> None:
@@ -207,8 +208,8 @@ def evaluate_claims(ok: pd.DataFrame) -> list[Claim]:
 
 # ---------------------------------------------------------------- tables and JSON
 
-def _num(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3g}"
+def _num(v, sig: int = 3) -> str:
+    return fmt.num(v, sig)
 
 
 def _rule_text(c: Claim) -> str:
@@ -220,8 +221,8 @@ def _rule_text(c: Claim) -> str:
 
 
 def _estimate_text(e: Estimate) -> str:
-    interval = f"[{_num(e.lo)}, {_num(e.hi)}]" if e.n_pairs >= 2 else "no interval"
-    return f"{_num(e.pct)}% {interval}, {e.n_pairs} seed pair{'' if e.n_pairs == 1 else 's'}: {e.a} vs {e.b}"
+    text = fmt.pct(e.pct, e.lo, e.hi) if e.n_pairs >= 2 else f"{fmt.pct(e.pct)} no interval"
+    return f"{text}, {e.n_pairs} seed pair{'' if e.n_pairs == 1 else 's'}: {e.a} vs {e.b}"
 
 
 def claims_table(claims: list[Claim]) -> pd.DataFrame:
@@ -238,8 +239,8 @@ def claims_table(claims: list[Claim]) -> pd.DataFrame:
 
 def estimates_table(claims: list[Claim]) -> pd.DataFrame:
     """Every comparison behind the claims, per size: % ppl difference, interval, pairs, parameters."""
-    rows = [{"claim": c.id, "size": e.size, "A": e.a, "B": e.b, "source": e.source, "ppl A": _num(e.ppl_a),
-             "ppl B": _num(e.ppl_b), "ppl diff %": _num(e.pct), "95% interval": f"[{_num(e.lo)}, {_num(e.hi)}]",
+    rows = [{"claim": c.id, "size": e.size, "A": e.a, "B": e.b, "source": e.source, "ppl A": _num(e.ppl_a, 4),
+             "ppl B": _num(e.ppl_b, 4), "ppl diff %": fmt.signed(e.pct), "95% interval": fmt.interval(e.lo, e.hi),
              "seed pairs": e.n_pairs, "params A": _num(e.params_a), "params B": _num(e.params_b),
              "KV bytes A": _num(e.kv_a), "KV bytes B": _num(e.kv_b), "note": e.note, "verdict": e.verdict,
              "why": e.reason} for c in claims for e in c.estimates]

@@ -8,6 +8,7 @@ import math
 import pandas as pd
 
 from pipeline import schema
+from pipeline.report import fmt
 
 NOT_RECORDED = "not recorded"
 CONFIG = ["variant", schema.TAG_SIZE, schema.M_TRAIN_TOKENS]
@@ -16,9 +17,7 @@ CONFIG = ["variant", schema.TAG_SIZE, schema.M_TRAIN_TOKENS]
 def _text(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)) or v == "":
         return NOT_RECORDED
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+    return fmt.num(v, 4) if isinstance(v, float) else str(v)
 
 
 def _distinct(values: pd.Series, what: str = "runs") -> str:
@@ -54,7 +53,7 @@ def _val_tokens(df: pd.DataFrame) -> pd.Series:
     out = []
     for t, k in zip(tokens, batches):
         if isinstance(t, (int, float)) and math.isfinite(t):
-            out.append(f"{int(t)} tokens")
+            out.append(f"{fmt.num(t, 4)} tokens")
         elif k == "0":
             out.append("the whole split (count not logged)")
         elif k:

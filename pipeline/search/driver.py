@@ -64,6 +64,8 @@ def _search(search: SearchConfig, url: str, address: str | None, wall_start: flo
             "complete": len(trials), "complete_before": done_before, "retried": retried, "failed": failed,
             "pareto": record["front"], "folder": str(search.folder.resolve()),
             "parent_run_id": parent.run_id if parent else None, "tracking_uri": uri,
+            # a search run again once complete opens no parent: the one it had is in the study's attrs
+            "mlflow_ui": (parent or ParentRun(uri, search.name, study.user_attrs.get(PARENT_ATTR))).ui_links(),
             "wall_s": time.perf_counter() - wall_start,
             "outputs": {"home": str(output_root() or ""), "folder": str(search.folder), "storage": redact(url),
                         "tracking_uri": uri}}

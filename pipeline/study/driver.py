@@ -22,7 +22,7 @@ from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import durable_path, output_root, tracking_uri
 from pipeline.ray.trainer import is_done, run_trial, worker_config
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
-from pipeline.study.timing import timing_summary
+from pipeline.study.timing import timing_line, timing_summary
 from pipeline.tracking.parent import is_outage, parent_run
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         try:
             report = make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
             parent.log_artifacts(list(report.files.values()), "report")  # beside the runs, in the MLflow UI
+            parent.describe(report.description)                           # the answer on the run's page
             print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
         except Exception as error:  # the runs are trained and kept; only the report waits for MLflow
             if not is_outage(error):
@@ -108,10 +109,10 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     trained = {s.name for s in todo}
     timing = timing_summary([s for s in specs if s.name in trained], wall, slots)
     timing["report_s"] = wall - train_wall
-    log.warning("study %s: wall %.0f s, %.0f%% of %d slot(s) in training steps, start-up %.1f s per trial",
-                study.name, wall, 100 * timing["step_fraction"], slots, timing["startup_s_mean"])
+    log.warning("study %s: %s", study.name, timing_line(timing, len(specs)))
     return {"study": study.name, "runs": len(specs), "skipped": len(specs) - len(todo), "trained": len(todo),
             "failed": failed, "parent_run_id": parent.run_id, "tracking_uri": uri,
             "report": str(report_dir) if report_dir else None, "timing": timing,
+            "mlflow_ui": parent.ui_links(),
             "outputs": {"home": str(output_root() or ""), "runs": str(Path(study.out_dir) / study.name),
                         "report": str(report_dir) if report_dir else None, "tracking_uri": uri}}

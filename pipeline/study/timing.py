@@ -42,3 +42,14 @@ def timing_summary(specs: list[RunSpec], wall_s: float, slots: int) -> dict:
         "startup_s_max": max(startups) if startups else float("nan"),
         "per_run": per_run,
     }
+
+
+def timing_line(timing: dict, n_runs: int) -> str:
+    """One line for the log, with no NaN in it: what was timed, or that nothing was trained this time."""
+    wall = f"wall {timing['wall_s']:.0f} s"
+    if not timing["trials_timed"]:
+        return f"{wall}, nothing trained (all {n_runs} runs had already finished); start-up: none timed"
+    startup = timing["startup_s_mean"]
+    startup = f"start-up {startup:.1f} s per trial" if math.isfinite(startup) else "start-up: not recorded"
+    return (f"{wall}, {100 * timing['step_fraction']:.0f}% of {timing['slots']} slot(s) in training steps, "
+            f"{startup} ({timing['trials_timed']} trials timed)")

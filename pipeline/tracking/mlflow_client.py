@@ -59,22 +59,34 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
     return (db_path.parent / "mlartifacts" / safe).as_uri()
 
 
+def experiment_tags() -> dict[str, str]:
+    """The tags every experiment of the project carries: its kind (EXPERIMENT_KIND) and the shared view
+    that shows every run in the UI's charts (ui.ALL_RUNS_VIEW)."""
+    from pipeline.tracking.ui import all_runs_view_tag
+
+    view_tag, view = all_runs_view_tag()
+    return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, view_tag: view}
+
+
 def ensure_experiment(mlflow_client, uri: str, name: str) -> str:
-    """Experiment id of `name`, created if missing (tolerating a concurrent creator), tagged with
-    EXPERIMENT_KIND (an existing experiment without the tag gets it too)."""
+    """Experiment id of `name`, created if missing (tolerating a concurrent creator), with experiment_tags()
+    (an existing experiment gets those it lacks, and the current all-runs view)."""
     from mlflow.exceptions import MlflowException
 
+    tags = experiment_tags()
     found = mlflow_client.get_experiment_by_name(name)
     if found is None:
         try:
             return mlflow_client.create_experiment(name, artifact_location=default_artifact_location(uri, name),
-                                                   tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+                                                   tags=tags)
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
             found = mlflow_client.get_experiment_by_name(name)
-    if EXPERIMENT_KIND_TAG not in found.tags:
-        mlflow_client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    for key, value in tags.items():
+        # The kind is set when missing (someone may have chosen another); the view is kept current.
+        if key not in found.tags or (key != EXPERIMENT_KIND_TAG and found.tags[key] != value):
+            mlflow_client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id
 
 

@@ -25,6 +25,8 @@ from pipeline.tracking.version import code_version
 
 log = logging.getLogger(__name__)
 
+DESCRIPTION_TAG = "mlflow.note.content"   # a run's description in MLflow's UI (Markdown)
+
 
 def _transient(error: BaseException) -> bool:
     from pipeline.tracking.mlflow_client import is_permanent
@@ -153,6 +155,33 @@ class ParentRun:
                 log.warning("MLflow kept the parent run %s's earlier params (%s); this driver's are %s",
                             self.run_id, error, params)
 
+    def ui_links(self) -> dict | None:
+        """Where MLflow's UI shows this run (ui.run_links): None without tracking or when MLflow is down."""
+        from pipeline.tracking.ui import run_links
+
+        return run_links(self.uri, self.run_id)
+
+    def describe(self, text: str) -> None:
+        """Set the parent's description (the Markdown MLflow's UI shows on the run's page)."""
+        self.set_tags({DESCRIPTION_TAG: text})
+
+    def set_tags(self, tags: dict) -> None:
+        """Set `tags` (values as strings) on the parent; journaled while MLflow is unreachable."""
+        if not (self.uri and self.run_id):
+            return
+        from mlflow.entities import RunTag
+
+        from pipeline.tracking.mlflow_client import client
+
+        tags = {key: str(value) for key, value in tags.items()}
+        try:
+            client(self.uri).log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        except Exception as error:
+            if not _transient(error):
+                raise
+            self._deferred(f"tags {sorted(tags)}", error, self._journal(
+                {"attach_run_id": self.run_id}, [{"op": "tags", "tags": tags}]))
+
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
         """Log the files among `paths` that exist."""
         if not (self.uri and self.run_id):
@@ -180,6 +209,23 @@ class ParentRun:
                 raise
             self._deferred(f"the parent run's end ({status})", error, self._journal(
                 {"attach_run_id": self.run_id}, [{"op": "finish", "status": status, "time": now_ms()}]))
+
+
+def find_parent(uri: str | None, experiment: str, role: str) -> ParentRun | None:
+    """The `ParentRun` of `experiment` whose schema.TAG_ROLE is `role` (the oldest, should there be two);
+    None without tracking, without such a run, or when MLflow is unreachable."""
+    if not uri:
+        return None
+    from pipeline.tracking.mlflow_client import find_runs
+
+    try:
+        found = find_runs(experiment, tags={schema.TAG_ROLE: role}, uri=uri)
+    except Exception as error:
+        if not _transient(error):
+            raise
+        log.warning("MLflow unreachable (%s): the %s run of %s is not known", error, role, experiment)
+        return None
+    return ParentRun(uri, experiment, found[-1].info.run_id) if found else None
 
 
 def open_parent(uri: str, experiment: str, tags: dict, run_id: str | None = None, find: bool = True) -> str:

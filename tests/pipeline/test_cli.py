@@ -104,3 +104,32 @@ def test_printed_json_is_strict_with_null_for_nan_and_infinity(capsys):
     strict = json.loads(out, parse_constant=lambda name: pytest.fail(f"non-strict constant {name}"))
     assert strict == {"loss": None, "timing": {"rates": [1.5, None, None]}, "np": None, "np_ok": 2.0, "steps": 3,
                       "name": "s", "path": "/x", "tuple": [None, None]}
+
+
+def test_report_prints_strict_json_with_the_answer_and_describes_the_studys_parent_run(capsys, tmp_path):
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from pipeline import schema
+    from tests.pipeline.report.test_report import _log_run, mlflow_experiment
+
+    uri, client, exp_id = mlflow_experiment(tmp_path, "cli-report")
+    parent = client.create_run(exp_id, run_name="cli-report", tags={schema.TAG_ROLE: "parent"}).info.run_id
+    for seed in (0, 1, 2):
+        for variant, attention, P, L, gap in (("full", "full", "", "", 0.0), ("attamba-P8-L8-cyclic", "attamba", "8",
+                                                                               "8", 0.1 + 0.01 * seed)):
+            _log_run(client, exp_id, f"{variant}-s1-seed{seed}", variant, attention, "s1", seed, P, L,
+                     2.5 + gap, 1e5 if P else 4e5)
+    out = tmp_path / "report"
+    assert main(["report", "--experiment", "cli-report", "--tracking-uri", uri, "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out, parse_constant=lambda name: pytest.fail(f"non-strict constant {name}"))
+    assert result["report"] == str(out / "report.html") and result["runs"] == 6 and result["usable"] == 6
+    assert result["parent_run_id"] == parent and result["failed"] == [] and result["missing"] == []
+    pct = 100 * np.mean([np.exp(0.1 + 0.01 * s) - 1 for s in (0, 1, 2)])
+    answer = next(line for line in result["answer"] if line.startswith("attamba-P8-L8-cyclic @ s1: "))
+    assert f"perplexity +{pct:.3g}% [" in answer and "against the transformer (full): worse" in answer
+    assert "KV-cache 4.00x smaller" in answer    # 4e5 / 1e5 bytes
+    assert "report written to" in printed.err and "nan" not in printed.out.lower()
+    note = MlflowClient(uri).get_run(parent).data.tags["mlflow.note.content"]
+    assert str(out / "report.html") in note and "perplexity +" in note

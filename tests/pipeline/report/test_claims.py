@@ -15,6 +15,7 @@ from pipeline import schema
 from pipeline.report import make_report
 from pipeline.report.claims import (CONTRADICTED, DIRECTIONAL, INCONCLUSIVE, MAGNITUDE, NOT_MEASURED, ONE_SEED,
                                     SUPPORTED, evaluate_claims, judge)
+from pipeline.report.front import MEASURED_BY
 from pipeline.report.load import load_runs
 from tests.pipeline.report.test_report import mlflow_experiment
 
@@ -239,6 +240,11 @@ def test_claims_json_and_summary(study):
     md = (out / "summary.md").read_text()
     section = md.split("## Claims: the paper's", 1)[1].split("\n## ", 1)[0]
     for cid, verdict in EXPECTED.items():
-        row = next(line for line in section.splitlines() if line.startswith(f"| {cid} |"))
-        assert f"| {verdict} |" in row
+        rows = [line for line in section.splitlines() if line.startswith(f"| {cid} |")]
+        if verdict == NOT_MEASURED:   # not a row: collapsed into one line naming what would measure it
+            assert not rows
+            line = next(line for line in section.splitlines() if line.startswith("Not measured (1): "))
+            assert f"{cid}, needs {MEASURED_BY[cid]}" in line
+        else:
+            assert len(rows) == 1 and f"| {verdict} |" in rows[0]
     assert "Claims: the paper" in (out / "report.html").read_text()

@@ -306,6 +306,10 @@ def test_small_search_on_ray_gives_a_non_dominated_front(search_env):
     # a second call with everything done trains nothing and keeps the study as it is
     again = run_search(SMOKE, [f"storage={url}", f"out_dir={search_env}/searches", "n_trials=3"])
     assert again["complete_before"] == 3 and again["parent_run_id"] is None
+    # Both calls say where MLflow's UI shows the search: its parent run, in the model-training view.
+    for result in (out, again):
+        assert result["mlflow_ui"]["run"].endswith(f"/#/experiments/{exp.experiment_id}/runs/{out['parent_run_id']}"
+                                                   "?workflowType=machine_learning")
     assert _complete(optuna.load_study(study_name="smoke", storage=url)) == _complete(study)
 
 

@@ -52,6 +52,16 @@ def test_lines_show_each_running_trial_with_step_speed_loss_and_eta():
     assert head == "study demo [........................] 0/2 runs  elapsed 0:30  ETA 3:57"
 
 
+def test_a_diverged_runs_loss_reads_not_finite_never_nan():
+    board, clock, out = _board(tty=False)
+    board.started("small")
+    clock.now += 10
+    board.update("small", {"step": 10, schema.M_TOKENS_PER_S: 2500.0, schema.M_VAL_LOSS: float("nan")})
+    assert "val/loss not finite" in board.lines()[1]
+    board.finished("small", ok=True)
+    assert "  done   small: val/loss not finite\n" in out.getvalue() and "nan" not in out.getvalue().lower()
+
+
 def test_finished_runs_fill_the_bar_and_leave_the_running_lines():
     board, clock, out = _board(tty=False)
     for name in RUNS:

@@ -372,6 +372,10 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
                                  "report": str(tmp_path / "reports" / "smoke"),
                                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     assert (tmp_path / "reports" / "smoke" / "report.html").is_file()
+    # Where the UI shows the study: its parent run, in the model-training view, after serving the store.
+    assert result["mlflow_ui"]["run"].endswith(f"/runs/{result['parent_run_id']}?workflowType=machine_learning")
+    assert result["mlflow_ui"]["serve"] == f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
+    assert "MLflow UI: run `mlflow ui --backend-store-uri" in logs
     _assert_the_answer_is_in_mlflow(tmp_path, load_study(SMOKE, ["report=true"]))
 
 
@@ -394,6 +398,11 @@ def _assert_the_answer_is_in_mlflow(tmp_path: Path, study) -> None:
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.html", "report/summary.md", "report/fits.json"} <= report
     assert client.get_experiment_by_name("smoke").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    # The parent's description is the report's answer, which the report opens with.
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**The answer** (report: ") and "report.html" in note
+    answer = (tmp_path / "reports" / "smoke" / "summary.md").read_text().split("## The answer\n", 1)[1]
+    assert all(line in answer for line in note.split("\n\n", 1)[1].splitlines() if line.strip())
     assert {r.info.run_name for r in children} == {s.config.tracking.run_name for s in specs}
     for run in [parent, *children]:
         assert run.data.tags[schema.TAG_CODE_VERSION] == code_version()
@@ -505,6 +514,15 @@ def test_interrupted_study_trains_only_the_missing_runs_when_run_again(tmp_path,
         assert _started(tmp_path).count(name) == 1
     assert json.loads(again.stdout)["skipped"] == len(names) - len(missing)
     _assert_each_run_once(tmp_path, names)
+    # Submitted once more with every run finished: nothing to train, and it says so without a NaN.
+    third = subprocess.run(command, cwd=tmp_path, env=_driver_env(ray_tmp), capture_output=True, text=True,
+                           timeout=400)
+    assert third.returncode == 0, third.stderr[-3000:]
+    result = json.loads(third.stdout, parse_constant=lambda name: pytest.fail(f"non-strict constant {name}"))
+    assert result["trained"] == 0 and result["timing"]["startup_s_mean"] is None
+    line = next(line for line in third.stderr.splitlines() if "study smoke: wall" in line)
+    assert f"nothing trained (all {len(names)} runs had already finished)" in line and "nan" not in line
+    assert result["mlflow_ui"]["run"].endswith(f"/runs/{result['parent_run_id']}?workflowType=machine_learning")
 
 
 def test_an_attempt_whose_process_died_is_recorded_as_failed_by_the_next(tmp_path):
