@@ -470,12 +470,17 @@ def test_shell_scripts_parse_and_pass_shellcheck(script):
     assert result.returncode == 0, result.stdout
 
 
+RAY_AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
 def submit(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """A submit script's dry run, from docker/, with no forwarded variable, Ray address or Ray token (HOME has
+    no ~/.ray/auth_token) but those in `env`."""
     forwarded = ("RAY_ADDRESS", "ATTAMBA_HOME", "MLFLOW_TRACKING_URI", "ATTAMBA_OPTUNA_STORAGE", "ATTAMBA_CACHE")
-    clean = {k: v for k, v in os.environ.items() if k not in forwarded}
+    clean = {k: v for k, v in os.environ.items() if k not in forwarded + RAY_AUTH_VARS}
     return subprocess.run(
         [str(JOBS / script), *args], capture_output=True, text=True, timeout=60, cwd=ROOT / "docker",
-        env={**clean, "ATTAMBA_SUBMIT_DRY_RUN": "1", **env},
+        env={**clean, "HOME": "/nonexistent", "ATTAMBA_SUBMIT_DRY_RUN": "1", **env},
     )
 
 
@@ -516,6 +521,34 @@ def test_submit_forwards_an_absolute_attamba_home_and_refuses_a_relative_one():
 def test_submit_address_falls_back_to_ray_address():
     argv = submit("submit_study.sh", "../jobs/runtime_env.yaml", RAY_ADDRESS="http://x:1").stdout.split()
     assert argv[argv.index("--address") + 1] == "http://x:1"
+
+
+@pytest.mark.parametrize("source", ["home", "token-path", "token-env", "none", "mode-set"])
+def test_submit_turns_token_auth_on_where_a_ray_token_is_found(tmp_path, source):
+    """Ray 2.60's `ray job submit` sends the cluster's token only under RAY_AUTH_MODE=token: the scripts set it
+    for the submission when Ray would find a token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token),
+    and keep a mode the user set."""
+    env = {"HOME": str(tmp_path)}
+    if source == "home":
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("a" * 64)
+    elif source == "token-path":
+        (tmp_path / "token").write_text("b" * 64)
+        env["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "token")
+    elif source == "token-env":
+        env["RAY_AUTH_TOKEN"] = "c" * 64
+    elif source == "mode-set":
+        env.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN="c" * 64)
+    result = submit("submit_study.sh", "../jobs/runtime_env.yaml", "http://head:8265", **env)
+    assert result.returncode == 0, result.stderr
+    argv = result.stdout.splitlines()
+    if source in ("none", "mode-set"):
+        assert argv[:3] == ["ray", "job", "submit"] and "RAY_AUTH_MODE" not in result.stderr
+        return
+    assert argv[:5] == ["env", "RAY_AUTH_MODE=token", "ray", "job", "submit"]
+    where = {"home": f"{tmp_path}/.ray/auth_token", "token-path": f"{tmp_path}/token", "token-env": "RAY_AUTH_TOKEN"}
+    assert f"Ray token authentication: RAY_AUTH_MODE=token (token from {where[source]})" in result.stderr
+    assert "c" * 64 not in result.stdout + result.stderr, "the token itself is never printed"
 
 
 @pytest.mark.parametrize(
