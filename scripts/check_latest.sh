@@ -57,7 +57,7 @@ moved = [name for name in sorted((locked.keys() | latest.keys()) - not_locked) i
 none = "-"
 for name in moved:
     print(f"  {name}: {locked.get(name, none)} -> {latest.get(name, none)}")
-print(f"  {len(moved)} of {len(locked)} locked packages moved" if moved else "  none: the lock is the newest")
+print(f"  {len(moved)} differ from the lock ({len(locked)} pins)" if moved else "  none: the lock is the newest")
 ' "$lock"
 
 echo "tests: ${tests[*]:-python3 -m pytest (what CI runs)}"
