@@ -7,6 +7,9 @@
 #     resolve there instead of in the job's temporary working directory (refused without one).
 #   ATTAMBA_HOME, MLFLOW_TRACKING_URI, ATTAMBA_OPTUNA_STORAGE, ATTAMBA_CACHE: forwarded into the job when
 #     set here; unset, the job uses the cluster nodes' own values (docker/compose.yaml sets them).
+#   RAY_AUTH_MODE, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH: Ray's token authentication. Unset RAY_AUTH_MODE
+#     becomes "token" when a token is found (RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, else
+#     ~/.ray/auth_token), as `ray start` does for the cluster itself; see jobs/README.md.
 #   ATTAMBA_SUBMIT_DRY_RUN=1: print the command, one argument per line, instead of running it.
 set -euo pipefail
 
@@ -66,11 +69,22 @@ print(json.dumps(runtime_env))
 PY
 )
 
+# A Ray 2.60 head started where a token exists (~/.ray/auth_token is written by any local Ray) requires it, but
+# `ray job submit` sends it only under RAY_AUTH_MODE=token; a cluster without authentication ignores it.
+auth_env=()
+token_file=${RAY_AUTH_TOKEN_PATH:-${HOME:-~}/.ray/auth_token}
+if [[ -z ${RAY_AUTH_MODE:-} ]] && [[ -n ${RAY_AUTH_TOKEN:-} || -s $token_file ]]; then
+    auth_env=(env RAY_AUTH_MODE=token)
+    token_source=$token_file
+    [[ -z ${RAY_AUTH_TOKEN:-} ]] || token_source=RAY_AUTH_TOKEN
+    echo "Ray token authentication: RAY_AUTH_MODE=token (token from $token_source)" >&2
+fi
+
 name=$(basename "$config_rel" .yaml)
 submission_id="attamba-${command_name}-${name}-$(date -u +%Y%m%d-%H%M%S)"
 
 cmd=(
-    ray job submit
+    "${auth_env[@]}" ray job submit
     --address "$address"
     --submission-id "$submission_id"
     --runtime-env-json "$runtime_env_json"
@@ -85,4 +99,4 @@ if [[ ${ATTAMBA_SUBMIT_DRY_RUN:-0} == 1 ]]; then
 fi
 
 "${cmd[@]}"
-echo "follow: ray job logs -f --address $address $submission_id"
+echo "follow: ${auth_env[*]:1}${auth_env[*]:+ }ray job logs -f --address $address $submission_id"

@@ -1,5 +1,5 @@
-"""Ray Tune for studies and searches: the one Tuner builder, the trainables, the study's progress callback
-and the Tune `Searcher` that hands out the trials of an Optuna ask/tell (`pipeline.search.searcher`)."""
+"""Ray Tune for studies and searches: the one Tuner builder, the trainables and the study's progress callback
+(a search's Tune `Searcher` is in searcher.py)."""
 
 from __future__ import annotations
 
@@ -13,43 +13,57 @@ from pipeline.ray.cluster import Resources, trainable_resources
 from pipeline.ray.trainer import run_trial
 
 
-def fit(trainable: Callable, resources: Resources, storage: Path, name: str, *, param_space: dict | None = None,
-        grid: dict[str, list] | None = None, slots: int | None = None, search_alg=None, num_samples: int = 1,
-        trial_name: Callable[[dict], str] | None = None, callbacks: list | None = None, **params) -> list[dict]:
-    """Run `trainable` (with `params` and the per-trial resources bound) as Tune trials: one per point of
-    `grid` (key -> values), or as many as `search_alg` hands out. Returns the configs of the trials that
-    failed after `resources.max_failures` retries.
+def fit(trainable: Callable, resources: Resources, storage: Path, name: str, **tuner_args) -> list[dict]:
+    """Run `build_tuner(trainable, resources, storage, name, **tuner_args)`; returns the configs of the
+    trials that failed after `resources.max_failures` retries. DeepSpeed's C++ op is built here, once,
+    before any trial."""
+    from pipeline.train.engine import build_deepspeed_ops
+
+    build_deepspeed_ops()
+    return [result.config for result in build_tuner(trainable, resources, storage, name, **tuner_args).fit()
+            if result.error is not None]
+
+
+def build_tuner(trainable: Callable, resources: Resources, storage: Path, name: str, *,
+                param_space: dict | None = None, grid: dict[str, list] | None = None, slots: int | None = None,
+                search_alg=None, num_samples: int = 1, trial_name: Callable[[dict], str] | None = None,
+                callbacks: list | None = None, **params):
+    """The Tuner running `trainable` (with `params` and the per-trial resources bound) as Tune trials: one
+    per point of `grid` (key -> values), or as many as `search_alg` hands out. Its experiment folder is
+    `storage/<name>-<time>`, where Tune saves its state (`tune.Tuner.restore` reads it).
 
     A one-worker trial trains inside the trainable, which holds the worker's resources; a trial of 2+
     workers waits on its own TorchTrainer and holds almost nothing (`cluster.trainable_resources`).
     Trial processes are reused from one trial to the next, so torch and DeepSpeed are imported once per
-    process; DeepSpeed's C++ op is built here, once, before any trial.
-    `trial_name(config)` names a trial and its folder under `storage`."""
+    process. `trial_name(config)` names a trial and its folder under `storage`."""
     from ray import tune
 
-    from pipeline.train.engine import build_deepspeed_ops
-
-    build_deepspeed_ops()
-
-    trainable = tune.with_parameters(trainable, workers=resources.workers,
-                                     cpus_per_worker=resources.cpus_per_worker,
-                                     gpus_per_worker=resources.gpus_per_worker, storage_path=str(storage),
-                                     **params)
     tune_config = {"search_alg": search_alg, "num_samples": num_samples, "reuse_actors": True}
     if slots is not None:
         tune_config["max_concurrent_trials"] = slots
     if trial_name is not None:
         tune_config.update(trial_name_creator=lambda t: trial_name(t.config),
                            trial_dirname_creator=lambda t: trial_name(t.config))
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, trainable_resources(resources)),
+    return tune.Tuner(
+        bound_trainable(trainable, resources, storage, **params),
         param_space={**(param_space or {}), **{k: tune.grid_search(v) for k, v in (grid or {}).items()}},
         tune_config=tune.TuneConfig(**tune_config),
         run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
                                   verbose=0, failure_config=tune.FailureConfig(max_failures=resources.max_failures),
                                   callbacks=callbacks),
     )
-    return [result.config for result in tuner.fit() if result.error is not None]
+
+
+def bound_trainable(trainable: Callable, resources: Resources, storage: Path, **params):
+    """`trainable` as the Tuner runs it: `params`, the worker layout and `storage` bound, the trial's
+    resources attached (what `tune.Tuner.restore` takes again)."""
+    from ray import tune
+
+    trainable = tune.with_parameters(trainable, workers=resources.workers,
+                                     cpus_per_worker=resources.cpus_per_worker,
+                                     gpus_per_worker=resources.gpus_per_worker, storage_path=str(storage),
+                                     **params)
+    return tune.with_resources(trainable, trainable_resources(resources))
 
 
 def search_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gpus_per_worker: float,
@@ -96,25 +110,3 @@ def study_progress(study: str, runs: dict[str, tuple[int, float]], interval: flo
             self.board.close()
 
     return Progress()
-
-
-def tune_searcher(ask_tell):
-    """A Tune `Searcher` over `ask_tell` (a `pipeline.search.searcher.OptunaAskTell`): Tune asks for a
-    trial whenever a slot is free and reports each trial's end; the Optuna storage stays the only state."""
-    from ray.tune.search import Searcher
-
-    class OptunaSearcher(Searcher):
-        def set_search_properties(self, metric, mode, config, **spec) -> bool:
-            return True  # the space is Optuna's; Tune's param_space stays empty
-
-        def save_to_dir(self, *args, **kwargs) -> None:
-            pass  # the Optuna storage is the searcher's state; nothing to checkpoint
-
-        def suggest(self, trial_id: str):
-            config = ask_tell.suggest(trial_id)
-            return Searcher.FINISHED if config == ask_tell.FINISHED else config
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            ask_tell.on_trial_complete(trial_id, result, error)
-
-    return OptunaSearcher()

@@ -11,7 +11,9 @@ logged on the search's MLflow parent run; `optuna-dashboard STORAGE_URL` shows t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -20,8 +22,8 @@ from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import output_root, tracking_uri
 from pipeline.ray.trainer import done_record, worker_config
 from pipeline.search.results import MLFLOW_RUN_ATTR, export_front
-from pipeline.search.space import (SearchConfig, base_run_config, load_search, param_names, reference_run_config,
-                                   trial_run_config)
+from pipeline.search.space import (STORAGE_ENV, SearchConfig, base_run_config, load_search, param_names,
+                                   reference_run_config, search_from_dict, trial_run_config)
 from pipeline.search.store import (PARENT_ATTR, REFERENCE_ATTR, completed_trials, normalise_storage_url, open_study,
                                    recover_stale_trials, redact)
 from pipeline.tracking.parent import ParentRun, parent_run
@@ -51,7 +53,7 @@ def _search(search: SearchConfig, url: str, address: str | None, wall_start: flo
     done_before = len(completed_trials(study))
     failed, parent, retried = [], None, []
     if done_before < search.n_trials:
-        failed, parent, retried = _run_on_ray(search, study, uri, address)
+        failed, parent, retried = _run_on_ray(search, study, url, uri, address)
     else:
         retried = recover_stale_trials(study, param_names(search.space))
     trials = completed_trials(study)
@@ -71,7 +73,7 @@ def _search(search: SearchConfig, url: str, address: str | None, wall_start: flo
                         "tracking_uri": uri}}
 
 
-def _run_on_ray(search: SearchConfig, study, uri: str | None,
+def _run_on_ray(search: SearchConfig, study, url: str, uri: str | None,
                 address: str | None) -> tuple[list[int], ParentRun, list[int]]:
     # The parent run's id is kept in the study's user attrs, so a resumed search reuses it.
     tags = {schema.TAG_STUDY: search.name, schema.TAG_ROLE: SEARCH_ROLE}
@@ -80,7 +82,10 @@ def _run_on_ray(search: SearchConfig, study, uri: str | None,
                      journal_dir=search.folder.resolve() / JOURNAL_DIR) as parent):
         if parent.run_id:
             study.set_user_attr(PARENT_ATTR, parent.run_id)
-        ask_tell, bar = _ask_tell(search, study, uri, parent)
+        from pipeline.search.searcher import progress_bar
+
+        bar = progress_bar(search, len(completed_trials(study)))
+        ask_tell = _ask_tell(search, study, uri, parent, bar)
         # Stale trials whose run finished are told its saved result here, never trained again.
         retried = recover_stale_trials(study, param_names(search.space), finished=ask_tell.tell_finished)
         base = base_run_config(search)
@@ -89,13 +94,15 @@ def _run_on_ray(search: SearchConfig, study, uri: str | None,
         prepare(base.data, base.model.max_seq_len)  # once in the driver, not once per trial
         if search.constraints.max_ppl_gap is not None and REFERENCE_ATTR not in study.user_attrs:
             study.set_user_attr(REFERENCE_ATTR, _train_reference(search, uri, parent))
-        failed = _tune(search, ask_tell, bar, session.slots)
+        failed = _tune(search, tune_searcher(search, url, uri, parent, ask_tell), bar, session.slots)
         parent.failed = bool(failed)
     return failed, parent, retried
 
 
-def _ask_tell(search: SearchConfig, study, uri: str | None, parent: ParentRun):
-    from pipeline.search.searcher import OptunaAskTell, progress_bar
+def _ask_tell(search: SearchConfig, study, uri: str | None, parent: ParentRun, bar=None):
+    """The search's ask/tell: trial configs tracked under `parent`, finished runs told from their saved
+    result, each tell written to the progress `bar` when there is one."""
+    from pipeline.search.searcher import OptunaAskTell
 
     def make_config(params: dict, run_name: str, number: int):
         return worker_config(trial_run_config(search, params, number, run_name=run_name), uri, parent.run_id)
@@ -104,8 +111,6 @@ def _ask_tell(search: SearchConfig, study, uri: str | None, parent: ParentRun):
         """A finished run's result: its done marker, else its FINISHED MLflow run under the parent."""
         done = done_record(cfg.train.out_dir)
         return done["result"] if done is not None else parent.finished_child(cfg.name)
-
-    bar = progress_bar(search, len(completed_trials(study)))
 
     def before_tell(trial) -> None:
         run_id = parent.tag_child(trial.user_attrs.get("run_name"), {schema.TAG_OPTUNA_TRIAL: str(trial.number)})
@@ -117,20 +122,46 @@ def _ask_tell(search: SearchConfig, study, uri: str | None, parent: ParentRun):
         if state.name == "COMPLETE":
             bar.update(1)
 
-    return OptunaAskTell(search, study, make_config, before_tell, after_tell, saved_result), bar
+    return OptunaAskTell(search, study, make_config, before_tell, after_tell if bar is not None else None,
+                         saved_result)
 
 
-def _tune(search: SearchConfig, ask_tell, bar, slots: int) -> list[int]:
-    from pipeline.ray.tune import fit, search_trial, tune_searcher
+def tune_searcher(search: SearchConfig, url: str, uri: str | None, parent: ParentRun, ask_tell):
+    """The Tune searcher over the driver's `ask_tell`. Tune pickles it (with its Tuner); the copy carries
+    plain data only, from which `restore_ask_tell` rebuilds an ask/tell on the same study and parent run."""
+    from pipeline.config import to_dict
+    from pipeline.ray.searcher import OptunaSearcher
+
+    # Absolute, so that a copy restored elsewhere resolves the same folder and storage; a storage taken from
+    # $ATTAMBA_OPTUNA_STORAGE is read from there again, which keeps its password out of Tune's files.
+    from_env = search.storage is None and os.environ.get(STORAGE_ENV)
+    pinned = to_dict(dataclasses.replace(search, out_dir=str(search.folder.parent.resolve()),
+                                         storage=None if from_env else url))
+    return OptunaSearcher(ask_tell, restore_ask_tell, {"search": pinned, "tracking_uri": uri,
+                                                       "parent_run_id": parent.run_id})
+
+
+def restore_ask_tell(search: dict, tracking_uri: str | None, parent_run_id: str | None):
+    """An ask/tell rebuilt from what a pickled Tune searcher carries (`tune_searcher`): the search (as a
+    dict), its tracking store and parent run. It reconnects to the study's Optuna storage."""
+    search = search_from_dict(search)
+    study = open_study(search)
+    parent = ParentRun(tracking_uri, search.name, run_id=parent_run_id,
+                       journal_dir=search.folder.resolve() / JOURNAL_DIR)
+    return _ask_tell(search, study, tracking_uri, parent)
+
+
+def _tune(search: SearchConfig, searcher, bar, slots: int) -> list[int]:
+    from pipeline.ray.tune import fit, search_trial
 
     try:
-        with ask_tell.heartbeats():
+        with searcher.ask_tell.heartbeats():
             fit(search_trial, search.resources, search.folder.resolve() / "_ray", "tune",
-                search_alg=tune_searcher(ask_tell), num_samples=-1, slots=slots,
+                search_alg=searcher, num_samples=-1, slots=slots,
                 trial_name=lambda c: c["run_config"]["name"])
     finally:
         bar.close()
-    return ask_tell.failed
+    return searcher.ask_tell.failed
 
 
 def _train_reference(search: SearchConfig, uri: str | None, parent: ParentRun) -> dict:

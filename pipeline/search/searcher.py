@@ -1,5 +1,5 @@
 """Optuna ask/tell for the trials of a search, in plain Optuna: the scheduler (Ray Tune, through
-`pipeline.ray.tune.tune_searcher`) calls `suggest` whenever a trial slot is free and `on_trial_complete`
+`pipeline.ray.searcher.OptunaSearcher`) calls `suggest` whenever a trial slot is free and `on_trial_complete`
 when a trial ends.
 
 `suggest` asks Optuna (which hands out queued retries first) and returns the run config of that trial;
