@@ -188,13 +188,25 @@ def _resolve(path: str):
     return resolve_checkpoint(path)
 
 
+def _exit_code(command: str, result: dict, complete: bool = True) -> int:
+    """0 when every run finished; 1 when any failed (or a search ended short of n_trials), said on stderr."""
+    failed = list(result.get("failed") or [])
+    if not failed and complete:
+        return 0
+    shown = ", ".join(map(str, failed[:5])) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+    what = f"{len(failed)} run(s) failed ({shown})" if failed else "fewer trials complete than n_trials"
+    print(f"attamba {command}: {what}; the JSON lists what finished and what failed; run the same command again "
+          f"to retry", file=sys.stderr)
+    return 1
+
+
 def cmd_study(args) -> int:
     from pipeline.study.driver import run_study
 
     result = run_study(args.config, args.overrides, address=args.address, yes=args.yes)
     _print_json(result)
     _say_ui(result, "study's parent run, its description the answer")
-    return 0
+    return _exit_code("study", result)
 
 
 def cmd_search(args) -> int:
@@ -203,7 +215,7 @@ def cmd_search(args) -> int:
     result = run_search(args.config, args.overrides, address=args.address, yes=args.yes)
     _print_json(result)
     _say_ui(result, "search's parent run")
-    return 0
+    return _exit_code("search", result, complete=result["complete"] >= result["n_trials"])
 
 
 def cmd_report(args) -> int:
@@ -389,8 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done; 2 bad input (one line on stderr, nothing written or started); 130 interrupted. An
-    unexpected error after the checks (a bug) keeps its traceback."""
+    """Exit codes: 0 done; 1 a study or search with failed runs (its JSON lists them); 2 bad input (one line on
+    stderr, nothing written or started); 130 interrupted. An unexpected error after the checks (a bug) keeps
+    its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
