@@ -62,6 +62,6 @@ def check_duration(flops: float, tokens: int, *, gpu: bool, what: str, fix: str,
         return
     days = seconds / DAY_S
     span = f"{days:,.0f} days" if days < 1e6 else f"{days:.2g} days"
-    raise ValueError(f"{what} is {tokens:.3g} training tokens, {flops:.3g} FLOPs: at least {span} here, at "
+    raise ValueError(f"{what}: {tokens:.3g} training tokens, {flops:.3g} FLOPs, at least {span} here at "
                      f"{rate:.3g} FLOP/s ({basis}); pass --yes to start it anyway, or {fix}")
 
