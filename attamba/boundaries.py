@@ -33,7 +33,8 @@ def layer_offset(strategy: str, chunk_size: int, layer: int, n_layers: int) -> i
 
 def _hash_uniform(positions: torch.Tensor, seed: int, layer: int) -> torch.Tensor:
     """A float64 in [0, 1) per position, from a 32-bit integer hash of (seed, layer, position)."""
-    x = (positions.to(torch.int64) * 2654435761 + (seed * 40503 + layer * 97 + 12345)) & _MASK32
+    # seed & _MASK32: the same value modulo 2**32, and an int64 tensor never overflows with 64-bit seeds
+    x = (positions.to(torch.int64) * 2654435761 + ((seed & _MASK32) * 40503 + layer * 97 + 12345)) & _MASK32
     for _ in range(3):
         x = ((x >> 16) ^ x) & _MASK32
         x = (x * 0x45D9F3B) & _MASK32

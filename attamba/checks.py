@@ -17,11 +17,21 @@ from collections.abc import Iterable
 
 # Names that become folder names (a study, a run, an experiment): one path component, never '.' or '..'
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+SEED_LIMIT = 2**63          # seeds are 64-bit signed integers to torch, numpy (via % 2**32) and the data split
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")   # a newline, NUL, tab, escape ...: never part of a name or a path
+SHOWN = 80                  # characters of a value's repr quoted in an error
+YAML11_BOOLEANS = ("yes", "no", "on", "off", "y", "n")   # booleans to YAML 1.1, text to YAML 1.2 and here
+
+
+def shown(value) -> str:
+    """`repr(value)`, cut to SHOWN characters: an error line stays one short line whatever the value."""
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN - 20]}...{text[-12:]} ({len(text)} characters)"
 
 
 def fail(name: str, value, requirement: str, fix: str = ""):
     """Raise the one error form: `NAME must be REQUIREMENT, got VALUE[; FIX]`."""
-    message = f"{name} must be {requirement}, got {value!r}"
+    message = f"{name} must be {requirement}, got {shown(value)}"
     raise ValueError(f"{message}; {fix}" if fix else message)
 
 
@@ -107,23 +117,33 @@ def one_of(name: str, value, choices: Iterable, *, what: str | None = None, fix:
     if value not in choices or bool_slip:
         listed = ", ".join(str(c) for c in choices)
         if what is not None:
-            raise ValueError(f"{name}: unknown {what} {value!r}; choose from {listed}" + (f"; {fix}" if fix else ""))
+            raise ValueError(f"{name}: unknown {what} {shown(value)}; choose from {listed}"
+                             + (f"; {fix}" if fix else ""))
         fail(name, value, f"one of {listed}", fix)
     return value
 
 
 def boolean(name: str, value, *, fix: str = ""):
     if not isinstance(value, bool):
+        if isinstance(value, str) and value.strip().lower() in YAML11_BOOLEANS:
+            fix = fix or f"write true or false ({value!r} is text here, as in YAML 1.2)"
         fail(name, value, "true or false", fix)
     return value
 
 
+def seed(name: str, value, *, fix: str = ""):
+    """A seed: an integer in [0, 2**63)."""
+    return integer(name, value, 0, SEED_LIMIT - 1, fix=fix or "a seed is an integer from 0 to 2**63 - 1")
+
+
 def text(name: str, value, *, or_none: bool = False, fix: str = ""):
-    """A non-empty string (not only spaces)."""
+    """A non-empty string (not only spaces) without control characters (newline, NUL, tab, ...)."""
     if value is None and or_none:
         return value
     if not isinstance(value, str) or not value.strip():
         fail(name, value, _requirement("a non-empty string", or_none), fix)
+    if CONTROL.search(value):
+        fail(name, value, _requirement("text without control characters (newline, NUL, tab)", or_none), fix)
     return value
 
 

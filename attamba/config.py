@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields, replace
 
-from .checks import at_least, boolean, fail, integer, number, one_of, positive
+from .checks import at_least, boolean, fail, number, one_of, positive, seed
 
 ATTENTION_KINDS = ("attamba", "full", "swa", "iso_kv")
 BOUNDARY_STRATEGIES = ("uniform", "cyclic", "cyclic_released", "random")
@@ -158,13 +158,13 @@ class ModelConfig:
         for name in ("norm_eps", "rope_theta", "init_std"):
             positive(name, getattr(self, name), finite=True)
         at_least("max_seq_len", self.max_seq_len, 1, integer=True)
-        integer("seed", self.seed)
+        seed("seed", self.seed)
 
         one_of("attention", self.attention, ATTENTION_KINDS)
         at_least("chunk_size", self.chunk_size, 1, integer=True)
         at_least("leading_tokens", self.leading_tokens, 0, integer=True)
         one_of("boundaries", self.boundaries, BOUNDARY_STRATEGIES)
-        integer("boundary_seed", self.boundary_seed)
+        seed("boundary_seed", self.boundary_seed)
         for name in ("tied_embeddings", "kv_proj", "ssm_residual", "pseudo_chunk", "sliding_window"):
             boolean(name, getattr(self, name))
         one_of("ssm_segmentation", self.ssm_segmentation, SSM_SEGMENTATIONS)

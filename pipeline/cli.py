@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import numbers
+import os
 import sys
 from pathlib import Path
 
@@ -45,14 +46,26 @@ def _say_ui(result: dict, what: str) -> None:
         print(line, file=sys.stderr)
 
 
-def cmd_train(args) -> int:
-    from pipeline.config import load_run_config
-    from pipeline.train.loop import train
+def _world_size() -> int:
+    """Ranks of this run: the launcher's WORLD_SIZE (torchrun, deepspeed), else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
 
+
+def cmd_train(args) -> int:
+    from pipeline.config import RUN_HINT, load_yaml, run_config_from_dict
+    from pipeline.preflight import check_run, validating
+
+    with validating(f"config file {args.config!r}"):
+        given = load_yaml(args.config, args.overrides, kind="config", hint=RUN_HINT)
+        cfg = run_config_from_dict(given)
+        check_run(cfg, given=given, yes=args.yes, world=_world_size())
     from pipeline.tracking.config import resolve_uri
     from pipeline.tracking.ui import run_links
+    from pipeline.train.loop import train
 
-    cfg = load_run_config(args.config, args.overrides)
     result = train(cfg)
     if cfg.tracking.enabled:
         result = {**result, "mlflow_ui": run_links(resolve_uri(cfg.tracking.uri), result.get("run_id"))}
@@ -61,22 +74,38 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _checkpoint(path: str):
+    """The checkpoint `path` names (a run folder: its latest), its data settings checked and its cache place."""
+    from pipeline.preflight import check_places
+    from pipeline.preflight.data import check_data
+    from pipeline.train.checkpoint import load_config
+
+    checkpoint = _resolve(path)
+    cfg = load_config(checkpoint)
+    check_data(cfg.data)
+    check_places(cfg, tracking=False, out_dir=False)
+    return checkpoint
+
+
 def cmd_eval(args) -> int:
-    if args.lm_eval and args.variant:
-        raise ValueError("--variant scores perplexity under another attention setting; run it without --lm-eval")
+    from pipeline.preflight import arguments, validating
+
+    with validating("the arguments"):
+        arguments.check_eval(args)
+        if args.lm_eval:
+            checkpoint = _resolve(args.checkpoint)
+        else:
+            from pipeline.eval.variants import parse_variant
+
+            variants = [parse_variant(text) for text in args.variant]   # bad ones fail before the model is loaded
+            checkpoint = _checkpoint(args.checkpoint)
     if args.lm_eval:
         from pipeline.eval.harness import run_lm_eval
-        from pipeline.train.checkpoint import resolve_checkpoint
 
-        _print_json(run_lm_eval(resolve_checkpoint(args.checkpoint), args.lm_eval.split(","), include_path=args.include_path,
-                                limit=args.limit))
+        _print_json(run_lm_eval(checkpoint, args.lm_eval.split(","), include_path=args.include_path, limit=args.limit))
         return 0
-    from pipeline.train.checkpoint import resolve_checkpoint
     from pipeline.eval.evaluate import evaluate_checkpoint
-    from pipeline.eval.variants import parse_variant
 
-    variants = [parse_variant(text) for text in args.variant]   # bad ones fail before the model is loaded
-    checkpoint = resolve_checkpoint(args.checkpoint)
     metrics = evaluate_checkpoint(checkpoint, split=args.split, paper_metric=args.paper_metric,
                                   paper_tail=args.paper_tail, variants=variants)
     _print_json(metrics)
@@ -140,38 +169,66 @@ def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100,
 
 
 def cmd_generate(args) -> int:
-    generate_from_checkpoint(args.checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
+    from pipeline.preflight import arguments, validating
+
+    with validating("the arguments"):
+        arguments.check_generate(args)
+        checkpoint = _resolve(args.checkpoint)
+    generate_from_checkpoint(checkpoint, args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                              compile=args.compile)
     return 0
 
 
+def _resolve(path: str):
+    from pipeline.preflight import paths
+    from pipeline.train.checkpoint import resolve_checkpoint
+
+    paths.resolve("checkpoint", path, inside=False)
+    return resolve_checkpoint(path)
+
+
+def _exit_code(command: str, result: dict, complete: bool = True) -> int:
+    """0 when every run finished; 1 when any failed (or a search ended short of n_trials), said on stderr."""
+    failed = list(result.get("failed") or [])
+    if not failed and complete:
+        return 0
+    shown = ", ".join(map(str, failed[:5])) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+    what = f"{len(failed)} run(s) failed ({shown})" if failed else "fewer trials complete than n_trials"
+    print(f"attamba {command}: {what}; the JSON lists what finished and what failed; run the same command again "
+          f"to retry", file=sys.stderr)
+    return 1
+
+
 def cmd_study(args) -> int:
     from pipeline.study.driver import run_study
 
-    result = run_study(args.config, args.overrides, address=args.address)
+    result = run_study(args.config, args.overrides, address=args.address, yes=args.yes)
     _print_json(result)
     _say_ui(result, "study's parent run, its description the answer")
-    return 0
+    return _exit_code("study", result)
 
 
 def cmd_search(args) -> int:
     from pipeline.search.driver import run_search
 
-    result = run_search(args.config, args.overrides, address=args.address)
+    result = run_search(args.config, args.overrides, address=args.address, yes=args.yes)
     _print_json(result)
     _say_ui(result, "search's parent run")
-    return 0
+    return _exit_code("search", result, complete=result["complete"] >= result["n_trials"])
 
 
 def cmd_report(args) -> int:
+    from pipeline.preflight import arguments, validating
+
+    with validating("the arguments"):
+        out = arguments.check_report(args)
     from pipeline.report import make_report
 
     from pipeline.study.driver import PARENT_ROLE
     from pipeline.tracking.config import resolve_uri
     from pipeline.tracking.parent import find_parent
 
-    out = Path(args.out or f"reports/{args.experiment}")
     uri = resolve_uri(args.tracking_uri)
     result = make_report(args.experiment, out, tracking_uri=uri)
     parent = find_parent(uri, args.experiment, PARENT_ROLE)
@@ -186,6 +243,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_sync(args) -> int:
+    from pipeline.preflight import arguments, validating
+
+    with validating("the arguments"):
+        arguments.check_sync(args)
     from pipeline.tracking import sync_journal
 
     result = sync_journal(args.dir, uri=args.tracking_uri)
@@ -197,12 +258,12 @@ def cmd_sync(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from pipeline.preflight import arguments, validating
+
+    with validating("the arguments"):
+        arguments.check_bench(args)
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is visible here; use --device cpu")
-    if args.what in ("decode", "matvec") and (args.device != "cpu" or args.dtype != "float32"):
-        raise ValueError(f"bench {args.what} measures the CPU float32 decode path; drop --device/--dtype")
     dtype = getattr(torch, args.dtype)
     if args.what == "attention":
         from pipeline.bench.attention import bench_attention
@@ -228,6 +289,9 @@ def cmd_bench(args) -> int:
                               batch=args.batch, new_tokens=args.new_tokens, compile=args.compile)
     _print_json(result, indent=None)   # one line, strict like every other subcommand's JSON
     return 0
+
+
+YES_HELP = "start even when the planned training needs more than a day at the most this machine can do"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -260,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "train", "train one model from a YAML config (DeepSpeed)", cmd_train)
     p.add_argument("config", help="run YAML, e.g. configs/train_tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
+    p.add_argument("--yes", action="store_true", help=YES_HELP)
 
     p = _command(sub, "eval", "evaluate a checkpoint: perplexity, bits per byte, or lm-eval tasks", cmd_eval)
     p.add_argument("checkpoint", help="a run's out_dir (its latest checkpoint) or one checkpoint folder")
@@ -298,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key.path=value overrides")
         p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else the file's address, else "
                        "a local Ray)")
+        p.add_argument("--yes", action="store_true", help=YES_HELP)
 
     p = _command(sub, "report", "scaling-law and trade-off report of an MLflow experiment", cmd_report)
     p.add_argument("--experiment", required=True, help="the MLflow experiment: a study's or search's name")
@@ -335,12 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 a study or search with failed runs (its JSON lists them); 2 bad input (one line on
+    stderr, nothing written or started); 130 interrupted. An unexpected error after the checks (a bug) keeps
+    its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except ValueError as exc:
-        # Config and input errors: one clear line, no traceback.
-        print(f"attamba {args.command}: error: {exc}", file=sys.stderr)
+        # Config and input errors (and runtime refusals the user acts on): one clear line, no traceback.
+        from pipeline.preflight.phase import one_line
+
+        print(f"attamba {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"attamba {args.command}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from attamba.checks import at_least, boolean, fail, in_range, integer, number, one_of, positive, safe_name
+from attamba.checks import (at_least, boolean, fail, in_range, integer, number, one_of, positive, safe_name, seed,
+                            text)
 from attamba.config import ModelConfig
 from attamba.presets import PRESETS, model_config
 from attamba.variants import check_variant
 
+from pipeline import yamlio
 from pipeline.data.prepare import DataConfig
 from pipeline.tracking.config import TrackingConfig
 
@@ -84,7 +86,8 @@ class TrainConfig:
                      f"train.ckpt_every={self.ckpt_every}, or train.steps={self.steps})",
                      "pick such a step or change train.ckpt_every")
         boolean("train.allow_steps_change", self.allow_steps_change)
-        integer("train.seed", self.seed)
+        seed("train.seed", self.seed)
+        text("train.out_dir", self.out_dir, fix="the run's folder, e.g. runs/my-run")
         one_of("train.precision", self.precision, PRECISIONS)
         one_of("train.zero_stage", self.zero_stage, ZERO_STAGES)
         one_of("train.device", self.device, DEVICES)
@@ -113,7 +116,7 @@ class EvalConfig:
             at_least(f"eval.mqar_lengths[{i}]", n, 8, integer=True)
         at_least("eval.mqar_examples", self.mqar_examples, 1, integer=True)
         at_least("eval.mqar_pairs", self.mqar_pairs, 1, integer=True)
-        integer("eval.seed", self.seed)
+        seed("eval.seed", self.seed)
         checked = tuple(check_variant(v, f"eval.variants[{i}]") for i, v in enumerate(self.variants))
         object.__setattr__(self, "variants", checked)
 
@@ -134,6 +137,17 @@ class RunConfig:
         if self.model.max_seq_len < self.data.seq_len:
             fail("data.seq_len", self.data.seq_len, f"<= model.max_seq_len ({self.model.max_seq_len})",
                  "lower data.seq_len or raise model.max_seq_len")
+        if self.model.attention == "attamba":
+            # Beyond the training length neither changes anything: P = T is already one chunk per sequence and
+            # L >= T - 1 already full causal attention (docs/method.md); a larger value is a slip (a swapped P/L).
+            T = self.data.seq_len
+            if self.model.chunk_size > T:
+                fail("model.chunk_size", self.model.chunk_size, f"<= data.seq_len ({T})",
+                     "a chunk longer than the training sequence never ends inside it; lower model.chunk_size")
+            if self.model.leading_tokens > T:
+                fail("model.leading_tokens", self.model.leading_tokens, f"<= data.seq_len ({T})",
+                     f"L = {T - 1} already means full causal attention over the sequence (model.pseudo_chunk=true is "
+                     f"the paper's L = T ablation)")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -173,6 +187,10 @@ def _check_type(name: str, value, hint):
         return tuple(items) if origin is tuple else items
     if hint is typing.Any:
         return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            fail(name, value, f"a mapping of {hint.__name__} fields", f"indent its keys under {name}")
+        return build(hint, value, f"{name}.")
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             fail(name, value, "a mapping of keys", f"indent its keys under {name}")
@@ -195,10 +213,10 @@ def build(cls, data: dict | None, prefix: str = ""):
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         where = prefix.rstrip(".") or "the top level"
-        raise ValueError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)} in {where}; "
+        raise ValueError(f"unknown config key(s) {', '.join(prefix + str(k) for k in unknown)} in {where}; "
                          f"valid keys: {', '.join(sorted(names))}")
     kwargs = {}
     for key, value in data.items():
@@ -269,9 +287,12 @@ def check_fits_in_memory(config: RunConfig, available: int | None = None) -> Non
             f"model.dim or model.n_layers, or choose a smaller size")
 
 
+RUN_HINT = "pass a YAML file from configs/"
+
+
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """A RunConfig from a YAML file (None: the defaults) plus `key.path=value` overrides."""
-    return run_config_from_dict(load_yaml(path, overrides, kind="config", hint="pass a YAML file from configs/"))
+    return run_config_from_dict(load_yaml(path, overrides, kind="config", hint=RUN_HINT))
 
 
 # ---- YAML files and overrides: the one loader of run, study and search files ---------------------------
@@ -301,21 +322,13 @@ def _read_includes(data: dict, path: str | Path | None, kind: str, includes: tup
     return data
 
 
-# YAML 1.2's floats: PyYAML follows YAML 1.1, where an exponent needs a dot ("1.0e-3"), so "1e-3" read as text
-FLOAT_TEXT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+# YAML 1.2 decimal numbers as text (a quoted "1e-3" in a float field is read as the number)
 NUMBER_TEXT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")   # decimal, no nan/inf
-
-
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads YAML 1.2 floats such as 1e-3 and 5E4 as numbers."""
-
-
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(FLOAT_TEXT.pattern + "$"),
-                              list("-+0123456789."))
+MAX_MESSAGE = 300   # characters of a YAML problem quoted in an error
 
 
 def _parse(text: str):
-    return yaml.load(text, Loader=_Loader)
+    return yamlio.parse(text)
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:
@@ -324,21 +337,24 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     problem = getattr(exc, "problem", None) or _one_line(exc)
     context = getattr(exc, "context", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-    return where + (f"{context}, {problem}" if context else problem)
+    return _one_line(where + (f"{context}, {problem}" if context else problem))[:MAX_MESSAGE]
 
 
 def _read_mapping(path: Path, kind: str, hint: str) -> dict:
     tail = f"; {hint}" if hint else ""
-    if not path.is_file():
-        raise ValueError(f"{kind} file {str(path)!r} does not exist{tail}")
     try:
-        data = _parse(path.read_text())
+        text = yamlio.read_file(path)
+    except ValueError as exc:
+        raise ValueError(f"{kind} file {str(path)!r} {exc}{tail}") from None
+    try:
+        data = _parse(text)
+    except yamlio.StrictYAMLError as exc:
+        raise ValueError(f"{kind} file {str(path)!r} is refused at {_yaml_error(exc)}") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{kind} file {str(path)!r} is not valid YAML at {_yaml_error(exc)}") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{kind} file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if data is None:
-        return {}
+        raise ValueError(f"{kind} file {str(path)!r} is empty (no keys, only comments or blank lines); write the "
+                         f"settings that differ from the defaults{tail}")
     if not isinstance(data, dict):
         raise ValueError(f"{kind} file {str(path)!r} must hold a mapping of keys at the top level, got a "
                          f"{type(data).__name__}")
@@ -361,6 +377,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ValueError(f"override {item!r} must look like key.path=value")
         try:
             value = _parse(raw) if raw != "" else ""
+        except yamlio.StrictYAMLError as exc:
+            raise ValueError(f"override {item!r}: the value is refused: {_yaml_error(exc)}") from None
         except yaml.YAMLError as exc:
             raise ValueError(f"override {item!r}: the value is not valid YAML: {_yaml_error(exc)}") from None
         node = data

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attamba.checks import boolean, fail, in_range, integer, text
+from attamba.checks import boolean, fail, in_range, integer, seed, text
 
 from pipeline.data import cache as data_cache
 from pipeline.data import sources as data_sources
@@ -59,7 +59,7 @@ class DataConfig:
                 f"val_fraction + test_fraction must be < 1 to leave training data, got "
                 f"{self.val_fraction} + {self.test_fraction}; lower one of them"
             )
-        integer("seed", self.seed)
+        seed("seed", self.seed)
         integer("max_documents", self.max_documents, 1, or_none=True)
         text("cache_dir", self.cache_dir, or_none=True, fix="a folder path, or None for the default")
         boolean("progress", self.progress)

@@ -18,7 +18,7 @@ from attamba.config import ModelConfig
 from attamba.model import AttambaLM
 from attamba.variants import changed_fields, check_same_shapes, check_variant, evaluated_as
 
-from pipeline import schema
+from pipeline import schema, yamlio
 from pipeline.eval.evaluate import evaluate_split
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,12 @@ def parse_variant(text: str) -> dict:
         if not sep or not key.strip():
             raise ValueError(f"--variant {text!r}: {item!r} is not field=value; write e.g. "
                              f"--variant chunk_size=16,leading_tokens=4")
-        out[key.strip()] = yaml.safe_load(value.strip())
+        try:
+            out[key.strip()] = yamlio.parse(value.strip())
+        except yaml.YAMLError as exc:
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())[:120]
+            raise ValueError(f"--variant {text!r}: the value of {key.strip()} is not a YAML value ({problem}); write "
+                             f"e.g. --variant chunk_size=16,boundaries=random") from None
     return check_variant(out, "--variant")
 
 

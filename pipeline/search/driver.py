@@ -21,6 +21,8 @@ from pipeline import schema
 from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import output_root, tracking_uri
 from pipeline.ray.trainer import done_record, worker_config
+from pipeline.preflight import validating
+from pipeline.search.checks import check_search
 from pipeline.search.results import MLFLOW_RUN_ATTR, export_front
 from pipeline.search.space import (STORAGE_ENV, SearchConfig, base_run_config, load_search, param_names,
                                    reference_run_config, search_from_dict, trial_run_config)
@@ -36,11 +38,17 @@ FRONT_FILES = ("pareto.json", "pareto.csv", "pareto.png")
 JOURNAL_DIR = "tracking"      # in the search folder: the driver's MLflow calls that waited out an outage
 
 
-def run_search(config_path: str | Path, overrides: list[str] | None = None, address: str | None = None) -> dict:
-    """Run (or continue) the search until its study holds `n_trials` completed trials; export the front."""
+def run_search(config_path: str | Path, overrides: list[str] | None = None, address: str | None = None,
+               yes: bool = False) -> dict:
+    """Run (or continue) the search until its study holds `n_trials` completed trials; export the front.
+    Everything about the input is checked first (pipeline/search/checks.py); `yes` starts a search that
+    needs more than a day here."""
     wall_start = time.perf_counter()
-    search = load_search(config_path, overrides)
-    url = normalise_storage_url(search.storage_url())
+    with validating(f"search file {str(config_path)!r}"):
+        search = load_search(config_path, overrides)
+        url = normalise_storage_url(search.storage_url())
+        address = cluster.resolve_address(address, search.address)
+        check_search(search, local=not address, yes=yes)
     # One driver per study: a second one would take this one's running trials for stale.
     with lease.search_lease(url, search.name, search.folder, redact(url)):
         return _search(search, url, address, wall_start)

@@ -8,11 +8,12 @@ draws one point; `trial_run_config(search, params, number)` turns it into the Ru
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attamba.checks import at_least, boolean, fail, one_of, safe_name, text
+from attamba.checks import at_least, boolean, fail, one_of, safe_name, seed, text
 from attamba.config import BOUNDARY_STRATEGIES
 
 from pipeline import schema
@@ -121,6 +122,10 @@ class SearchConfig:
         one_of("sampler", self.sampler, SAMPLERS)
         at_least("population_size", self.population_size, 2, integer=True)
         at_least("max_failed_trials", self.max_failed_trials, 0, integer=True)
+        seed("seed", self.seed)
+        text("storage", self.storage, or_none=True, fix="a database URL such as sqlite:///optuna.db or "
+             "postgresql+psycopg2://user:pw@host/optuna; remove it for $ATTAMBA_OPTUNA_STORAGE, else "
+             "sqlite:///optuna.db")
         _check_int_param("space.chunk_size", self.space.chunk_size, minimum=1)
         _check_int_param("space.leading_tokens", self.space.leading_tokens, minimum=0)
         if self.space.state_dim is not None:
@@ -170,8 +175,7 @@ def search_from_dict(data: dict) -> SearchConfig:
     base = base_run_config(search)   # a bad base run fails here, before any trial
     if base.model.attention != "attamba":
         raise ValueError(f"run.model.attention must be attamba for a P/L search, got {base.model.attention!r}")
-    # every corner of the space must build a valid model (e.g. L vs max_seq_len is fine, P >= 1 checked)
-    trial_run_config(search, corner_params(search.space), 0)
+    extreme_configs(search)   # every value of every axis, and the corners of the space, build a valid run
     return search
 
 
@@ -182,15 +186,61 @@ def base_run_config(search: SearchConfig) -> RunConfig:
         raise ValueError(f"run.{exc}") from None
 
 
-def corner_params(space: Space) -> dict:
-    def first(p: IntParam) -> int:
-        return p.choices[0] if p.choices is not None else p.low
+def axis_values(p: IntParam) -> tuple[int, ...]:
+    """The values of an integer axis a check builds: every choice, or a range's ends (the top one on the
+    step grid: the largest value Optuna can draw)."""
+    if p.choices is not None:
+        return tuple(dict.fromkeys(p.choices))
+    top = p.low + (p.high - p.low) // p.step * p.step
+    return (p.low, top) if top != p.low else (p.low,)
 
-    params = {"chunk_size": first(space.chunk_size), "leading_tokens": first(space.leading_tokens),
-              "boundaries": space.boundaries[0]}
+
+def _axes(space: Space) -> dict[str, tuple[tuple[str, object], ...]]:
+    """Per parameter, (its place in the file with its value, value) of every value a check builds."""
+    def places(name: str, p: IntParam | None) -> tuple[tuple[str, object], ...]:
+        if p is None:
+            return ()
+        if p.choices is not None:
+            return tuple((f"space.{name}.choices[{list(p.choices).index(v)}]={v!r}", v) for v in axis_values(p))
+        low, *top = axis_values(p)
+        drawn = f" (drawn as {top[0]})" if top and top[0] != p.high else ""
+        return ((f"space.{name}.low={low}", low),) + tuple((f"space.{name}.high={p.high}{drawn}", v) for v in top)
+
+    axes = {"chunk_size": places("chunk_size", space.chunk_size),
+            "leading_tokens": places("leading_tokens", space.leading_tokens),
+            "boundaries": tuple((f"space.boundaries[{i}]={b!r}", b)
+                                for i, b in enumerate(dict.fromkeys(space.boundaries)))}
     if space.state_dim is not None:
-        params["state_dim"] = first(space.state_dim)
-    return params
+        axes["state_dim"] = places("state_dim", space.state_dim)
+    return axes
+
+
+def extreme_configs(search: SearchConfig) -> list[RunConfig]:
+    """The trial run configs of every value of every axis (the other axes at their first value) and of every
+    corner of the space (each integer axis at its smallest or largest value, each boundary strategy): a
+    value that cannot be trained fails here, naming its place in the file, before any trial.
+    Between the corners no other check can fail (the model checks are monotone in P, L and state_dim)."""
+    axes = _axes(search.space)
+    first = {name: values[0][1] for name, values in axes.items()}
+    out = []
+    for name, values in axes.items():
+        for place, value in values:
+            params = {**first, name: value}
+            try:
+                out.append(trial_run_config(search, params, 0))
+            except ValueError as exc:
+                raise ValueError(f"{place}: {exc}") from None
+    ends = {name: sorted({v for _, v in values}, key=str) if name == "boundaries"
+            else sorted({min(v for _, v in values), max(v for _, v in values)}) for name, values in axes.items()}
+    names = list(ends)
+    for combination in itertools.product(*(ends[n] for n in names)):
+        params = dict(zip(names, combination))
+        try:
+            out.append(trial_run_config(search, params, 0))
+        except ValueError as exc:
+            raise ValueError(f"space: the corner {params} (smallest and largest values together) cannot be "
+                             f"trained: {exc}") from None
+    return out
 
 
 def _suggest_int(trial, name: str, p: IntParam) -> int:

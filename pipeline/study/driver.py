@@ -21,6 +21,8 @@ from pipeline.config import dump_yaml
 from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import durable_path, output_root, tracking_uri
 from pipeline.ray.trainer import is_done, run_trial, worker_config
+from pipeline.preflight import validating
+from pipeline.study.checks import check_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
 from pipeline.study.timing import timing_line, timing_summary
 from pipeline.tracking.parent import is_outage, parent_run
@@ -46,21 +48,28 @@ def study_params(study: StudyConfig, specs: list[RunSpec]) -> dict:
     return params
 
 
-def run_study(config_path: str | Path, overrides: list[str] | None = None, address: str | None = None) -> dict:
-    """Train every missing run of the study on Ray Tune, track it in MLflow, write the report."""
+def run_study(config_path: str | Path, overrides: list[str] | None = None, address: str | None = None,
+              yes: bool = False) -> dict:
+    """Train every missing run of the study on Ray Tune, track it in MLflow, write the report. Everything
+    about the input is checked first (pipeline/study/checks.py); `yes` starts a study that needs more than a
+    day here."""
     wall_start = time.perf_counter()
-    study = load_study(config_path, overrides)
-    # Relative folders under $ATTAMBA_HOME (or the working directory), never a Ray job's temporary folder.
-    study = dataclasses.replace(study, out_dir=str(durable_path(study.out_dir, "out_dir")))
-    specs = expand(study)
-    tracking = specs[0].config.tracking
-    uri = tracking_uri(tracking.uri) if tracking.enabled else None
-    report_dir = durable_path(Path("reports") / study.name, "the report folder") if study.report and uri else None
+    with validating(f"study file {str(config_path)!r}"):
+        study = load_study(config_path, overrides)
+        given_out_dir = study.out_dir
+        # Relative folders under $ATTAMBA_HOME (or the working directory), never a Ray job's temporary folder.
+        study = dataclasses.replace(study, out_dir=str(durable_path(study.out_dir, "out_dir")))
+        specs = expand(study)
+        tracking = specs[0].config.tracking
+        uri = tracking_uri(tracking.uri) if tracking.enabled else None
+        report_dir = durable_path(Path("reports") / study.name, "the report folder") if study.report and uri else None
+        address = cluster.resolve_address(address, study.address)
+        check_study(study, specs, out_dir=given_out_dir, uri=uri, report_dir=report_dir, local=not address, yes=yes)
     tags = {schema.TAG_STUDY: study.name, schema.TAG_ROLE: PARENT_ROLE}
     folder = Path(study.out_dir).resolve() / study.name
     # One driver per study folder (a second would train the same runs into the same folders).
     with (lease.study_lease(folder),
-          cluster.ray_session(cluster.resolve_address(address, study.address), study.resources) as session,
+          cluster.ray_session(address, study.resources) as session,
           parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots
         (folder / STUDY_FILE).write_text(dump_yaml(study))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attamba import costs
-from attamba.checks import at_least, boolean, fail, one_of, positive, safe_name, text
+from attamba.checks import at_least, boolean, fail, one_of, positive, safe_name, seed, text
 from attamba.config import ATTAMBA_FIELDS, ModelConfig, variant_fields
 from attamba.presets import PRESETS
 
@@ -74,6 +74,8 @@ class StudyConfig:
         self.grids()   # every grid entry checked before any model is built
         if not self.seeds:
             fail("seeds", [], "a list of at least one seed")
+        for i, value in enumerate(self.seeds):
+            seed(f"seeds[{i}]", value)
         if len(set(self.seeds)) != len(self.seeds):
             fail("seeds", list(self.seeds), "distinct")
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):

@@ -282,7 +282,8 @@ def test_hub_name_offline_fails_fast(monkeypatch, env):
     ("test_fraction", 0.6, "val_fraction \\+ test_fraction must be < 1"),
     ("max_documents", 0, "max_documents must be None or an integer >= 1, got 0"),
     ("source", "", "source must be a non-empty string"),
-    ("seed", 1.5, "seed must be an integer, got 1.5"),
+    ("seed", 1.5, r"seed must be an integer in \[0, 9223372036854775807\], got 1.5"),
+    ("seed", -1, r"seed must be an integer in \[0, 9223372036854775807\], got -1"),
 ])
 def test_bad_config_values(field, value, needle):
     kwargs = {"val_fraction": 0.5} if field == "test_fraction" else {}
