@@ -57,7 +57,8 @@ class StudyConfig:
     address: str | None = None     # Ray cluster; None: --address, else $RAY_ADDRESS, else a local Ray
     run: dict = field(default_factory=dict)   # the base RunConfig, as in a `attamba train` YAML
     # the study's evaluation settings, over run.eval: e.g. `variants`, the attention settings every run's final
-    # weights are also evaluated at (EvalConfig.variants; each applies to the kinds it fits)
+    # weights are also evaluated at (EvalConfig.variants; each applies to the kinds it fits). Full transformers
+    # are also scored through windows of L + 1 keys (each Attamba L) and CONTEXT_WINDOW keys: _with_context_windows
     eval: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -182,8 +183,27 @@ def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
         seen = {}
         for run in runs:
             seen.setdefault(run.model.variant(), run)   # identical resolved models run once
-        out[size] = list(seen.values())
+        windows = sorted({L + 1 for L in leading} | {CONTEXT_WINDOW})
+        out[size] = [_with_context_windows(run, windows) for run in seen.values()]
     return out
+
+
+# The window of keys (the query included) every full transformer of a study is also scored through, beside the
+# L + 1 keys of each Attamba's window: the diagnosis of issue 26 read the transformer through 40 keys.
+CONTEXT_WINDOW = 40
+
+
+def _with_context_windows(run: RunConfig, windows: list[int]) -> RunConfig:
+    """A full transformer with an evaluation variant {window: W} for each W in `windows` (its loss through the
+    last W keys: what the report's "Does context matter here?" reads), unless its eval.variants already has
+    that window; a window of seq_len keys or more sees the whole context and is left out. Other runs as they are."""
+    if run.model.attention != "full":
+        return run
+    have = {v["window"] for v in run.eval.variants if set(v) == {"window"}}
+    extra = tuple({"window": w} for w in windows if w not in have and w < run.data.seq_len)
+    if not extra:
+        return run
+    return dataclasses.replace(run, eval=dataclasses.replace(run.eval, variants=run.eval.variants + extra))
 
 
 def _run_name(size: str, model: ModelConfig, seed: int, tokens: int) -> str:
