@@ -147,8 +147,11 @@ def cmd_search(args) -> int:
 def cmd_report(args) -> int:
     from pipeline.report import make_report
 
-    out = Path(args.out or f"reports/{args.experiment}")
-    result = make_report(args.experiment, out, tracking_uri=args.tracking_uri)
+    if args.runs and args.tracking_uri:
+        raise ValueError("--tracking-uri names an MLflow store, but --runs reads a saved runs.csv instead; "
+                         "give one of them")
+    out = Path(args.out or f"reports/{args.experiment or Path(args.runs).resolve().parent.name}")
+    result = make_report(args.experiment, out, tracking_uri=args.tracking_uri, runs_file=args.runs)
     print(f"report written to {out / 'report.html'}")
     return 0 if result is not None else 1
 
@@ -268,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "a local Ray)")
 
     p = _command(sub, "report", "scaling-law and trade-off report of an MLflow experiment", cmd_report)
-    p.add_argument("--experiment", required=True, help="the MLflow experiment: a study's or search's name")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment", help="the MLflow experiment: a study's or search's name")
+    source.add_argument("--runs", help="a runs.csv an earlier report wrote: the report rebuilt from it, without "
+                        "the MLflow store")
     p.add_argument("--out", help="output folder (default: reports/EXPERIMENT)")
     p.add_argument("--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 

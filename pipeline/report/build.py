@@ -1,4 +1,4 @@
-"""`make_report`: MLflow experiment -> report.html, summary.md, runs.csv, runs.json, fits.json, claims.json."""
+"""`make_report`: MLflow experiment (or a saved runs.csv) -> report.html, summary.md, runs.csv, runs.json, fits.json, claims.json."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from pipeline.report.compare import (gap_to_transformer, iso_flop_comparison, is
 from pipeline.report.empty import empty, or_empty, reasons
 from pipeline.report.figures import all_figures
 from pipeline.report.html import report_html
-from pipeline.report.load import load_runs
+from pipeline.report.load import load_runs, load_runs_file
 from pipeline.report.measured import measured_table
 from pipeline.report.pareto import pareto_front, pareto_points
 from pipeline.report.scaling import fits_to_json, fit_variants
@@ -75,14 +75,20 @@ def _figure_links(out_dir: Path, figures: list[tuple[str, bytes]]) -> str:
     return "\n".join(lines)
 
 
-def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
-                expected_runs: list[str] | None = None, n_bootstrap: int = 500, seed: int = 0) -> ReportResult:
-    """Read every run of `experiment`, fit scaling laws, compare variants and write the report into out_dir."""
+def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None = None,
+                expected_runs: list[str] | None = None, n_bootstrap: int = 500, seed: int = 0,
+                runs_file: str | Path | None = None) -> ReportResult:
+    """Read every run of `experiment` (or, with runs_file, the runs.csv an earlier report saved), fit scaling
+    laws, compare variants and write the report into out_dir."""
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}; use 0 to skip intervals")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = load_runs(experiment, tracking_uri, expected_runs)
+    if runs_file is not None:
+        table = load_runs_file(runs_file, expected_runs)
+        experiment = experiment or table.experiment
+    else:
+        table = load_runs(experiment, tracking_uri, expected_runs)
     ok = table.ok
 
     fits = fit_variants(ok, n_bootstrap=n_bootstrap, seed=seed) if len(ok) else {}

@@ -139,7 +139,7 @@ def summary_markdown(experiment: str, table: RunTable, sections: dict[str, pd.Da
     """Markdown with one heading per section; section tables come from the functions above."""
     n_total, n_ok = len(table.runs), len(table.ok)
     out = [f"# Study report: {experiment}\n",
-           f"Runs: {n_total} in MLflow, {n_ok} usable, {n_total - n_ok} failed or incomplete, "
+           f"Runs: {n_total} in {table.source}, {n_ok} usable, {n_total - n_ok} failed or incomplete, "
            f"{len(table.missing)} expected but missing.\n",
            "Percent differences are 100 * (ppl / reference ppl - 1): negative means better than the reference. "
            "Intervals are 95%: for fits, a bootstrap that resamples runs within each size, reported with the "
