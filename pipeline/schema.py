@@ -100,6 +100,12 @@ EVAL_VARIANT_METRICS = ("loss", "ppl", "bpb", "kv_cache_bytes", "attn_flops_per_
 def eval_variant_metric(label: str, name: str) -> str:
     return f"{M_EVAL_VARIANT_PREFIX}{label}/{name}"
 
+
+# A study scores every full transformer through a window of L + 1 keys (the query included) for each Attamba L
+# it runs, and through CONTEXT_WINDOW keys: the report's context use (how much the transformer loses without
+# the tokens beyond the window) is read from those evaluation variants, labelled swa-W<keys>.
+CONTEXT_WINDOW = 40
+
 # Cost metrics, logged once at step 0 (from attamba.costs).
 M_PARAMS = "cost/params"
 M_PARAMS_NON_EMB = "cost/params_non_embedding"

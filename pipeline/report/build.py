@@ -1,4 +1,5 @@
-"""`make_report`: MLflow experiment (or a saved runs.csv) -> report.html, summary.md, runs.csv, runs.json, fits.json, claims.json."""
+"""`make_report`: MLflow experiment (or a saved runs.csv) -> report.html, summary.md, runs.csv, runs.json, fits.json,
+claims.json."""
 from __future__ import annotations
 
 import json

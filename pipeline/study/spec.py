@@ -17,6 +17,7 @@ from attamba.checks import at_least, boolean, fail, one_of, positive, safe_name,
 from attamba.config import ATTAMBA_FIELDS, ModelConfig, variant_fields
 from attamba.presets import PRESETS
 
+from pipeline import schema
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
 from pipeline.ray.cluster import Resources
 from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
@@ -58,7 +59,8 @@ class StudyConfig:
     run: dict = field(default_factory=dict)   # the base RunConfig, as in a `attamba train` YAML
     # the study's evaluation settings, over run.eval: e.g. `variants`, the attention settings every run's final
     # weights are also evaluated at (EvalConfig.variants; each applies to the kinds it fits). Full transformers
-    # are also scored through windows of L + 1 keys (each Attamba L) and CONTEXT_WINDOW keys: _with_context_windows
+    # are also scored through windows of L + 1 keys (each Attamba L) and of schema.CONTEXT_WINDOW keys
+    # (_with_context_windows)
     eval: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -183,14 +185,9 @@ def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
         seen = {}
         for run in runs:
             seen.setdefault(run.model.variant(), run)   # identical resolved models run once
-        windows = sorted({L + 1 for L in leading} | {CONTEXT_WINDOW})
+        windows = sorted({L + 1 for L in leading} | {schema.CONTEXT_WINDOW})
         out[size] = [_with_context_windows(run, windows) for run in seen.values()]
     return out
-
-
-# The window of keys (the query included) every full transformer of a study is also scored through, beside the
-# L + 1 keys of each Attamba's window: the diagnosis of issue 26 read the transformer through 40 keys.
-CONTEXT_WINDOW = 40
 
 
 def _with_context_windows(run: RunConfig, windows: list[int]) -> RunConfig:

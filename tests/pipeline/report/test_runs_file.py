@@ -56,7 +56,7 @@ def test_the_report_rebuilt_from_it_is_the_same(saved, tmp_path):
     for name in figures:
         assert (again / "figures" / name).read_bytes() == (first / "figures" / name).read_bytes(), name
     a, b = (first / "summary.md").read_text(), (again / "summary.md").read_text()
-    assert a.replace(f"in MLflow,", "in runs.csv,", 1) == b   # the only difference: where the runs were read
+    assert a.replace("in MLflow,", "in runs.csv,", 1) == b   # the only difference: where the runs were read
 
 
 def test_runs_file_refusals(saved, tmp_path, capsys):
