@@ -15,6 +15,7 @@ from pipeline.report import summary as S
 from pipeline.report.claims import claims_json, claims_table, estimates_table, evaluate_claims
 from pipeline.report.compare import (gap_to_transformer, iso_flop_comparison, iso_kv_comparison, iso_param_comparison,
                                      recall_table)
+from pipeline.report.context import context_section
 from pipeline.report.empty import empty, or_empty, reasons
 from pipeline.report.figures import all_figures
 from pipeline.report.html import report_html
@@ -104,7 +105,9 @@ def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None 
               for cost in (schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN)}
     why = reasons(table.runs, ok)
 
-    opening = {"What was measured": or_empty(measured_table(table.runs, ok), why["results"]),
+    context = context_section(ok, claims)
+    opening = {**context.sections,
+               "What was measured": or_empty(measured_table(table.runs, ok), why["results"]),
                "Claims: the paper's, recomputed from this study (rule in claims.json)": claims_table(claims)}
     sections = {
         "Failed, incomplete and missing runs": or_empty(S.status_table(table), why["status"]),
@@ -127,7 +130,7 @@ def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None 
     }
     md = S.summary_markdown(experiment, table, {**opening, **sections})
     intro = md.split("## ", 1)[0].splitlines()[1:]
-    figures = all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else []
+    figures = (all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else []) + context.figures
     md += _figure_links(out_dir, figures)
 
     files = {name: out_dir / name for name in ("report.html", "summary.md", "runs.csv", "runs.json", "fits.json",
@@ -145,7 +148,7 @@ def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None 
     table.runs.to_csv(files["runs.csv"], index=False)
     files["runs.json"].write_text(json.dumps(_clean(_records(table.runs)), indent=1, allow_nan=False))
     files["fits.json"].write_text(json.dumps(_clean(fits_json), indent=1, allow_nan=False))
-    claims_out = {"experiment": experiment, **claims_json(claims)}
+    claims_out = {"experiment": experiment, **claims_json(claims), "context_use": context.json}
     files["claims.json"].write_text(json.dumps(_clean(claims_out), indent=1, allow_nan=False))
     return ReportResult(out_dir=out_dir, files=files, n_runs=len(table.runs), n_ok=len(ok),
                         failed=table.not_ok["trial"].tolist(), missing=list(table.missing), fits=_clean(fits_json),

@@ -6,7 +6,7 @@ import html
 
 import pandas as pd
 
-from pipeline.report.empty import reason_of
+from pipeline.report.empty import note_of, reason_of
 
 CSS = """
 body { font-family: Georgia, 'Times New Roman', serif; max-width: 1100px; margin: 2em auto; color: #222;
@@ -24,9 +24,10 @@ figcaption { font-size: 0.9em; color: #555; }
 
 
 def table_html(df: pd.DataFrame) -> str:
+    note = f"<p>{html.escape(note_of(df))}</p>" if note_of(df) else ""
     if df.empty:
-        return f"<p class='note'>{html.escape(reason_of(df))}</p>"
-    return df.to_html(index=False, escape=True, border=0, na_rep="n/a")
+        return f"{note}<p class='note'>{html.escape(reason_of(df))}</p>"
+    return note + df.to_html(index=False, escape=True, border=0, na_rep="n/a")
 
 
 def report_html(title: str, intro: list[str], sections: dict[str, pd.DataFrame],

@@ -10,7 +10,7 @@ import math
 import pandas as pd
 
 from pipeline import schema
-from pipeline.report.empty import reason_of
+from pipeline.report.empty import note_of, reason_of
 from pipeline.report.uncertainty import MIN_REFIT_FRACTION, PLAUSIBLE_EXPONENT
 from pipeline.report.load import RunTable
 from pipeline.report.scaling import VariantFits
@@ -126,13 +126,14 @@ def recall_points_table(recall: pd.DataFrame) -> pd.DataFrame:
 
 
 def md_table(df: pd.DataFrame) -> str:
+    note = f"{note_of(df)}\n\n" if note_of(df) else ""
     if df.empty:
-        return f"_{reason_of(df)}_\n"
+        return f"{note}_{reason_of(df)}_\n"
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return note + "\n".join(lines) + "\n"
 
 
 def summary_markdown(experiment: str, table: RunTable, sections: dict[str, pd.DataFrame]) -> str:

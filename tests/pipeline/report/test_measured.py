@@ -76,8 +76,10 @@ def _section_text(md: str, title: str) -> str:
 
 def test_report_opens_with_what_was_measured(measured):
     md = (measured["out"] / "summary.md").read_text()
-    first = re.findall(r"^## (.+)$", md, flags=re.M)[0]
-    assert first == "What was measured"
+    headings = re.findall(r"^## (.+)$", md, flags=re.M)
+    # after the "Does context matter here?" section (pipeline/report/context.py), before any result
+    first = next(h for h in headings if not h.startswith("Does context matter here?"))
+    assert headings[0] == "Does context matter here?" and first == "What was measured"
     facts = {r["measured"]: r["value"] for r in _md_section(md, "What was measured")}
     assert facts["corpus (data.source)"] == "bundled (all 8 usable runs)"
     assert facts["tokenizer"] == "bpe, vocabulary 4096 (all 8 usable runs)"
