@@ -210,6 +210,10 @@ def _gate(e: Estimate, gate: Gate, leading: dict[str, float]) -> None:
     """The estimate's verdict gated on the context use (module docstring): untestable here where not shown."""
     L = min((leading[v] for v in (e.a, e.b) if v in leading), default=None)
     use, text = gate.figure(e.size, e.train_tokens, L)
+    if use is None:
+        text += ": whether anything beyond the window matters is unknown"
+    elif not use.shown:
+        text += f": nothing beyond {use.beyond(L)} is shown to matter at this budget"
     e.context_use = text
     if use is None or not use.shown:
         e.reason = f"{text}; the interval alone: {e.verdict} ({e.reason})"
@@ -241,12 +245,8 @@ def _decide(claim: Claim, rank, gate: Gate | None = None, leading: dict[str, flo
         if untestable:
             claim.verdict = UNTESTABLE
             claim.context_use = untestable[0].context_use
-            unknown = claim.context_use.startswith("context use not measured")
-            reading = ("whether anything beyond the window matters is unknown" if unknown else
-                       "nothing beyond the window is shown to matter at this budget")
-            claim.reason = (f"{claim.context_use}: {reading}" +
-                            (f" ({len(untestable)} of {len(at_top)} comparisons at this size)" if len(at_top) > 1
-                             else ""))
+            claim.reason = claim.context_use + (f" ({len(untestable)} of {len(at_top)} comparisons at this size)"
+                                                if len(at_top) > 1 else "")
     smaller = [e for e in use if rank(e)[:2] != top]
     claim.sizes_agree = all(e.verdict == claim.verdict for e in smaller) if smaller else None
 

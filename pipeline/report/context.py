@@ -303,7 +303,7 @@ def study_reading(ok: pd.DataFrame, uses: list[ContextUse]) -> str:
         parts.append(f"beyond {schema.CONTEXT_WINDOW} keys: not measured")
     shown = [u for u in here if u.shown]
     verdict = (f"Context beyond a window of {min(u.window for u in shown)} keys is shown to matter at {size}."
-               if shown else "Nothing beyond the window is shown to matter at this budget.")
+               if shown else f"Nothing beyond {min(u.window for u in here)} keys is shown to matter at {size}.")
     return f"At the largest size measured, {size}: " + "; ".join(parts) + f". {verdict}"
 
 

@@ -79,7 +79,12 @@ def test_context_not_shown_makes_the_context_dependent_claims_untestable(shown, 
     assert {cid: c.verdict for cid, c in claims.items()} == want
     iso = claims["attamba_vs_iso_kv"]
     assert iso.reason.startswith("context use beyond ") and "not shown (interval includes 0)" in iso.reason
-    assert "nothing beyond the window is shown to matter at this budget" in iso.reason
+    # at s2 the L=32 comparison reads its own window (33 keys), the L=8 ones 40 keys: the first untestable is quoted
+    assert iso.reason.startswith("context use beyond L=32 (a window of 33 keys) at s2")
+    assert "nothing beyond L=32 (a window of 33 keys) is shown to matter at this budget (2 of 2 comparisons" in iso.reason
+    uniform = claims["cyclic_vs_uniform"]
+    assert uniform.reason.endswith("(beyond L=8 not measured, so beyond 40 keys is used): nothing beyond 40 keys is "
+                                   "shown to matter at this budget")
     # the estimates are still listed, with the numbers the context-shown study gives, and what the interval said
     before = {(e.size, e.a, e.b): e for e in shown["claims"]["attamba_vs_iso_kv"].estimates}
     assert len(iso.estimates) == len(before) > 0
@@ -94,7 +99,7 @@ def test_context_not_shown_makes_the_context_dependent_claims_untestable(shown, 
     md = (flat["out"] / "summary.md").read_text()
     rows = {r["claim"]: r for r in _md_section(md, "Claims: the paper's, recomputed from this study (rule in claims.json)")}
     assert {cid: r["verdict"] for cid, r in rows.items()} == want
-    assert "Nothing beyond the window is shown to matter at this budget." in md.split(f"## {TITLE}\n", 1)[1]
+    assert "Nothing beyond 33 keys is shown to matter at s2." in md.split(f"## {TITLE}\n", 1)[1]
 
 
 def test_context_not_measured_makes_them_untestable_too(shown):
