@@ -80,8 +80,8 @@ RULE = {
                f"models compared) minus its loss with the whole context, where measured, else through "
                f"{schema.CONTEXT_WINDOW} keys; mean over seeds with a 95% Student-t interval",
     UNTESTABLE: "the gating context use is not shown (its interval includes 0, lies below 0, or rests on one seed) "
-                "or was not measured: nothing beyond the window is shown to matter, so the claim's mechanism is "
-                "not exercised; the estimate's reason quotes the figure and what its interval alone said, and a "
+                "or was not measured: nothing beyond that window is shown to matter, so the claim's mechanism is "
+                "not shown to be exercised; the estimate's reason quotes the figure and what its interval alone said, and a "
                 "claim with such an estimate among those that decide it is untestable here (context_use quotes "
                 "the figure)",
 }
