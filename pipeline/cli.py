@@ -229,12 +229,16 @@ def cmd_report(args) -> int:
     from pipeline.tracking.config import resolve_uri
     from pipeline.tracking.parent import find_parent
 
-    uri = resolve_uri(args.tracking_uri)
-    result = make_report(args.experiment, out, tracking_uri=uri)
-    parent = find_parent(uri, args.experiment, PARENT_ROLE)
+    if args.runs:   # a saved runs.csv: no MLflow store to read or to describe
+        result = make_report(args.experiment, out, runs_file=args.runs)
+        parent = None
+    else:
+        uri = resolve_uri(args.tracking_uri)
+        result = make_report(args.experiment, out, tracking_uri=uri)
+        parent = find_parent(uri, args.experiment, PARENT_ROLE)
     if parent is not None:   # a study's: its description is the answer of the latest report
         parent.describe(result.description)
-    _print_json({"experiment": args.experiment, "report": str(out / "report.html"),
+    _print_json({"experiment": args.experiment or result.claims.get("experiment"), "report": str(out / "report.html"),
                  "files": {name: str(path) for name, path in result.files.items()}, "runs": result.n_runs,
                  "usable": result.n_ok, "failed": result.failed, "missing": result.missing,
                  "answer": result.headline, "parent_run_id": parent.run_id if parent else None})
@@ -366,7 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--yes", action="store_true", help=YES_HELP)
 
     p = _command(sub, "report", "scaling-law and trade-off report of an MLflow experiment", cmd_report)
-    p.add_argument("--experiment", required=True, help="the MLflow experiment: a study's or search's name")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--experiment", help="the MLflow experiment: a study's or search's name")
+    source.add_argument("--runs", help="a runs.csv an earlier report wrote: the report rebuilt from it, without "
+                        "the MLflow store")
     p.add_argument("--out", help="output folder (default: reports/EXPERIMENT)")
     p.add_argument("--tracking-uri", help="the MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 

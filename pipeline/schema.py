@@ -52,11 +52,46 @@ def split_metric(split: str, name: str) -> str:
     return f"{SPLIT_PREFIXES[split]}/{name}"
 
 
+# Loss by position in the context, logged by every whole-split (final) evaluation: the mean loss of the targets
+# whose position (how many tokens the model could see: 1 for a window's first target, seq_len for its last)
+# falls in a bucket. Buckets are log-spaced, 1-8, 9-32, 33-128, 129-512, 513-2048, ..., the last one ending at
+# seq_len: split_metric("validation", loss_pos_name(9, 32)) = "val/loss_pos_9-32", and per evaluation variant
+# eval_variant_metric(label, loss_pos_name(9, 32)) = "evalvar/<label>/loss_pos_9-32".
+LOSS_POS_PREFIX = "loss_pos_"
+LOSS_POS_FIRST, LOSS_POS_FACTOR = 8, 4     # the first bucket ends at 8; each next one ends 4 times further
+
+
+def position_buckets(seq_len: int) -> list[tuple[int, int]]:
+    """The (first, last) positions of each bucket, inclusive: position_buckets(256) =
+    [(1, 8), (9, 32), (33, 128), (129, 256)]."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    out, first, last = [], 1, LOSS_POS_FIRST
+    while first <= seq_len:
+        out.append((first, min(last, seq_len)))
+        first, last = last + 1, last * LOSS_POS_FACTOR
+    return out
+
+
+def loss_pos_name(first: int, last: int) -> str:
+    return f"{LOSS_POS_PREFIX}{first}-{last}"
+
+
+def parse_loss_pos(name: str) -> tuple[int, int] | None:
+    """(first, last) of a name ending in loss_pos_<first>-<last> (a whole metric name or its last part), else None."""
+    tail = name.rsplit("/", 1)[-1]
+    if not tail.startswith(LOSS_POS_PREFIX):
+        return None
+    first, sep, last = tail[len(LOSS_POS_PREFIX):].partition("-")
+    return (int(first), int(last)) if sep and first.isdigit() and last.isdigit() else None
+
+
 # Evaluation variants: the trained weights evaluated under another attention setting (other P, L or
 # boundaries for Attamba; a sliding window for a transformer). Each has a label, the ModelConfig.variant()
 # of the model it was evaluated as, e.g. "attamba-P16-L8-cyclic" or "swa-W33"; per label the run holds
 #   tag    eval_variant.<label> = the overrides, e.g. "chunk_size=16" or "attention=swa,window=33"
-#   metric evalvar/<label>/<name> for name in EVAL_VARIANT_METRICS (validation split, whole split)
+#   metric evalvar/<label>/<name> for name in EVAL_VARIANT_METRICS (validation split, whole split), and its
+#          loss by position, evalvar/<label>/loss_pos_<first>-<last> (position_buckets)
 TAG_EVAL_VARIANT_PREFIX = "eval_variant."
 M_EVAL_VARIANT_PREFIX = "evalvar/"
 EVAL_VARIANT_METRICS = ("loss", "ppl", "bpb", "kv_cache_bytes", "attn_flops_per_token")
@@ -64,6 +99,12 @@ EVAL_VARIANT_METRICS = ("loss", "ppl", "bpb", "kv_cache_bytes", "attn_flops_per_
 
 def eval_variant_metric(label: str, name: str) -> str:
     return f"{M_EVAL_VARIANT_PREFIX}{label}/{name}"
+
+
+# A study scores every full transformer through a window of L + 1 keys (the query included) for each Attamba L
+# it runs, and through CONTEXT_WINDOW keys: the report's context use (how much the transformer loses without
+# the tokens beyond the window) is read from those evaluation variants, labelled swa-W<keys>.
+CONTEXT_WINDOW = 40
 
 # Cost metrics, logged once at step 0 (from attamba.costs).
 M_PARAMS = "cost/params"

@@ -83,9 +83,9 @@ def load_as(weights: dict, cfg: ModelConfig, dtype=torch.float32, device="cpu") 
 
 def evaluate_variants(weights: dict, resolved: list[EvalVariant], data, batch_size: int = 8,
                       device="cpu") -> dict[str, float]:
-    """evalvar/<label>/{loss,ppl,bpb,kv_cache_bytes,attn_flops_per_token} of each variant: the trained
-    `weights` (a state dict) loaded strictly into the evaluated-as model, every token of the validation
-    split, costs at data.config.seq_len."""
+    """evalvar/<label>/{loss,ppl,bpb,kv_cache_bytes,attn_flops_per_token} and the loss by position
+    (evalvar/<label>/loss_pos_<first>-<last>) of each variant: the trained `weights` (a state dict) loaded
+    strictly into the evaluated-as model, every token of the validation split, costs at data.config.seq_len."""
     out = {}
     dtype = next(w.dtype for w in weights.values() if w.is_floating_point())
     context = data.config.seq_len
@@ -95,7 +95,8 @@ def evaluate_variants(weights: dict, resolved: list[EvalVariant], data, batch_si
         res = evaluate_split(evaluated, data, "validation", batch_size, 0, device)
         values = {"loss": res["loss"], "ppl": res["ppl"], "bpb": res["bpb"],
                   "kv_cache_bytes": float(costs.kv_cache_bytes(variant.model, context)),
-                  "attn_flops_per_token": float(costs.attention_flops(variant.model, context)["per_token"])}
+                  "attn_flops_per_token": float(costs.attention_flops(variant.model, context)["per_token"]),
+                  **res["by_position"]}
         out.update({schema.eval_variant_metric(variant.label, k): v for k, v in values.items()})
         del evaluated
     return out

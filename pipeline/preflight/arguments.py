@@ -64,9 +64,18 @@ def check_generate(args) -> None:
 
 def check_report(args) -> Path:
     """`attamba report`'s options; returns the report folder (absolute)."""
-    text("--experiment", args.experiment, fix="the MLflow experiment: a study's or search's name")
-    out = paths.output_dir("--out" if args.out else "--out (default reports/EXPERIMENT)",
-                           args.out or f"reports/{args.experiment}")
+    if args.runs is not None:
+        text("--runs", args.runs, fix="the path of a runs.csv an earlier report wrote")
+        if not Path(args.runs).is_file():
+            raise ValueError(f"--runs={args.runs!r}: no such file; give the runs.csv an earlier report wrote")
+        if args.tracking_uri is not None:
+            raise ValueError("--tracking-uri names an MLflow store, but --runs reads a saved runs.csv instead; "
+                             "give one of them")
+        default = f"reports/{Path(args.runs).resolve().parent.name}"
+    else:
+        text("--experiment", args.experiment, fix="the MLflow experiment: a study's or search's name")
+        default = f"reports/{args.experiment}"
+    out = paths.output_dir("--out" if args.out else "--out (default reports/EXPERIMENT)", args.out or default)
     if args.tracking_uri is not None:
         check_uri("--tracking-uri", args.tracking_uri)
         paths.database_url("--tracking-uri", args.tracking_uri)

@@ -1,4 +1,5 @@
-"""`make_report`: MLflow experiment -> report.html, summary.md, runs.csv, runs.json, fits.json, claims.json."""
+"""`make_report`: MLflow experiment (or a saved runs.csv) -> report.html, summary.md, runs.csv, runs.json, fits.json,
+claims.json."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,12 @@ from pipeline.report import summary as S
 from pipeline.report.claims import claims_json, estimates_table, evaluate_claims
 from pipeline.report.compare import (gap_to_transformer, iso_flop_comparison, iso_kv_comparison, iso_param_comparison,
                                      recall_table)
+from pipeline.report.context import context_section
 from pipeline.report.empty import empty, or_empty, reasons
 from pipeline.report.figures import all_figures
 from pipeline.report.front import Block, ReportData, claims_block, front_blocks, headline_text, run_description
 from pipeline.report.html import report_html
-from pipeline.report.load import load_runs
+from pipeline.report.load import load_runs, load_runs_file
 from pipeline.report.measured import measured_table
 from pipeline.report.pareto import pareto_front, pareto_points
 from pipeline.report.scaling import fits_to_json, fit_variants
@@ -79,14 +81,20 @@ def _figure_links(out_dir: Path, figures: list[tuple[str, bytes]]) -> str:
     return "\n".join(lines)
 
 
-def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
-                expected_runs: list[str] | None = None, n_bootstrap: int = 500, seed: int = 0) -> ReportResult:
-    """Read every run of `experiment`, fit scaling laws, compare variants and write the report into out_dir."""
+def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None = None,
+                expected_runs: list[str] | None = None, n_bootstrap: int = 500, seed: int = 0,
+                runs_file: str | Path | None = None) -> ReportResult:
+    """Read every run of `experiment` (or, with runs_file, the runs.csv an earlier report saved), fit scaling
+    laws, compare variants and write the report into out_dir."""
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}; use 0 to skip intervals")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = load_runs(experiment, tracking_uri, expected_runs)
+    if runs_file is not None:
+        table = load_runs_file(runs_file, expected_runs)
+        experiment = experiment or table.experiment
+    else:
+        table = load_runs(experiment, tracking_uri, expected_runs)
     ok = table.ok
 
     fits = fit_variants(ok, n_bootstrap=n_bootstrap, seed=seed) if len(ok) else {}
@@ -101,7 +109,8 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
               for cost in (schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN)}
     why = reasons(table.runs, ok)
 
-    data = ReportData(ok=ok, gap=gap, iso_kv=iso, iso_flop=iso_flop, claims=claims)
+    context = context_section(ok, claims)
+    data = ReportData(ok=ok, gap=gap, iso_kv=iso, iso_flop=iso_flop, claims=claims, context=context)
     front = front_blocks(data)
     measured = or_empty(measured_table(table.runs, ok), why["results"])
     opening = [Block("What was measured", table=measured), claims_block(claims)]
@@ -125,7 +134,7 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
                                                          "from this study's runs (see the verdicts above)"),
     }
     md = S.summary_markdown(experiment, table, sections, front=front, opening=opening)
-    figures = all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else []
+    figures = context.figures + (all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else [])
     md += _figure_links(out_dir, figures)
 
     files = {name: out_dir / name for name in ("report.html", "summary.md", "runs.csv", "runs.json", "fits.json",
@@ -143,7 +152,7 @@ def make_report(experiment: str, out_dir: Path, tracking_uri: str | None = None,
     table.runs.to_csv(files["runs.csv"], index=False)
     files["runs.json"].write_text(json.dumps(_clean(_records(table.runs)), indent=1, allow_nan=False))
     files["fits.json"].write_text(json.dumps(_clean(fits_json), indent=1, allow_nan=False))
-    claims_out = {"experiment": experiment, **claims_json(claims)}
+    claims_out = {"experiment": experiment, **claims_json(claims), "context_use": context.json}
     files["claims.json"].write_text(json.dumps(_clean(claims_out), indent=1, allow_nan=False))
     return ReportResult(out_dir=out_dir, files=files, n_runs=len(table.runs), n_ok=len(ok),
                         failed=table.not_ok["trial"].tolist(), missing=list(table.missing), fits=_clean(fits_json),

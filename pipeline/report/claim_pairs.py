@@ -51,6 +51,7 @@ class Estimate:
     verdict: str = ""
     reason: str = ""
     decides: bool = False           # one of the estimates the claim's overall verdict comes from
+    context_use: str = ""           # the context-use figure a context-dependent claim gated it on (context.py)
 
 
 # ---------------------------------------------------------------- the run table, prepared once
@@ -205,7 +206,7 @@ def _overrides(text: str) -> dict[str, str]:
     return {k.strip().removeprefix("model."): v.strip() for k, v in pairs}
 
 
-def _eval_variants(df: pd.DataFrame) -> dict[str, dict[str, str]]:
+def eval_variant_overrides(df: pd.DataFrame) -> dict[str, dict[str, str]]:
     """label -> overrides, for every evaluation variant with a perplexity metric in the table."""
     out = {}
     for label in eval_variant_labels(df.columns):
@@ -223,7 +224,7 @@ def iso_kv_window(df):
     att = _closest_L(_plain(df), 4, 32)
     if att.empty:
         return [], "no plain Attamba run with P=4 (cyclic boundaries, chunk segmentation)"
-    windows = [label for label, o in _eval_variants(df).items() if "window" in o]
+    windows = [label for label, o in eval_variant_overrides(df).items() if "window" in o]
     if not windows:
         return [], "no transformer evaluated with a sliding window (eval.variants: window=W)"
     out = []
@@ -277,7 +278,7 @@ def boundaries_random(df):
     att = df[df["_kind"] == "attamba"]
     out, _ = _ablation(df, att, "_b", "cyclic", "random", "cyclic / random")
     cyclic = att[att["_b"] == "cyclic"]
-    for label, o in _eval_variants(df).items():
+    for label, o in eval_variant_overrides(df).items():
         if o.get("boundaries") != "random" or set(o) - {"boundaries", "boundary_seed"}:
             continue
         col = schema.eval_variant_metric(label, "ppl")

@@ -23,6 +23,17 @@ largest size (most non-embedding parameters, then most training tokens) give the
 contradicted when all of them say so, inconclusive otherwise; `sizes_agree` says whether the smaller
 sizes gave the same verdict. A claim with no comparable runs is "not measured", with what is missing.
 
+Gated on the regime: a claim whose mechanism needs context beyond Attamba's window (`needs_context` in CLAIMS,
+with one line of why) is testable only where this study's models use that context. Each of its estimates is
+gated on the full transformer's context use (context.py: its loss through a window of W keys minus its loss
+with the whole context, per seed, 95% Student-t interval) at the estimate's size and token budget: beyond L
+(a window of L + 1 keys), L the smallest leading_tokens of the Attamba models the estimate compares, where the
+study measured it, else beyond 40 keys (schema.CONTEXT_WINDOW). Where that context use is not shown (its
+interval includes 0 or lies below it, or one seed) or not measured, the estimate's verdict is "untestable
+here", its reason quoting the figure and what the interval alone said; a claim with an untestable estimate
+among those that decide it is "untestable here", quoting the figure. Where the context use is shown, the
+verdicts are the rule's above. Claims that do not need it are not gated.
+
 Which runs each claim compares (claim_pairs.py): baselines by their kind tag, so an iso-KV claim never
 reads an iso_flop run; the plain cyclic Attamba against baselines; ablations between variants that differ
 in one field only; evaluation variants from evalvar/<label>/ppl and the tags eval_variant.<label>.
@@ -39,9 +50,11 @@ from pipeline.report import fmt
 from pipeline.report.claim_pairs import (TRAINED, Estimate, boundaries_random, boundaries_uniform, collapse,
                                          full_gap, full_gap_5pct, iso_flop, iso_kv_trained, iso_kv_window,
                                          leading_tokens, prepare, segmentation)
+from pipeline.report.context import Gate, context_uses
 from pipeline.report.summary import md_table
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_MEASURED = "supported", "contradicted", "inconclusive", "not measured"
+UNTESTABLE = "untestable here"
 DIRECTIONAL, MAGNITUDE = "directional", "magnitude"
 MAGNITUDE_REL_BAND = 0.5        # a magnitude claim's band: half the paper's number either side ...
 MAGNITUDE_MIN_BAND_PP = 2.0     # ... and at least 2 percentage points
@@ -62,6 +75,16 @@ RULE = {
                "at the largest size (non-embedding parameters, then training tokens): supported / contradicted "
                "when every estimate there agrees, else inconclusive; sizes_agree tells whether smaller sizes agree",
     NOT_MEASURED: "no pair of runs the claim needs; the reason names what is missing",
+    "context": "a claim whose mechanism needs context beyond Attamba's window (needs_context, why in context_why) "
+               "is gated, estimate by estimate, on the full transformer's context use at that size and token "
+               "budget: its loss through a window of L + 1 keys (L: the smallest leading_tokens of the Attamba "
+               f"models compared) minus its loss with the whole context, where measured, else through "
+               f"{schema.CONTEXT_WINDOW} keys; mean over seeds with a 95% Student-t interval",
+    UNTESTABLE: "the gating context use is not shown (its interval includes 0, lies below 0, or rests on one seed) "
+                "or was not measured: nothing beyond that window is shown to matter, so the claim's mechanism is "
+                "not shown to be exercised; the estimate's reason quotes the figure and what its interval alone said, and a "
+                "claim with such an estimate among those that decide it is untestable here (context_use quotes "
+                "the figure)",
 }
 
 
@@ -78,6 +101,9 @@ class Claim:
     reason: str = ""
     decided_by: str = ""            # the size (and token budget) the overall verdict comes from
     sizes_agree: bool | None = None
+    needs_context: bool = False     # its mechanism needs context beyond Attamba's window: gated (module docstring)
+    context_why: str = ""           # why it does or does not
+    context_use: str = ""           # the context-use figure that gated its verdict ("" where not gated)
 
     def band(self) -> tuple[float, float] | None:
         if self.rule != MAGNITUDE or self.paper_pct is None:
@@ -125,33 +151,49 @@ def _p(a: float, b: float) -> float:
     return round(_pct(a, b), 2)
 
 
-# id, statement (A vs B), paper, paper %, rule, sign, finder
+# id, statement (A vs B), paper, paper %, rule, sign, finder, needs context beyond the window, why
+NOT_GATED = ("a perplexity gap between two trained models is measured whatever context they use; where nothing "
+             "beyond the window matters it is the cost of building K/V with SSMs (docs/method.md section 1), not of "
+             "compressing the context: read it with the context use")
 CLAIMS = [
     ("attamba_vs_full_5pct", "Attamba (P=4) is about 5% worse than the transformer of the same size, for a ~4x smaller "
-     "KV-cache", "21.74 vs 20.72: +4.9% (60M, 8B tokens, P=4, L=32)", _p(21.74, 20.72), MAGNITUDE, 1, full_gap_5pct),
+     "KV-cache", "21.74 vs 20.72: +4.9% (60M, 8B tokens, P=4, L=32)", _p(21.74, 20.72), MAGNITUDE, 1, full_gap_5pct,
+     False, NOT_GATED),
     ("attamba_vs_full", "Attamba is worse than the transformer of the same size",
      "33.54 / 34.30 / 38.20 vs 29.40: +14.1% (P=4, L=8), +16.7% (P=8, L=8), +29.9% (P=16, L=16) (60M, 1B tokens)",
-     None, DIRECTIONAL, 1, full_gap),
+     None, DIRECTIONAL, 1, full_gap, False, NOT_GATED),
     ("attamba_vs_iso_kv", "Attamba beats the iso-KV transformer (trained at the KV-cache of the Attamba)",
      "33.54 vs 33.49 (+0.1%, P=4, L=8), 34.30 vs 36.74 (-6.6%, P=8, L=8), 38.20 vs 38.62 (-1.1%, P=16, L=16) "
-     "(60M, 1B tokens)", None, DIRECTIONAL, -1, iso_kv_trained),
+     "(60M, 1B tokens)", None, DIRECTIONAL, -1, iso_kv_trained, True,
+     "the same KV-cache spent two ways (every token at a narrower width, or L + 1 tokens and chunk summaries): "
+     "the two differ only in what they keep of the tokens beyond L"),
     ("attamba_vs_iso_kv_window", "Attamba (P=4) is about 24% better than the iso-KV transformer evaluated with a "
      "sliding window", "21.74 vs 28.66: -24.1% (60M, 8B tokens, P=4, L=32)", _p(21.74, 28.66), MAGNITUDE, -1,
-     iso_kv_window),
+     iso_kv_window, True,
+     "Attamba's edge over a windowed transformer is the chunk summaries of the tokens beyond its window"),
     ("attamba_vs_iso_flop", "The iso-FLOP transformer beats Attamba at every P",
      "33.54 vs 32.67 (+2.7%, P=4), 34.30 vs 33.43 (+2.6%, P=8), 38.20 vs 35.06 (+9.0%, P=16) (60M, 1B tokens)",
-     None, DIRECTIONAL, 1, iso_flop),
+     None, DIRECTIONAL, 1, iso_flop, True,
+     "the same attention FLOPs spent on every token at a narrower width or on chunk summaries beyond L: the "
+     "trade is about the tokens beyond L"),
     ("cyclic_vs_uniform", "Cyclic boundaries beat uniform ones",
-     "34.05 vs 36.52: -6.8% (60M, 1B tokens, P=8, L=8)", _p(34.05, 36.52), DIRECTIONAL, -1, boundaries_uniform),
+     "34.05 vs 36.52: -6.8% (60M, 1B tokens, P=8, L=8)", _p(34.05, 36.52), DIRECTIONAL, -1, boundaries_uniform,
+     True, "where chunks end changes only the summaries of the tokens beyond the window"),
     ("cyclic_vs_random", "Cyclic boundaries beat random ones",
-     "34.05 vs 36.97: -7.9% (60M, 1B tokens, P=8, L=8)", _p(34.05, 36.97), DIRECTIONAL, -1, boundaries_random),
+     "34.05 vs 36.97: -7.9% (60M, 1B tokens, P=8, L=8)", _p(34.05, 36.97), DIRECTIONAL, -1, boundaries_random,
+     True, "where chunks end changes only the summaries of the tokens beyond the window"),
     ("larger_L_better", "A larger L (more leading tokens) gives a lower perplexity",
      "L=1 / 8 / 64 / 128: 37.25 / 34.05 / 32.31 / 31.38, each step -8.6% / -5.1% / -2.9% (60M, 1B tokens, P=8)",
-     None, DIRECTIONAL, -1, leading_tokens),
+     None, DIRECTIONAL, -1, leading_tokens, True,
+     "a larger L keeps exact the tokens beyond the smaller L: it helps only where those tokens matter"),
     ("collapse_P64_L1", "Attamba with P >= 64 and L = 1 collapses to about twice the transformer's perplexity",
-     "59-64 vs 29.40: +101% to +118% (60M, 1B tokens)", _p(61.5, 29.40), MAGNITUDE, 1, collapse),
+     "59-64 vs 29.40: +101% to +118% (60M, 1B tokens)", _p(61.5, 29.40), MAGNITUDE, 1, collapse, True,
+     "with L = 1 every earlier token reaches the query through chunk summaries and its own chunk's SSM state: "
+     "it can collapse only where the tokens beyond its window matter"),
     ("faithful_vs_released_segmentation", "The faithful chunk segmentation beats the released code's offset one",
-     "paper: no number (the released code used offset)", None, DIRECTIONAL, -1, segmentation),
+     "paper: no number (the released code used offset)", None, DIRECTIONAL, -1, segmentation, True,
+     "the segmentations differ in which earlier tokens each key summarises (its chunk, or tokens P apart "
+     "reaching before the window): that matters only where tokens beyond the window do"),
 ]
 
 
@@ -165,9 +207,25 @@ def _cell_name(e: Estimate) -> str:
     return e.size + (f" ({fmt.num(e.train_tokens)} tokens)" if e.train_tokens is not None else "")
 
 
-def _decide(claim: Claim, rank) -> None:
+def _gate(e: Estimate, gate: Gate, leading: dict[str, float]) -> None:
+    """The estimate's verdict gated on the context use (module docstring): untestable here where not shown."""
+    L = min((leading[v] for v in (e.a, e.b) if v in leading), default=None)
+    use, text = gate.figure(e.size, e.train_tokens, L)
+    if use is None:
+        text += ": whether anything beyond the window matters is unknown"
+    elif not use.shown:
+        text += f": nothing beyond {use.beyond(L)} is shown to matter at this budget"
+    e.context_use = text
+    if use is None or not use.shown:
+        e.reason = f"{text}; the interval alone: {e.verdict} ({e.reason})"
+        e.verdict = UNTESTABLE
+
+
+def _decide(claim: Claim, rank, gate: Gate | None = None, leading: dict[str, float] | None = None) -> None:
     for e in claim.estimates:
         e.verdict, e.reason = judge(e.lo, e.hi, e.n_pairs, e.paired, claim.rule, claim.sign, claim.band())
+        if gate is not None:
+            _gate(e, gate, leading or {})
     trained = [e for e in claim.estimates if e.source == TRAINED]
     use = trained or claim.estimates
     top = max(rank(e)[:2] for e in use)
@@ -182,6 +240,14 @@ def _decide(claim: Claim, rank) -> None:
     else:
         counts = pd.Series([e.verdict for e in at_top]).value_counts()
         claim.reason = f"{len(at_top)} comparisons at this size: " + ", ".join(f"{n} {v}" for v, n in counts.items())
+    if gate is not None:
+        untestable = [e for e in at_top if e.verdict == UNTESTABLE]
+        claim.context_use = "; ".join(dict.fromkeys(e.context_use for e in at_top))
+        if untestable:
+            claim.verdict = UNTESTABLE
+            claim.context_use = untestable[0].context_use
+            claim.reason = claim.context_use + (f" ({len(untestable)} of {len(at_top)} comparisons at this size)"
+                                                if len(at_top) > 1 else "")
     smaller = [e for e in use if rank(e)[:2] != top]
     claim.sizes_agree = all(e.verdict == claim.verdict for e in smaller) if smaller else None
 
@@ -190,16 +256,20 @@ def evaluate_claims(ok: pd.DataFrame) -> list[Claim]:
     """One Claim per entry of CLAIMS, from the finished runs (load.RunTable.ok), each with its verdict."""
     df = prepare(ok)
     rank = _rank(df)
+    gate = Gate(context_uses(ok))
+    att = df[(df["_kind"] == "attamba") & df["_L"].notna()] if len(df) else df
+    leading = dict(zip(att["_variant"], att["_L"])) if len(df) else {}
     claims = []
-    for cid, statement, paper, paper_pct, rule, sign, find in CLAIMS:
-        claim = Claim(id=cid, statement=statement, paper=paper, paper_pct=paper_pct, rule=rule, sign=sign)
+    for cid, statement, paper, paper_pct, rule, sign, find, needs, why_context in CLAIMS:
+        claim = Claim(id=cid, statement=statement, paper=paper, paper_pct=paper_pct, rule=rule, sign=sign,
+                      needs_context=needs, context_why=why_context)
         if df.empty:
             estimates, why = [], "no finished runs"
         else:
             estimates, why = find(df)
         claim.estimates = sorted(estimates, key=lambda e: (rank(e), e.a, e.b, e.source))
         if claim.estimates:
-            _decide(claim, rank)
+            _decide(claim, rank, gate if needs else None, leading)
         else:
             claim.reason = why
         claims.append(claim)

@@ -1,7 +1,8 @@
 """Empty sections that say why they are empty.
 
 A section's table is a DataFrame; an empty one carries its reason in `attrs`, and summary.md and
-report.html both print that reason where the table would be. `reasons(table)` words the usual causes
+report.html both print that reason where the table would be. Any table may also carry a note (`with_note`),
+printed above it. `reasons(table)` words the usual causes
 from what the study holds ("no iso-KV baseline in this study", "no runs finished", ...).
 """
 from __future__ import annotations
@@ -31,6 +32,19 @@ def or_empty(df: pd.DataFrame, reason: str) -> pd.DataFrame:
 def reason_of(df: pd.DataFrame) -> str:
     """What to print for an empty table."""
     return df.attrs.get(REASON) or NO_REASON
+
+
+NOTE = "note"
+
+
+def with_note(df: pd.DataFrame, note: str) -> pd.DataFrame:
+    """`df` with a sentence that summary.md and report.html print above it (empty or not)."""
+    df.attrs[NOTE] = note
+    return df
+
+
+def note_of(df: pd.DataFrame) -> str:
+    return df.attrs.get(NOTE, "")
 
 
 def _kinds(ok: pd.DataFrame) -> set[str]:

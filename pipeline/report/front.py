@@ -5,10 +5,10 @@ the headline (`headline`: one line per Attamba variant and size with its gap to 
 has), then every function of FRONT_SECTIONS that returns a Block. The methods paragraph, what was measured,
 the claims, the figures and the detailed tables follow (build.py).
 
-To add a section near the top, write a function (ReportData) -> Block | None (None: nothing to say for
+To add a section near the top, write a function (ReportData) -> list[Block] (empty: nothing to say for
 this study, and no heading is printed) and put it in FRONT_SECTIONS where it should appear.
-`context_matters` is the place kept for the section "Does context matter here?", right after the
-headline: it returns None until that section is written.
+`context_matters` puts the section "Does context matter here?" (pipeline/report/context.py) right after
+the headline: the context use, the claims it gates and the loss by position.
 
 The claims section (`claims_block`) shows the claims this study measured as a table and collapses the
 ones it did not measure into one line naming what would measure each (MEASURED_BY). Verdicts are shown
@@ -23,8 +23,9 @@ import pandas as pd
 
 from pipeline import schema
 from pipeline.report import fmt
-from pipeline.report.claims import NOT_MEASURED, Claim, claims_table
+from pipeline.report.claims import NOT_MEASURED, UNTESTABLE, Claim, claims_table
 from pipeline.report.compare import ATTAMBA, CONFIG_KEYS, _with_keys
+from pipeline.report.context import ContextSection
 from pipeline.report.empty import empty
 
 CLAIMS_TITLE = "Claims: the paper's, recomputed from this study (rule in claims.json)"
@@ -74,6 +75,7 @@ class ReportData:
     iso_kv: pd.DataFrame
     iso_flop: pd.DataFrame
     claims: list[Claim]
+    context: ContextSection | None = None
 
 
 def _rows_by_config(df: pd.DataFrame) -> dict[tuple, pd.Series]:
@@ -142,14 +144,20 @@ def answer_lines(data: ReportData) -> list[str]:
 
 
 def claims_tally(claims: list[Claim]) -> str:
-    """One line: which claims this study measured, with their verdicts, and how many it did not."""
-    measured = [c for c in claims if c.verdict != NOT_MEASURED]
-    missing = len(claims) - len(measured)
-    if not measured:
-        return f"The paper's claims: none of the {len(claims)} could be measured from this study's runs."
-    text = (f"The paper's claims: {len(measured)} of {len(claims)} measured here ("
-            + ", ".join(f"{c.id}: {c.verdict}" for c in measured) + ")")
-    return text + (f"; {missing} not measured (listed under Claims)." if missing else ".")
+    """One line: which claims this study decided, with their verdicts, which it could not test because
+    context is not shown to matter here, and how many it did not measure."""
+    untestable = [c.id for c in claims if c.verdict == UNTESTABLE]
+    decided = [c for c in claims if c.verdict not in (NOT_MEASURED, UNTESTABLE)]
+    missing = sum(c.verdict == NOT_MEASURED for c in claims)
+    parts = [f"{len(decided)} of {len(claims)} decided here ("
+             + ", ".join(f"{c.id}: {c.verdict}" for c in decided) + ")" if decided
+             else f"none of the {len(claims)} decided here"]
+    if untestable:
+        parts.append(f"{len(untestable)} untestable here, context not shown to matter ({', '.join(untestable)}; "
+                     "see \"Does context matter here?\")")
+    if missing:
+        parts.append(f"{missing} not measured (listed under Claims)")
+    return "The paper's claims: " + "; ".join(parts) + "."
 
 
 def headline(data: ReportData) -> Block:
@@ -172,10 +180,11 @@ def run_description(block: Block, report: str) -> str:
                         "\n".join(f"- {line}" for line in block.lines), *block.after])
 
 
-def context_matters(data: ReportData) -> Block | None:
-    """"Does context matter here?": the section kept for right after the headline. Not written yet, so it
-    returns None and the report has no such section."""
-    return None
+def context_matters(data: ReportData) -> list[Block]:
+    """"Does context matter here?" (context.context_section): one block per table, in its order."""
+    if data.context is None:
+        return []
+    return [Block(title, table=table) for title, table in data.context.sections.items()]
 
 
 FRONT_SECTIONS = [context_matters]
@@ -185,9 +194,7 @@ def front_blocks(data: ReportData) -> list[Block]:
     """The headline, then each FRONT_SECTIONS section that has something to say, in order."""
     blocks = [headline(data)]
     for section in FRONT_SECTIONS:
-        block = section(data)
-        if block is not None:
-            blocks.append(block)
+        blocks += section(data)
     return blocks
 
 

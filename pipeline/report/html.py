@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from pipeline.report.empty import reason_of
+from pipeline.report.empty import note_of, reason_of
 
 CSS = """
 body { font-family: Georgia, 'Times New Roman', serif; max-width: 1100px; margin: 2em auto; color: #222;
@@ -30,9 +30,10 @@ code { font-size: 0.95em; background: #f2f2f2; padding: 0 0.2em; }
 
 
 def table_html(df: pd.DataFrame) -> str:
+    note = f"<p>{html.escape(note_of(df))}</p>" if note_of(df) else ""
     if df.empty:
-        return f"<p class='note'>{html.escape(reason_of(df))}</p>"
-    return df.to_html(index=False, escape=True, border=0, na_rep="n/a")
+        return f"{note}<p class='note'>{html.escape(reason_of(df))}</p>"
+    return note + df.to_html(index=False, escape=True, border=0, na_rep="n/a")
 
 
 def inline(text: str) -> str:

@@ -3,6 +3,11 @@
 A run that failed, was killed, is still running or never logged a validation loss is kept in the table
 with a `state` saying why, so the report can list it instead of silently losing it.
 
+A report saves that table as runs.csv; `load_runs_file` reads it back as the same DataFrame (column by column:
+metrics as floats, NaN where a run did not log one; tags and params as strings, "" where a run has none and NaN
+for an eval_variant.<label> tag it lacks; the numeric tags as numbers; any other column, such as a JSON cell of
+an older report, as the text it holds), so a report can be rebuilt where the MLflow store is gone.
+
 Beside tags and metrics, the table holds the tracked config params the report states what was measured
 with (PARAMS: corpus, tokenizer, sequence length, evaluation batches) and, per evaluation variant of a
 run, its overrides in the column eval_variant.<label> (the tag, as logged).
@@ -35,11 +40,13 @@ PAGE_SIZE = 500
 
 @dataclass
 class RunTable:
-    """All runs of one experiment. `runs` has one row per MLflow run; `missing` lists planned trials with no run."""
+    """All runs of one experiment. `runs` has one row per MLflow run; `missing` lists planned trials with no run;
+    `source` says where the runs were read: "MLflow", or the runs file a report saved (load_runs_file)."""
 
     experiment: str
     runs: pd.DataFrame
     missing: list[str] = field(default_factory=list)
+    source: str = "MLflow"
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -131,3 +138,42 @@ def load_runs(experiment: str, tracking_uri: str | None = None,
     present = set(frame["trial"]) if len(frame) else set()
     missing = [name for name in (expected_runs or []) if name not in present]
     return RunTable(experiment=experiment, runs=frame, missing=missing)
+
+
+def _float(text: str) -> float:
+    return float(text) if text != "" else np.nan
+
+
+def read_runs_file(path) -> pd.DataFrame:
+    """The runs DataFrame of `runs_to_frame`, read from the runs.csv a report wrote (see the module docstring).
+    Every cell is read as text first, then each column converted as runs_to_frame builds it; floats through
+    Python's float(), which reads back exactly the digits pandas wrote."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "run_id" not in frame or schema.M_VAL_LOSS not in frame:
+        raise ValueError(f"runs file {str(path)!r} must be a runs.csv written by `attamba report` (columns run_id, "
+                         f"{schema.M_VAL_LOSS}, ...); it has {', '.join(frame.columns[:8])}")
+    for col in frame.columns:
+        if "/" in col:   # a metric
+            frame[col] = frame[col].map(_float).astype(float)
+        elif col.startswith(schema.TAG_EVAL_VARIANT_PREFIX):   # a tag only the runs of that variant carry
+            frame[col] = frame[col].replace("", np.nan)
+    if "start_time" in frame and (frame["start_time"] != "").all():
+        frame["start_time"] = frame["start_time"].astype("int64")
+    for col in NUMERIC_TAGS:
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col].replace("", np.nan), errors="coerce")
+    return frame
+
+
+def load_runs_file(path, expected_runs: list[str] | None = None) -> RunTable:
+    """A RunTable from a saved runs.csv (read_runs_file); its experiment is the runs' study tag (the file's
+    folder name where the runs carry none or several)."""
+    from pathlib import Path
+
+    path = Path(path)
+    frame = read_runs_file(path)
+    studies = set(frame[schema.TAG_STUDY]) - {""} if schema.TAG_STUDY in frame else set()
+    experiment = studies.pop() if len(studies) == 1 else path.resolve().parent.name
+    present = set(frame["trial"]) if "trial" in frame else set()
+    missing = [name for name in (expected_runs or []) if name not in present]
+    return RunTable(experiment=experiment, runs=frame, missing=missing, source=path.name)

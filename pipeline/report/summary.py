@@ -8,7 +8,7 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline import schema
-from pipeline.report.empty import reason_of
+from pipeline.report.empty import note_of, reason_of
 from pipeline.report.fmt import interval, num, signed
 from pipeline.report.uncertainty import MIN_REFIT_FRACTION, PLAUSIBLE_EXPONENT
 from pipeline.report.load import RunTable
@@ -116,19 +116,20 @@ def recall_points_table(recall: pd.DataFrame) -> pd.DataFrame:
 
 
 def md_table(df: pd.DataFrame) -> str:
+    note = f"{note_of(df)}\n\n" if note_of(df) else ""
     if df.empty:
-        return f"_{reason_of(df)}_\n"
+        return f"{note}_{reason_of(df)}_\n"
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(str(r[c]).replace("|", "\\|") for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return note + "\n".join(lines) + "\n"
 
 
 def intro_lines(table: RunTable) -> list[str]:
     """The methods paragraphs: run counts, what the percentages and intervals mean, what the points are."""
     n_total, n_ok = len(table.runs), len(table.ok)
-    return [f"Runs: {n_total} in MLflow, {n_ok} usable, {n_total - n_ok} failed or incomplete, "
+    return [f"Runs: {n_total} in {table.source}, {n_ok} usable, {n_total - n_ok} failed or incomplete, "
             f"{len(table.missing)} expected but missing.",
             "Percent differences are 100 * (ppl / reference ppl - 1): negative means better than the reference. "
             "Intervals are 95%: for fits, a bootstrap that resamples runs within each size, reported with the "

@@ -17,6 +17,7 @@ from attamba.checks import at_least, boolean, fail, one_of, positive, safe_name,
 from attamba.config import ATTAMBA_FIELDS, ModelConfig, variant_fields
 from attamba.presets import PRESETS
 
+from pipeline import schema
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
 from pipeline.ray.cluster import Resources
 from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
@@ -57,7 +58,9 @@ class StudyConfig:
     address: str | None = None     # Ray cluster; None: --address, else $RAY_ADDRESS, else a local Ray
     run: dict = field(default_factory=dict)   # the base RunConfig, as in a `attamba train` YAML
     # the study's evaluation settings, over run.eval: e.g. `variants`, the attention settings every run's final
-    # weights are also evaluated at (EvalConfig.variants; each applies to the kinds it fits)
+    # weights are also evaluated at (EvalConfig.variants; each applies to the kinds it fits). Full transformers
+    # are also scored through windows of L + 1 keys (each Attamba L) and of schema.CONTEXT_WINDOW keys
+    # (_with_context_windows)
     eval: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -184,8 +187,22 @@ def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
         seen = {}
         for run in runs:
             seen.setdefault(run.model.variant(), run)   # identical resolved models run once
-        out[size] = list(seen.values())
+        windows = sorted({L + 1 for L in leading} | {schema.CONTEXT_WINDOW})
+        out[size] = [_with_context_windows(run, windows) for run in seen.values()]
     return out
+
+
+def _with_context_windows(run: RunConfig, windows: list[int]) -> RunConfig:
+    """A full transformer with an evaluation variant {window: W} for each W in `windows` (its loss through the
+    last W keys: what the report's "Does context matter here?" reads), unless its eval.variants already has
+    that window; a window of seq_len keys or more sees the whole context and is left out. Other runs as they are."""
+    if run.model.attention != "full":
+        return run
+    have = {v["window"] for v in run.eval.variants if set(v) == {"window"}}
+    extra = tuple({"window": w} for w in windows if w not in have and w < run.data.seq_len)
+    if not extra:
+        return run
+    return dataclasses.replace(run, eval=dataclasses.replace(run.eval, variants=run.eval.variants + extra))
 
 
 def _run_name(size: str, model: ModelConfig, seed: int, tokens: int) -> str:

@@ -55,6 +55,68 @@ def test_bits_per_byte_matches_independent_count(setup):
     assert res["loss"] == pytest.approx(nats / count, rel=1e-9)
 
 
+def test_loss_by_position_matches_independent_count(setup):
+    from pipeline import schema
+
+    cfg, data, model = setup
+    res = evaluate_split(model, data, "validation", batch_size=3, max_batches=0)
+    tokens = torch.from_numpy(np.asarray(data.tokens("validation")).astype(np.int64))
+    seq_len = cfg.data.seq_len
+    assert schema.position_buckets(seq_len) == [(1, 8), (9, 32)]
+    # Independent: one forward per window, the target at index t seen after t + 1 tokens.
+    nats, count, start = np.zeros(seq_len + 1), np.zeros(seq_len + 1), 0
+    while start < len(tokens) - 1:
+        window = tokens[start:start + seq_len + 1]
+        with torch.no_grad():
+            logp = F.log_softmax(model(window[None, :-1])[0].double(), -1)
+        nll = -logp.gather(1, window[1:, None])[:, 0].numpy()
+        nats[1:len(nll) + 1] += nll
+        count[1:len(nll) + 1] += 1
+        start += seq_len
+    want = {schema.loss_pos_name(a, b): nats[a:b + 1].sum() / count[a:b + 1].sum() for a, b in ((1, 8), (9, 32))}
+    assert res["by_position"] == pytest.approx(want, rel=1e-6)   # the model scores in float32
+    # the buckets split the targets: their count-weighted mean is the loss
+    weights = {schema.loss_pos_name(a, b): count[a:b + 1].sum() for a, b in ((1, 8), (9, 32))}
+    assert sum(res["by_position"][k] * w for k, w in weights.items()) / count.sum() == pytest.approx(res["loss"],
+                                                                                                    rel=1e-9)
+
+
+def test_position_buckets_are_log_spaced_up_to_the_sequence_length():
+    from pipeline import schema
+
+    assert schema.position_buckets(2048) == [(1, 8), (9, 32), (33, 128), (129, 512), (513, 2048)]
+    assert schema.position_buckets(256)[-1] == (129, 256)
+    assert schema.position_buckets(5) == [(1, 5)]
+    assert schema.position_buckets(9) == [(1, 8), (9, 9)]
+    for name, want in (("val/loss_pos_9-32", (9, 32)), ("evalvar/swa-W9/loss_pos_129-256", (129, 256)),
+                       ("loss_pos_1-8", (1, 8)), ("val/loss", None), ("val/loss_pos_x-8", None)):
+        assert schema.parse_loss_pos(name) == want
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        schema.position_buckets(0)
+
+
+def test_a_window_changes_only_the_positions_beyond_it(setup):
+    """A full transformer scored through a window of W keys (the query included) predicts the targets at
+    positions <= W from the same tokens as without it: those buckets are equal, the later ones are not."""
+    from pipeline import schema
+    from pipeline.eval.evaluate import evaluate_model
+    from pipeline.eval.variants import evaluate_variants, resolve
+
+    cfg, data, _ = setup
+    full_cfg = replace(cfg.model, attention="full")
+    torch.manual_seed(0)
+    model = AttambaLM(full_cfg).eval()
+    resolved = resolve(full_cfg, [{"window": 8}])
+    assert [v.label for v in resolved] == ["swa-W8"]
+    got = evaluate_variants(model.state_dict(), resolved, data, batch_size=3)
+    base = evaluate_model(model, data, cfg.eval, 3, full=True)
+    first, later = schema.loss_pos_name(1, 8), schema.loss_pos_name(9, 32)
+    assert got[schema.eval_variant_metric("swa-W8", first)] == pytest.approx(base[f"val/{first}"], rel=1e-6)
+    assert got[schema.eval_variant_metric("swa-W8", later)] != pytest.approx(base[f"val/{later}"], rel=1e-4)
+    # a periodic evaluation (a few batches) logs no loss by position: only the final one does
+    assert not any(schema.parse_loss_pos(k) for k in evaluate_model(model, data, replace(cfg.eval, batches=1), 3))
+
+
 def test_paper_metric_uses_only_each_documents_tail(setup):
     cfg, data, model = setup
     docs = [np.asarray(d).astype(np.int64) for d in data.document_tokens("validation")]
@@ -267,7 +329,10 @@ def test_metrics_are_named_by_their_split_and_count_what_they_scored(setup):
     some = evaluate_model(model, data, replace(cfg.eval, batches=1), 2)
     assert some[schema.M_VAL_TOKENS] == 2 * cfg.data.seq_len < whole[schema.M_VAL_TOKENS]
     test = evaluate_model(model, data, cfg.eval, 2, full=True, split="test")
-    assert set(test) == {"test/loss", "test/ppl", "test/bpb", "test/tokens"}
+    reached = min(len(data.tokens("test")) - 1, cfg.data.seq_len)   # the furthest position a test target is at
+    by_position = {f"test/{schema.loss_pos_name(a, b)}" for a, b in schema.position_buckets(cfg.data.seq_len)
+                   if a <= reached}
+    assert by_position and set(test) == {"test/loss", "test/ppl", "test/bpb", "test/tokens", *by_position}
     assert test["test/tokens"] == len(data.tokens("test")) - 1
     assert test["test/loss"] != whole[schema.M_VAL_LOSS]
 

@@ -84,9 +84,17 @@ VARIANTS = {
 UNIFORM_VS_CYCLIC = {0: -0.02, 1: 0.03, 2: -0.01}  # uniform = cyclic * (1 + d): the boundary gap spans 0
 OFFSET_VS_CYCLIC = 1.06                            # offset segmentation 6% worse than chunk
 # Windowed evaluations: variant -> (label, x ppl, KV bytes). The iso-FLOP one has the KV bytes closest to the
-# P=4 Attamba's and the full one is closer than the iso-KV one: the claim must still read the iso-KV one.
-WINDOW = {"iso_kv-F32": ("iso_kv-F32-W33", 1.38, 3.3e4), "full": ("swa-W33", 1.2, 1.1e5),
-          "iso_flop-F48": ("iso_flop-F48-W33", 1.5, 1e5)}
+# P=4 Attamba's and the full one (CONTEXT) is closer than the iso-KV one: the claim must still read the iso-KV one.
+WINDOW = {"iso_kv-F32": ("iso_kv-F32-W33", 1.38, 3.3e4), "iso_flop-F48": ("iso_flop-F48-W33", 1.5, 1e5)}
+# The full transformer through windows, its context use: label -> (W, KV bytes, ppl multiplier per seed). "shown":
+# every window costs it (so the claims' verdicts are the rule's); "flat": no window costs it beyond noise (the
+# context-dependent claims are untestable here). No window of 9 keys: the L=8 comparisons are gated on 40 keys.
+CONTEXT = {"shown": {"swa-W33": (33, 1.1e5, {0: 1.20, 1: 1.21, 2: 1.19}),
+                     "swa-W40": (40, 1.3e5, {0: 1.15, 1: 1.17, 2: 1.16})},
+           "flat": {"swa-W33": (33, 1.1e5, {0: 0.998, 1: 1.003, 2: 1.0}),
+                    "swa-W40": (40, 1.3e5, {0: 1.002, 1: 0.997, 2: 1.0005})}}
+# Loss by position (a context of 32): the run's loss plus this, per bucket; a window leaves positions 1-8 alone.
+POSITIONS = {"loss_pos_1-8": 0.4, "loss_pos_9-32": -0.1}
 RANDOM_EVAL = ("attamba-P8-L8-random", 1.04)       # the cyclic P=8 runs evaluated with random boundaries
 
 
@@ -100,7 +108,7 @@ def _ppl(variant: str, size: str, seed: int) -> float:
     return base * mult * (1 + (JITTER[seed] if kind == "attamba" else 0.0))
 
 
-def _log(client, exp_id, variant, size, seed):
+def _log(client, exp_id, variant, size, seed, context="shown"):
     kind, attention, P, L, b, seg, _, kv, flops, _, _ = VARIANTS[variant]
     run = client.create_run(exp_id, run_name=f"{size}__{variant}__s{seed}")
     ppl = _ppl(variant, size, seed)
@@ -111,33 +119,53 @@ def _log(client, exp_id, variant, size, seed):
     metrics = [Metric(schema.M_PARAMS_NON_EMB, SIZES[size][0], 0, 0), Metric(schema.M_KV_BYTES, kv, 0, 0),
                Metric(schema.M_ATTN_FLOPS_PER_TOKEN, flops, 0, 0), Metric(schema.M_TRAIN_TOKENS, TOKENS, 0, 0),
                Metric(schema.M_VAL_LOSS, float(np.log(ppl)), 0, 100), Metric(schema.M_VAL_PPL, ppl, 0, 100)]
+    metrics += [Metric(f"val/{name}", float(np.log(ppl)) + d, 0, 100) for name, d in POSITIONS.items()]
     evals = {}
     if variant in WINDOW:
         label, mult, ekv = WINDOW[variant]
         evals[label] = ("window=33", SIZES[size][1] * SEED_FACTOR[seed] * mult, ekv)
+    if variant == "full":
+        for label, (window, ekv, mult) in CONTEXT[context].items():
+            evals[label] = (f"attention=swa,window={window}", ppl * mult[seed], ekv)
     if variant == "attamba-P8-L8-cyclic":
         label, mult = RANDOM_EVAL
         evals[label] = ("boundaries=random", ppl * mult * (1 + JITTER[(seed + 1) % 3]), kv)
     for label, (overrides, eppl, ekv) in evals.items():
         tags[schema.TAG_EVAL_VARIANT_PREFIX + label] = overrides
+        eloss = float(np.log(eppl))
         metrics += [Metric(schema.eval_variant_metric(label, "ppl"), eppl, 0, 100),
-                    Metric(schema.eval_variant_metric(label, "kv_cache_bytes"), ekv, 0, 100)]
+                    Metric(schema.eval_variant_metric(label, "loss"), eloss, 0, 100),
+                    Metric(schema.eval_variant_metric(label, "kv_cache_bytes"), ekv, 0, 100),
+                    # positions 1-8 see the same tokens through a window of 33 or 40 keys as without it
+                    Metric(schema.eval_variant_metric(label, "loss_pos_1-8"), float(np.log(ppl)) + 0.4, 0, 100),
+                    Metric(schema.eval_variant_metric(label, "loss_pos_9-32"), eloss - 0.1, 0, 100)]
     client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in tags.items()])
     client.set_terminated(run.info.run_id, status="FINISHED")
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("claims")
+def _study(root, context: str) -> dict:
     uri, client, exp_id = mlflow_experiment(root, "claims-study")
     for variant, spec in VARIANTS.items():
         for size in spec[-1]:
             for seed in spec[-2]:
-                _log(client, exp_id, variant, size, seed)
+                _log(client, exp_id, variant, size, seed, context)
     out = root / "out"
     result = make_report("claims-study", out, tracking_uri=uri, n_bootstrap=0)
-    claims = {c.id: c for c in evaluate_claims(load_runs("claims-study", uri).ok)}
-    return {"result": result, "out": out, "claims": claims}
+    ok = load_runs("claims-study", uri).ok
+    claims = {c.id: c for c in evaluate_claims(ok)}
+    return {"result": result, "out": out, "claims": claims, "ok": ok}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The transformer loses through every window: context is shown to matter."""
+    return _study(tmp_path_factory.mktemp("claims"), "shown")
+
+
+@pytest.fixture(scope="module")
+def flat(tmp_path_factory):
+    """The same runs, but the transformer scores the same through its windows: context is not shown to matter."""
+    return _study(tmp_path_factory.mktemp("claims_flat"), "flat")
 
 
 def _interval(pct: list[float]) -> tuple[float, float, float]:

@@ -104,6 +104,24 @@ def test_the_study_eval_section_goes_over_every_runs_eval(tmp_path):
         _specs(tmp_path, eval=[1])
 
 
+def test_full_transformers_are_also_scored_through_each_attamba_window_and_40_keys(tmp_path):
+    """Every full transformer gets {window: L + 1} for each Attamba L of the study (at any size) and {window: 40},
+    once each, after the study's own variants; windows of seq_len keys or more (the whole context) and other
+    kinds are left alone."""
+    grids = [{"chunk_size": [4], "leading_tokens": [4, 8]}, {"chunk_size": [8], "leading_tokens": [63]}]
+    specs = _specs(tmp_path, attamba=grids, baselines=["full", "swa", "iso_kv"],
+                   eval={"variants": [{"window": 9}, {"chunk_size": 16}]})
+    assert specs[0].config.data.seq_len == 64
+    for s in specs:
+        variants = list(s.config.eval.variants)
+        if s.config.model.attention == "full":
+            # 9 = 8 + 1 is the study's own; 64 = 63 + 1 is the whole context
+            assert variants == [{"window": 9}, {"chunk_size": 16}, {"window": 5}, {"window": 40}], s.name
+        else:
+            assert variants == [{"window": 9}, {"chunk_size": 16}], s.name
+    assert {s.config.model.attention for s in specs} == {"full", "swa", "attamba", "iso_kv"}
+
+
 def test_the_shipped_studies_keep_the_quickstart_names():
     from tests.conftest import REPO_ROOT
 

@@ -48,6 +48,11 @@ def test_final_evaluation_logs_variants_and_the_whole_split(env, capsys):
         costs.attention_flops(p8, cfg.data.seq_len)["per_token"]
     for label in (p8.variant(), "attamba-P4-L0-cyclic"):
         assert metrics[schema.eval_variant_metric(label, "ppl")] != metrics[schema.M_VAL_PPL]
+    # the loss by position in the context, of the run and of each variant, from the final evaluation
+    buckets = [schema.loss_pos_name(a, b) for a, b in schema.position_buckets(cfg.data.seq_len)]
+    for name in buckets:
+        assert metrics[schema.split_metric("validation", name)] == result[schema.split_metric("validation", name)]
+        assert schema.eval_variant_metric(p8.variant(), name) in metrics
     # a resume at the final step re-logs the stored evaluation, variants included, into the same run
     again = train(cfg)
     assert again["run_id"] == result["run_id"]
