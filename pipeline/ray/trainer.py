@@ -179,9 +179,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: float, gpus_per_worker: float,
-              storage_path: str) -> None:
+              storage_path: str, placement: str = "PACK") -> None:
     """A Tune trial: one run of the study, in this process when it has one worker, else on a
-    `TorchTrainer`; raising (or dying) makes Tune retry it."""
+    `TorchTrainer` whose workers Ray places by `placement` (cluster.PLACEMENTS); raising (or dying) makes
+    Tune retry it."""
     global _trials_here
     cfg = runs[trial_config["run"]]
     out_dir = Path(cfg.train.out_dir)
@@ -197,7 +198,8 @@ def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: 
 
             _train_and_report(cfg, tune.report, rank=0, world=1, attempt_start=attempt["start"])
         else:
-            _fit_torch_trainer(cfg, workers, cpus_per_worker, gpus_per_worker, storage_path, attempt["start"])
+            _fit_torch_trainer(cfg, workers, cpus_per_worker, gpus_per_worker, storage_path, attempt["start"],
+                               placement)
         attempt["status"] = "finished"
     except BaseException:
         attempt["status"] = "failed"
@@ -208,7 +210,7 @@ def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: 
 
 
 def _fit_torch_trainer(cfg: RunConfig, workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                       storage_path: str, attempt_start: float) -> None:
+                       storage_path: str, attempt_start: float, placement: str) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -220,7 +222,7 @@ def _fit_torch_trainer(cfg: RunConfig, workers: int, cpus_per_worker: float, gpu
         train_loop_per_worker,
         train_loop_config={"run": cfg, "attempt_start": attempt_start},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources, placement_strategy=placement),
         # Named by the run, not by Tune's trial id, so a restarted driver finds the same Train run.
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=storage_path,
                                        callbacks=[TuneReportCallback()],
