@@ -243,11 +243,12 @@ class RaySession:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, resources: Resources):
+def ray_session(address: str | None, resources: Resources, shared: dict[str, Path] | None = None):
     """Ray connected (a local one started when `address` is empty) and the cluster checked against
-    `resources`, node by node; a Ray started here stops on exit, whatever happened: an error, Ctrl-C,
-    SIGTERM or SIGHUP (only SIGKILL leaves its processes to Ray's own clean-up). A start failure is one
-    RayStartError."""
+    `resources`, node by node; on a cluster of several nodes, every folder of `shared` (what it holds ->
+    folder) checked to be the same on every node (`storage.check_shared`). A Ray started here stops on exit,
+    whatever happened: an error, Ctrl-C, SIGTERM or SIGHUP (only SIGKILL leaves its processes to Ray's own
+    clean-up). A start failure is one RayStartError."""
     import ray
 
     # Tune's own SIGINT handler would stop trials and return normally; a KeyboardInterrupt is what the CLI
@@ -263,6 +264,11 @@ def ray_session(address: str | None, resources: Resources):
             check_resources(resources, cluster)
             nodes = [n for n in ray.nodes() if n.get("Alive")]
             check_placement(resources, [n.get("Resources", {}) for n in nodes])
+            if shared:
+                from pipeline.ray import storage
+
+                if storage.needs_check(nodes, ray.get_runtime_context().get_node_id(), address):
+                    storage.check_shared(shared, nodes)
             slots = trial_slots(resources, cluster)
             sys.stdout = QuietRayStdout(stdout, expected_processes(resources, slots))
             yield RaySession(slots, cluster)

@@ -1,11 +1,15 @@
 """Checks made before a study or search trains on a cluster of several nodes: the workers' placement against
-each node's resources."""
+each node's resources, and the shared-storage probe (its node-side reading, its one-line refusal, which
+clusters need it and which folders it covers). The whole check on real raylets is in test_multinode.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from pipeline.ray.cluster import PLACEMENTS, Resources, check_placement
+from pipeline.ray.storage import look, needs_check, output_folders, refusal
 
 NODE = {"CPU": 1.0}
 
@@ -48,3 +52,46 @@ def test_placements_the_nodes_can_give_pass():
         check_placement(Resources(workers=2, cpus_per_worker=0.49, placement=placement), two)
     check_placement(Resources(workers=2, cpus_per_worker=0.6, placement="STRICT_SPREAD"), two)
     check_placement(Resources(workers=2, cpus_per_worker=0.6, placement="SPREAD"), two)
+
+
+def test_a_node_reads_the_probes_it_shares_and_names_the_others(tmp_path):
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    shared.write_text("token-a")
+    other.write_text("not the driver's token")
+    seen = look({str(shared): "token-a", str(other): "token-b", str(tmp_path / "gone"): "token-c"})
+    assert seen["host"] and seen["missing"] == [
+        (str(other), "another file of that name (a different disk mounted at the same path)"),
+        (str(tmp_path / "gone"), "no such file")]
+    assert look({str(shared): "token-a"})["missing"] == []
+
+
+def test_only_a_cluster_that_is_the_drivers_one_node_skips_the_check():
+    head, worker = {"NodeID": "a" * 56}, {"NodeID": "b" * 56}
+    assert not needs_check([head], head["NodeID"], None)
+    assert not needs_check([head], head["NodeID"], "127.0.0.1:6379")
+    assert needs_check([head, worker], head["NodeID"], None)
+    assert needs_check([worker], head["NodeID"], None)         # the driver is not on the only node
+    assert needs_check([head], head["NodeID"], "ray://head:10001")   # Ray Client: the driver runs elsewhere
+
+
+def test_the_refusal_is_one_line_naming_the_folder_attamba_home_the_node_and_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTAMBA_HOME", str(tmp_path))
+    node = {"NodeID": "c" * 56, "NodeManagerAddress": "10.0.0.7"}
+    line = refusal("the run folder", tmp_path / "studies" / "smoke", node, "gpu-worker-1", "no such file")
+    assert "\n" not in line
+    assert line == (f"the run folder '{tmp_path / 'studies' / 'smoke'}' (under ATTAMBA_HOME={tmp_path}) is not on "
+                    f"storage every Ray node shares: node 10.0.0.7 (gpu-worker-1, node id {'c' * 12}) does not see "
+                    f"the probe file the driver wrote there (no such file); mount one shared folder (NFS, EFS, "
+                    f"Filestore, a ReadWriteMany volume) at the same path on every node and set ATTAMBA_HOME to it "
+                    f"(docs/cluster.md)")
+    monkeypatch.delenv("ATTAMBA_HOME")
+    line = refusal("the token cache (data.cache_dir / ATTAMBA_CACHE)", Path("/c"), node, "h", "no such file")
+    assert "(under ATTAMBA_HOME" not in line and "set ATTAMBA_HOME and ATTAMBA_CACHE to it" in line
+
+
+def test_the_probed_folders_are_what_trials_write_or_read(tmp_path):
+    folders = output_folders(tmp_path / "studies" / "s", tmp_path / "cache", f"sqlite:///{tmp_path}/db/mlflow.db")
+    assert list(folders.values()) == [tmp_path / "studies" / "s", tmp_path / "cache", tmp_path / "db"]
+    # a tracking server is reached over the network, not through a folder
+    assert len(output_folders(tmp_path / "s", tmp_path / "c", "http://mlflow:5000")) == 2
+    assert len(output_folders(tmp_path / "s", tmp_path / "c", None)) == 2
