@@ -26,7 +26,7 @@ from pipeline.ray.trainer import is_done, run_trial, worker_config
 from pipeline.preflight import validating
 from pipeline.study.checks import check_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
-from pipeline.study.timing import timing_line, timing_summary
+from pipeline.study.timing import placements, timing_line, timing_summary
 from pipeline.tracking.parent import is_outage, parent_run
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         from pipeline.report import make_report
 
         try:
-            report = make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
+            report = make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs],
+                                 attempts={s.name: placements(s.out_dir) for s in specs})
             parent.log_artifacts(list(report.files.values()), "report")  # beside the runs, in the MLflow UI
             parent.describe(report.description)                           # the answer on the run's page
             print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)
