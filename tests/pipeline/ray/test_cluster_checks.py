@@ -95,3 +95,22 @@ def test_the_probed_folders_are_what_trials_write_or_read(tmp_path):
     # a tracking server is reached over the network, not through a folder
     assert len(output_folders(tmp_path / "s", tmp_path / "c", "http://mlflow:5000")) == 2
     assert len(output_folders(tmp_path / "s", tmp_path / "c", None)) == 2
+
+
+def test_a_local_study_whose_placement_needs_more_nodes_fails_before_anything_is_written(tmp_path, monkeypatch):
+    """A local Ray is one node: two workers each on its own node cannot be placed, and the study says so in its
+    pre-flight, before a folder, a store or a Ray exists."""
+    import ray
+
+    from pipeline.study.driver import run_study
+    from tests.pipeline.study.test_study import _study_file
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    path = _study_file(tmp_path, resources={"workers": 2, "cpus_per_worker": 0.4, "max_concurrent": 1,
+                                            "placement": "STRICT_SPREAD"})
+    with pytest.raises(ValueError, match=r"resources.placement=STRICT_SPREAD puts each of resources.workers=2 "
+                                         r"workers on its own node, but only 1 node\(s\) fit"):
+        run_study(path)
+    assert not ray.is_initialized()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
