@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 DONE_FILE = "study_done.json"       # written by rank 0 after `train` returned: the run is finished
 ATTEMPTS_FILE = "study_attempts.jsonl"  # per trial attempt: a "train" line when rank 0 calls train (its
-                                        # pid and host) and an "attempt" line when the attempt ends
+                                        # pid, host, Ray node, the step it resumes from) and an "attempt"
+                                        # line when the attempt ends (status, the last step it reached)
 TIMING_KEYS = ("first_step_start", "steps_s")  # train's clock readings: timing, not results
 PROGRESS_KEY = "progress_report"  # set on the light reports between evaluations (step, tokens/s, loss)
 
@@ -45,7 +46,8 @@ def worker_config(cfg: RunConfig, uri: str | None, parent_run_id: str | None) ->
 
 def read_attempts(out_dir: Path) -> list[dict]:
     """The lines of a run's attempts file, oldest first: "train" events (rank 0 started training: time,
-    pid, host) and "attempt" events (a trial attempt ended: start, end, status)."""
+    pid, host, node_id and node_ip of its Ray node, `nodes` (every rank's node id, rank order), resume_step)
+    and "attempt" events (a trial attempt ended: start, end, status, last_step)."""
     path = Path(out_dir) / ATTEMPTS_FILE
     if not path.is_file():
         return []
@@ -96,10 +98,46 @@ def _process_start() -> float:
         return _LOADED
 
 
+def _last_step(out_dir: Path) -> int | None:
+    """The step of the last line of the run's metrics.jsonl (rank 0 writes one per step): how far the
+    latest attempt got. None without one."""
+    from pipeline.train.loop import METRICS_FILE
+
+    path = out_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))   # the tail holds the last complete line
+        for line in reversed(f.read().splitlines()):
+            try:
+                return int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):
+                continue   # a torn last line, or the cut first one
+    return None
+
+
+def _resume_step(out_dir: Path) -> int:
+    """The step of the run's newest sealed checkpoint (its manifest written), read without hashing its
+    files: where `train` resumes, unless that checkpoint fails verification (then an older one)."""
+    from pipeline.train.checkpoint import MANIFEST, checkpoint_root
+
+    steps = [int(p.parent.name.removeprefix("step_")) for p in checkpoint_root(out_dir).glob(f"step_*/{MANIFEST}")
+             if p.parent.name.removeprefix("step_").isdigit()]
+    return max(steps, default=0)
+
+
+def _node() -> dict:
+    """This process's Ray node: its id and IP address."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
 def _close_dead_attempt(out_dir: Path, run: str) -> None:
-    """When the previous attempt's process died (killed, out of memory, the driver interrupted) it wrote
-    no end record: write one now, as failed, so the attempt records list every attempt. It ended at its
-    last sign of life: its last step's line in metrics.jsonl, else its "train" record."""
+    """When the previous attempt's process died (killed, out of memory, its node lost, the driver
+    interrupted) it wrote no end record: write one now, as failed, so the attempt records list every
+    attempt. It ended at its last sign of life: its last step's line in metrics.jsonl, else its "train"
+    record."""
     from pipeline.train.loop import METRICS_FILE
 
     records = read_attempts(out_dir)
@@ -109,7 +147,8 @@ def _close_dead_attempt(out_dir: Path, run: str) -> None:
         if metrics.is_file():
             last = max(last, metrics.stat().st_mtime)
         _append_line(out_dir / ATTEMPTS_FILE, {"event": "attempt", "run": run, "start": records[-1]["attempt_start"],
-                                               "end": last, "status": "failed", "died": True})
+                                               "end": last, "status": "failed", "died": True,
+                                               "last_step": _last_step(out_dir)})
 
 
 def _same_mlflow_run(cfg: RunConfig) -> RunConfig:
@@ -137,10 +176,18 @@ def _train_and_report(cfg: RunConfig, report: Callable[[dict], None], rank: int,
 
     out_dir = Path(cfg.train.out_dir)
     loop_start = time.time()
+    node = _node()
+    nodes = [node["node_id"]]
+    if world > 1:   # every rank's node, for where the workers ran (Ray Train set up the process group)
+        import torch.distributed as dist
+
+        nodes = [None] * world
+        dist.all_gather_object(nodes, node["node_id"])
     if rank == 0:
         # The process of this attempt: where an operator (or a test) finds it to inspect or stop it.
         record = {"event": "train", "run": cfg.name, "time": loop_start, "pid": os.getpid(),
-                  "host": socket.gethostname(), "workers": world}
+                  "host": socket.gethostname(), "workers": world, **node, "nodes": nodes,
+                  "resume_step": _resume_step(out_dir)}
         if attempt_start is not None:
             record["attempt_start"] = attempt_start  # an attempt whose process dies writes no end record
         _append_line(out_dir / ATTEMPTS_FILE, record)
@@ -179,9 +226,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: float, gpus_per_worker: float,
-              storage_path: str) -> None:
+              storage_path: str, placement: str = "PACK") -> None:
     """A Tune trial: one run of the study, in this process when it has one worker, else on a
-    `TorchTrainer`; raising (or dying) makes Tune retry it."""
+    `TorchTrainer` whose workers Ray places by `placement` (cluster.PLACEMENTS); raising (or dying) makes
+    Tune retry it."""
     global _trials_here
     cfg = runs[trial_config["run"]]
     out_dir = Path(cfg.train.out_dir)
@@ -197,18 +245,20 @@ def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: 
 
             _train_and_report(cfg, tune.report, rank=0, world=1, attempt_start=attempt["start"])
         else:
-            _fit_torch_trainer(cfg, workers, cpus_per_worker, gpus_per_worker, storage_path, attempt["start"])
+            _fit_torch_trainer(cfg, workers, cpus_per_worker, gpus_per_worker, storage_path, attempt["start"],
+                               placement)
         attempt["status"] = "finished"
     except BaseException:
         attempt["status"] = "failed"
         raise
     finally:
         attempt["end"] = time.time()
+        attempt["last_step"] = _last_step(out_dir)
         _append_line(out_dir / ATTEMPTS_FILE, attempt)
 
 
 def _fit_torch_trainer(cfg: RunConfig, workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                       storage_path: str, attempt_start: float) -> None:
+                       storage_path: str, attempt_start: float, placement: str) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -220,7 +270,7 @@ def _fit_torch_trainer(cfg: RunConfig, workers: int, cpus_per_worker: float, gpu
         train_loop_per_worker,
         train_loop_config={"run": cfg, "attempt_start": attempt_start},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources, placement_strategy=placement),
         # Named by the run, not by Tune's trial id, so a restarted driver finds the same Train run.
         run_config=ray.train.RunConfig(name=cfg.name, storage_path=storage_path,
                                        callbacks=[TuneReportCallback()],

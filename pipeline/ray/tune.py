@@ -62,18 +62,18 @@ def bound_trainable(trainable: Callable, resources: Resources, storage: Path, **
     trainable = tune.with_parameters(trainable, workers=resources.workers,
                                      cpus_per_worker=resources.cpus_per_worker,
                                      gpus_per_worker=resources.gpus_per_worker, storage_path=str(storage),
-                                     **params)
+                                     placement=resources.placement, **params)
     return tune.with_resources(trainable, trainable_resources(resources))
 
 
 def search_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gpus_per_worker: float,
-                 storage_path: str) -> None:
+                 storage_path: str, placement: str = "PACK") -> None:
     """The Tune trainable of one search trial: `run_trial` on the run config the trial carries."""
     from pipeline.config import run_config_from_dict
 
     cfg = run_config_from_dict(trial_config["run_config"])
     run_trial({"run": cfg.name}, runs={cfg.name: cfg}, workers=workers, cpus_per_worker=cpus_per_worker,
-              gpus_per_worker=gpus_per_worker, storage_path=storage_path)
+              gpus_per_worker=gpus_per_worker, storage_path=storage_path, placement=placement)
 
 
 def study_progress(study: str, runs: dict[str, tuple[int, float]], interval: float = 30.0):

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline import schema
 from pipeline.report import summary as S
+from pipeline.report import cluster
 from pipeline.report.claims import claims_json, estimates_table, evaluate_claims
 from pipeline.report.compare import (gap_to_transformer, iso_flop_comparison, iso_kv_comparison, iso_param_comparison,
                                      recall_table)
@@ -83,9 +84,10 @@ def _figure_links(out_dir: Path, figures: list[tuple[str, bytes]]) -> str:
 
 def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None = None,
                 expected_runs: list[str] | None = None, n_bootstrap: int = 500, seed: int = 0,
-                runs_file: str | Path | None = None) -> ReportResult:
+                runs_file: str | Path | None = None, attempts: dict[str, list[dict]] | None = None) -> ReportResult:
     """Read every run of `experiment` (or, with runs_file, the runs.csv an earlier report saved), fit scaling
-    laws, compare variants and write the report into out_dir."""
+    laws, compare variants and write the report into out_dir. `attempts` (run name -> where each attempt
+    trained, `pipeline.study.timing.placements`) fills the cluster view; MLflow does not hold it."""
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}; use 0 to skip intervals")
     out_dir = Path(out_dir)
@@ -132,6 +134,7 @@ def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None 
         "Recall (MQAR) against P": or_empty(S.recall_points_table(recall), why["recall"]),
         "Claims: every comparison behind them": or_empty(estimates_table(claims), "no claim could be measured "
                                                          "from this study's runs (see the verdicts above)"),
+        cluster.TITLE: cluster.cluster_table(attempts),
     }
     md = S.summary_markdown(experiment, table, sections, front=front, opening=opening)
     figures = context.figures + (all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else [])

@@ -9,7 +9,7 @@ import os
 
 from pipeline.preflight import check_places, ignored_fields, machine, paths
 from pipeline.preflight.data import check_data, check_vocab
-from pipeline.ray.cluster import check_resources
+from pipeline.ray.cluster import check_placement, check_resources
 from pipeline.ray.outputs import output_root, tracking_uri
 from pipeline.search.space import DEFAULT_STORAGE, STORAGE_ENV, SearchConfig, base_run_config, extreme_configs
 
@@ -46,6 +46,7 @@ def check_search(search: SearchConfig, *, local: bool, yes: bool) -> None:
     if local:
         machine.check_device("run.train.device", base.train.device)
         check_resources(search.resources, machine.local_resources())
+        check_placement(search.resources, [machine.local_resources()])   # a local Ray is one node
     try:
         check_data(base.data)
     except ValueError as exc:

@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 from pipeline import schema
+from pipeline.data.prepare import cache_root
 from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import output_root, tracking_uri
+from pipeline.ray.storage import output_folders
 from pipeline.ray.trainer import done_record, worker_config
 from pipeline.preflight import validating
 from pipeline.search.checks import check_search
@@ -85,7 +87,8 @@ def _run_on_ray(search: SearchConfig, study, url: str, uri: str | None,
                 address: str | None) -> tuple[list[int], ParentRun, list[int]]:
     # The parent run's id is kept in the study's user attrs, so a resumed search reuses it.
     tags = {schema.TAG_STUDY: search.name, schema.TAG_ROLE: SEARCH_ROLE}
-    with (cluster.ray_session(cluster.resolve_address(address, search.address), search.resources) as session,
+    shared = output_folders(search.folder.resolve(), cache_root(base_run_config(search).data).resolve(), uri)
+    with (cluster.ray_session(cluster.resolve_address(address, search.address), search.resources, shared) as session,
           parent_run(uri, search.name, tags, run_id=study.user_attrs.get(PARENT_ATTR), find=False,
                      journal_dir=search.folder.resolve() / JOURNAL_DIR) as parent):
         if parent.run_id:

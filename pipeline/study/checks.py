@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.preflight import check_places, ignored_fields, machine, paths
 from pipeline.preflight.data import check_data, check_vocab
-from pipeline.ray.cluster import check_resources
+from pipeline.ray.cluster import check_placement, check_resources
 from pipeline.ray.outputs import output_root
 from pipeline.study.spec import RunSpec, StudyConfig
 
@@ -53,6 +53,7 @@ def check_study(study: StudyConfig, specs: list[RunSpec], *, out_dir: str, uri: 
         for device in sorted(devices):
             machine.check_device("run.train.device", device)
         check_resources(study.resources, machine.local_resources())
+        check_placement(study.resources, [machine.local_resources()])   # a local Ray is one node
     for data in dict.fromkeys(spec.config.data for spec in specs):
         try:
             check_data(data)

@@ -18,13 +18,15 @@ from attamba import costs
 
 from pipeline import schema
 from pipeline.config import dump_yaml
+from pipeline.data.prepare import cache_root
 from pipeline.ray import cluster, lease
 from pipeline.ray.outputs import durable_path, output_root, tracking_uri
+from pipeline.ray.storage import output_folders
 from pipeline.ray.trainer import is_done, run_trial, worker_config
 from pipeline.preflight import validating
 from pipeline.study.checks import check_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
-from pipeline.study.timing import timing_line, timing_summary
+from pipeline.study.timing import placements, timing_line, timing_summary
 from pipeline.tracking.parent import is_outage, parent_run
 
 log = logging.getLogger(__name__)
@@ -67,9 +69,11 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         check_study(study, specs, out_dir=given_out_dir, uri=uri, report_dir=report_dir, local=not address, yes=yes)
     tags = {schema.TAG_STUDY: study.name, schema.TAG_ROLE: PARENT_ROLE}
     folder = Path(study.out_dir).resolve() / study.name
+    # every node reads and writes these: checked on a multi-node cluster before anything is trained
+    shared = output_folders(folder, cache_root(specs[0].config.data).resolve(), uri)
     # One driver per study folder (a second would train the same runs into the same folders).
     with (lease.study_lease(folder),
-          cluster.ray_session(address, study.resources) as session,
+          cluster.ray_session(address, study.resources, shared) as session,
           parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots
         (folder / STUDY_FILE).write_text(dump_yaml(study))
@@ -103,7 +107,8 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         from pipeline.report import make_report
 
         try:
-            report = make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs])
+            report = make_report(study.name, report_dir, tracking_uri=uri, expected_runs=[s.name for s in specs],
+                                 attempts={s.name: placements(s.out_dir) for s in specs})
             parent.log_artifacts(list(report.files.values()), "report")  # beside the runs, in the MLflow UI
             parent.describe(report.description)                           # the answer on the run's page
             print(f"report written to {report_dir / 'report.html'}", file=sys.stderr)

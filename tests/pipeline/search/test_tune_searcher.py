@@ -30,7 +30,7 @@ def fake_ppl(model: dict) -> float:
 
 
 def fake_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gpus_per_worker: float,
-               storage_path: str) -> None:
+               storage_path: str, placement: str = "PACK") -> None:
     """A search trial's trainable that reports a perplexity computed from its model instead of training."""
     model = trial_config["run_config"]["model"]
     tune.report({schema.M_VAL_PPL: fake_ppl(model), schema.M_VAL_LOSS: 1.0})

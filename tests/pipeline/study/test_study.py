@@ -536,14 +536,15 @@ def test_an_attempt_whose_process_died_is_recorded_as_failed_by_the_next(tmp_pat
     _close_dead_attempt(tmp_path, "r")
     died = read_attempts(tmp_path)[-1]
     # no step line: it ended at its last record
-    assert died == {"event": "attempt", "run": "r", "start": 90.0, "end": 100.0, "status": "failed", "died": True}
+    assert died == {"event": "attempt", "run": "r", "start": 90.0, "end": 100.0, "status": "failed", "died": True,
+                    "last_step": None}
     _close_dead_attempt(tmp_path, "r")                        # closed once only
     assert len(read_attempts(tmp_path)) == 2
     line(event="train", run="r", time=200.0, pid=2, host="h", workers=1, attempt_start=190.0)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     os.utime(tmp_path / "metrics.jsonl", (250.0, 250.0))      # its last step's line
     _close_dead_attempt(tmp_path, "r")
-    assert read_attempts(tmp_path)[-1]["end"] == 250.0
+    assert read_attempts(tmp_path)[-1]["end"] == 250.0 and read_attempts(tmp_path)[-1]["last_step"] == 1
     line(event="attempt", run="r", start=300.0, end=310.0, status="finished")  # ended normally: nothing to add
     _close_dead_attempt(tmp_path, "r")
     assert [a["status"] for a in read_attempts(tmp_path) if a["event"] == "attempt"] == ["failed", "failed", "finished"]
