@@ -320,9 +320,11 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
     # one token through the environment rather than ~/.ray/auth_token.
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex)
-    from ray._raylet import AuthenticationTokenLoader
+    from ray._raylet import AuthenticationTokenLoader, Config
 
-    # An earlier local ray.init in this process cached its own token; the job client must send ours.
+    # An earlier local ray.init in this process cached its own token, and its RayConfig read the mode the
+    # environment had then: the job client must send ours, in token mode.
+    Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
     env = _driver_env(ray_tmp) | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]}
     subprocess.run(["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
