@@ -119,22 +119,28 @@ def _log_variants(checkpoint: Path, metrics: dict, no_log: bool) -> str:
     what was done."""
     from pipeline import schema
     from pipeline.train.checkpoint import MANIFEST, load_config
-    from pipeline.train.run_tracking import RUN_ID_FILE
+    from pipeline.tracking import identity
     from pipeline.tracking.mlflow_client import log_into_run
 
     if no_log:
         return "evaluation variants not logged (--no-log)"
-    id_file = checkpoint.parent.parent / RUN_ID_FILE   # <out_dir>/checkpoints/step_N
-    if not id_file.is_file():
-        return f"evaluation variants not logged: no {RUN_ID_FILE} in the run folder {str(id_file.parent)!r}"
-    run_id = id_file.read_text().strip()
+    folder = checkpoint.parent.parent   # <out_dir>/checkpoints/step_N
+    known = identity.read(identity.path_in(folder))
+    if known is None and (folder / identity.LEGACY_RUN_ID_FILE).is_file():   # a folder made before run.json
+        known = identity.RunFile(key="", mlflow_run_id=(folder / identity.LEGACY_RUN_ID_FILE).read_text().strip())
+    if known is None or not known.mlflow_run_id:
+        return (f"evaluation variants not logged: no MLflow run recorded in {str(identity.path_in(folder))!r} "
+                f"(`attamba sync {folder}` delivers a run that waits in its journal)")
+    run_id = known.mlflow_run_id
     step = json.loads((checkpoint / MANIFEST).read_text())["step"]
     values = {k: v for k, v in metrics.items() if k.startswith(schema.M_EVAL_VARIANT_PREFIX)}
-    uri = load_config(checkpoint).tracking.uri
-    why = log_into_run(run_id, values, metrics["eval_variant_tags"], step, uri)
+    uri = known.uri or load_config(checkpoint).tracking.uri
+    why, kept = log_into_run(run_id, values, metrics["eval_variant_tags"], step, uri)
     if why:
         return f"evaluation variants not logged into MLflow run {run_id}: {why}"
-    return f"evaluation variants logged into MLflow run {run_id} at step {step}"
+    already = len(values) - kept
+    return (f"evaluation variants logged into MLflow run {run_id} at step {step}"
+            + (f" ({already} metric(s) it already held at that step kept as they were)" if already else ""))
 
 
 def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -253,8 +259,12 @@ def cmd_sync(args) -> int:
     _print_json(result)
     print(f"delivered {result['delivered']} records from {result['journals']} journals in "
           f"{len(result['folders'])} folders; {result['pending']} still pending, {result['busy']} busy (a live run), "
-          f"{result['failed']} unreachable, {result['quarantined']} unreadable lines quarantined", file=sys.stderr)
-    return 0
+          f"{result['failed']} unreachable, {result['quarantined']} unreadable lines quarantined, "
+          f"{result['skipped']} metric points MLflow already held, {result['killed']} abandoned runs ended KILLED",
+          file=sys.stderr)
+    # 1: something was left undelivered (the store unreachable, or a run it cannot take yet); busy journals
+    # belong to live runs, which deliver them themselves
+    return 1 if result["failed"] or result["pending"] else 0
 
 
 def cmd_bench(args) -> int:

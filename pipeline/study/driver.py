@@ -25,7 +25,7 @@ from pipeline.preflight import validating
 from pipeline.study.checks import check_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
 from pipeline.study.timing import timing_line, timing_summary
-from pipeline.tracking.parent import is_outage, parent_run
+from pipeline.tracking.parent import is_outage, parent_run, run_journals
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     tags = {schema.TAG_STUDY: study.name, schema.TAG_ROLE: PARENT_ROLE}
     folder = Path(study.out_dir).resolve() / study.name
     # One driver per study folder (a second would train the same runs into the same folders).
-    with (lease.study_lease(folder),
+    with (lease.study_lease(folder), run_journals(folder, uri),
           cluster.ray_session(address, study.resources) as session,
           parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots

@@ -26,12 +26,13 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import lock
 from pipeline import schema
 from pipeline.config import RunConfig, dump_yaml, run_config_from_dict
+from pipeline.tracking.config import check_store, resolve_uri
 from pipeline.data.prepare import prepare
 from pipeline.eval.evaluate import evaluate_model
 from pipeline.eval.variants import evaluate_variants, resolve, variant_tags
 from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
                                    init_distributed, resolve_device)
-from pipeline.train.run_tracking import log_run_start, open_tracker, remember_run_id
+from pipeline.train.run_tracking import claim_folder, log_run_start, open_tracker
 from pipeline.train.throughput import throughput
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class _Run:
     device: torch.device
     out_dir: Path
     tok_path: str | None                   # tokenizer.json copied into checkpoints
+    run_key: str | None                    # the folder's key (run.json; rank 0), kept in every checkpoint
     variants: list = field(default_factory=list)  # EvalVariants scored (on rank 0) at the final evaluation
 
 
@@ -200,6 +202,8 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
     if t.precision == "bf16" and device.type == "cpu" and t.zero_stage == 0:
         log.warning("bf16 on CPU is slow; fp32 is the usual choice here")
     variants = resolve(cfg.model, cfg.eval.variants)  # a shape-changing variant fails here, before any work
+    if cfg.tracking.enabled:
+        check_store(resolve_uri(cfg.tracking.uri))  # a local store that can never open fails before any work
     rank, world = init_distributed(device)
     data = _on_all_ranks(lambda: prepare(cfg.data, max_seq_len=cfg.model.max_seq_len), rank, "preparing data")
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
@@ -232,10 +236,10 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
         position = state["data_position"]
         _set_rng_state(state["rng"][rank])
     batches = data.batches("train", t.batch_size, rank, world, start=position)
-    tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker, state.get("mlflow_run_id"))
+    run_key = claim_folder(cfg, out_dir, ckpt.config_hash(cfg_dict), state).key if rank == 0 else None
+    tracker, owned = open_tracker(cfg, out_dir, rank, tracker)
     run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, on_step, rank, world, device,
-               out_dir,
-               getattr(data.tokenizer, "path", None), variants)
+               out_dir, getattr(data.tokenizer, "path", None), run_key, variants)
     try:
         if found is None and rank == 0:
             log_run_start(tracker, cfg, out_dir / "config.yaml", world)
@@ -367,13 +371,12 @@ def _loop(run: _Run, progress: Progress) -> dict:
             if (t.ckpt_every and step % t.ckpt_every == 0) or (final and t.ckpt_every):
                 client = {"step": step, "data_position": run.batches.position,
                           "consecutive_skips": progress.consecutive_skips, "skipped_total": progress.skipped_total,
-                          "rng": _gather_rng(run.world), "mlflow_run_id": tracker.run_id, "world_size": run.world,
-                          "metrics": dict(last), "eval": dict(evaluated) if evaluated_now else {}}
+                          "rng": _gather_rng(run.world), "mlflow_run_id": tracker.run_id, "run_key": run.run_key,
+                          "world_size": run.world, "metrics": dict(last),
+                          "eval": dict(evaluated) if evaluated_now else {}}
                 saved = ckpt.save(run.engine, run.out_dir, step, client, run.cfg_dict, run.tok_path, run.rank,
                                   about={"train_steps": t.steps, "data": _data_identity(run.data)},
                                   keep_last=t.keep_last, keep_steps=t.keep_steps)
-                if run.rank == 0:
-                    remember_run_id(run.out_dir, tracker)
             if evaluated_now and _report(run, step, evaluated, saved):
                 break
     finally:

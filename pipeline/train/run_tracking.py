@@ -1,4 +1,4 @@
-"""What a training run tells the tracker: tags, the config, cost metrics; and the run id kept for resume."""
+"""What a training run tells the tracker: tags, the config, cost metrics; and the folder's one MLflow run."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from attamba import costs
 
 from pipeline import schema
 from pipeline.config import RunConfig
+from pipeline.tracking import identity
+from pipeline.tracking.config import resolve_uri
 from pipeline.tracking.tracker import NoopTracker, Tracker, log_config, make_tracker
 from pipeline.tracking.version import code_version
-
-RUN_ID_FILE = "mlflow_run_id"
 
 
 def run_tags(cfg: RunConfig) -> dict[str, str]:
@@ -43,36 +43,32 @@ def cost_metrics(cfg: RunConfig, world_size: int) -> dict[str, float]:
     return {f"cost/{k}": float(v) for k, v in costs.summary(cfg.model, cfg.data.seq_len, tokens).items()}
 
 
-def open_tracker(cfg: RunConfig, out_dir: Path, rank: int, resuming: bool, given: Tracker | None,
-                 checkpoint_run_id: str | None = None):
-    """(tracker, owned). Rank 0 gets `given` or a new MLflow run; a resumed run continues its own run: the
-    id stored in the checkpoint, else the one in RUN_ID_FILE (an explicit tracking.resume_run_id wins).
-    Other ranks get a NoopTracker."""
+def claim_folder(cfg: RunConfig, out_dir: Path, config_hash: str, state: dict) -> identity.RunFile:
+    """The run folder's run file (identity.py), written before the first step: kept when it exists, else
+    made from what the resumed checkpoint kept (`state`: its run key and MLflow run id), else new. An
+    explicit tracking.resume_run_id is recorded in it."""
+    explicit = cfg.tracking.resume_run_id
+    run_id = explicit or state.get("mlflow_run_id")
+    uri = resolve_uri(cfg.tracking.uri) if run_id else None
+    if not explicit and identity.read(identity.path_in(out_dir)) is not None:
+        run_id = None   # the file is what names the run; a checkpoint's copy only restores a lost file
+    return identity.ensure(out_dir, key=state.get("run_key"), run_id=run_id, config_hash=config_hash, uri=uri)
+
+
+def open_tracker(cfg: RunConfig, out_dir: Path, rank: int, given: Tracker | None):
+    """(tracker, owned). Rank 0 gets `given` or a tracker logging into the folder's one MLflow run (its
+    run.json, which `claim_folder` wrote); other ranks get a NoopTracker."""
     if rank != 0:
         return NoopTracker(), False
     if given is not None:
         given.set_tags(run_tags(cfg))
         return given, False
-    id_file = out_dir / RUN_ID_FILE
     tracking = cfg.tracking
-    if resuming and tracking.resume_run_id is None:
-        if checkpoint_run_id:
-            tracking = replace(tracking, resume_run_id=checkpoint_run_id)
-        elif id_file.is_file():
-            tracking = replace(tracking, resume_run_id=id_file.read_text().strip())
     if tracking.run_name is None:
         tracking = replace(tracking, run_name=cfg.name)
-    tracker = make_tracker(tracking, journal_dir=out_dir / "tracking", rank=rank, tags=run_tags(cfg))
-    remember_run_id(out_dir, tracker)
+    tracker = make_tracker(tracking, journal_dir=out_dir / "tracking", rank=rank, tags=run_tags(cfg),
+                           run_file=identity.path_in(out_dir))
     return tracker, True
-
-
-def remember_run_id(out_dir: Path, tracker: Tracker) -> None:
-    """Write the run id to RUN_ID_FILE once the server has created the run (with a slow server that is
-    after `open_tracker` returned; checkpoints also store it)."""
-    id_file = out_dir / RUN_ID_FILE
-    if tracker.run_id and not (id_file.is_file() and id_file.read_text().strip() == tracker.run_id):
-        id_file.write_text(tracker.run_id)
 
 
 def log_run_start(tracker: Tracker, cfg: RunConfig, config_path: Path, world_size: int) -> None:
