@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
     from pipeline.tracking.ui import run_links
     from pipeline.train.loop import train
 
-    result = train(cfg)
+    result = train(cfg, restart=args.restart)
     if cfg.tracking.enabled:
         result = {**result, "mlflow_ui": run_links(resolve_uri(cfg.tracking.uri), result.get("run_id"))}
     _print_json(result)
@@ -335,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run YAML, e.g. configs/train_tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
     p.add_argument("--yes", action="store_true", help=YES_HELP)
+    p.add_argument("--restart", action="store_true",
+                   help="start the run folder over instead of resuming it: its checkpoints, metrics, run file and "
+                   "journals move into OUT_DIR/restarted/<time>/ and the run gets a new MLflow run (default: resume "
+                   "from the newest valid checkpoint, which is refused when the model, data, optimizer or batch "
+                   "settings changed)")
 
     p = _command(sub, "eval", "evaluate a checkpoint: perplexity, bits per byte, or lm-eval tasks", cmd_eval)
     p.add_argument("checkpoint", help="a run's out_dir (its latest checkpoint) or one checkpoint folder")

@@ -51,16 +51,57 @@ def checkpoint_root(out_dir: str | Path) -> Path:
 LATER_MODEL_FIELDS = {"iso": None, "sliding_window": False}
 
 
-def config_hash(cfg_dict: dict) -> str:
-    """Hash of what must not change across a resume: model, data, optimizer and batch geometry.
-    Steps, logging, eval and tracking may change (e.g. extending a run)."""
+def resume_key(cfg_dict: dict) -> dict:
+    """What must not change across a resume: model, data, optimizer and batch geometry. Steps, logging,
+    eval and tracking may change (e.g. extending a run)."""
     t = cfg_dict["train"]
     model = {k: v for k, v in cfg_dict["model"].items()
              if not (k in LATER_MODEL_FIELDS and v == LATER_MODEL_FIELDS[k])}
     key = {"model": model, "data": cfg_dict["data"], "optim": cfg_dict["optim"],
            "train": {k: t[k] for k in ("batch_size", "grad_accum", "seed", "precision", "zero_stage")}}
     key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return key
+
+
+def config_hash(cfg_dict: dict) -> str:
+    """Hash of `resume_key(cfg_dict)`, stored in every checkpoint's manifest."""
+    return hashlib.sha256(json.dumps(resume_key(cfg_dict), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _leaves(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, inner in value.items():
+            out.update(_leaves(inner, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def config_changes(before: dict, after: dict) -> list[str]:
+    """The fields of `resume_key` that differ between two config dicts, as 'path: old -> new'
+    (e.g. "data.source: 'bundled' -> 'corpus.txt'"); a field only one side has shows as <unset>."""
+    old, new = _leaves(resume_key(before)), _leaves(resume_key(after))
+    missing = object()
+    changes = []
+    for path in sorted(set(old) | set(new)):
+        a, b = old.get(path, missing), new.get(path, missing)
+        if a != b:
+            changes.append(f"{path}: {'<unset>' if a is missing else _shown(a)} -> "
+                           f"{'<unset>' if b is missing else _shown(b)}")
+    return changes
+
+
+def saved_config(directory: Path) -> dict | None:
+    """The config dict a checkpoint (or a run folder) was made with: its config.yaml, None if unreadable."""
+    try:
+        data = yaml.safe_load((Path(directory) / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_manifest(directory: Path, step: int, cfg_hash: str, world_size: int = 1, about: dict | None = None) -> None:

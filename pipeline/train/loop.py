@@ -32,12 +32,13 @@ from pipeline.eval.evaluate import evaluate_model
 from pipeline.eval.variants import evaluate_variants, resolve, variant_tags
 from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
                                    init_distributed, resolve_device)
-from pipeline.train.run_tracking import claim_folder, log_run_start, open_tracker
+from pipeline.train import resume
+from pipeline.train.run_tracking import claim_folder, log_run_start, open_tracker, set_aside
 from pipeline.train.throughput import throughput
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = resume.METRICS_FILE
 
 
 class StopTraining(Exception):
@@ -125,59 +126,7 @@ def _grad_norm(params) -> float:
     return float(torch.stack(grads).norm()) if grads else float("nan")
 
 
-def _check_resume(directory: Path, cfg: RunConfig, cfg_dict: dict, data, world: int) -> dict:
-    """The manifest of `directory` (already verified) if this run may resume from it; ValueError naming
-    what differs otherwise."""
-    manifest = ckpt.read_manifest(directory)
-    where = f"checkpoint {str(directory)!r}"
-    if manifest["config_hash"] != ckpt.config_hash(cfg_dict):
-        raise ValueError(f"{where} was made with another model/data/optim/batch config than this run's; use a "
-                         f"new train.out_dir, or pass resume=False to start over")
-    if manifest.get("world_size", world) != world:
-        raise ValueError(f"{where} was written by {manifest['world_size']} ranks, this run has {world}; exact "
-                         f"resume needs the same world size")
-    made_on = manifest.get("data")
-    if made_on is not None:  # checkpoints made before the data identity was stored are not checked
-        now = _data_identity(data)
-        changed = [f"the {what} is {str(now[key])[:16]} (was {str(made_on.get(key))[:16]})"
-                   for key, what in (("corpus", "corpus content hash"), ("tokenizer", "tokenizer fingerprint"))
-                   if made_on.get(key) != now[key]]
-        if changed:
-            raise ValueError(f"{where} was trained on other data than data.source={cfg.data.source!r} with "
-                             f"data.tokenizer={cfg.data.tokenizer!r} gives now: {'; '.join(changed)}. Resuming "
-                             f"would continue at the same data position with different tokens; restore the data "
-                             f"it was trained on, or use a new train.out_dir to start over")
-    made_for = manifest.get("train_steps", cfg.train.steps)
-    if made_for != cfg.train.steps and not cfg.train.allow_steps_change:
-        raise ValueError(f"{where} was made for train.steps={made_for}, this run has train.steps={cfg.train.steps}: "
-                         f"resuming would reshape the LR schedule; set train.allow_steps_change=true to resume with "
-                         f"the new schedule length, or use a new train.out_dir")
-    return manifest
-
-
-def _data_identity(data) -> dict:
-    """What the tokens of a run depend on: the corpus content and the tokenizer (the data cache's key)."""
-    return {"corpus": data.meta.get("corpus"), "tokenizer": data.meta.get("tokenizer"), "key": data.meta.get("key")}
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep only the rows of `metrics.jsonl` up to `step` (the checkpoint resumed from): the rows a killed
-    attempt wrote after it are trained again. A torn last line goes too."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
-
-
-def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, resume: bool = True) -> dict:
+def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, restart: bool = False) -> dict:
     """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view) with
     step, start_step (where this call began: a checkpoint's step, or 0), skipped_steps, tokens, out_dir
     and run_id, and this call's timings: first_step_start
@@ -188,15 +137,18 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, resume: b
     when it has none) without training. on_eval(step, metrics, checkpoint_dir_or_None) is called on every
     rank after each evaluation (a reporter such as ray.train.report may be a barrier across ranks);
     on_step(step, metrics) likewise at every train.log_every-th step, with the step's loss and tokens/s,
-    for progress displays."""
+    for progress displays.
+
+    restart=True starts the run folder over: what earlier attempts left there (checkpoints, metrics,
+    run file, journals) moves into `out_dir/restarted/<time>/`, and the run gets a new MLflow run."""
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"train() needs a RunConfig, got {type(cfg).__name__}; build one with load_run_config")
     cfg = run_config_from_dict(cfg.to_dict())  # re-checks every field's type, also for configs built in code
     with lock.run_folder(cfg.train.out_dir):  # one writer per run folder: a second train() fails at once
-        return _train(cfg, tracker=tracker, on_eval=on_eval, on_step=on_step, resume=resume)
+        return _train(cfg, tracker=tracker, on_eval=on_eval, on_step=on_step, restart=restart)
 
 
-def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
+def _train(cfg: RunConfig, *, tracker, on_eval, on_step, restart: bool) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     if t.precision == "bf16" and device.type == "cpu" and t.zero_stage == 0:
@@ -210,14 +162,23 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
     cfg_dict = cfg.to_dict()
     variants = [replace(v, model=replace(v.model, vocab_size=data.vocab_size)) for v in variants]
     out_dir = Path(t.out_dir)
-    found = ckpt.choose_checkpoint(out_dir, rank) if resume else None
-    manifest = _check_resume(found, cfg, cfg_dict, data, world) if found is not None else {"step": 0}
     data.batches("train", t.batch_size, rank, world)  # raises now if a global batch exceeds the split
-    if rank == 0:
+    if restart and rank == 0:
+        set_aside(out_dir, keep=(lock.RUN_LOCK_FILE,))
+    dist.barrier()
+    found = ckpt.choose_checkpoint(out_dir, rank)
+    manifest = resume.check_checkpoint(found, cfg, cfg_dict, data, world) if found is not None else {"step": 0}
+
+    def ready_folder() -> None:
+        if rank != 0:
+            return
+        if found is None:
+            resume.check_fresh_start(out_dir, cfg_dict)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
-        _trim_metrics(out_dir / METRICS_FILE, manifest["step"])
-    dist.barrier()
+        resume.trim_metrics(out_dir / METRICS_FILE, manifest["step"])
+
+    _on_all_ranks(ready_folder, rank, "checking the run folder")
 
     import deepspeed
 
@@ -375,7 +336,7 @@ def _loop(run: _Run, progress: Progress) -> dict:
                           "world_size": run.world, "metrics": dict(last),
                           "eval": dict(evaluated) if evaluated_now else {}}
                 saved = ckpt.save(run.engine, run.out_dir, step, client, run.cfg_dict, run.tok_path, run.rank,
-                                  about={"train_steps": t.steps, "data": _data_identity(run.data)},
+                                  about={"train_steps": t.steps, "data": resume.data_identity(run.data)},
                                   keep_last=t.keep_last, keep_steps=t.keep_steps)
             if evaluated_now and _report(run, step, evaluated, saved):
                 break

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +16,10 @@ from pipeline.tracking import identity
 from pipeline.tracking.config import resolve_uri
 from pipeline.tracking.tracker import NoopTracker, Tracker, log_config, make_tracker
 from pipeline.tracking.version import code_version
+
+log = logging.getLogger(__name__)
+
+RESTARTED_DIR = "restarted"   # in a run folder: earlier attempts set aside by `attamba train --restart`
 
 
 def run_tags(cfg: RunConfig) -> dict[str, str]:
@@ -69,6 +76,32 @@ def open_tracker(cfg: RunConfig, out_dir: Path, rank: int, given: Tracker | None
     tracker = make_tracker(tracking, journal_dir=out_dir / "tracking", rank=rank, tags=run_tags(cfg),
                            run_file=identity.path_in(out_dir))
     return tracker, True
+
+
+def set_aside(out_dir: Path, keep: tuple[str, ...]) -> Path | None:
+    """Move everything in `out_dir` but `keep` into `out_dir/restarted/<time>/` (`attamba train --restart`):
+    the checkpoints, metrics, run file and journals of the earlier attempts. Their journals still deliver
+    into the earlier MLflow run, which a sync of the moved folder ends KILLED if it was left RUNNING.
+    Returns the folder they went to (None when there was nothing)."""
+    entries = [p for p in out_dir.iterdir() if p.name not in (*keep, RESTARTED_DIR)] if out_dir.is_dir() else []
+    if not entries:
+        return None
+    target = out_dir / RESTARTED_DIR / time.strftime("%Y%m%d-%H%M%S")
+    while target.exists():
+        target = target.with_name(target.name + "+")
+    target.mkdir(parents=True)
+    for path in entries:
+        os.replace(path, target / path.name)
+    log.warning("restarting %s: its earlier attempts (%s) moved to %s", out_dir,
+                ", ".join(sorted(p.name for p in entries)), target)
+    if (target / "tracking").is_dir():
+        from pipeline.tracking.journal import sync_journal
+
+        try:   # deliver what they left and end their run if it was left RUNNING; an outage waits for a sync
+            sync_journal(target, stop_at_outage=True)
+        except Exception as error:
+            log.warning("the earlier attempts' journals in %s wait for `attamba sync %s`: %s", target, target, error)
+    return target
 
 
 def log_run_start(tracker: Tracker, cfg: RunConfig, config_path: Path, world_size: int) -> None:
