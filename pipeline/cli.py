@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import numbers
@@ -428,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"attamba {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # A full disk: one line naming the file or folder (a checkpoint's says the bytes needed and free).
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
+        print(f"attamba {args.command}: error: {exc.strerror}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"attamba {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

@@ -32,7 +32,7 @@ from pipeline.eval.evaluate import evaluate_model
 from pipeline.eval.variants import evaluate_variants, resolve, variant_tags
 from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
                                    init_distributed, resolve_device)
-from pipeline.train import resume
+from pipeline.train import resume, storage
 from pipeline.train.run_tracking import claim_folder, log_run_start, open_tracker, set_aside
 from pipeline.train.throughput import throughput
 
@@ -296,6 +296,7 @@ def _loop(run: _Run, progress: Progress) -> dict:
                desc=cfg.name)
     metrics_file = open(run.out_dir / METRICS_FILE, "a") if run.rank == 0 else None
     last, evaluated = {}, {}
+    _warn_if_no_room(run, progress.step)
     try:
         while progress.step < t.steps:
             if progress.first_step_start is None:
@@ -338,6 +339,7 @@ def _loop(run: _Run, progress: Progress) -> dict:
                 saved = ckpt.save(run.engine, run.out_dir, step, client, run.cfg_dict, run.tok_path, run.rank,
                                   about={"train_steps": t.steps, "data": resume.data_identity(run.data)},
                                   keep_last=t.keep_last, keep_steps=t.keep_steps)
+                _warn_if_no_room(run, step)
             if evaluated_now and _report(run, step, evaluated, saved):
                 break
     finally:
@@ -345,6 +347,19 @@ def _loop(run: _Run, progress: Progress) -> dict:
         if metrics_file:
             metrics_file.close()
     return _result(run, progress, {**last, **evaluated})
+
+
+def _warn_if_no_room(run: _Run, step: int) -> None:
+    """On rank 0, a warning when the next checkpoint after `step` will not fit on its disk: early, while
+    there is time to free space (the save itself fails with `storage.StorageFull`)."""
+    t = run.cfg.train
+    if run.rank != 0 or not t.ckpt_every or step >= t.steps:
+        return
+    upcoming = min(t.steps, (step // t.ckpt_every + 1) * t.ckpt_every)
+    need, basis = ckpt.estimate_bytes(run.engine, run.out_dir, run.tok_path)
+    warning = storage.room_warning(ckpt.checkpoint_root(run.out_dir), need, basis, upcoming)
+    if warning:
+        log.warning(warning)
 
 
 def _train_step(run: _Run) -> tuple[float, float, bool]:
