@@ -417,9 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done; 1 a study or search with failed runs (its JSON lists them); 2 bad input (one line on
-    stderr, nothing written or started); 130 interrupted. An unexpected error after the checks (a bug) keeps
-    its traceback."""
+    """Exit codes: 0 done; 1 a study or search with failed runs (its JSON lists them), a sync that left records
+    undelivered, or a full disk (one line naming the folder and the bytes needed and free); 2 bad input (one
+    line on stderr, nothing written or started); 130 interrupted. An unexpected error after the checks (a bug)
+    keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -14,8 +14,7 @@ from pipeline.tracking import identity
 METRICS_FILE = "metrics.jsonl"   # in a run's out_dir: one JSON line per step (rank 0)
 
 
-RESTART_HINT = ("start this folder over with `attamba train CONFIG ... --restart` (train(cfg, restart=True)), which "
-                "moves its checkpoints, metrics and journals into restarted/")
+RESTART_HINT = "start the folder over with `attamba train ... --restart` (its earlier attempts move into restarted/)"
 
 
 def check_checkpoint(directory: Path, cfg: RunConfig, cfg_dict: dict, data, world: int) -> dict:
