@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import numbers
@@ -66,7 +67,7 @@ def cmd_train(args) -> int:
     from pipeline.tracking.ui import run_links
     from pipeline.train.loop import train
 
-    result = train(cfg)
+    result = train(cfg, restart=args.restart)
     if cfg.tracking.enabled:
         result = {**result, "mlflow_ui": run_links(resolve_uri(cfg.tracking.uri), result.get("run_id"))}
     _print_json(result)
@@ -119,22 +120,28 @@ def _log_variants(checkpoint: Path, metrics: dict, no_log: bool) -> str:
     what was done."""
     from pipeline import schema
     from pipeline.train.checkpoint import MANIFEST, load_config
-    from pipeline.train.run_tracking import RUN_ID_FILE
+    from pipeline.tracking import identity
     from pipeline.tracking.mlflow_client import log_into_run
 
     if no_log:
         return "evaluation variants not logged (--no-log)"
-    id_file = checkpoint.parent.parent / RUN_ID_FILE   # <out_dir>/checkpoints/step_N
-    if not id_file.is_file():
-        return f"evaluation variants not logged: no {RUN_ID_FILE} in the run folder {str(id_file.parent)!r}"
-    run_id = id_file.read_text().strip()
+    folder = checkpoint.parent.parent   # <out_dir>/checkpoints/step_N
+    known = identity.read(identity.path_in(folder))
+    if known is None and (folder / identity.LEGACY_RUN_ID_FILE).is_file():   # a folder made before run.json
+        known = identity.RunFile(key="", mlflow_run_id=(folder / identity.LEGACY_RUN_ID_FILE).read_text().strip())
+    if known is None or not known.mlflow_run_id:
+        return (f"evaluation variants not logged: no MLflow run recorded in {str(identity.path_in(folder))!r} "
+                f"(`attamba sync {folder}` delivers a run that waits in its journal)")
+    run_id = known.mlflow_run_id
     step = json.loads((checkpoint / MANIFEST).read_text())["step"]
     values = {k: v for k, v in metrics.items() if k.startswith(schema.M_EVAL_VARIANT_PREFIX)}
-    uri = load_config(checkpoint).tracking.uri
-    why = log_into_run(run_id, values, metrics["eval_variant_tags"], step, uri)
+    uri = known.uri or load_config(checkpoint).tracking.uri
+    why, kept = log_into_run(run_id, values, metrics["eval_variant_tags"], step, uri)
     if why:
         return f"evaluation variants not logged into MLflow run {run_id}: {why}"
-    return f"evaluation variants logged into MLflow run {run_id} at step {step}"
+    already = len(values) - kept
+    return (f"evaluation variants logged into MLflow run {run_id} at step {step}"
+            + (f" ({already} metric(s) it already held at that step kept as they were)" if already else ""))
 
 
 def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -257,8 +264,12 @@ def cmd_sync(args) -> int:
     _print_json(result)
     print(f"delivered {result['delivered']} records from {result['journals']} journals in "
           f"{len(result['folders'])} folders; {result['pending']} still pending, {result['busy']} busy (a live run), "
-          f"{result['failed']} unreachable, {result['quarantined']} unreadable lines quarantined", file=sys.stderr)
-    return 0
+          f"{result['failed']} unreachable, {result['quarantined']} unreadable lines quarantined, "
+          f"{result['skipped']} metric points MLflow already held, {result['killed']} abandoned runs ended KILLED",
+          file=sys.stderr)
+    # 1: something was left undelivered (the store unreachable, or a run it cannot take yet); busy journals
+    # belong to live runs, which deliver them themselves
+    return 1 if result["failed"] or result["pending"] else 0
 
 
 def cmd_bench(args) -> int:
@@ -329,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run YAML, e.g. configs/train_tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.steps=100")
     p.add_argument("--yes", action="store_true", help=YES_HELP)
+    p.add_argument("--restart", action="store_true",
+                   help="start the run folder over instead of resuming it: its checkpoints, metrics, run file and "
+                   "journals move into OUT_DIR/restarted/<time>/ and the run gets a new MLflow run (default: resume "
+                   "from the newest valid checkpoint, which is refused when the model, data, optimizer or batch "
+                   "settings changed)")
 
     p = _command(sub, "eval", "evaluate a checkpoint: perplexity, bits per byte, or lm-eval tasks", cmd_eval)
     p.add_argument("checkpoint", help="a run's out_dir (its latest checkpoint) or one checkpoint folder")
@@ -408,9 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 done; 1 a study or search with failed runs (its JSON lists them); 2 bad input (one line on
-    stderr, nothing written or started); 130 interrupted. An unexpected error after the checks (a bug) keeps
-    its traceback."""
+    """Exit codes: 0 done; 1 a study or search with failed runs (its JSON lists them), a sync that left records
+    undelivered, or a full disk (one line naming the folder and the bytes needed and free); 2 bad input (one
+    line on stderr, nothing written or started); 130 interrupted. An unexpected error after the checks (a bug)
+    keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -420,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"attamba {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # A full disk: one line naming the file or folder (a checkpoint's says the bytes needed and free).
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in str(exc.strerror) else ""
+        print(f"attamba {args.command}: error: {exc.strerror}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"attamba {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130

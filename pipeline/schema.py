@@ -23,7 +23,8 @@ TAG_LEADING = "leading_tokens"     # L ("" for baselines)
 TAG_BOUNDARIES = "boundaries"      # uniform | cyclic | cyclic_released | random ("" for baselines)
 TAG_SEED = "seed"
 TAG_OPTUNA_TRIAL = "optuna_trial"  # Optuna trial number, on runs made by a search
-TAG_STATUS = "run_status"          # finished | failed | running
+TAG_STATUS = "run_status"          # finished | failed | running | killed (its process died; ended by a sync)
+TAG_RUN_KEY = "run_key"            # the run folder's key (run.json): one MLflow run per run folder, found by it
 TAG_CODE_VERSION = "code_version"  # git commit of the checkout ("-dirty" if modified), else the package
                                    # version; on training runs and on the runs they nest under
 TAG_ROLE = "study_role"            # "parent" / "search" on the run a study's or search's runs nest under;

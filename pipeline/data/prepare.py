@@ -152,18 +152,29 @@ def _hub_download_path(config: DataConfig, root: Path) -> Path:
 
 
 def _hub_documents(config: DataConfig, root: Path, hf_cache: str) -> list[str]:
-    """Hub documents, downloaded once and kept as JSONL so later runs (even offline ones) skip the hub."""
+    """Hub documents, downloaded once and kept as JSONL (with its SHA-256 beside it) so later runs (even
+    offline ones) skip the hub; a kept file that no longer matches its hash is downloaded again."""
     path = _hub_download_path(config, root)
+    digest_path = path.with_suffix(".sha256")
     if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f]
+        recorded = digest_path.read_text().strip() if digest_path.is_file() else None
+        now = data_cache.file_sha256(path)
+        if recorded == now:
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f]
+        log.warning("downloaded corpus %s %s; downloading it again", path,
+                    f"was changed after download (sha256 {recorded[:12]}.. -> {now[:12]}..)" if recorded
+                    else "has no SHA-256 beside it")
+        data_sources.check_hub(config.source)
     docs = data_sources.load_hub(config.source, config.text_field, config.max_documents, hf_cache, config.progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         for d in docs:
             f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    digest = data_cache.file_sha256(tmp)
     os.replace(tmp, path)
+    digest_path.write_text(digest + "\n")
     return docs
 
 
@@ -178,6 +189,10 @@ def _early_checks(config: DataConfig, max_seq_len: int | None, root: Path) -> No
     if data_sources.source_kind(config.source) == "hub":
         if not _hub_download_path(config, root).is_file():
             data_sources.check_hub(config.source)
+
+
+def _file_digest(path: str | None) -> str | None:
+    return data_cache.file_sha256(Path(path)) if path and os.path.isfile(path) else None
 
 
 def prepare(config: DataConfig, max_seq_len: int | None = None) -> PreparedData:
@@ -209,7 +224,8 @@ def prepare(config: DataConfig, max_seq_len: int | None = None) -> PreparedData:
             if not cache_hit:
                 if reason != "no cache yet":
                     log.warning("rebuilding the token cache in %s: %s", directory, reason)
-                meta = dict(spec, key=key, source=config.source, tokenizer_spec=config.tokenizer)
+                meta = dict(spec, key=key, source=config.source, tokenizer_spec=config.tokenizer,
+                            tokenizer_sha256=_file_digest(getattr(tokenizer, "path", None)))
                 meta = data_cache.write_cache(directory, splits, tokenizer, meta, config.progress)
     data = PreparedData(config, directory, meta, tokenizer, cache_hit, tok_hit)
     if data.num_sequences("train") < 1:

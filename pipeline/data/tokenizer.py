@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
@@ -174,13 +177,47 @@ def build_tokenizer(spec: str, vocab_size: int, train_docs: list[str], train_has
     out = Path(cache_dir) / "tokenizers" / bpe_cache_key(train_hash, vocab_size)
     path = out / "tokenizer.json"
     if path.is_file():
-        try:
-            return HFTokenizer(Tokenizer.from_file(str(path)), str(path)), True
-        except Exception:
-            pass  # a half-written or damaged file: retrain below and overwrite it
+        problem = _cached_problem(path)
+        if problem is None:
+            try:
+                return HFTokenizer(Tokenizer.from_file(str(path)), str(path)), True
+            except Exception as error:
+                problem = f"it is not a readable tokenizer ({error})"
+        log.warning("cached tokenizer %s: %s; training it again from the training split", path, problem)
     tok = train_bpe(train_docs, vocab_size, progress)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f"tokenizer.json.tmp{os.getpid()}"
     tok.save(str(tmp))
+    digest = _sha256(tmp)
     os.replace(tmp, path)  # atomic, so a concurrent reader never sees half a file
+    _write_json(out / CACHED_HASH_FILE, {"sha256": digest})   # after the file: a hash always names a whole file
     return HFTokenizer(tok, str(path)), False
+
+
+CACHED_HASH_FILE = "tokenizer.sha256.json"   # beside a cached tokenizer.json: its SHA-256 when it was trained
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _cached_problem(path: Path) -> str | None:
+    """Why the cached tokenizer at `path` must not be used (None when its bytes are those it was trained
+    with): edited after training, or no hash kept (cut off mid-save, or cached before hashes were kept)."""
+    try:
+        recorded = json.loads((path.parent / CACHED_HASH_FILE).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no SHA-256 recorded in {CACHED_HASH_FILE} beside it"
+    now = _sha256(path)
+    if now != recorded:
+        return f"it was changed after it was trained (sha256 {recorded[:12]}.. -> {now[:12]}..)"
+    return None

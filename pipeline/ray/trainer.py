@@ -151,20 +151,6 @@ def _close_dead_attempt(out_dir: Path, run: str) -> None:
                                                "last_step": _last_step(out_dir)})
 
 
-def _same_mlflow_run(cfg: RunConfig) -> RunConfig:
-    """`cfg`, continuing the MLflow run of an earlier attempt that died before its first checkpoint (it
-    starts over from step 0): one MLflow run per study run, not one more per attempt. With a checkpoint,
-    `train` itself continues the checkpoint's run."""
-    from pipeline.train.checkpoint import latest_checkpoint
-    from pipeline.train.run_tracking import RUN_ID_FILE
-
-    id_file = Path(cfg.train.out_dir) / RUN_ID_FILE
-    if cfg.tracking.resume_run_id or not id_file.is_file() or latest_checkpoint(Path(cfg.train.out_dir)):
-        return cfg
-    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking,
-                                                                 resume_run_id=id_file.read_text().strip()))
-
-
 def _train_and_report(cfg: RunConfig, report: Callable[[dict], None], rank: int, world: int,
                       attempt_start: float | None = None) -> None:
     """`train(cfg)` with its progress and evaluations passed to `report` (Ray Train's or Tune's), the
@@ -191,7 +177,6 @@ def _train_and_report(cfg: RunConfig, report: Callable[[dict], None], rank: int,
         if attempt_start is not None:
             record["attempt_start"] = attempt_start  # an attempt whose process dies writes no end record
         _append_line(out_dir / ATTEMPTS_FILE, record)
-        cfg = _same_mlflow_run(cfg)  # rank 0 holds the run's MLflow run; the others track nothing
 
     def on_step(step: int, metrics: dict) -> None:
         report({**_scalars(metrics), "step": int(step), PROGRESS_KEY: 1})

@@ -30,7 +30,7 @@ from pipeline.search.space import (STORAGE_ENV, SearchConfig, base_run_config, l
                                    reference_run_config, search_from_dict, trial_run_config)
 from pipeline.search.store import (PARENT_ATTR, REFERENCE_ATTR, completed_trials, normalise_storage_url, open_study,
                                    recover_stale_trials, redact)
-from pipeline.tracking.parent import ParentRun, parent_run
+from pipeline.tracking.parent import ParentRun, parent_run, run_journals
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ def _run_on_ray(search: SearchConfig, study, url: str, uri: str | None,
     # The parent run's id is kept in the study's user attrs, so a resumed search reuses it.
     tags = {schema.TAG_STUDY: search.name, schema.TAG_ROLE: SEARCH_ROLE}
     shared = output_folders(search.folder.resolve(), cache_root(base_run_config(search).data).resolve(), uri)
-    with (cluster.ray_session(cluster.resolve_address(address, search.address), search.resources, shared) as session,
+    with (run_journals(search.folder.resolve(), uri),
+          cluster.ray_session(cluster.resolve_address(address, search.address), search.resources, shared) as session,
           parent_run(uri, search.name, tags, run_id=study.user_attrs.get(PARENT_ATTR), find=False,
                      journal_dir=search.folder.resolve() / JOURNAL_DIR) as parent):
         if parent.run_id:

@@ -27,7 +27,7 @@ from pipeline.preflight import validating
 from pipeline.study.checks import check_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
 from pipeline.study.timing import placements, timing_line, timing_summary
-from pipeline.tracking.parent import is_outage, parent_run
+from pipeline.tracking.parent import is_outage, parent_run, run_journals
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     # every node reads and writes these: checked on a multi-node cluster before anything is trained
     shared = output_folders(folder, cache_root(specs[0].config.data).resolve(), uri)
     # One driver per study folder (a second would train the same runs into the same folders).
-    with (lease.study_lease(folder),
+    with (lease.study_lease(folder), run_journals(folder, uri),
           cluster.ray_session(address, study.resources, shared) as session,
           parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,36 @@ def check_uri(field: str, uri: str) -> None:
             f"{field}={uri!r} has an unknown scheme {scheme!r}; use one of "
             f"{', '.join(s + ':' for s in _ACCEPTED_SCHEMES)}"
         )
+
+
+def check_store(uri: str, field: str = "tracking.uri") -> None:
+    """A local SQLite store that can never open fails at once with the reason, instead of being retried as
+    if a server were down: its path is a folder, lies under a file, or is in a folder (or is a file) this
+    process cannot write. MLflow creates missing folders itself."""
+    scheme, sep, rest = uri.partition(":///")
+    if not sep or not scheme.lower().startswith("sqlite"):
+        return
+    db = rest.split("?", 1)[0]
+    if not db or db == ":memory:":
+        return
+    path = Path(db)
+    if path.is_dir():
+        raise ValueError(f"{field}={uri!r} names a folder, not a SQLite database file; name a file in it, "
+                         f"e.g. sqlite:///{path.resolve() / DEFAULT_DB_NAME}")
+    folder = path.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{field}={uri!r}: {folder} is a file, so the database cannot be created below it; "
+                         f"give a path in a folder")
+    try:   # permission bits alone do not say it (root, read-only mounts, ACLs): make and remove a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".attamba-store-check-", dir=folder))
+    except OSError as error:
+        raise ValueError(f"{field}={uri!r}: the folder {folder} does not take new files ({error.strerror or error}); "
+                         f"SQLite writes its database and journal there: use a writable folder") from None
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise ValueError(f"{field}={uri!r}: {path} cannot be read and written by this process; fix its "
+                         f"permissions or use another file")
 
 
 def resolve_uri(uri: str | None = None) -> str:

@@ -7,13 +7,17 @@ Layout of a journal directory (one set of files per tracker instance, `<jid>` so
   <jid>.quarantine     lines that are not a readable record (torn by a crash), moved aside with their offset
   <jid>.spool/         copies of logged artifacts, so a later sync still finds them
   <jid>.lock           flock held by the live tracker, so `sync_journal` never races its delivery thread
-The first record ("start") names the run: a new one, `resume_run_id` (a resumed run, set RUNNING again),
-`attach_run_id` (an existing run, status untouched: a driver's tags or end for its parent) or `find_run`
-(a run found by name and parent at delivery: a driver's tags for a child whose own journal may still hold
-its start; delivery waits until that run exists).
+The first record ("start") names the run: `run_file` (a training run's folder: its one run, see
+identity.py; a journal found in a run folder's tracking/ belongs to that run whatever it says), a new one,
+`resume_run_id` (a resumed run, set RUNNING again), `attach_run_id` (an existing run, status untouched: a
+driver's tags or end for its parent) or `find_run` (a run found by name and parent at delivery: a driver's
+tags for a child whose own journal may still hold its start; delivery waits until that run exists).
+Only the live tracker's delivery sets a run RUNNING; a sync of a dead attempt's journal leaves the status
+alone, and the end record of a journal older than the folder's newest is not applied (a later attempt
+ends the run). Once no process writes a run folder, a sync ends a run still RUNNING as KILLED.
 The offset only moves past a record once MLflow accepted all of it. Re-sending a record is harmless:
-metric points carry their original timestamp and MLflow's SQL store drops exact duplicates, params are
-re-sent with the same value, tags and artifacts overwrite themselves.
+a metric point at or before the step MLflow already holds for that metric is not sent again (`StepLedger`),
+params are re-sent with the same value, tags and artifacts overwrite themselves.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.tracking import mlflow_client
+from pipeline.tracking import identity, mlflow_client
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,47 @@ class RunNotDelivered(Exception):
     """A journal names its run by name and that run is not in MLflow yet: retried later."""
 
 
+SYSTEM_METRICS_PREFIX = "system/"   # MLflow's system monitors: their step is a sample index per attempt
+
+
+def latest_steps(client, run_id: str) -> dict[str, int]:
+    """The newest step of each metric of the run (MLflow keeps each metric's latest point with its step)."""
+    run = client.get_run(run_id)
+    latest = getattr(run.data, "_metric_objs", None)
+    if latest is None:   # not exposed by this MLflow: one history call per metric
+        return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+    return {m.key: m.step for m in latest}
+
+
+class StepLedger:
+    """The newest step MLflow holds for each metric of one run. A point at or before it is not sent again:
+    a resumed attempt replays the steps after its checkpoint, a killed attempt's journal may hold steps a
+    later attempt delivered, a rerun of a finished run re-logs its stored evaluation; MLflow would keep
+    each as a second point at the same step. Loaded from the store once per run, advanced as points are
+    batched, dropped after any failed send (and loaded again). Shared by the deliveries into one run.
+    System metrics (a sample index that starts at 0 in every attempt) are not checked."""
+
+    def __init__(self):
+        self.run_id: str | None = None
+        self.steps: dict[str, int] | None = None
+        self.skipped = 0
+
+    def invalidate(self) -> None:
+        self.steps = None
+
+    def keep(self, client, run_id: str | None, metric) -> bool:
+        if run_id is None or metric.key.startswith(SYSTEM_METRICS_PREFIX):
+            return True
+        if self.steps is None or self.run_id != run_id:
+            self.steps, self.run_id = latest_steps(client, run_id), run_id
+        last = self.steps.get(metric.key)
+        if last is not None and metric.step <= last:
+            self.skipped += 1
+            return False
+        self.steps[metric.key] = metric.step
+        return True
+
+
 class JournalWriter:
     """Appends records; `append` costs one json.dumps and one write() so the training loop never waits."""
 
@@ -111,8 +156,14 @@ class Delivery:
     progress made; permanent refusals are written to the rejected file and skipped.
     """
 
-    def __init__(self, directory: Path, jid: str, uri: str | None = None):
+    def __init__(self, directory: Path, jid: str, uri: str | None = None, *, live: bool = False,
+                 superseded: bool = False, ledger: StepLedger | None = None):
+        """`live`: the delivery of a running tracker (its start sets the run RUNNING); `superseded`: a
+        journal older than the run folder's newest (its end record is not applied); `ledger`: shared by
+        the deliveries into one run."""
         self.directory, self.jid = directory, jid
+        self.live, self.superseded = live, superseded
+        self.ledger = ledger if ledger is not None else StepLedger()
         self.path = directory / f"{jid}.jsonl"
         self.state_path = directory / f"{jid}.state.json"
         state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
@@ -184,11 +235,39 @@ class Delivery:
         return self.offset >= self.path.stat().st_size
 
     def deliver_pending(self) -> None:
-        while True:
-            items = self.pending()
-            if not items:
-                return
-            self._deliver(items)
+        try:
+            while True:
+                items = self.pending()
+                if not items:
+                    return
+                self._deliver(items)
+        except Exception:
+            self.ledger.invalidate()   # what MLflow took of a failed send is read back next time
+            raise
+
+    def ended(self) -> bool:
+        """Whether the journal is delivered to its end and its last record ends the run (its tracker
+        finished: FINISHED, FAILED or KILLED)."""
+        if not self.caught_up() or self.path.stat().st_size == 0:
+            return False
+        with open(self.path, "rb") as f:
+            f.seek(max(0, self.path.stat().st_size - 4096))
+            last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        record = _parse(last)
+        return record is not None and record["op"] == "finish"
+
+    def run_file(self, record: dict | None = None) -> Path | None:
+        """The run file of the folder this journal belongs to: the one its start record names, else a
+        run.json beside its folder (journals written before run files existed), else None (a driver's)."""
+        if record is None:
+            with open(self.path, "rb") as f:
+                record = _parse(f.readline()) or {}
+        if record.get("attach_run_id") or record.get("find_run"):
+            return None
+        if record.get("run_file"):
+            return (self.directory / record["run_file"]).resolve()
+        beside = self.directory.parent / identity.RUN_FILE
+        return beside if beside.is_file() else None
 
     def _mlflow(self):
         if self._client is None:
@@ -201,6 +280,8 @@ class Delivery:
             op = record["op"]
             if op in ("metrics", "params", "tags"):
                 for entity in _entities(record):
+                    if entity[0] == "metrics" and not self.ledger.keep(self._mlflow(), self.run_id, entity[1]):
+                        continue
                     if not batch.fits(entity):
                         self._send(batch)
                         batch = _Batch()
@@ -251,6 +332,10 @@ class Delivery:
             return
         self.uri = self.uri or record["uri"]
         c = self._mlflow()
+        run_file = self.run_file(record)
+        if run_file is not None:
+            self.run_id = self._start_folder_run(c, run_file, record)
+            return
         if record.get("attach_run_id"):
             # A driver's later records for a run that exists (a tag, the parent's end): no status change.
             run_id = c.get_run(record["attach_run_id"]).info.run_id
@@ -268,6 +353,20 @@ class Delivery:
             run_id = c.create_run(experiment_id, start_time=record["time"], tags=tags,
                                   run_name=record.get("run_name")).info.run_id
         self.run_id = run_id
+
+    def _start_folder_run(self, c, run_file: Path, record: dict) -> str:
+        """The run folder's one run (identity.resolve_run); a live tracker sets it RUNNING with its tags."""
+        from mlflow.entities import RunTag
+
+        tags = {k: str(v) for k, v in (record.get("tags") or {}).items()}
+        create = {"tags": tags, "run_name": record.get("run_name"), "start_time": record.get("time"),
+                  "parent_run_id": record.get("parent_run_id")}
+        run_id, existed = identity.resolve_run(c, self.uri, run_file, record["experiment"], create=create)
+        if existed and self.live:
+            c.update_run(run_id, status="RUNNING")
+            if tags:
+                c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        return run_id
 
     def _find(self, record: dict) -> str:
         """The run a driver's record names by run name (and parent): created by its own journal, which
@@ -292,7 +391,8 @@ class Delivery:
             elif op == "text":
                 c.log_text(self.run_id, record["text"], record["name"])
             elif op == "finish":
-                c.set_terminated(self.run_id, status=record["status"], end_time=record["time"])
+                if not self.superseded:   # a later attempt of the run ends it
+                    c.set_terminated(self.run_id, status=record["status"], end_time=record["time"])
             else:
                 raise ValueError(f"unknown journal op {op!r} in {self.path}")
         except Exception as error:
@@ -377,17 +477,26 @@ def journal_folders(root: Path) -> list[Path]:
     return sorted(found)
 
 
-COUNTS = ("journals", "delivered", "pending", "rejected", "quarantined", "busy", "failed")
+COUNTS = ("journals", "delivered", "pending", "rejected", "quarantined", "skipped", "busy", "failed", "killed")
 
 
-def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None) -> dict:
+def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None, *, stop_at_outage: bool = False) -> dict:
     """Deliver whatever the journals in `journal_dir`, and in every folder below it, still hold; idempotent.
 
     `uri` overrides the tracking URI recorded when each run started. Journals held by a live tracker are
-    skipped (counted as `busy`). Returns the totals (journals, delivered and pending records, rejected
-    entities, quarantined lines, busy journals, `failed` journals whose server was unreachable) and the
-    same counts for each folder that holds a journal, under `folders`.
+    skipped (counted as `busy`). A run folder that no process writes any more (no busy journal) and whose
+    run is still RUNNING in MLflow (its last attempt was killed) has its run ended KILLED (`killed`).
+    Returns the totals (journals, delivered and pending records, rejected entities, quarantined lines,
+    `skipped` metric points MLflow already held at their step, busy journals, `failed` journals whose
+    server was unreachable, `killed` runs) and the same counts for each folder that holds a journal, under
+    `folders`. `stop_at_outage`: stop at the first unreachable server (a driver's start-up, which should
+    not wait on every journal of a study while the server is down).
     """
+    from pipeline.tracking.config import check_store, check_uri
+
+    if uri is not None:
+        check_uri("--tracking-uri", uri)
+        check_store(uri, "--tracking-uri")
     directory = Path(journal_dir)
     if not directory.is_dir():
         raise ValueError(f"journal_dir {str(directory)!r} is not a directory; pass a run's folder, its tracking "
@@ -404,12 +513,19 @@ def sync_journal(journal_dir: str | os.PathLike, uri: str | None = None) -> dict
         for key in COUNTS:
             totals[key] += counts[key]
         listing.append({"folder": str(folder), **counts})
+        if stop_at_outage and counts["failed"]:
+            log.warning("tracking store unreachable; the journals of %d more folder(s) under %s wait for the next "
+                        "sync", len(folders) - len(listing), directory)
+            break
     return {**totals, "folders": listing}
 
 
 def _sync_folder(directory: Path, uri: str | None) -> dict[str, int]:
     counts = dict.fromkeys(COUNTS, 0)
-    for jid in journal_ids(directory):
+    ids = journal_ids(directory)
+    ledger = StepLedger()   # the journals of one folder deliver into one run (or are a driver's)
+    newest = None
+    for jid in ids:
         counts["journals"] += 1
         lock_path = directory / f"{jid}.lock"
         existed = lock_path.exists()
@@ -418,12 +534,14 @@ def _sync_folder(directory: Path, uri: str | None) -> dict[str, int]:
             counts["busy"] += 1
             continue
         try:
-            delivery = Delivery(directory, jid, uri)
+            delivery = Delivery(directory, jid, uri, ledger=ledger)
+            in_run_folder = delivery.run_file() is not None
+            delivery.superseded = in_run_folder and jid != ids[-1]
             try:
                 delivery.deliver_pending()
                 delivery.quarantine_torn_tail()   # the lock is free: nobody will finish that line
             except Exception as error:
-                if mlflow_client.is_permanent(error):
+                if mlflow_client.is_permanent(error) or isinstance(error, ValueError):
                     raise
                 counts["failed"] += 1
                 log.warning("journal %s: tracking server unreachable: %s", jid, error)
@@ -431,8 +549,35 @@ def _sync_folder(directory: Path, uri: str | None) -> dict[str, int]:
             counts["rejected"] += delivery.rejected
             counts["quarantined"] += delivery.quarantined
             counts["pending"] += delivery.count_pending()
+            if jid == ids[-1] and in_run_folder:
+                newest = delivery
         finally:
             lock.close()
             if not existed:
                 lock_path.unlink(missing_ok=True)   # leave the folder as it was found
+    counts["skipped"] = ledger.skipped
+    if newest is not None and not counts["busy"] and not counts["failed"] and not newest.ended():
+        counts["killed"] = int(_close_abandoned(newest, uri))
     return counts
+
+
+def _close_abandoned(delivery: Delivery, uri: str | None) -> bool:
+    """End the run of a folder nobody writes any more KILLED if it is still RUNNING (its last attempt died
+    without ending it). True when it did."""
+    run_id = delivery.run_id
+    if run_id is None:
+        known = identity.read(delivery.run_file())
+        if known is None or not known.mlflow_run_id or (uri and known.uri not in (None, uri)):
+            return False
+        run_id = known.mlflow_run_id
+    try:
+        closed = identity.close_abandoned(delivery._mlflow(), run_id)
+    except Exception as error:
+        if mlflow_client.is_permanent(error):
+            return False
+        log.warning("could not end the abandoned run %s: %s", run_id, error)
+        return False
+    if closed:
+        log.warning("MLflow run %s of %s was RUNNING with no process writing its folder; ended it KILLED",
+                    run_id, delivery.directory.parent)
+    return closed

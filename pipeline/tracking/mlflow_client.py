@@ -133,20 +133,23 @@ def find_runs(experiment: str, tags: Mapping[str, str] | None = None, uri: str |
 
 
 def log_into_run(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, str], step: int,
-                 uri: str | None = None) -> str | None:
-    """Add metrics (at `step`) and tags to an existing run; None when done, else why it was not (the store
-    unreachable, the run unknown to it)."""
+                 uri: str | None = None) -> tuple[str | None, int]:
+    """Add metrics (at `step`) and tags to an existing run: (None, metrics logged) when done, else (why it
+    was not: the store unreachable, the run unknown to it; 0). A metric the run already holds at `step` or
+    later is not logged again (a second point at one step)."""
     import time
 
     from mlflow.entities import Metric, RunTag
 
+    from pipeline.tracking.journal import latest_steps
+
     try:
         mlflow_client = client(uri)
-        mlflow_client.get_run(run_id)
+        held = latest_steps(mlflow_client, run_id)
         now = int(time.time() * 1000)
-        mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-                                tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        new = [Metric(k, float(v), now, step) for k, v in metrics.items() if held.get(k, -1) < step]
+        mlflow_client.log_batch(run_id, metrics=new, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     except Exception as exc:  # any store failure is reported, not raised: the numbers are printed anyway
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return None
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 0
+    return None, len(new)
 

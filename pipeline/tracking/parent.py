@@ -17,10 +17,12 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+import time
 from pathlib import Path
 
 from pipeline import schema
-from pipeline.tracking.journal import JournalWriter, new_journal_id, now_ms, sync_journal
+from pipeline.tracking.config import check_store
+from pipeline.tracking.journal import JournalWriter, journal_folders, new_journal_id, now_ms, sync_journal
 from pipeline.tracking.version import code_version
 
 log = logging.getLogger(__name__)
@@ -253,17 +255,42 @@ def open_parent(uri: str, experiment: str, tags: dict, run_id: str | None = None
     return start_parent_run(experiment, experiment, tags={**tags, schema.TAG_CODE_VERSION: version}, uri=uri)
 
 
-def deliver_journals(journal_dir: Path | None) -> None:
-    """Deliver what an earlier driver run journaled, when MLflow takes it now (never raises)."""
-    if journal_dir is None or not Path(journal_dir).is_dir():
-        return
+def deliver_journals(journal_dir: Path | None, settle_s: float = 0.0) -> dict | None:
+    """Deliver what earlier runs journaled below `journal_dir` (a driver's own journals, or a whole study or
+    search folder: its runs' too), when MLflow takes it now, and end KILLED the runs nobody writes any more
+    that were left RUNNING; stops at the first unreachable store. With `settle_s`, waits up to that long
+    for journals still held by processes that are ending (trials of a Ray that just stopped). Never raises;
+    returns the counts (None when there was nothing to deliver or it failed)."""
+    if journal_dir is None or not Path(journal_dir).is_dir() or not journal_folders(Path(journal_dir)):
+        return None
+    deadline = time.monotonic() + settle_s
+    while True:
+        try:
+            counts = sync_journal(journal_dir, stop_at_outage=True)
+        except Exception as error:
+            log.warning("could not deliver the journals in %s: %s", journal_dir, error)
+            return None
+        if not counts["busy"] or time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if any(counts[key] for key in ("delivered", "pending", "failed", "killed", "quarantined")):
+        log.warning("journals in %s: %s", journal_dir, {k: v for k, v in counts.items() if k != "folders"})
+    return counts
+
+
+@contextlib.contextmanager
+def run_journals(folder: Path, uri: str | None):
+    """Around a driver's whole run (outside its Ray session): first deliver what its runs' journals below
+    `folder` still hold (attempts killed earlier); at the end, however the driver ends (Ctrl-C and SIGTERM
+    included) and once its Ray has stopped, deliver what the trials left and end KILLED the runs of trials
+    that died (their runs would otherwise stay RUNNING; a rerun that completes them makes them FINISHED)."""
+    if uri:
+        deliver_journals(folder)
     try:
-        counts = sync_journal(journal_dir)
-    except Exception as error:
-        log.warning("could not deliver the journals in %s: %s", journal_dir, error)
-        return
-    if counts["journals"]:
-        log.warning("driver journals in %s: %s", journal_dir, counts)
+        yield
+    finally:
+        if uri:
+            deliver_journals(folder, settle_s=10.0)
 
 
 @contextlib.contextmanager
@@ -274,6 +301,7 @@ def parent_run(uri: str | None, experiment: str, tags: dict, run_id: str | None 
     `run_id` (the runs still nest under it once delivered) or, without one, tracks no parent."""
     opened = None
     if uri:
+        check_store(uri)   # a local store that can never open fails now, not after minutes of retries
         deliver_journals(journal_dir)
         try:
             opened = open_parent(uri, experiment, tags, run_id, find)

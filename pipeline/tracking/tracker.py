@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking.config import RUN_STATUSES, TrackingConfig, check_status, resolve_uri
-from pipeline.tracking.journal import Delivery, JournalWriter, new_journal_id, now_ms, sync_journal
+from pipeline.tracking import identity
+from pipeline.tracking.config import RUN_STATUSES, TrackingConfig, check_status, check_store, resolve_uri
+from pipeline.tracking.journal import (Delivery, JournalWriter, StepLedger, journal_ids, new_journal_id, now_ms,
+                                       sync_journal, try_lock)
 from pipeline.tracking.mlflow_client import PARENT_RUN_TAG, end_run, find_runs, is_permanent, start_parent_run
 
 __all__ = [
@@ -111,30 +114,43 @@ def _param_value(key: str, value: Any) -> str:
 class MlflowTracker(Tracker):
     """Journaled MLflow tracking; see the module docstring. `run_id` is None until the run exists on the
     server (it is created by the delivery thread; the constructor waits up to `start_timeout_s` for the
-    first delivery attempt, so with a reachable server `run_id` is known on return)."""
+    first delivery attempt, so with a reachable server `run_id` is known on return).
+
+    With `run_file` (a training run folder's run.json, see identity.py) the tracker logs into that
+    folder's one MLflow run, and first delivers what earlier attempts of the folder journaled and never
+    delivered (their journals are locked meanwhile, so a concurrent `attamba sync` leaves them alone)."""
 
     def __init__(self, config: TrackingConfig, journal_dir: str | Path | None = None,
-                 tags: Mapping[str, Any] | None = None, start_timeout_s: float = 30.0):
+                 tags: Mapping[str, Any] | None = None, start_timeout_s: float = 30.0,
+                 run_file: str | Path | None = None):
         directory = config.journal_dir or journal_dir
         if directory is None:
             raise ValueError("tracking.journal_dir is not set and no journal_dir was given; "
                              "pass the run's output directory (the journal lives beside its checkpoints)")
         self.config = config
         self.uri = resolve_uri(config.uri)
+        check_store(self.uri)   # a local store that cannot open fails now, not after minutes of retries
         self.journal_dir = Path(directory)
+        ledger = StepLedger()
+        self._adopted = self._adopt(ledger) if run_file is not None else []
         self._writer = JournalWriter(self.journal_dir, new_journal_id())
-        self._delivery = Delivery(self.journal_dir, self._writer.jid, self.uri)
+        self._delivery = Delivery(self.journal_dir, self._writer.jid, self.uri, live=True, ledger=ledger)
         self._finished = False
         self._closing = threading.Event()
         self._abandon = threading.Event()
         self._first_try = threading.Event()  # set once the first delivery attempt ended
         self._fatal: BaseException | None = None
         self._spooled = 0
-        self._writer.append({
-            "op": "start", "uri": self.uri, "experiment": config.experiment, "run_name": config.run_name,
-            "parent_run_id": config.parent_run_id, "resume_run_id": config.resume_run_id,
-            "tags": {_check_key("tag", k): str(v) for k, v in (tags or {}).items()}, "time": now_ms(),
-        })
+        start = {"op": "start", "uri": self.uri, "experiment": config.experiment, "run_name": config.run_name,
+                 "parent_run_id": config.parent_run_id, "resume_run_id": config.resume_run_id,
+                 "tags": {_check_key("tag", k): str(v) for k, v in (tags or {}).items()}, "time": now_ms()}
+        if run_file is not None:
+            known = identity.read(run_file)
+            if known is None:
+                raise ValueError(f"run file {str(run_file)!r} does not exist; create it first (identity.ensure)")
+            start.update(run_key=known.key, run_file=os.path.relpath(Path(run_file).resolve(),
+                                                                     self.journal_dir.resolve()))
+        self._writer.append(start)
         self._thread = threading.Thread(target=self._deliver_loop, name="mlflow-journal", daemon=True)
         self._thread.start()
         self._first_try.wait(start_timeout_s)
@@ -147,6 +163,24 @@ class MlflowTracker(Tracker):
                         self.uri, self.journal_dir)
         self._sampler = _SystemMetricsSampler(self, config.system_metrics_interval_s, self.uri) \
             if config.system_metrics else None
+
+    def _adopt(self, ledger: StepLedger) -> list[tuple[Delivery, object]]:
+        """The undelivered journals of earlier attempts in this folder, oldest first, each locked."""
+        adopted = []
+        if not self.journal_dir.is_dir():
+            return adopted
+        for jid in journal_ids(self.journal_dir):
+            lock = try_lock(self.journal_dir / f"{jid}.lock")
+            if lock is None:
+                continue   # a sync is delivering it right now
+            delivery = Delivery(self.journal_dir, jid, self.uri, superseded=True, ledger=ledger)
+            if delivery.caught_up():
+                lock.close()
+                continue
+            adopted.append((delivery, lock))
+        if adopted:
+            log.warning("delivering %d journal(s) of earlier attempts in %s first", len(adopted), self.journal_dir)
+        return adopted
 
     def _describe_start(self) -> str:
         c = self.config
@@ -209,20 +243,29 @@ class MlflowTracker(Tracker):
             self._abandon.set()
             self._thread.join(1.0)
         self._close_writer()
-        left = self._delivery.count_pending()
+        left = self.pending()
         if left:
             log.warning("%d tracking records not delivered to %s; they are kept in %s: run "
                         "`attamba sync %s` when the server is back", left, self.uri, self.journal_dir,
                         self.journal_dir)
 
     def pending(self) -> int:
-        """Journal records not yet accepted by MLflow."""
-        return self._delivery.count_pending()
+        """Journal records not yet accepted by MLflow (this attempt's and the earlier ones it adopted)."""
+        return self._delivery.count_pending() + sum(d.count_pending() for d, _ in self._adopted)
 
     def _close_writer(self) -> None:
         if not self._thread.is_alive():
             self._writer.close()
-        # else: the thread is stuck in a network call; the process exit releases the lock.
+            for _, lock in self._adopted:
+                lock.close()
+        # else: the thread is stuck in a network call; the process exit releases the locks.
+
+    def _deliver_all(self) -> None:
+        for delivery, _ in self._adopted:
+            if not delivery.caught_up():
+                delivery.deliver_pending()
+                delivery.quarantine_torn_tail()   # its writer is gone: nobody finishes that line
+        self._delivery.deliver_pending()
 
     def _deliver_loop(self) -> None:
         delay = _BACKOFF_MIN_S
@@ -231,10 +274,10 @@ class MlflowTracker(Tracker):
             closing = self._closing.is_set()
             try:
                 self._writer.sync()
-                self._delivery.deliver_pending()
+                self._deliver_all()
                 ok = True
             except Exception as error:
-                if self._delivery.run_id is None and is_permanent(error):
+                if self._delivery.run_id is None and (is_permanent(error) or isinstance(error, ValueError)):
                     self._fatal = error  # e.g. resume_run_id names no run: nothing can ever be delivered
                     log.error("MLflow refused to start the run (%s); the journal in %s keeps every call: %s",
                               self._describe_start(), self.journal_dir, error)
@@ -292,11 +335,12 @@ class _SystemMetricsSampler:
 
 
 def make_tracker(config: TrackingConfig, journal_dir: str | Path | None = None, rank: int = 0,
-                 tags: Mapping[str, Any] | None = None) -> Tracker:
-    """The tracker a process should use: MLflow on rank 0 when enabled, else a no-op."""
+                 tags: Mapping[str, Any] | None = None, run_file: str | Path | None = None) -> Tracker:
+    """The tracker a process should use: MLflow on rank 0 when enabled, else a no-op. `run_file`: the
+    run folder's run.json, whose one MLflow run the tracker logs into."""
     if not config.enabled or rank != 0:
         return NoopTracker()
-    return MlflowTracker(config, journal_dir=journal_dir, tags=tags)
+    return MlflowTracker(config, journal_dir=journal_dir, tags=tags, run_file=run_file)
 
 
 def flatten_config(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]:

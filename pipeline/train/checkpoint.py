@@ -15,6 +15,7 @@ and `latest_checkpoint` passes over a damaged newest checkpoint to the newest va
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ import torch.distributed as dist
 import yaml
 
 from pipeline.data.cache import file_sha256, fsync_path
+from pipeline.train import storage
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +53,57 @@ def checkpoint_root(out_dir: str | Path) -> Path:
 LATER_MODEL_FIELDS = {"iso": None, "sliding_window": False}
 
 
-def config_hash(cfg_dict: dict) -> str:
-    """Hash of what must not change across a resume: model, data, optimizer and batch geometry.
-    Steps, logging, eval and tracking may change (e.g. extending a run)."""
+def resume_key(cfg_dict: dict) -> dict:
+    """What must not change across a resume: model, data, optimizer and batch geometry. Steps, logging,
+    eval and tracking may change (e.g. extending a run)."""
     t = cfg_dict["train"]
     model = {k: v for k, v in cfg_dict["model"].items()
              if not (k in LATER_MODEL_FIELDS and v == LATER_MODEL_FIELDS[k])}
     key = {"model": model, "data": cfg_dict["data"], "optim": cfg_dict["optim"],
            "train": {k: t[k] for k in ("batch_size", "grad_accum", "seed", "precision", "zero_stage")}}
     key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return key
+
+
+def config_hash(cfg_dict: dict) -> str:
+    """Hash of `resume_key(cfg_dict)`, stored in every checkpoint's manifest."""
+    return hashlib.sha256(json.dumps(resume_key(cfg_dict), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _leaves(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, inner in value.items():
+            out.update(_leaves(inner, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _shown(value) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+def config_changes(before: dict, after: dict) -> list[str]:
+    """The fields of `resume_key` that differ between two config dicts, as 'path: old -> new'
+    (e.g. "data.source: 'bundled' -> 'corpus.txt'"); a field only one side has shows as <unset>."""
+    old, new = _leaves(resume_key(before)), _leaves(resume_key(after))
+    missing = object()
+    changes = []
+    for path in sorted(set(old) | set(new)):
+        a, b = old.get(path, missing), new.get(path, missing)
+        if a != b:
+            changes.append(f"{path}: {'<unset>' if a is missing else _shown(a)} -> "
+                           f"{'<unset>' if b is missing else _shown(b)}")
+    return changes
+
+
+def saved_config(directory: Path) -> dict | None:
+    """The config dict a checkpoint (or a run folder) was made with: its config.yaml, None if unreadable."""
+    try:
+        data = yaml.safe_load((Path(directory) / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def write_manifest(directory: Path, step: int, cfg_hash: str, world_size: int = 1, about: dict | None = None) -> None:
@@ -203,24 +246,70 @@ def full_weights(engine) -> dict:
     return engine.module.state_dict()
 
 
+def estimate_bytes(engine, out_dir: Path, tokenizer_path: str | None) -> tuple[int, str]:
+    """(bytes, basis): what the next checkpoint of this run takes on disk (`storage.estimate_bytes`): the
+    newest sealed checkpoint's size, else from the parameter count."""
+    for _, path in reversed(_step_dirs(checkpoint_root(out_dir))):
+        if (path / MANIFEST).is_file():
+            return storage.folder_bytes(path), f"the size of {path.name}"
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    return storage.estimate_bytes(n_params, bool(engine.bfloat16_enabled()), tokenizer_path)
+
+
+def _failed_anywhere(failed: bool) -> bool:
+    flag = torch.tensor([1.0 if failed else 0.0])
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
 def save(engine, out_dir: Path, step: int, client_state: dict, cfg_dict: dict, tokenizer_path: str | None,
          rank: int, *, about: dict | None = None, keep_last: int = 0, keep_steps=()) -> Path:
     """Collective: every rank calls it. Writes and seals the checkpoint (`about`: extra manifest fields),
-    then deletes what `prune` allows. Returns the checkpoint directory."""
+    then deletes what `prune` allows. Returns the checkpoint directory. A save that does not fit raises
+    `StorageFull` on every rank, with the folder's unsealed files deleted."""
     root = checkpoint_root(out_dir)
     tag = step_tag(step)
     directory = root / tag
     if rank == 0 and directory.exists():
         shutil.rmtree(directory)  # a leftover of an interrupted save at the same step
+    need, basis = estimate_bytes(engine, out_dir, tokenizer_path)
+    free_before = storage.free_bytes(root)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
-    weights = full_weights(engine)
+
+    def stage(write) -> None:
+        """`write` on this rank, then every rank learns whether any failed (the all-reduce is also the barrier
+        between the ranks' shards and rank 0's manifest)."""
+        error = None
+        try:
+            write()
+        except Exception as exc:   # on a full disk torch says "unexpected pos" or "iostream error", without errno
+            error = exc
+        if not _failed_anywhere(error is not None):
+            return
+        if rank != 0:
+            raise error or RuntimeError(f"rank 0 could not write checkpoint {directory}; see its error")
+        full = storage.save_failure(error, directory, step, need, basis, free_before)  # deletes the folder
+        if full is None:
+            raise error or RuntimeError(f"another rank could not write checkpoint {directory}; see its error")
+        newest = latest_checkpoint(out_dir)
+        raise storage.StorageFull(errno.ENOSPC, f"{full}, then run the same command again: " + (
+            f"it resumes from {newest.name}" if newest is not None else "it starts over (no checkpoint was sealed)")
+        ) from None
+
+    def shards() -> None:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state)
+        weights = full_weights(engine)
+        if rank == 0:
+            write_model_files(directory, weights, cfg_dict, tokenizer_path)
+
+    def seal() -> None:
+        if rank == 0:
+            (root / "latest").unlink(missing_ok=True)  # DeepSpeed's pointer; we pick by manifest instead
+            write_manifest(directory, step, config_hash(cfg_dict), dist.get_world_size(), about)
+
+    stage(shards)
+    stage(seal)
     if rank == 0:
-        write_model_files(directory, weights, cfg_dict, tokenizer_path)
-    dist.barrier()
-    if rank == 0:
-        (root / "latest").unlink(missing_ok=True)  # DeepSpeed's pointer; we pick by manifest instead
-        write_manifest(directory, step, config_hash(cfg_dict), dist.get_world_size(), about)
         prune(out_dir, step, keep_last, keep_steps)  # only now: the new checkpoint is sealed
     dist.barrier()
     return directory

@@ -26,17 +26,19 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import lock
 from pipeline import schema
 from pipeline.config import RunConfig, dump_yaml, run_config_from_dict
+from pipeline.tracking.config import check_store, resolve_uri
 from pipeline.data.prepare import prepare
 from pipeline.eval.evaluate import evaluate_model
 from pipeline.eval.variants import evaluate_variants, resolve, variant_tags
 from pipeline.train.engine import (GuardedAdamW, build_optimizer, build_scheduler, deepspeed_config,
                                    init_distributed, resolve_device)
-from pipeline.train.run_tracking import log_run_start, open_tracker, remember_run_id
+from pipeline.train import resume, storage
+from pipeline.train.run_tracking import claim_folder, log_run_start, open_tracker, set_aside
 from pipeline.train.throughput import throughput
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = resume.METRICS_FILE
 
 
 class StopTraining(Exception):
@@ -74,6 +76,7 @@ class _Run:
     device: torch.device
     out_dir: Path
     tok_path: str | None                   # tokenizer.json copied into checkpoints
+    run_key: str | None                    # the folder's key (run.json; rank 0), kept in every checkpoint
     variants: list = field(default_factory=list)  # EvalVariants scored (on rank 0) at the final evaluation
 
 
@@ -123,59 +126,7 @@ def _grad_norm(params) -> float:
     return float(torch.stack(grads).norm()) if grads else float("nan")
 
 
-def _check_resume(directory: Path, cfg: RunConfig, cfg_dict: dict, data, world: int) -> dict:
-    """The manifest of `directory` (already verified) if this run may resume from it; ValueError naming
-    what differs otherwise."""
-    manifest = ckpt.read_manifest(directory)
-    where = f"checkpoint {str(directory)!r}"
-    if manifest["config_hash"] != ckpt.config_hash(cfg_dict):
-        raise ValueError(f"{where} was made with another model/data/optim/batch config than this run's; use a "
-                         f"new train.out_dir, or pass resume=False to start over")
-    if manifest.get("world_size", world) != world:
-        raise ValueError(f"{where} was written by {manifest['world_size']} ranks, this run has {world}; exact "
-                         f"resume needs the same world size")
-    made_on = manifest.get("data")
-    if made_on is not None:  # checkpoints made before the data identity was stored are not checked
-        now = _data_identity(data)
-        changed = [f"the {what} is {str(now[key])[:16]} (was {str(made_on.get(key))[:16]})"
-                   for key, what in (("corpus", "corpus content hash"), ("tokenizer", "tokenizer fingerprint"))
-                   if made_on.get(key) != now[key]]
-        if changed:
-            raise ValueError(f"{where} was trained on other data than data.source={cfg.data.source!r} with "
-                             f"data.tokenizer={cfg.data.tokenizer!r} gives now: {'; '.join(changed)}. Resuming "
-                             f"would continue at the same data position with different tokens; restore the data "
-                             f"it was trained on, or use a new train.out_dir to start over")
-    made_for = manifest.get("train_steps", cfg.train.steps)
-    if made_for != cfg.train.steps and not cfg.train.allow_steps_change:
-        raise ValueError(f"{where} was made for train.steps={made_for}, this run has train.steps={cfg.train.steps}: "
-                         f"resuming would reshape the LR schedule; set train.allow_steps_change=true to resume with "
-                         f"the new schedule length, or use a new train.out_dir")
-    return manifest
-
-
-def _data_identity(data) -> dict:
-    """What the tokens of a run depend on: the corpus content and the tokenizer (the data cache's key)."""
-    return {"corpus": data.meta.get("corpus"), "tokenizer": data.meta.get("tokenizer"), "key": data.meta.get("key")}
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep only the rows of `metrics.jsonl` up to `step` (the checkpoint resumed from): the rows a killed
-    attempt wrote after it are trained again. A torn last line goes too."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
-
-
-def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, resume: bool = True) -> dict:
+def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, restart: bool = False) -> dict:
     """Train `cfg` to `cfg.train.steps` optimizer steps; returns the final metrics (rank 0's view) with
     step, start_step (where this call began: a checkpoint's step, or 0), skipped_steps, tokens, out_dir
     and run_id, and this call's timings: first_step_start
@@ -186,34 +137,48 @@ def train(cfg: RunConfig, *, tracker=None, on_eval=None, on_step=None, resume: b
     when it has none) without training. on_eval(step, metrics, checkpoint_dir_or_None) is called on every
     rank after each evaluation (a reporter such as ray.train.report may be a barrier across ranks);
     on_step(step, metrics) likewise at every train.log_every-th step, with the step's loss and tokens/s,
-    for progress displays."""
+    for progress displays.
+
+    restart=True starts the run folder over: what earlier attempts left there (checkpoints, metrics,
+    run file, journals) moves into `out_dir/restarted/<time>/`, and the run gets a new MLflow run."""
     if not isinstance(cfg, RunConfig):
         raise ValueError(f"train() needs a RunConfig, got {type(cfg).__name__}; build one with load_run_config")
     cfg = run_config_from_dict(cfg.to_dict())  # re-checks every field's type, also for configs built in code
     with lock.run_folder(cfg.train.out_dir):  # one writer per run folder: a second train() fails at once
-        return _train(cfg, tracker=tracker, on_eval=on_eval, on_step=on_step, resume=resume)
+        return _train(cfg, tracker=tracker, on_eval=on_eval, on_step=on_step, restart=restart)
 
 
-def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
+def _train(cfg: RunConfig, *, tracker, on_eval, on_step, restart: bool) -> dict:
     t = cfg.train
     device = resolve_device(t.device)
     if t.precision == "bf16" and device.type == "cpu" and t.zero_stage == 0:
         log.warning("bf16 on CPU is slow; fp32 is the usual choice here")
     variants = resolve(cfg.model, cfg.eval.variants)  # a shape-changing variant fails here, before any work
+    if cfg.tracking.enabled:
+        check_store(resolve_uri(cfg.tracking.uri))  # a local store that can never open fails before any work
     rank, world = init_distributed(device)
     data = _on_all_ranks(lambda: prepare(cfg.data, max_seq_len=cfg.model.max_seq_len), rank, "preparing data")
     cfg = replace(cfg, model=replace(cfg.model, vocab_size=data.vocab_size))
     cfg_dict = cfg.to_dict()
     variants = [replace(v, model=replace(v.model, vocab_size=data.vocab_size)) for v in variants]
     out_dir = Path(t.out_dir)
-    found = ckpt.choose_checkpoint(out_dir, rank) if resume else None
-    manifest = _check_resume(found, cfg, cfg_dict, data, world) if found is not None else {"step": 0}
     data.batches("train", t.batch_size, rank, world)  # raises now if a global batch exceeds the split
-    if rank == 0:
+    if restart and rank == 0:
+        set_aside(out_dir, keep=(lock.RUN_LOCK_FILE,))
+    dist.barrier()
+    found = ckpt.choose_checkpoint(out_dir, rank)
+    manifest = resume.check_checkpoint(found, cfg, cfg_dict, data, world) if found is not None else {"step": 0}
+
+    def ready_folder() -> None:
+        if rank != 0:
+            return
+        if found is None:
+            resume.check_fresh_start(out_dir, cfg_dict)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
-        _trim_metrics(out_dir / METRICS_FILE, manifest["step"])
-    dist.barrier()
+        resume.trim_metrics(out_dir / METRICS_FILE, manifest["step"])
+
+    _on_all_ranks(ready_folder, rank, "checking the run folder")
 
     import deepspeed
 
@@ -232,10 +197,10 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, resume: bool) -> dict:
         position = state["data_position"]
         _set_rng_state(state["rng"][rank])
     batches = data.batches("train", t.batch_size, rank, world, start=position)
-    tracker, owned = open_tracker(cfg, out_dir, rank, found is not None, tracker, state.get("mlflow_run_id"))
+    run_key = claim_folder(cfg, out_dir, ckpt.config_hash(cfg_dict), state).key if rank == 0 else None
+    tracker, owned = open_tracker(cfg, out_dir, rank, tracker)
     run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, on_step, rank, world, device,
-               out_dir,
-               getattr(data.tokenizer, "path", None), variants)
+               out_dir, getattr(data.tokenizer, "path", None), run_key, variants)
     try:
         if found is None and rank == 0:
             log_run_start(tracker, cfg, out_dir / "config.yaml", world)
@@ -331,6 +296,7 @@ def _loop(run: _Run, progress: Progress) -> dict:
                desc=cfg.name)
     metrics_file = open(run.out_dir / METRICS_FILE, "a") if run.rank == 0 else None
     last, evaluated = {}, {}
+    _warn_if_no_room(run, progress.step)
     try:
         while progress.step < t.steps:
             if progress.first_step_start is None:
@@ -367,13 +333,13 @@ def _loop(run: _Run, progress: Progress) -> dict:
             if (t.ckpt_every and step % t.ckpt_every == 0) or (final and t.ckpt_every):
                 client = {"step": step, "data_position": run.batches.position,
                           "consecutive_skips": progress.consecutive_skips, "skipped_total": progress.skipped_total,
-                          "rng": _gather_rng(run.world), "mlflow_run_id": tracker.run_id, "world_size": run.world,
-                          "metrics": dict(last), "eval": dict(evaluated) if evaluated_now else {}}
+                          "rng": _gather_rng(run.world), "mlflow_run_id": tracker.run_id, "run_key": run.run_key,
+                          "world_size": run.world, "metrics": dict(last),
+                          "eval": dict(evaluated) if evaluated_now else {}}
                 saved = ckpt.save(run.engine, run.out_dir, step, client, run.cfg_dict, run.tok_path, run.rank,
-                                  about={"train_steps": t.steps, "data": _data_identity(run.data)},
+                                  about={"train_steps": t.steps, "data": resume.data_identity(run.data)},
                                   keep_last=t.keep_last, keep_steps=t.keep_steps)
-                if run.rank == 0:
-                    remember_run_id(run.out_dir, tracker)
+                _warn_if_no_room(run, step)
             if evaluated_now and _report(run, step, evaluated, saved):
                 break
     finally:
@@ -381,6 +347,19 @@ def _loop(run: _Run, progress: Progress) -> dict:
         if metrics_file:
             metrics_file.close()
     return _result(run, progress, {**last, **evaluated})
+
+
+def _warn_if_no_room(run: _Run, step: int) -> None:
+    """On rank 0, a warning when the next checkpoint after `step` will not fit on its disk: early, while
+    there is time to free space (the save itself fails with `storage.StorageFull`)."""
+    t = run.cfg.train
+    if run.rank != 0 or not t.ckpt_every or step >= t.steps:
+        return
+    upcoming = min(t.steps, (step // t.ckpt_every + 1) * t.ckpt_every)
+    need, basis = ckpt.estimate_bytes(run.engine, run.out_dir, run.tok_path)
+    warning = storage.room_warning(ckpt.checkpoint_root(run.out_dir), need, basis, upcoming)
+    if warning:
+        log.warning(warning)
 
 
 def _train_step(run: _Run) -> tuple[float, float, bool]:

@@ -544,7 +544,7 @@ def test_an_error_after_the_checks_keeps_its_traceback(work, monkeypatch):
     """A TypeError from training is a bug, not bad input: it is not turned into a one-line exit 2."""
     import pipeline.train.loop
 
-    def bug(cfg):
+    def bug(cfg, **options):
         raise TypeError("a bug in the run phase")
 
     monkeypatch.setattr(pipeline.train.loop, "train", bug)

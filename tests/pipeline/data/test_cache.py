@@ -84,3 +84,34 @@ def test_a_cache_whose_content_does_not_match_its_hash_is_rebuilt(tmp_path, capl
     final = prepare(config)
     assert final.cache_hit and _digest(final) == good
     assert _cache_entries(config) == [final.directory.name, final.directory.name + ".lock"]
+
+
+def test_a_cached_tokenizer_edited_in_place_is_detected_and_trained_again(tmp_path, caplog):
+    import json
+
+    from pipeline.data.tokenizer import CACHED_HASH_FILE
+
+    config = DataConfig(**{**vars(_config(tmp_path)), "tokenizer": "bpe", "vocab_size": 300})
+    first = prepare(config)
+    path = Path(first.tokenizer.path)
+    trained = path.read_bytes()
+    assert json.loads((path.parent / CACHED_HASH_FILE).read_text())["sha256"] == hashlib.sha256(trained).hexdigest()
+    assert first.meta["tokenizer_sha256"] == hashlib.sha256(trained).hexdigest()   # in the token cache's manifest
+    assert prepare(config).tokenizer_cache_hit
+    # still valid JSON, still a tokenizer, one vocabulary entry renamed: it would tokenize differently
+    spec = json.loads(trained)
+    vocab = spec["model"]["vocab"]
+    name = next(token for token, i in vocab.items() if i == 280)
+    vocab["zzzz"] = vocab.pop(name)
+    path.write_text(json.dumps(spec))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.tokenizer"):
+        again = prepare(config)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert str(path) in warned and "changed after it was trained (sha256" in warned
+    assert not again.tokenizer_cache_hit and path.read_bytes() == trained   # trained again, the same tokenizer
+    assert again.tokenizer.fingerprint == first.tokenizer.fingerprint and _digest(again) == _digest(first)
+    (path.parent / CACHED_HASH_FILE).unlink()   # cut off before its hash was written: not trusted either
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.tokenizer"):
+        assert not prepare(config).tokenizer_cache_hit
+    assert "no SHA-256 recorded" in caplog.text

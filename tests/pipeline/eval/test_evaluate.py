@@ -352,6 +352,6 @@ def test_cli_variants_without_a_tracked_run_say_they_were_not_logged(setup, tmp_
     assert set(printed["eval_variant_tags"]) == {schema.TAG_EVAL_VARIANT_PREFIX + label for label in labels}
     for label in labels:
         assert schema.eval_variant_metric(label, "kv_cache_bytes") in printed
-    assert "not logged: no mlflow_run_id" in captured.err
+    assert "not logged: no MLflow run recorded in" in captured.err
     assert main(["eval", str(directory), "--variant", "ssm.state_dim=64"]) == 2
     assert "may only change the attention setting" in capsys.readouterr().err

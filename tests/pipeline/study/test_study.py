@@ -550,3 +550,49 @@ def test_an_attempt_whose_process_died_is_recorded_as_failed_by_the_next(tmp_pat
     line(event="attempt", run="r", start=300.0, end=310.0, status="finished")  # ended normally: nothing to add
     _close_dead_attempt(tmp_path, "r")
     assert [a["status"] for a in read_attempts(tmp_path) if a["event"] == "attempt"] == ["failed", "failed", "finished"]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_study_its_running_runs_killed_and_a_rerun_finishes_each_once(tmp_path, ray_tmp):
+    """SIGTERM while both runs train: the driver ends the parent KILLED and, once its Ray stopped, delivers what
+    the killed trials journaled and ends their runs KILLED (none left RUNNING). The rerun resumes them into
+    the same runs, FINISHED, every logged step once."""
+    from tests.pipeline.tracking.mlflow_runs import assert_one_run_per_folder, steps
+
+    overrides = ["tokens.tokens=102400"]                       # 400 steps a run
+    specs = expand(load_study(SMOKE, overrides))
+    folders = [tmp_path / "studies" / "smoke" / s.name for s in specs]
+    total, log_every = specs[0].config.train.steps, specs[0].config.train.log_every
+    command = _study_command(tmp_path, *overrides)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=_driver_env(ray_tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def training() -> bool:   # both runs past their first checkpoint, neither finished
+        logged = [len((f / "metrics.jsonl").read_text().splitlines()) if (f / "metrics.jsonl").is_file() else 0
+                  for f in folders]
+        return all(20 <= n < total - 20 for n in logged)
+
+    try:
+        _wait_for(training, proc, 400, "both runs training")
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert_one_run_per_folder(uri, "smoke", folders, status="KILLED")
+    (parent,), _ = _mlflow_children(tmp_path)
+    assert parent.info.status == "KILLED"
+
+    again = subprocess.run(command, cwd=tmp_path, env=_driver_env(ray_tmp), capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["trained"] == 2
+    runs = assert_one_run_per_folder(uri, "smoke", folders)
+    from mlflow import MlflowClient
+
+    for folder, run in runs.items():
+        assert steps(MlflowClient(uri), run.info.run_id, schema.M_LOSS) == list(range(log_every, total + 1, log_every))
+        assert json.loads((folder / DONE_FILE).read_text())["result"]["start_step"] > 0, "resumed, not restarted"
+    _assert_each_run_once(tmp_path, [s.name for s in specs])

@@ -338,7 +338,8 @@ def test_server_down_until_after_finish_then_sync(server, tmp_path):
     assert sync_journal(tmp_path)["failed"] == 1  # still down: nothing lost, nothing sent
     server.start()
     first = sync_journal(tmp_path)
-    counts = {"journals": 1, "delivered": 33, "pending": 0, "rejected": 0, "quarantined": 0, "busy": 0, "failed": 0}
+    counts = {"journals": 1, "delivered": 33, "pending": 0, "rejected": 0, "quarantined": 0, "skipped": 0, "busy": 0,
+              "failed": 0, "killed": 0}
     assert first == {**counts, "folders": [{"folder": str(tmp_path), **counts}]}
     second = sync_journal(tmp_path)
     assert second["delivered"] == 0 and second["pending"] == 0

@@ -34,6 +34,14 @@ def tiny(out_dir, *overrides):
             f"train.out_dir={out_dir}", "eval.batches=4", "tracking.enabled=false", *overrides]
 
 
+# `python -c TRAIN_CHILD overrides...`: one `train` in a process of its own (logging at INFO on stderr, the
+# result's JSON on the last stdout line), for tests that kill it at a chosen moment
+TRAIN_CHILD = ("import json, logging, sys, torch; torch.set_num_threads(1); "
+               "logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
+               "from pipeline.config import load_run_config; from pipeline.train.loop import train; "
+               "print(json.dumps(train(load_run_config(None, sys.argv[1:]))))")
+
+
 def rows(out_dir) -> list[dict]:
     """metrics.jsonl, one dict per line."""
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -3,6 +3,7 @@ previous one, and the resume checks on the data and the step count."""
 
 import json
 import logging
+import os
 import random
 import subprocess
 import sys
@@ -88,13 +89,59 @@ def test_changed_data_under_a_checkpoint_is_refused(env, change):
     assert train(cfg)["step"] == 2            # the same data resumes (here: at the end)
     if change == "corpus":
         _write_corpus(corpus, 1, n_docs=5)    # new files in the source folder
-        expected = "corpus content hash"
+        expected = "corpus hash: "
     else:
         _bpe_file(tokenizer, 1)               # same path, same vocabulary size, other merges
-        expected = "tokenizer fingerprint"
+        expected = "tokenizer fingerprint: "
     with pytest.raises(ValueError, match=f"trained on other data than data.source='{corpus}'") as error:
         train(cfg)
-    assert expected in str(error.value) and "train.out_dir" in str(error.value)
+    assert expected in str(error.value) and " -> " in str(error.value) and "train.out_dir" in str(error.value)
+    assert "--restart" in str(error.value)
+
+
+def test_a_changed_config_is_refused_naming_each_field_and_restart_starts_the_folder_over(env, capsys):
+    from pipeline.cli import build_parser, main
+    from tests.pipeline.tracking.mlflow_runs import assert_one_run_per_folder
+
+    out = env / "run"
+    base = tiny(out, "train.steps=4", "train.ckpt_every=2", "train.eval_every=0", "tracking.enabled=true")
+    first = train(load_run_config(None, base))
+    changed = [*base, "model.leading_tokens=2", "optim.lr=0.001"]
+    with pytest.raises(ValueError) as error:
+        train(load_run_config(None, changed))
+    text = str(error.value)
+    assert "model.leading_tokens: 4 -> 2" in text and "optim.lr: 0.005 -> 0.001" in text
+    assert "model.chunk_size" not in text and "--restart" in text and "\n" not in text
+    # the CLI says it in one line, exit 2, before any training; --restart is one of its options
+    config = env / "run.yaml"
+    config.write_text("name: run\n")
+    assert main(["train", str(config), *changed]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("attamba")]   # MLflow logs its own lines
+    assert line.startswith("attamba train: error: checkpoint") and "model.leading_tokens: 4 -> 2" in line
+    assert "Traceback" not in err
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    assert "--restart" in help_text and "start the run folder over" in help_text
+    # restart: the earlier attempt moves aside (with its checkpoints, metrics and journals) and keeps its
+    # MLflow run; the folder trains from step 0 into a new one
+    again = train(load_run_config(None, changed), restart=True)
+    assert again["start_step"] == 0 and again["step"] == 4 and again["run_id"] != first["run_id"]
+    (moved,) = (out / "restarted").iterdir()
+    assert ckpt.verify(moved / "checkpoints" / "step_00000004")["step"] == 4 and (moved / "metrics.jsonl").is_file()
+    assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
+    runs = assert_one_run_per_folder(os.environ["MLFLOW_TRACKING_URI"], "attamba", [out, moved])
+    assert runs[moved].info.run_id == first["run_id"]
+
+
+def test_a_folder_without_a_checkpoint_keeps_its_config_once_steps_were_logged(env):
+    out = env / "fresh"
+    base = tiny(out, "train.steps=2", "train.ckpt_every=0", "train.eval_every=0")
+    train(load_run_config(None, base))
+    assert train(load_run_config(None, base))["start_step"] == 0      # the same settings start over
+    with pytest.raises(ValueError, match=r"holds steps of an attempt with another config .*"
+                                         r"data.seq_len: 64 -> 32.*--restart"):
+        train(load_run_config(None, [*base, "data.seq_len=32"]))
+    assert train(load_run_config(None, [*base, "data.seq_len=32"]), restart=True)["step"] == 2
 
 
 def test_changed_steps_is_refused_unless_allowed(env):

@@ -1,6 +1,6 @@
 """A finished run stays finished: the final evaluation is stored with the final checkpoint, a run killed
-during it completes on rerun with its metrics in the result and in MLflow, and a resumed run continues
-its own MLflow run and its own metrics.jsonl."""
+during it completes on rerun with its metrics in the result and in MLflow (one run, each step once), and a
+resumed run continues its own MLflow run and its own metrics.jsonl."""
 
 import json
 import logging
@@ -18,13 +18,11 @@ from pipeline.config import load_run_config
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.loop import StopTraining, train
 from pipeline.tracking.tracker import sync_journal
-from pipeline.train.run_tracking import RUN_ID_FILE
-from tests.pipeline.train.runs import cache, child_env, env, rows, tiny  # noqa: F401 (fixtures)
+from pipeline.tracking import identity
+from tests.pipeline.tracking.mlflow_runs import assert_one_run_per_folder
+from tests.pipeline.train.runs import TRAIN_CHILD, cache, child_env, env, rows, tiny  # noqa: F401 (fixtures)
 
-CHILD = ("import json, logging, sys, torch; torch.set_num_threads(1); "
-         "logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
-         "from pipeline.config import load_run_config; from pipeline.train.loop import train; "
-         "print(json.dumps(train(load_run_config(None, sys.argv[1:]))))")
+CHILD = TRAIN_CHILD
 
 
 def _mlflow():
@@ -54,7 +52,7 @@ def test_sigkill_during_the_final_evaluation_then_rerun_has_the_final_metrics(en
     assert proc.wait(60) == -signal.SIGKILL, "".join(seen[-30:])
     # killed inside the final evaluation: no final checkpoint, no val/* at step 8 in MLflow
     assert not (out / "checkpoints" / "step_00000008" / ckpt.MANIFEST).exists()
-    run_id = (out / RUN_ID_FILE).read_text().strip()
+    run_id = identity.read(out / identity.RUN_FILE).mlflow_run_id
     client = _mlflow()
     assert 8 not in _steps(client, run_id, schema.M_VAL_LOSS)
 
@@ -65,20 +63,22 @@ def test_sigkill_during_the_final_evaluation_then_rerun_has_the_final_metrics(en
     assert schema.M_VAL_LOSS in result and schema.M_VAL_PPL in result
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags[schema.TAG_STATUS] == "finished"
-    assert 8 in _steps(client, run_id, schema.M_VAL_LOSS)
-    # what the killed attempt journaled but had not delivered (step 4's evaluation) arrives with a sync
-    sync_journal(out / "tracking")
+    # what the killed attempt journaled but had not delivered (step 4's evaluation, its last steps) was
+    # delivered by the rerun itself, and the steps it replayed from the checkpoint are there once
     assert _steps(client, run_id, schema.M_VAL_LOSS) == [4, 8]
+    assert _steps(client, run_id, schema.M_LOSS) == list(range(1, 9))
     assert run.data.metrics[schema.M_VAL_LOSS] == pytest.approx(result[schema.M_VAL_LOSS], rel=1e-12)
-    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert_one_run_per_folder(os.environ["MLFLOW_TRACKING_URI"], "attamba", [out])
     assert [r["step"] for r in rows(out)] == list(range(1, 9))
+    counts = sync_journal(out / "tracking")
+    assert counts["delivered"] == counts["pending"] == counts["killed"] == 0
 
-    # a finished run, run again: the stored final evaluation, no training, the same MLflow run
+    # a finished run, run again: the stored final evaluation, no training, the same MLflow run, no second point
     torch.set_num_threads(1)
     again = train(load_run_config(None, command[3:]))
     assert again["step"] == again["start_step"] == 8 and again["steps_s"] == 0 and again["run_id"] == run_id
     assert again[schema.M_VAL_LOSS] == result[schema.M_VAL_LOSS]
-    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_one_run_per_folder(os.environ["MLFLOW_TRACKING_URI"], "attamba", [out])
 
 
 def test_a_final_checkpoint_without_stored_metrics_is_evaluated_again(env, caplog):
@@ -103,7 +103,7 @@ def test_a_final_checkpoint_without_stored_metrics_is_evaluated_again(env, caplo
 
 
 def test_resume_continues_its_mlflow_run_from_the_checkpoint_and_trims_metrics(env):
-    """The run id file is what a slow server at start leaves missing: the checkpoint's id is used."""
+    """A lost run file is restored from the checkpoint: its key and MLflow run id."""
     out = env / "run"
     cfg = load_run_config(None, tiny(out, "train.steps=6", "train.ckpt_every=2", "train.eval_every=3",
                                      "tracking.enabled=true"))
@@ -113,10 +113,12 @@ def test_resume_continues_its_mlflow_run_from_the_checkpoint_and_trims_metrics(e
 
     first = train(cfg, on_eval=stop)
     assert first["step"] == 3 and [r["step"] for r in rows(out)] == [1, 2, 3]
-    (out / RUN_ID_FILE).unlink()
+    key = identity.read(out / identity.RUN_FILE).key
+    (out / identity.RUN_FILE).unlink()
     second = train(cfg)
     assert second["step"] == 6 and second["start_step"] == 2 and second["run_id"] == first["run_id"]
-    assert (out / RUN_ID_FILE).read_text() == first["run_id"]
+    assert identity.read(out / identity.RUN_FILE).mlflow_run_id == first["run_id"]
+    assert identity.read(out / identity.RUN_FILE).key == key   # both restored from the checkpoint
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]   # step 3 of the first attempt is gone
     client = _mlflow()
     run = client.get_run(first["run_id"])
