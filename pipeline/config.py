@@ -109,10 +109,11 @@ class EvalConfig:
     def __post_init__(self):
         at_least("eval.batches", self.batches, 0, integer=True)
         at_least("eval.paper_tail", self.paper_tail, 2, integer=True)
-        for i, n in enumerate(self.mqar_lengths):
-            at_least(f"eval.mqar_lengths[{i}]", n, 8, integer=True)
-        at_least("eval.mqar_examples", self.mqar_examples, 1, integer=True)
         at_least("eval.mqar_pairs", self.mqar_pairs, 1, integer=True)
+        for i, n in enumerate(self.mqar_lengths):   # 2 tokens per pair, then each key queried at its own position
+            at_least(f"eval.mqar_lengths[{i}]", n, max(8, 4 * self.mqar_pairs), integer=True,
+                     fix=f"4 x eval.mqar_pairs={self.mqar_pairs} at least; raise it or lower eval.mqar_pairs")
+        at_least("eval.mqar_examples", self.mqar_examples, 1, integer=True)
         integer("eval.seed", self.seed)
         checked = tuple(check_variant(v, f"eval.variants[{i}]") for i, v in enumerate(self.variants))
         object.__setattr__(self, "variants", checked)
