@@ -22,7 +22,7 @@ from attamba.config import ModelConfig
 from attamba.presets import PRESETS, model_config
 from attamba.variants import check_variant
 
-from pipeline.data.prepare import DataConfig
+from pipeline.data.prepare import MQAR_SOURCE, DataConfig
 from pipeline.tracking.config import TrackingConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -135,6 +135,9 @@ class RunConfig:
         if self.model.max_seq_len < self.data.seq_len:
             fail("data.seq_len", self.data.seq_len, f"<= model.max_seq_len ({self.model.max_seq_len})",
                  "lower data.seq_len or raise model.max_seq_len")
+        if self.eval.paper_metric and self.data.source == MQAR_SOURCE:
+            fail("eval.paper_metric", True, f"false with data.source={MQAR_SOURCE}",
+                 "the paper's metric scores text documents; an MQAR run logs val/recall")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -258,7 +261,9 @@ def check_fits_in_memory(config: RunConfig, available: int | None = None) -> Non
     model = config.model
     # a BPE tokenizer trained here sets the model's vocabulary to data.vocab_size
     vocab, vocab_field = model.vocab_size, "model.vocab_size"
-    if config.data.tokenizer == "bpe" and config.data.vocab_size > vocab:
+    if config.data.source == MQAR_SOURCE:   # so does data.mqar.vocab_size for the MQAR task
+        vocab, vocab_field = config.data.mqar.vocab_size, "data.mqar.vocab_size"
+    elif config.data.tokenizer == "bpe" and config.data.vocab_size > vocab:
         vocab, vocab_field = config.data.vocab_size, "data.vocab_size"
     params = costs.param_count(dataclasses.replace(model, vocab_size=vocab), non_embedding=False)
     available = memory_bytes() if available is None else available

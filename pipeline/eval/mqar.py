@@ -1,8 +1,8 @@
 """MQAR recall (Zoology's multi-query associative recall, pipeline/data/mqar.py): scoring a model on it.
 
-The probe `mqar_accuracy` (eval.mqar_lengths: a language model scored on seeded MQAR sequences of other
-lengths, val/mqar_acc_T<length>); `recall`: the loss on the answers, recall overall and by key-query
-distance bucket.
+Two uses: the probe `mqar_accuracy` (eval.mqar_lengths: a language model scored on seeded MQAR sequences
+of other lengths, val/mqar_acc_T<length>), and `evaluate_recall`, the evaluation of a run trained on
+`data.source: mqar`: the loss on the answers, recall overall and by key-query distance bucket.
 """
 
 from __future__ import annotations
@@ -68,6 +68,16 @@ def recall_metrics(result: dict, split: str = "validation") -> dict[str, float]:
     for (lo, hi), (right, count) in result["buckets"].items():
         out[schema.recall_distance_metric(split, lo, hi)] = right / count
     return out
+
+
+def evaluate_recall(model, data, split: str = "validation", batch_size: int = 8, max_batches: int = 0,
+                    device="cpu") -> dict[str, float]:
+    """recall_metrics of `model` on the fixed `split` set of an MQAR source (pipeline.data.mqar_source);
+    max_batches=0 scores the whole set, else its first max_batches * batch_size sequences."""
+    examples = data.examples(split)
+    if max_batches:
+        examples = MQAR(*(t[:max_batches * batch_size] for t in examples))
+    return recall_metrics(recall(model, examples, batch_size, device), split)
 
 
 @torch.no_grad()
