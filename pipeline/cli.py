@@ -151,7 +151,10 @@ def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100,
     from attamba.generate import generate
     from pipeline.train.checkpoint import load_model, resolve_checkpoint
 
-    model, _, tokenizer = load_model(resolve_checkpoint(checkpoint))
+    model, cfg, tokenizer = load_model(resolve_checkpoint(checkpoint))
+    if tokenizer is None:
+        raise ValueError(f"{checkpoint} was trained on data.source={cfg.data.source}, whose tokens are not text; "
+                         f"score it with `attamba eval {checkpoint}` instead")
     model.compile_decoding(compile)
     ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
     new: list[int] = []

@@ -24,7 +24,7 @@ from attamba.presets import PRESETS, model_config
 from attamba.variants import check_variant
 
 from pipeline import yamlio
-from pipeline.data.prepare import DataConfig
+from pipeline.data.prepare import MQAR_SOURCE, DataConfig
 from pipeline.tracking.config import TrackingConfig
 
 PRECISIONS = ("fp32", "bf16")
@@ -112,10 +112,11 @@ class EvalConfig:
     def __post_init__(self):
         at_least("eval.batches", self.batches, 0, integer=True)
         at_least("eval.paper_tail", self.paper_tail, 2, integer=True)
-        for i, n in enumerate(self.mqar_lengths):
-            at_least(f"eval.mqar_lengths[{i}]", n, 8, integer=True)
-        at_least("eval.mqar_examples", self.mqar_examples, 1, integer=True)
         at_least("eval.mqar_pairs", self.mqar_pairs, 1, integer=True)
+        for i, n in enumerate(self.mqar_lengths):   # 2 tokens per pair, then each key queried at its own position
+            at_least(f"eval.mqar_lengths[{i}]", n, max(8, 4 * self.mqar_pairs), integer=True,
+                     fix=f"4 x eval.mqar_pairs={self.mqar_pairs} at least; raise it or lower eval.mqar_pairs")
+        at_least("eval.mqar_examples", self.mqar_examples, 1, integer=True)
         seed("eval.seed", self.seed)
         checked = tuple(check_variant(v, f"eval.variants[{i}]") for i, v in enumerate(self.variants))
         object.__setattr__(self, "variants", checked)
@@ -148,6 +149,9 @@ class RunConfig:
                 fail("model.leading_tokens", self.model.leading_tokens, f"<= data.seq_len ({T})",
                      f"L = {T - 1} already means full causal attention over the sequence (model.pseudo_chunk=true is "
                      f"the paper's L = T ablation)")
+        if self.eval.paper_metric and self.data.source == MQAR_SOURCE:
+            fail("eval.paper_metric", True, f"false with data.source={MQAR_SOURCE}",
+                 "the paper's metric scores text documents; an MQAR run logs val/recall")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -275,7 +279,9 @@ def check_fits_in_memory(config: RunConfig, available: int | None = None) -> Non
     model = config.model
     # a BPE tokenizer trained here sets the model's vocabulary to data.vocab_size
     vocab, vocab_field = model.vocab_size, "model.vocab_size"
-    if config.data.tokenizer == "bpe" and config.data.vocab_size > vocab:
+    if config.data.source == MQAR_SOURCE:   # so does data.mqar.vocab_size for the MQAR task
+        vocab, vocab_field = config.data.mqar.vocab_size, "data.mqar.vocab_size"
+    elif config.data.tokenizer == "bpe" and config.data.vocab_size > vocab:
         vocab, vocab_field = config.data.vocab_size, "data.vocab_size"
     params = costs.param_count(dataclasses.replace(model, vocab_size=vocab), non_embedding=False)
     available = memory_bytes() if available is None else available

@@ -45,11 +45,16 @@ M_VAL_PPL = "val/ppl"
 M_VAL_BPB = "val/bpb"
 M_VAL_TOKENS = "val/tokens"        # targets the evaluation scored (the final one scores the whole split)
 M_MQAR_PREFIX = "val/mqar_acc_T"   # followed by the context length, e.g. "val/mqar_acc_T256"
+# Runs trained on data.source=mqar log val/loss (nats on the answers), val/tokens (answers scored) and, instead
+# of ppl and bpb, recall: overall and per key-query distance bucket (lo-hi inclusive, log-spaced: 1-8, 9-32, ...)
+M_VAL_RECALL = "val/recall"
+RECALL_DISTANCE = "recall_d"       # val/recall_d9-32: recall of the queries 9 to 32 tokens after their key
 SPLIT_PREFIXES = {"validation": "val", "test": "test"}   # metric names say their split: val/ppl, test/ppl
 
 
 def split_metric(split: str, name: str) -> str:
-    """The metric `name` ('loss', 'ppl', 'bpb', 'tokens') on `split`: split_metric('test', 'ppl') = 'test/ppl'."""
+    """The metric `name` ('loss', 'ppl', 'bpb', 'tokens', 'recall') on `split`: split_metric('test', 'ppl') =
+    'test/ppl'."""
     return f"{SPLIT_PREFIXES[split]}/{name}"
 
 
@@ -87,6 +92,12 @@ def parse_loss_pos(name: str) -> tuple[int, int] | None:
     return (int(first), int(last)) if sep and first.isdigit() and last.isdigit() else None
 
 
+def recall_distance_metric(split: str, lo: int, hi: int) -> str:
+    """Recall of the queries lo..hi tokens after their key: recall_distance_metric('validation', 9, 32) =
+    'val/recall_d9-32'."""
+    return split_metric(split, f"{RECALL_DISTANCE}{lo}-{hi}")
+
+
 # Evaluation variants: the trained weights evaluated under another attention setting (other P, L or
 # boundaries for Attamba; a sliding window for a transformer). Each has a label, the ModelConfig.variant()
 # of the model it was evaluated as, e.g. "attamba-P16-L8-cyclic" or "swa-W33"; per label the run holds
@@ -95,7 +106,8 @@ def parse_loss_pos(name: str) -> tuple[int, int] | None:
 #          loss by position, evalvar/<label>/loss_pos_<first>-<last> (position_buckets)
 TAG_EVAL_VARIANT_PREFIX = "eval_variant."
 M_EVAL_VARIANT_PREFIX = "evalvar/"
-EVAL_VARIANT_METRICS = ("loss", "ppl", "bpb", "kv_cache_bytes", "attn_flops_per_token")
+EVAL_VARIANT_METRICS = ("loss", "ppl", "bpb", "recall", "kv_cache_bytes", "attn_flops_per_token")  # recall on
+                                                                    # MQAR runs only, which have no ppl or bpb
 
 
 def eval_variant_metric(label: str, name: str) -> str:

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from attamba.checks import boolean, fail, in_range, integer, seed, text
 from pipeline.data import cache as data_cache
 from pipeline.data import sources as data_sources
 from pipeline.data.loader import TrainBatches, eval_batches, num_sequences
+from pipeline.data.mqar_source import SOURCE as MQAR_SOURCE, MQARConfig, MQARData, check as check_mqar
 from pipeline.data.sources import SPLITS
 from pipeline.data.tokenizer import MIN_BPE_VOCAB, build_tokenizer
 
@@ -32,7 +33,8 @@ CACHE_ENV = "ATTAMBA_CACHE"
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "bundled"          # "bundled" | hub name ("owner/name[:config]" or alias) | file, directory or glob
+    source: str = "bundled"          # "bundled" | "mqar" (synthetic recall task, data.mqar) | hub name
+                                     # ("owner/name[:config]" or alias) | file, directory or glob
     text_field: str = "text"         # column holding the text in jsonl/parquet/hub rows
     tokenizer: str = "bpe"           # "bpe" (trained on the train split) | "byte" | path to a tokenizer.json
     vocab_size: int = 4096           # BPE vocabulary size, special tokens included (ignored by the others)
@@ -43,6 +45,9 @@ class DataConfig:
     cache_dir: str | None = None     # None: $ATTAMBA_CACHE, else ./.cache/attamba
     max_documents: int | None = None  # keep at most this many documents (hub sources: 100k when None)
     progress: bool = True            # tqdm bars for long steps (shown only on a terminal)
+    # source=mqar only: pairs, vocabulary (the model's), query gap law, validation set size; seq_len is T, seed
+    # seeds the training stream and the fixed validation and test sets. The text fields above are unused.
+    mqar: MQARConfig = field(default_factory=MQARConfig)
 
     def __post_init__(self):
         for name in ("source", "text_field", "tokenizer"):
@@ -63,6 +68,11 @@ class DataConfig:
         integer("max_documents", self.max_documents, 1, or_none=True)
         text("cache_dir", self.cache_dir, or_none=True, fix="a folder path, or None for the default")
         boolean("progress", self.progress)
+        if self.source == MQAR_SOURCE:
+            check_mqar(self.mqar, self.seq_len)
+        elif self.mqar != MQARConfig():
+            fail("mqar", asdict(self.mqar), f"left out with source={self.source!r}", f"it sets the synthetic task "
+                 f"of source={MQAR_SOURCE!r}; remove data.mqar or set data.source={MQAR_SOURCE}")
 
 
 def cache_root(config: DataConfig) -> Path:
@@ -184,6 +194,8 @@ def _early_checks(config: DataConfig, max_seq_len: int | None, root: Path) -> No
             f"seq_len={config.seq_len} exceeds the model's max_seq_len={max_seq_len}; "
             f"lower data.seq_len or raise the model's max_seq_len"
         )
+    if config.source == MQAR_SOURCE:
+        return
     if config.tokenizer not in ("bpe", "byte") and not os.path.isfile(config.tokenizer):
         raise ValueError(f"tokenizer={config.tokenizer!r} does not exist; give a tokenizer.json path, 'bpe' or 'byte'")
     if data_sources.source_kind(config.source) == "hub":
@@ -195,10 +207,13 @@ def _file_digest(path: str | None) -> str | None:
     return data_cache.file_sha256(Path(path)) if path and os.path.isfile(path) else None
 
 
-def prepare(config: DataConfig, max_seq_len: int | None = None) -> PreparedData:
-    """Read, split, tokenize, pack and cache; raise ValueError on any problem before training starts."""
+def prepare(config: DataConfig, max_seq_len: int | None = None) -> PreparedData | MQARData:
+    """Read, split, tokenize, pack and cache; raise ValueError on any problem before training starts.
+    For source=mqar: the synthetic task's streams (MQARData), nothing read or cached."""
     root = cache_root(config)
     _early_checks(config, max_seq_len, root)
+    if config.source == MQAR_SOURCE:
+        return MQARData(config)
     raw = _read_documents(config, root)
     docs = [d for d in raw if d.strip()]
     if not docs:

@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipeline.data.mqar_source import SOURCE as MQAR
+
 SPLITS = ("train", "validation", "test")
 BUNDLED = "bundled"
 
@@ -40,9 +42,10 @@ _WIKITEXT_TITLE = re.compile(r"^ = [^=].* = \n?$")
 
 
 def source_kind(source: str) -> str:
-    """Classify a `DataConfig.source` string as "bundled", "local" or "hub"."""
-    if source == BUNDLED:
-        return "bundled"
+    """Classify a `DataConfig.source` string as "bundled", "mqar" (synthetic, pipeline/data/mqar_source.py),
+    "local" or "hub"."""
+    if source in (BUNDLED, MQAR):
+        return source
     if source in HUB_ALIASES:
         return "hub"
     looks_local = (

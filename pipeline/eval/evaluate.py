@@ -1,4 +1,5 @@
-"""Held-out evaluation: token perplexity, bits per byte, the paper's tail metric, MQAR recall.
+"""Held-out evaluation: token perplexity, bits per byte, the paper's tail metric, MQAR recall (the probe, and
+the recall of runs trained on data.source=mqar).
 
 Bits per byte = total nats / (ln 2 * UTF-8 bytes of the evaluated text), with every predicted token
 (EOS included) in the numerator, so it is comparable across tokenizers. The model is put in eval mode
@@ -16,6 +17,7 @@ import torch
 from pipeline import schema
 from pipeline.data.prepare import bits_per_byte
 from pipeline.data.loader import num_sequences
+from pipeline.data.mqar_source import MQARData
 
 
 def _windows(n_tokens: int, seq_len: int) -> list[tuple[int, int]]:
@@ -114,15 +116,20 @@ def paper_metric(model, documents: list[np.ndarray], tail: int, device="cpu") ->
 def evaluate_model(model, data, eval_cfg, batch_size: int, device="cpu", full: bool = False,
                    split: str = "validation", paper: bool | None = None) -> dict[str, float]:
     """The metrics a run logs (names from pipeline.schema) for one evaluation: loss, ppl, bpb and the number
-    of targets scored, named by their split (val/ppl, test/ppl); full=True scores the whole split, else
-    the first eval_cfg.batches batches. A whole-split evaluation also gives the loss by position in the
-    context (val/loss_pos_1-8, ...: schema.position_buckets), from the same forward passes."""
-    from pipeline.eval.mqar import mqar_accuracy
+    of targets scored, named by their split (val/ppl, test/ppl); for an MQAR source (data.source=mqar)
+    loss, recall and recall by key-query distance instead (pipeline.eval.mqar.evaluate_recall). full=True
+    scores the whole split, else the first eval_cfg.batches batches. A whole-split evaluation of text also
+    gives the loss by position in the context (val/loss_pos_1-8, ...: schema.position_buckets), from the same
+    forward passes."""
+    from pipeline.eval.mqar import evaluate_recall, mqar_accuracy
 
-    res = evaluate_split(model, data, split, batch_size, 0 if full else eval_cfg.batches, device)
-    out = {schema.split_metric(split, name): res[name] for name in ("loss", "ppl", "bpb", "tokens")}
-    if full:
-        out.update({schema.split_metric(split, name): v for name, v in res["by_position"].items()})
+    if isinstance(data, MQARData):   # a recall task: loss on the answers, recall by distance; no text metrics
+        out = evaluate_recall(model, data, split, batch_size, 0 if full else eval_cfg.batches, device)
+    else:
+        res = evaluate_split(model, data, split, batch_size, 0 if full else eval_cfg.batches, device)
+        out = {schema.split_metric(split, name): res[name] for name in ("loss", "ppl", "bpb", "tokens")}
+        if full:
+            out.update({schema.split_metric(split, name): v for name, v in res["by_position"].items()})
     if eval_cfg.paper_metric if paper is None else paper:
         pm = paper_metric(model, data.document_tokens(split), eval_cfg.paper_tail, device)
         out[schema.split_metric(split, "paper_ppl")] = pm["paper_ppl"]
@@ -156,13 +163,17 @@ def evaluate_checkpoint(path, split: str = "validation", paper_metric: bool = Fa
     tail = paper_tail if paper_tail is not None else min(cfg.eval.paper_tail, cfg.model.max_seq_len)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, paper_tail=tail))
     data = prepare(cfg.data, max_seq_len=cfg.model.max_seq_len)
+    if paper_metric and isinstance(data, MQARData):
+        raise ValueError(f"--paper-metric scores text documents; {str(path)!r} was trained on data.source="
+                         f"{cfg.data.source} (its evaluation is recall): run it without --paper-metric")
     fingerprint = getattr(tokenizer, "fingerprint", None)
-    if fingerprint != data.tokenizer.fingerprint:
+    if not isinstance(data, MQARData) and fingerprint != data.tokenizer.fingerprint:
         raise ValueError(f"checkpoint {str(path)!r} was trained with another tokenizer than data.tokenizer="
                          f"{cfg.data.tokenizer!r} now builds; evaluate with the checkpoint's data settings")
     metrics = evaluate_model(model, data, cfg.eval, batch_size, device, full=True, split=split,
                              paper=paper_metric or cfg.eval.paper_metric)
-    metrics["n_sequences"] = num_sequences(len(data.tokens(split)), cfg.data.seq_len)
+    metrics["n_sequences"] = (len(data.examples(split).inputs) if isinstance(data, MQARData)
+                              else num_sequences(len(data.tokens(split)), cfg.data.seq_len))
     if resolved:
         metrics.update(evaluate_variants(model.state_dict(), resolved, data, batch_size, device))
         metrics["eval_variant_tags"] = variant_tags(resolved)

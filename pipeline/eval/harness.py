@@ -27,7 +27,10 @@ class AttambaEvalLM(LM):
     def from_checkpoint(cls, path, device="cpu") -> "AttambaEvalLM":
         from pipeline.train.checkpoint import load_model
 
-        model, _, tokenizer = load_model(path, device)
+        model, cfg, tokenizer = load_model(path, device)
+        if tokenizer is None:
+            raise ValueError(f"{path} was trained on data.source={cfg.data.source}, whose tokens are not text; "
+                             f"lm-eval tasks need a language model (score it with `attamba eval` without --lm-eval)")
         return cls(model, tokenizer, device)
 
     @torch.no_grad()

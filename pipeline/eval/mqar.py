@@ -1,48 +1,28 @@
-"""Multi-query associative recall (Zoology, Arora et al. 2023), as an evaluation probe.
+"""MQAR recall (Zoology's multi-query associative recall, pipeline/data/mqar.py): scoring a model on it.
 
-A sequence of length T holds n key-value pairs `k1 v1 k2 v2 ... kn vn`, then filler, then the n keys
-again in a shuffled order, each followed by its value: `q1 a1 q2 a2 ...`. The model is scored on
-predicting each a_i at the position of q_i, which needs recall across the whole context: exactly what
-compressing chunks of P tokens may lose. Keys and values come from disjoint id ranges of the vocabulary.
+Two uses: the probe `mqar_accuracy` (eval.mqar_lengths: a language model scored on seeded MQAR sequences
+of other lengths, val/mqar_acc_T<length>), and `evaluate_recall`, the evaluation of a run trained on
+`data.source: mqar`: the loss on the answers, recall overall and by key-query distance bucket.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-IGNORE = -100
+from pipeline import schema
+from pipeline.data.mqar import IGNORE, MQAR, check_sizes, make_mqar
+
+BUCKET_BASE, BUCKET_FIRST = 4, 8   # distance buckets 1-8, 9-32, 33-128, 129-512, ...: log-spaced, base 4
 
 
-def _ranges(vocab_size: int, n_pairs: int) -> tuple[range, range, int]:
-    """Key ids, value ids (disjoint halves above a small reserved band), and the filler id."""
-    low = min(8, vocab_size // 8)  # skip the lowest ids (often specials or control bytes)
-    half = (vocab_size - low - 1) // 2
-    if half < n_pairs:
-        raise ValueError(f"eval.mqar_pairs={n_pairs} needs at least {2 * n_pairs + low + 1} vocabulary ids, "
-                         f"the model has {vocab_size}; lower eval.mqar_pairs")
-    return range(low, low + half), range(low + half, low + 2 * half), vocab_size - 1
-
-
-def make_mqar(n_examples: int, seq_len: int, n_pairs: int, vocab_size: int, seed: int):
-    """(inputs [N, T] int64, targets [N, T] int64 with IGNORE except at query positions, keys [N, n],
-    values [N, n]). Deterministic for a given seed."""
-    if 4 * n_pairs > seq_len:
-        raise ValueError(f"MQAR with {n_pairs} pairs needs seq_len >= {4 * n_pairs}, got {seq_len}; "
-                         f"lower eval.mqar_pairs or raise eval.mqar_lengths")
-    keys_r, vals_r, filler = _ranges(vocab_size, n_pairs)
-    rng = np.random.default_rng([seed, seq_len, n_pairs])
-    inputs = np.full((n_examples, seq_len), filler, dtype=np.int64)
-    targets = np.full((n_examples, seq_len), IGNORE, dtype=np.int64)
-    keys = np.stack([rng.choice(len(keys_r), n_pairs, replace=False) for _ in range(n_examples)]) + keys_r.start
-    values = rng.integers(vals_r.start, vals_r.stop, size=(n_examples, n_pairs))
-    q0 = seq_len - 2 * n_pairs
-    for i in range(n_examples):
-        inputs[i, 0:2 * n_pairs:2], inputs[i, 1:2 * n_pairs:2] = keys[i], values[i]
-        order = rng.permutation(n_pairs)
-        inputs[i, q0::2], inputs[i, q0 + 1::2] = keys[i, order], values[i, order]
-        targets[i, q0::2] = values[i, order]  # predicted at the query, i.e. the next token is the value
-    return torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(keys), torch.from_numpy(values)
+def distance_bucket(distance: int) -> tuple[int, int]:
+    """The bucket (lo, hi), both inclusive, that a key-query distance >= 1 falls in."""
+    if distance < 1:
+        raise ValueError(f"a key-query distance is >= 1, got {distance}")
+    lo, hi = 1, BUCKET_FIRST
+    while distance > hi:
+        lo, hi = hi + 1, hi * BUCKET_BASE
+    return lo, hi
 
 
 def score(predictions: torch.Tensor, targets: torch.Tensor) -> float:
@@ -54,11 +34,58 @@ def score(predictions: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def recall(model, examples: MQAR, batch_size: int = 8, device="cpu") -> dict:
+    """Greedy recall of `model` on `examples`: {"loss": mean nats on the answers, "recall": fraction of
+    queries answered right, "queries": their number, "buckets": {(lo, hi): (right, queries)} by key-query
+    distance}."""
+    model.eval()
+    nats, right = 0.0, []
+    for i in range(0, len(examples.inputs), batch_size):
+        inputs = examples.inputs[i:i + batch_size].to(device)
+        targets = examples.targets[i:i + batch_size].to(device)
+        logits = model(inputs).float()
+        nats += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum",
+                                                        ignore_index=IGNORE).double())
+        at = examples.positions[i:i + batch_size].to(device)
+        predicted = logits.argmax(-1).gather(1, at)
+        right.append((predicted == examples.values[i:i + batch_size].to(device)).cpu())
+    right = torch.cat(right)
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for ok, d in zip(right.flatten().tolist(), examples.distances.flatten().tolist()):
+        counts = buckets.setdefault(distance_bucket(d), [0, 0])
+        counts[0] += ok
+        counts[1] += 1
+    return {"loss": nats / right.numel(), "recall": int(right.sum()) / right.numel(), "queries": right.numel(),
+            "buckets": {b: tuple(c) for b, c in sorted(buckets.items())}}
+
+
+def recall_metrics(result: dict, split: str = "validation") -> dict[str, float]:
+    """The tracked metrics of a `recall` result on `split`: loss, recall, one recall per distance bucket
+    that holds queries (val/recall_d1-8, ...), and the number of answers scored (val/tokens). No ppl or
+    bpb: the answers are not text, and a perplexity of them would only restate the loss."""
+    out = {schema.split_metric(split, "loss"): result["loss"], schema.split_metric(split, "recall"): result["recall"],
+           schema.split_metric(split, "tokens"): result["queries"]}
+    for (lo, hi), (right, count) in result["buckets"].items():
+        out[schema.recall_distance_metric(split, lo, hi)] = right / count
+    return out
+
+
+def evaluate_recall(model, data, split: str = "validation", batch_size: int = 8, max_batches: int = 0,
+                    device="cpu") -> dict[str, float]:
+    """recall_metrics of `model` on the fixed `split` set of an MQAR source (pipeline.data.mqar_source);
+    max_batches=0 scores the whole set, else its first max_batches * batch_size sequences."""
+    examples = data.examples(split)
+    if max_batches:
+        examples = MQAR(*(t[:max_batches * batch_size] for t in examples))
+    return recall_metrics(recall(model, examples, batch_size, device), split)
+
+
+@torch.no_grad()
 def mqar_accuracy(model, seq_len: int, n_pairs: int, n_examples: int, seed: int, batch_size: int = 8,
                   device="cpu") -> float:
-    """Greedy recall accuracy of `model` on seeded MQAR sequences of length seq_len."""
-    model.eval()
-    inputs, targets, _, _ = make_mqar(n_examples, seq_len, n_pairs, model.config.vocab_size, seed)
-    preds = torch.cat([model(inputs[i:i + batch_size].to(device)).argmax(-1).cpu()
-                       for i in range(0, n_examples, batch_size)])
-    return score(preds, targets)
+    """Greedy recall accuracy of `model` on seeded MQAR sequences of length seq_len (the probe of
+    eval.mqar_lengths: keys and values from the model's own vocabulary)."""
+    check_sizes(seq_len, n_pairs, model.config.vocab_size,
+                names=("eval.mqar_lengths", "eval.mqar_pairs", "model.vocab_size", "power_a"))
+    examples = make_mqar(n_examples, seq_len, n_pairs, model.config.vocab_size, seed=(seed, seq_len, n_pairs))
+    return recall(model, examples, batch_size, device)["recall"]

@@ -19,7 +19,9 @@ from attamba.model import AttambaLM
 from attamba.variants import changed_fields, check_same_shapes, check_variant, evaluated_as
 
 from pipeline import schema, yamlio
+from pipeline.data.mqar_source import MQARData
 from pipeline.eval.evaluate import evaluate_split
+from pipeline.eval.mqar import recall
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +87,25 @@ def evaluate_variants(weights: dict, resolved: list[EvalVariant], data, batch_si
                       device="cpu") -> dict[str, float]:
     """evalvar/<label>/{loss,ppl,bpb,kv_cache_bytes,attn_flops_per_token} and the loss by position
     (evalvar/<label>/loss_pos_<first>-<last>) of each variant: the trained `weights` (a state dict) loaded
-    strictly into the evaluated-as model, every token of the validation split, costs at data.config.seq_len."""
+    strictly into the evaluated-as model, every token of the validation split, costs at data.config.seq_len.
+    On an MQAR source: loss, recall and recall by key-query distance (evalvar/<label>/recall_d<lo>-<hi>) instead
+    of ppl, bpb and the loss by position."""
     out = {}
     dtype = next(w.dtype for w in weights.values() if w.is_floating_point())
     context = data.config.seq_len
     for variant in resolved:
         evaluated = load_as(weights, variant.model, dtype, device)
         log.info("evaluating variant %s (%s)", variant.label, variant.overrides)
-        res = evaluate_split(evaluated, data, "validation", batch_size, 0, device)
-        values = {"loss": res["loss"], "ppl": res["ppl"], "bpb": res["bpb"],
-                  "kv_cache_bytes": float(costs.kv_cache_bytes(variant.model, context)),
-                  "attn_flops_per_token": float(costs.attention_flops(variant.model, context)["per_token"]),
-                  **res["by_position"]}
+        if isinstance(data, MQARData):
+            res = recall(evaluated, data.examples("validation"), batch_size, device)
+            values = {"loss": res["loss"], "recall": res["recall"],
+                      **{f"{schema.RECALL_DISTANCE}{lo}-{hi}": right / count
+                         for (lo, hi), (right, count) in res["buckets"].items()}}
+        else:
+            res = evaluate_split(evaluated, data, "validation", batch_size, 0, device)
+            values = {"loss": res["loss"], "ppl": res["ppl"], "bpb": res["bpb"], **res["by_position"]}
+        values.update(kv_cache_bytes=float(costs.kv_cache_bytes(variant.model, context)),
+                      attn_flops_per_token=float(costs.attention_flops(variant.model, context)["per_token"]))
         out.update({schema.eval_variant_metric(variant.label, k): v for k, v in values.items()})
         del evaluated
     return out

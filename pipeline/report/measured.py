@@ -42,6 +42,8 @@ def _corpus(df: pd.DataFrame) -> pd.Series:
 
 def _tokenizer(df: pd.DataFrame) -> pd.Series:
     tok, vocab = _column(df, "data.tokenizer"), _column(df, "model.vocab_size")
+    # data.source=mqar reads no text: its data.tokenizer is an unused default
+    tok = tok.where(_column(df, "data.source") != "mqar", "none (MQAR task ids)")
     return pd.Series([f"{t}, vocabulary {v}" if t and v else (t or "") for t, v in zip(tok, vocab)],
                      index=df.index, dtype=object)
 

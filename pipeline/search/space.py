@@ -18,6 +18,7 @@ from attamba.config import BOUNDARY_STRATEGIES
 
 from pipeline import schema
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
+from pipeline.data.prepare import MQAR_SOURCE
 from pipeline.ray.cluster import Resources
 from pipeline.ray.outputs import durable_path, durable_uri
 
@@ -56,7 +57,7 @@ class Space:
 
 @dataclass(frozen=True)
 class Objectives:
-    quality: str = "val_ppl"                                  # val_ppl | val_bpb | val_loss
+    quality: str = "val_ppl"                                  # val_ppl | val_bpb | val_loss (MQAR runs: val_loss)
     costs: tuple[str, ...] = ("kv_cache_bytes",)              # kv_cache_bytes and/or attn_flops_per_token
     context: int = 4096                                       # tokens at which the costs are computed
 
@@ -175,6 +176,13 @@ def search_from_dict(data: dict) -> SearchConfig:
     base = base_run_config(search)   # a bad base run fails here, before any trial
     if base.model.attention != "attamba":
         raise ValueError(f"run.model.attention must be attamba for a P/L search, got {base.model.attention!r}")
+    if base.data.source == MQAR_SOURCE:   # a recall task logs no perplexity: its quality is the answers' loss
+        if search.objectives.quality != "val_loss":
+            fail("objectives.quality", search.objectives.quality, f"val_loss with run.data.source={MQAR_SOURCE}",
+                 "an MQAR run logs the loss on its answers and val/recall, no perplexity or bits per byte")
+        if search.constraints.max_ppl_gap is not None:
+            fail("constraints.max_ppl_gap", search.constraints.max_ppl_gap,
+                 f"null with run.data.source={MQAR_SOURCE}", "an MQAR run has no perplexity to compare")
     extreme_configs(search)   # every value of every axis, and the corners of the space, build a valid run
     return search
 

@@ -351,9 +351,11 @@ def load_config(checkpoint_dir: str | Path):
 
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, RunConfig, tokenizer) from a verified checkpoint directory."""
+    """(model in eval mode, RunConfig, tokenizer) from a verified checkpoint directory; the tokenizer is None
+    for a model trained on data.source=mqar (its ids are the task's, not text)."""
     from attamba.model import AttambaLM
 
+    from pipeline.data.mqar_source import SOURCE as MQAR
     from pipeline.data.tokenizer import ByteTokenizer, HFTokenizer
 
     directory = Path(checkpoint_dir)
@@ -361,7 +363,9 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
     cfg = load_config(directory)
     tok_path = directory / TOKENIZER
     tokenizer = HFTokenizer.from_file(str(tok_path)) if tok_path.is_file() else ByteTokenizer()
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    if cfg.data.source == MQAR:
+        tokenizer = None
+    elif tokenizer.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"checkpoint {str(directory)!r}: tokenizer has {tokenizer.vocab_size} tokens but "
                          f"model.vocab_size={cfg.model.vocab_size}")
     model = AttambaLM(cfg.model)

@@ -369,8 +369,8 @@ def _train_step(run: _Run) -> tuple[float, float, bool]:
     engine.train()
     loss_sum, bad_loss, norm, skipped = 0.0, False, None, False
     for _ in range(t.grad_accum):
-        batch = next(run.batches).to(run.device)
-        loss = engine(batch[:, :-1], batch[:, 1:])
+        inputs, targets = _inputs_and_targets(next(run.batches))
+        loss = engine(inputs.to(run.device), targets.to(run.device))
         value = float(loss.detach())
         bad_loss |= not math.isfinite(value)
         loss_sum += value
@@ -384,6 +384,14 @@ def _train_step(run: _Run) -> tuple[float, float, bool]:
     ds_norm = engine.get_global_grad_norm()
     norm = float(ds_norm) if ds_norm is not None else norm
     return _mean_over_ranks(loss_sum / t.grad_accum, run.world), (float("nan") if norm is None else norm), skipped
+
+
+def _inputs_and_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text batch is rows of T + 1 tokens [B, T + 1]: inputs row[:-1], targets row[1:]. A task source
+    (data.source=mqar) gives the pair itself, targets -100 where nothing is scored."""
+    if isinstance(batch, tuple):
+        return batch
+    return batch[:, :-1], batch[:, 1:]
 
 
 def _gather_rng(world: int) -> list:

@@ -1,4 +1,5 @@
-"""Evaluation: bits per byte, the paper's tail metric, MQAR, checkpoint verification, the lm-eval adapter."""
+"""Evaluation: bits per byte, the paper's tail metric, checkpoint verification, the lm-eval adapter (MQAR recall:
+test_mqar.py)."""
 
 import json
 import math
@@ -14,7 +15,6 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.config import load_run_config
 from pipeline.data.prepare import prepare
 from pipeline.eval.evaluate import evaluate_split, paper_metric
-from pipeline.eval.mqar import IGNORE, make_mqar, mqar_accuracy, score
 
 TEXT = ["The quick brown fox jumps over the lazy dog. " * 6, "Ünïcödé bytes cost more: żółć ", "short",
         "To be, or not to be, that is the question: " * 5] * 3
@@ -135,45 +135,6 @@ def test_paper_metric_uses_only_each_documents_tail(setup):
     assert paper_metric(model, changed_tail, tail)["paper_ppl"] != pytest.approx(base["paper_ppl"], rel=1e-6)
     with pytest.raises(ValueError, match="paper_tail"):
         paper_metric(model, docs, 65)
-
-
-def test_mqar_is_well_formed_and_an_oracle_scores_one():
-    inputs, targets, keys, values = make_mqar(16, 48, 6, vocab_size=300, seed=3)
-    again = make_mqar(16, 48, 6, vocab_size=300, seed=3)
-    assert torch.equal(inputs, again[0]) and torch.equal(targets, again[1])
-    assert not torch.equal(inputs, make_mqar(16, 48, 6, vocab_size=300, seed=4)[0])
-    assert inputs.shape == targets.shape == (16, 48) and int(inputs.max()) < 300
-    assert set(keys.flatten().tolist()).isdisjoint(values.flatten().tolist())
-    for i in range(16):
-        pairs = dict(zip(inputs[i, 0:12:2].tolist(), inputs[i, 1:12:2].tolist()))
-        assert len(pairs) == 6  # distinct keys
-        queried = (targets[i] != IGNORE).nonzero()[:, 0]
-        assert len(queried) == 6
-        for q in queried.tolist():
-            assert int(targets[i, q]) == pairs[int(inputs[i, q])] == int(inputs[i, q + 1])
-
-    def oracle(x):  # copies the value that followed the key earlier in the sequence
-        pred = torch.zeros_like(x)
-        for i in range(x.shape[0]):
-            seen = {}
-            for t in range(x.shape[1] - 1):
-                if int(x[i, t]) in seen:
-                    pred[i, t] = seen[int(x[i, t])]
-                seen.setdefault(int(x[i, t]), int(x[i, t + 1]))
-        return pred
-
-    assert score(oracle(inputs), targets) == 1.0
-    wrong = oracle(inputs)
-    wrong[:, -2] += 1  # spoil the last query of every example
-    assert score(wrong, targets) == pytest.approx(5 / 6)
-    with pytest.raises(ValueError, match="mqar_pairs"):
-        make_mqar(2, 16, 5, vocab_size=300, seed=0)
-
-
-def test_mqar_accuracy_of_a_model_is_a_fraction(setup):
-    _, _, model = setup
-    acc = mqar_accuracy(model, 32, 4, 8, seed=0)
-    assert 0.0 <= acc <= 1.0
 
 
 def _export(setup, directory):
