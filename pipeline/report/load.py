@@ -8,6 +8,10 @@ metrics as floats, NaN where a run did not log one; tags and params as strings, 
 for an eval_variant.<label> tag it lacks; the numeric tags as numbers; any other column, such as a JSON cell of
 an older report, as the text it holds), so a report can be rebuilt where the MLflow store is gone.
 
+A study over several sequence lengths (its `seq_lens`) runs each size at each length as its own setting: where
+the runs hold more than one data.seq_len, each run's size reads "<size> T=<seq_len>" (`fold_seq_len`), so every
+comparison, fit and figure keeps the settings apart.
+
 Beside tags and metrics, the table holds the tracked config params the report states what was measured
 with (PARAMS: corpus, tokenizer, sequence length, evaluation batches) and, per evaluation variant of a
 run, its overrides in the column eval_variant.<label> (the tag, as logged).
@@ -122,6 +126,24 @@ def runs_to_frame(mlflow_runs: list) -> pd.DataFrame:
     return frame.sort_values(["variant", "trial"], kind="stable").reset_index(drop=True)
 
 
+SEQ_LEN = "data.seq_len"
+
+
+def fold_seq_len(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs with their sequence length in the size ("tiny T=64") where they hold more than one data.seq_len
+    (module docstring); as they are otherwise. Idempotent: a size that already ends in its T is kept."""
+    if SEQ_LEN not in frame or schema.TAG_SIZE not in frame:
+        return frame
+    lengths = frame[SEQ_LEN].astype(str)
+    if lengths[lengths != ""].nunique() < 2:
+        return frame
+    frame = frame.copy()
+    sizes = frame[schema.TAG_SIZE].astype(str)
+    frame[schema.TAG_SIZE] = [size if not T or size.endswith(f" T={T}") else f"{size} T={T}"
+                              for size, T in zip(sizes, lengths)]
+    return frame
+
+
 def load_runs(experiment: str, tracking_uri: str | None = None,
               expected_runs: list[str] | None = None) -> RunTable:
     """Load every active run of `experiment`; `expected_runs` are planned trial names, used to list missing ones."""
@@ -134,7 +156,7 @@ def load_runs(experiment: str, tracking_uri: str | None = None,
     # The runs a study or search nests its trials under hold no results of their own.
     runs = [r for r in _search_all(client, exp.experiment_id)
             if r.data.tags.get(schema.TAG_ROLE) not in schema.CONTAINER_ROLES]
-    frame = runs_to_frame(runs)
+    frame = fold_seq_len(runs_to_frame(runs))
     present = set(frame["trial"]) if len(frame) else set()
     missing = [name for name in (expected_runs or []) if name not in present]
     return RunTable(experiment=experiment, runs=frame, missing=missing)
@@ -171,7 +193,7 @@ def load_runs_file(path, expected_runs: list[str] | None = None) -> RunTable:
     from pathlib import Path
 
     path = Path(path)
-    frame = read_runs_file(path)
+    frame = fold_seq_len(read_runs_file(path))
     studies = set(frame[schema.TAG_STUDY]) - {""} if schema.TAG_STUDY in frame else set()
     experiment = studies.pop() if len(studies) == 1 else path.resolve().parent.name
     present = set(frame["trial"]) if "trial" in frame else set()

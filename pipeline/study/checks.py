@@ -19,7 +19,7 @@ SET_PER_RUN = {
     ("name",): "each run is named from its size, variant, seed and tokens",
     ("size",): "the study's `sizes` set each run's size",
     ("train", "out_dir"): "each run writes to {folder}/<run name>; the study's `out_dir` moves them",
-    ("train", "steps"): "the study's `tokens` set each run's steps (tokens / tokens per step)",
+    ("train", "steps"): "the study's `tokens` set each run's steps (tokens / tokens per step, or tokens.steps)",
     ("train", "seed"): "the study's `seeds` set each run's seeds",
     ("model", "seed"): "the study's `seeds` set each run's seeds",
     ("train", "study"): "the study's `name` is every run's study",
@@ -39,6 +39,9 @@ def check_study(study: StudyConfig, specs: list[RunSpec], *, out_dir: str, uri: 
     root = output_root()
     folder = paths.output_dir("out_dir", out_dir, root) / study.name
     ignored_fields(study.run, SET_PER_RUN, folder, "a study")
+    if study.seq_lens:
+        ignored_fields(study.run, {("data", "seq_len"): "the study's `seq_lens` set each run's sequence length"},
+                       folder, "a study")
     if uri is not None:   # the URI as given: a relative SQLite path must stay under the root, like out_dir
         given, env = specs[0].config.tracking.uri, os.environ.get("MLFLOW_TRACKING_URI")
         field = "run.tracking.uri" if given else ("MLFLOW_TRACKING_URI" if env else "the tracking store")

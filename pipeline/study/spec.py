@@ -22,14 +22,15 @@ from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, t
 from pipeline.ray.cluster import Resources
 from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
 
-TOKEN_RULES = ("fixed", "per_param")
+TOKEN_RULES = ("fixed", "per_param", "steps")
 
 
 @dataclass(frozen=True)
 class TokenBudget:
-    rule: str = "fixed"            # fixed: `tokens` per run; per_param: `tokens_per_param` x parameters
-    tokens: int = 1_000_000
-    tokens_per_param: float = 20.0
+    rule: str = "fixed"            # fixed: `tokens` per run; per_param: `tokens_per_param` x parameters;
+    tokens: int = 1_000_000        # steps: `steps` optimizer steps per run, whatever its tokens per step (a
+    tokens_per_param: float = 20.0  # synthetic task such as MQAR, where steps and not text are the budget)
+    steps: int | None = None
     budgets: tuple[float, ...] = (1.0,)   # multipliers: several token budgets per size for L(N, D) fits
 
     def __post_init__(self):
@@ -40,12 +41,23 @@ class TokenBudget:
             fail("tokens.budgets", [], "a list of positive multipliers", "e.g. [1.0]")
         for i, b in enumerate(self.budgets):
             positive(f"tokens.budgets[{i}]", b, finite=True)
+        if self.rule == "steps":
+            if self.steps is None:
+                fail("tokens.steps", None, "an integer >= 1 with tokens.rule=steps", "e.g. tokens: {rule: steps, "
+                     "steps: 1500}")
+            at_least("tokens.steps", self.steps, 1, integer=True)
+        elif self.steps is not None:
+            fail("tokens.steps", self.steps, f"left out with tokens.rule={self.rule}",
+                 "set tokens.rule=steps, or remove tokens.steps")
 
 
 @dataclass(frozen=True)
 class StudyConfig:
     name: str = "study"
     sizes: tuple[str, ...] = ("tiny",)
+    # training (and evaluation) sequence lengths T: each size runs at each T, as its own setting (the run's
+    # data.seq_len, and model.max_seq_len where it is shorter); empty: the run's data.seq_len only
+    seq_lens: tuple[int, ...] = ()
     # model fields -> lists of values (pipeline/study/grid.py); unlisted fields come from the run's model
     attamba: typing.Any = field(default_factory=lambda: {"chunk_size": [8], "leading_tokens": [8],
                                                          "boundaries": ["cyclic"]})
@@ -71,6 +83,10 @@ class StudyConfig:
             fail("sizes", [], "a list of at least one size preset", f"choose from {', '.join(PRESETS)}")
         for size in self.sizes:
             one_of("sizes", size, PRESETS, what="size preset")
+        for i, T in enumerate(self.seq_lens):
+            at_least(f"seq_lens[{i}]", T, 2, integer=True)
+        if len(set(self.seq_lens)) != len(self.seq_lens):
+            fail("seq_lens", list(self.seq_lens), "distinct")
         if not isinstance(self.eval, dict):
             fail("eval", self.eval, "a mapping of evaluation settings (as a run's `eval:`)",
                  "e.g. eval: {variants: [{chunk_size: 16}, {window: 33}]}")
@@ -84,10 +100,23 @@ class StudyConfig:
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
             fail("address", self.address, "a Ray address such as 'auto' or 'ray://host:10001', or null")
 
-    def base_run(self, size: str) -> dict:
-        """The run config of every run at `size` before its grid point: `run`, with the study's `eval` on top."""
+    def base_run(self, size: str, seq_len: int | None = None) -> dict:
+        """The run config of every run at `size` (and sequence length `seq_len`, one of `seq_lens`) before its
+        grid point: `run`, with the study's `eval` on top."""
         run = dict(self.run) if isinstance(self.run, dict) else {}
-        return {**run, "size": size, "eval": {**(run.get("eval") or {}), **self.eval}}
+        out = {**run, "size": size, "eval": {**(run.get("eval") or {}), **self.eval}}
+        if seq_len is not None:
+            model = dict(run.get("model") or {})
+            if model.get("max_seq_len") is not None and model["max_seq_len"] < seq_len:
+                model["max_seq_len"] = seq_len
+            elif model.get("max_seq_len") is None and seq_len > ModelConfig.max_seq_len:
+                model["max_seq_len"] = seq_len
+            out.update(data={**(run.get("data") or {}), "seq_len": seq_len}, model=model)
+        return out
+
+    def settings(self) -> list[tuple[str, int | None]]:
+        """(size, sequence length) of each setting, sizes first: the sequence length is None without seq_lens."""
+        return [(size, T) for size in self.sizes for T in (self.seq_lens or (None,))]
 
     def grids(self) -> tuple[list[Grid], list[Grid]]:
         """(Attamba grids, baseline grids), read from `attamba` and `baselines`."""
@@ -151,27 +180,28 @@ def _iso_baseline(attamba: RunConfig, grid: Grid) -> list[RunConfig]:
     return _grid_runs(dataclasses.replace(attamba, model=iso), grid, {})
 
 
-def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
-    """Per size, the resolved RunConfig of each model variant, each variant once: non-iso baselines in the
-    order listed, then the Attamba grids, then the iso baselines sized per Attamba variant of that size."""
+def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]:
+    """Per setting (size, sequence length: StudyConfig.settings), the resolved RunConfig of each model variant,
+    each variant once: non-iso baselines in the order listed, then the Attamba grids, then the iso baselines
+    sized per Attamba variant of that setting."""
     attamba, baselines = study.grids()
-    bases = {size: run_config_from_dict(study.base_run(size)) for size in study.sizes}
+    bases = {setting: run_config_from_dict(study.base_run(*setting)) for setting in study.settings()}
     # the SSM widths as the run file gives them (None: the default rule), so a grid's ssm.inner_dim re-derives heads
     ssm = ((study.run.get("model") or {}).get("ssm") or {}) if isinstance(study.run, dict) else {}
     widths = {"ssm.inner_dim": ssm.get("inner_dim"), "ssm.heads": ssm.get("heads")}
-    found = {size: [run for g in attamba if g.runs_at(size)
-                    for run in _grid_runs(bases[size], g, {"attention": "attamba", "kv_dim": None, "iso": None,
-                                                           **widths})]
-             for size in study.sizes}
+    found = {(size, T): [run for g in attamba if g.runs_at(size)
+                         for run in _grid_runs(bases[size, T], g, {"attention": "attamba", "kv_dim": None,
+                                                                   "iso": None, **widths})]
+             for size, T in study.settings()}
     leading = [run.model.leading_tokens for runs in found.values() for run in runs]
     for grid in baselines:
-        sources = [run.model for size in study.sizes if grid.runs_at(size) for run in found[size]]
+        sources = [run.model for size, T in study.settings() if grid.runs_at(size) for run in found[size, T]]
         if grid.of and not any(grid.sized_from(model) for model in sources):
             fail(f"{grid.where}.of", {name: list(values) for name, values in grid.of},
                  "values that match at least one Attamba variant at this baseline's sizes",
                  "list values that the `attamba` grids run")
     out = {}
-    for size in study.sizes:
+    for size, T in study.settings():
         runs = []
         for grid in baselines:
             if grid.runs_at(size) and grid.kind in ("full", "swa"):
@@ -179,16 +209,17 @@ def _models(study: StudyConfig) -> dict[str, list[RunConfig]]:
                 if grid.kind == "swa":
                     # the window that keeps as many keys as Attamba's largest window, unless the grid sets one
                     fixed["window"] = max(leading, default=ModelConfig.leading_tokens) + 1
-                runs += _grid_runs(bases[size], grid, fixed)
-        runs += found[size]
+                runs += _grid_runs(bases[size, T], grid, fixed)
+        runs += found[size, T]
         for grid in baselines:
             if grid.runs_at(size) and grid.kind.startswith("iso_"):
-                runs += [iso for run in found[size] if grid.sized_from(run.model) for iso in _iso_baseline(run, grid)]
+                runs += [iso for run in found[size, T] if grid.sized_from(run.model)
+                         for iso in _iso_baseline(run, grid)]
         seen = {}
         for run in runs:
             seen.setdefault(run.model.variant(), run)   # identical resolved models run once
         windows = sorted({L + 1 for L in leading} | {schema.CONTEXT_WINDOW})
-        out[size] = [_with_context_windows(run, windows) for run in seen.values()]
+        out[size, T] = [_with_context_windows(run, windows) for run in seen.values()]
     return out
 
 
@@ -205,8 +236,10 @@ def _with_context_windows(run: RunConfig, windows: list[int]) -> RunConfig:
     return dataclasses.replace(run, eval=dataclasses.replace(run.eval, variants=run.eval.variants + extra))
 
 
-def _run_name(size: str, model: ModelConfig, seed: int, tokens: int) -> str:
-    return f"{size}__{model.variant()}__s{seed}__D{tokens}"
+def _run_name(size: str, model: ModelConfig, seed: int, tokens: int, seq_len: int | None = None) -> str:
+    """size__variant__s<seed>__D<tokens>, with __T<seq_len> after the size in a study with `seq_lens`."""
+    setting = size if seq_len is None else f"{size}__T{seq_len}"
+    return f"{setting}__{model.variant()}__s{seed}__D{tokens}"
 
 
 BOUNDARY_ABBREVIATIONS = {"uniform": "uni", "cyclic": "cyc", "cyclic_released": "cycr", "random": "rnd"}
@@ -256,11 +289,12 @@ def _varying(models: list[ModelConfig]) -> dict[str, set[str]]:
 
 
 def _display_name(study: StudyConfig, model: ModelConfig, varying: set[str], size: str, seed: int,
-                  tokens: int) -> str:
+                  tokens: int, seq_len: int | None = None) -> str:
     """The run's MLflow run name: size, kind and its core (P and L, W, F) within a column's width, e.g.
     'tiny-P8-L32-s0', 'tiny-isoflop-F48-s0', 'tiny-full-s1', plus a short piece for every other field that
     varies between the study's models of that kind ('-cyc', '-segoff', '-kvp'), and the token count
-    ('-D2.1M') only when the study has several budgets. The run's name (`_run_name`, also its tag
+    ('-D2.1M') only when the study has several budgets, and the sequence length ('tiny-T128-full-s0') when it has
+    several. The run's name (`_run_name`, also its tag
     schema.TAG_TRIAL) stays the key of its folder and of resume."""
     kind = model.kind
     parts = [] if kind == "attamba" else [ISO_ABBREVIATIONS.get(kind, kind.replace("_", ""))]
@@ -268,26 +302,31 @@ def _display_name(study: StudyConfig, model: ModelConfig, varying: set[str], siz
     parts += [f"{CORE_DISPLAY[n]}{v}" for n, v, _ in fields if n in CORE_DISPLAY]
     parts += [_display_piece(n, v) for n, v, _ in fields if n in varying and n not in CORE_DISPLAY]
     label = "-".join(parts)
-    return f"{size}-{label}-s{seed}" + (f"-D{_tokens_label(tokens)}" if len(study.tokens.budgets) > 1 else "")
+    setting = f"{size}-T{seq_len}" if seq_len is not None and len(study.seq_lens) > 1 else size
+    return f"{setting}-{label}-s{seed}" + (f"-D{_tokens_label(tokens)}" if len(study.tokens.budgets) > 1 else "")
 
 
 def expand(study: StudyConfig) -> list[RunSpec]:
-    """All runs of the study, in a stable order (sizes, then variants, then budgets, then seeds)."""
+    """All runs of the study, in a stable order (sizes, then sequence lengths, then variants, then budgets,
+    then seeds)."""
     models = _models(study)
     varying = _varying([run.model for runs in models.values() for run in runs])
     specs = []
-    for size in study.sizes:
-        for run in models[size]:
+    for size, T in study.settings():
+        for run in models[size, T]:
             tokens_per_step = run.tokens_per_step(study.resources.workers)
             for budget in study.tokens.budgets:
-                if study.tokens.rule == "fixed":
-                    tokens = study.tokens.tokens * budget
+                if study.tokens.rule == "steps":
+                    steps = max(1, math.ceil(study.tokens.steps * budget))
                 else:
-                    tokens = study.tokens.tokens_per_param * budget * costs.param_count(run.model)
-                steps = max(1, math.ceil(tokens / tokens_per_step))
+                    if study.tokens.rule == "fixed":
+                        tokens = study.tokens.tokens * budget
+                    else:
+                        tokens = study.tokens.tokens_per_param * budget * costs.param_count(run.model)
+                    steps = max(1, math.ceil(tokens / tokens_per_step))
                 tokens = steps * tokens_per_step
                 for seed in study.seeds:
-                    name = _run_name(size, run.model, seed, tokens)
+                    name = _run_name(size, run.model, seed, tokens, T)
                     data = to_dict(run)
                     data["name"] = name
                     data["model"]["seed"] = seed
@@ -296,7 +335,7 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                                          study=study.name, trial=name)  # the run's study and trial tags
                     data["tracking"]["experiment"] = study.name
                     data["tracking"]["run_name"] = _display_name(study, run.model, varying[run.model.kind], size,
-                                                                 seed, tokens)
+                                                                 seed, tokens, T)
                     specs.append(RunSpec(name, size, run.model.variant(), seed, tokens, run_config_from_dict(data)))
     names = [s.name for s in specs]
     repeated = sorted({n for n in names if names.count(n) > 1})

@@ -193,3 +193,38 @@ def test_the_ablation_example_keeps_its_variants_apart_in_the_report(tmp_path):
     attamba = {s.variant: s.config for s in specs if s.config.model.kind == "attamba"}
     assert {r["variant"]: r["reference"] for r in flop} == {
         v: costs.iso_flop_config(c.model, c.data.seq_len).variant() for v, c in attamba.items()}
+
+
+def test_seq_lens_run_each_size_at_each_length_as_its_own_setting(tmp_path):
+    specs = _specs(tmp_path, seq_lens=[16, 32], baselines=["full", "iso_kv"])
+    lengths = {s.config.data.seq_len for s in specs}
+    assert lengths == {16, 32}
+    for spec in specs:
+        T = spec.config.data.seq_len
+        assert spec.name.startswith(f"{spec.size}__T{T}__") and f"-T{T}-" in spec.config.tracking.run_name
+        assert spec.config.model.max_seq_len >= T
+        if spec.config.model.kind == "iso_kv":   # sized from the Attamba of its own length
+            att = next(s for s in specs if s.config.model.attention == "attamba" and s.config.data.seq_len == T)
+            assert spec.variant == costs.iso_kv_config(att.config.model, T).variant()
+    per_length = {T: sorted(s.variant for s in specs if s.config.data.seq_len == T) for T in lengths}
+    assert len(per_length[16]) == len(per_length[32]) and len({s.name for s in specs}) == len(specs)
+    # the same token budget gives the longer sequences half the steps
+    steps = {s.config.data.seq_len: s.config.train.steps for s in specs if s.variant == "full"}
+    assert steps[16] == 2 * steps[32]
+
+
+def test_a_steps_budget_gives_every_run_the_same_steps(tmp_path):
+    specs = _specs(tmp_path, seq_lens=[16, 32], tokens={"rule": "steps", "steps": 7})
+    assert {s.config.train.steps for s in specs} == {7}
+    assert {s.tokens for s in specs} == {7 * s.config.train.batch_size * s.config.data.seq_len for s in specs}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"seq_lens": [16, 16]}, r"seq_lens must be distinct, got \[16, 16\]"),
+    ({"seq_lens": [1]}, r"seq_lens\[0\] must be .*2.*got 1"),
+    ({"tokens": {"rule": "steps"}}, r"tokens.steps must be an integer >= 1 with tokens.rule=steps"),
+    ({"tokens": {"rule": "fixed", "steps": 5}}, r"tokens.steps must be left out with tokens.rule=fixed, got 5"),
+])
+def test_bad_lengths_and_steps_budgets_are_refused(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        _specs(tmp_path, **changes)
