@@ -17,6 +17,7 @@ from pipeline.report.claims import claims_json, estimates_table, evaluate_claims
 from pipeline.report.compare import (gap_to_transformer, iso_flop_comparison, iso_kv_comparison, iso_param_comparison,
                                      recall_table)
 from pipeline.report.context import context_section
+from pipeline.report.recall import recall_section
 from pipeline.report.empty import empty, or_empty, reasons
 from pipeline.report.figures import all_figures
 from pipeline.report.front import Block, ReportData, claims_block, front_blocks, headline_text, run_description
@@ -105,14 +106,15 @@ def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None 
     iso_flop = iso_flop_comparison(ok) if len(ok) else pd.DataFrame()
     iso_param = iso_param_comparison(ok) if len(ok) else pd.DataFrame()
     recall = recall_table(ok) if len(ok) else pd.DataFrame()
-    claims = evaluate_claims(ok)
+    recalled = recall_section(ok)
+    claims = evaluate_claims(ok) + [recalled.claim]
     points = pareto_points(ok) if len(ok) else pd.DataFrame()
     fronts = {cost: pareto_front(points, cost) if cost in points else pd.DataFrame()
               for cost in (schema.M_KV_BYTES, schema.M_ATTN_FLOPS_PER_TOKEN)}
     why = reasons(table.runs, ok)
 
     context = context_section(ok, claims)
-    data = ReportData(ok=ok, gap=gap, iso_kv=iso, iso_flop=iso_flop, claims=claims, context=context)
+    data = ReportData(ok=ok, gap=gap, iso_kv=iso, iso_flop=iso_flop, claims=claims, context=context, recall=recalled)
     front = front_blocks(data)
     measured = or_empty(measured_table(table.runs, ok), why["results"])
     opening = [Block("What was measured", table=measured), claims_block(claims)]
@@ -137,7 +139,7 @@ def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None 
         cluster.TITLE: cluster.cluster_table(attempts),
     }
     md = S.summary_markdown(experiment, table, sections, front=front, opening=opening)
-    figures = context.figures + (all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else [])
+    figures = recalled.figures + context.figures + (all_figures(ok, fits, gap, iso, recall, iso_flop) if len(ok) else [])
     md += _figure_links(out_dir, figures)
 
     files = {name: out_dir / name for name in ("report.html", "summary.md", "runs.csv", "runs.json", "fits.json",

@@ -5,6 +5,10 @@ the headline (`headline`: one line per Attamba variant and size with its gap to 
 has), then every function of FRONT_SECTIONS that returns a Block. The methods paragraph, what was measured,
 the claims, the figures and the detailed tables follow (build.py).
 
+`recall_matters` puts the recall section (pipeline/report/recall.py) of a study trained on MQAR first: recall
+against KV-cache bytes and the claim "Attamba keeps recall that the window and iso-KV lose"; such a study's
+headline is its recall per setting.
+
 To add a section near the top, write a function (ReportData) -> list[Block] (empty: nothing to say for
 this study, and no heading is printed) and put it in FRONT_SECTIONS where it should appear.
 `context_matters` puts the section "Does context matter here?" (pipeline/report/context.py) right after
@@ -26,6 +30,8 @@ from pipeline.report import fmt
 from pipeline.report.claims import NOT_MEASURED, UNTESTABLE, Claim, claims_table
 from pipeline.report.compare import ATTAMBA, CONFIG_KEYS, _with_keys
 from pipeline.report.context import ContextSection
+from pipeline.report.recall import RecallSection
+from pipeline.report import recall as recall_report
 from pipeline.report.empty import empty
 
 CLAIMS_TITLE = "Claims: the paper's, recomputed from this study (rule in claims.json)"
@@ -45,6 +51,7 @@ MEASURED_BY = {
     "larger_L_better": "two L at one P, e.g. `attamba: {leading_tokens: [8, 32]}`",
     "collapse_P64_L1": "an Attamba entry `{chunk_size: 64, leading_tokens: 1}` beside `baselines: [full]`",
     "faithful_vs_released_segmentation": "`attamba: {ssm_segmentation: [chunk, offset]}`",
+    recall_report.CLAIM_ID: recall_report.MEASURED_BY,
 }
 
 # (ReportData attribute, how the headline names the baseline); kind-matched by compare.py.
@@ -76,6 +83,7 @@ class ReportData:
     iso_flop: pd.DataFrame
     claims: list[Claim]
     context: ContextSection | None = None
+    recall: RecallSection | None = None
 
 
 def _rows_by_config(df: pd.DataFrame) -> dict[tuple, pd.Series]:
@@ -160,7 +168,19 @@ def claims_tally(claims: list[Claim]) -> str:
     return "The paper's claims: " + "; ".join(parts) + "."
 
 
+def _recall_study(data: ReportData) -> bool:
+    """The study trained on MQAR only: its answer is recall, it has no perplexity to compare."""
+    has_ppl = schema.M_VAL_PPL in data.ok and data.ok[schema.M_VAL_PPL].notna().any()
+    return data.recall is not None and not data.recall.points.empty and not has_ppl
+
+
 def headline(data: ReportData) -> Block:
+    if _recall_study(data):
+        lead = ("Recall of each model trained on MQAR (mean over seeds with its 95% interval, in %), per setting, "
+                "from the largest KV-cache to the smallest; the claim below pairs each Attamba with the window and "
+                "the iso-KV transformer of its setting.")
+        return Block("The answer", recall_report.answer_lines(data.recall), lead=[lead],
+                     after=[claims_tally(data.claims)], css="headline")
     lead = ("Perplexity of each Attamba against its baselines of the same size preset, as a % difference "
             "(negative: Attamba better) with its 95% interval over seed-paired runs and the verdict, beside "
             "the measured KV-cache and non-embedding parameter ratios.")
@@ -187,7 +207,14 @@ def context_matters(data: ReportData) -> list[Block]:
     return [Block(title, table=table) for title, table in data.context.sections.items()]
 
 
-FRONT_SECTIONS = [context_matters]
+def recall_matters(data: ReportData) -> list[Block]:
+    """The recall section (recall.recall_section) of a study with MQAR-trained runs: one block per table."""
+    if data.recall is None or data.recall.points.empty:
+        return []
+    return [Block(title, table=table) for title, table in data.recall.sections.items()]
+
+
+FRONT_SECTIONS = [recall_matters, context_matters]
 
 
 def front_blocks(data: ReportData) -> list[Block]:
