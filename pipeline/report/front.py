@@ -160,9 +160,14 @@ def claims_tally(claims: list[Claim]) -> str:
     parts = [f"{len(decided)} of {len(claims)} decided here ("
              + ", ".join(f"{c.id}: {c.verdict}" for c in decided) + ")" if decided
              else f"none of the {len(claims)} decided here"]
-    if untestable:
-        parts.append(f"{len(untestable)} untestable here, context not shown to matter ({', '.join(untestable)}; "
+    recall = [cid for cid in untestable if cid == recall_report.CLAIM_ID]
+    context = [cid for cid in untestable if cid != recall_report.CLAIM_ID]
+    if context:
+        parts.append(f"{len(context)} untestable here, context not shown to matter ({', '.join(context)}; "
                      "see \"Does context matter here?\")")
+    if recall:
+        parts.append(f"{recall[0]} untestable here: the transformer itself does not recall (below "
+                     f"{recall_report.SOLVED:.0%}) in any setting")
     if missing:
         parts.append(f"{missing} not measured (listed under Claims)")
     return "The paper's claims: " + "; ".join(parts) + "."

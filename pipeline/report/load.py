@@ -13,7 +13,7 @@ the runs hold more than one data.seq_len, each run's size reads "<size> T=<seq_l
 comparison, fit and figure keeps the settings apart.
 
 Beside tags and metrics, the table holds the tracked config params the report states what was measured
-with (PARAMS: corpus, tokenizer, sequence length, evaluation batches) and, per evaluation variant of a
+with (PARAMS: corpus, tokenizer, sequence length, evaluation batches, MQAR pairs) and, per evaluation variant of a
 run, its overrides in the column eval_variant.<label> (the tag, as logged).
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ TAGS = [
 ]
 # Config params (flattened `section.key`, as pipeline.tracking logs them); "" where a run did not log one.
 # data.dataset is read where a config has it (a hub dataset named apart from data.source).
-PARAMS = ["data.source", "data.dataset", "data.tokenizer", "model.vocab_size", "data.seq_len", "eval.batches"]
+PARAMS = ["data.source", "data.dataset", "data.tokenizer", "model.vocab_size", "data.seq_len", "eval.batches",
+          "data.mqar.pairs"]
 NUMERIC_TAGS = [schema.TAG_CHUNK, schema.TAG_LEADING, schema.TAG_SEED, schema.TAG_OPTUNA_TRIAL]
 STATE_OK = "ok"
 PAGE_SIZE = 500
