@@ -9,7 +9,6 @@ import math
 import numbers
 import os
 import sys
-from pathlib import Path
 
 EPILOG = """examples:
   attamba study configs/studies/quickstart.yaml        # the main job: a small grid, tracked and reported
@@ -64,7 +63,7 @@ def cmd_train(args) -> int:
         cfg = run_config_from_dict(given)
         check_run(cfg, given=given, yes=args.yes, world=_world_size())
     from pipeline.tracking.config import resolve_uri
-    from pipeline.tracking.ui import run_links
+    from pipeline.tracking.mlflow_client import run_links
     from pipeline.train.loop import train
 
     result = train(cfg, restart=args.restart)
@@ -79,7 +78,7 @@ def _checkpoint(path: str):
     """The checkpoint `path` names (a run folder: its latest), its data settings checked and its cache place."""
     from pipeline.preflight import check_places
     from pipeline.preflight.data import check_data
-    from pipeline.train.checkpoint import load_config
+    from pipeline.checkpoints import load_config
 
     checkpoint = _resolve(path)
     cfg = load_config(checkpoint)
@@ -105,43 +104,14 @@ def cmd_eval(args) -> int:
 
         _print_json(run_lm_eval(checkpoint, args.lm_eval.split(","), include_path=args.include_path, limit=args.limit))
         return 0
-    from pipeline.eval.evaluate import evaluate_checkpoint
+    from pipeline.eval.checkpoint import evaluate_checkpoint, log_variants
 
     metrics = evaluate_checkpoint(checkpoint, split=args.split, paper_metric=args.paper_metric,
                                   paper_tail=args.paper_tail, variants=variants)
     _print_json(metrics)
     if variants:
-        print(_log_variants(checkpoint, metrics, args.no_log), file=sys.stderr)
+        print(log_variants(checkpoint, metrics, args.no_log), file=sys.stderr)
     return 0
-
-
-def _log_variants(checkpoint: Path, metrics: dict, no_log: bool) -> str:
-    """Log the evaluation variants into the checkpoint's MLflow run where there is one; one line saying
-    what was done."""
-    from pipeline import schema
-    from pipeline.train.checkpoint import MANIFEST, load_config
-    from pipeline.tracking import identity
-    from pipeline.tracking.mlflow_client import log_into_run
-
-    if no_log:
-        return "evaluation variants not logged (--no-log)"
-    folder = checkpoint.parent.parent   # <out_dir>/checkpoints/step_N
-    known = identity.read(identity.path_in(folder))
-    if known is None and (folder / identity.LEGACY_RUN_ID_FILE).is_file():   # a folder made before run.json
-        known = identity.RunFile(key="", mlflow_run_id=(folder / identity.LEGACY_RUN_ID_FILE).read_text().strip())
-    if known is None or not known.mlflow_run_id:
-        return (f"evaluation variants not logged: no MLflow run recorded in {str(identity.path_in(folder))!r} "
-                f"(`attamba sync {folder}` delivers a run that waits in its journal)")
-    run_id = known.mlflow_run_id
-    step = json.loads((checkpoint / MANIFEST).read_text())["step"]
-    values = {k: v for k, v in metrics.items() if k.startswith(schema.M_EVAL_VARIANT_PREFIX)}
-    uri = known.uri or load_config(checkpoint).tracking.uri
-    why, kept = log_into_run(run_id, values, metrics["eval_variant_tags"], step, uri)
-    if why:
-        return f"evaluation variants not logged into MLflow run {run_id}: {why}"
-    already = len(values) - kept
-    return (f"evaluation variants logged into MLflow run {run_id} at step {step}"
-            + (f" ({already} metric(s) it already held at that step kept as they were)" if already else ""))
 
 
 def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
@@ -149,7 +119,7 @@ def generate_from_checkpoint(checkpoint, prompt: str, max_new_tokens: int = 100,
                              out=sys.stdout, compile: bool = False) -> str:
     """Stream a continuation of `prompt` from a checkpoint through the compressed KV-cache; returns the text."""
     from attamba.generate import generate
-    from pipeline.train.checkpoint import load_model, resolve_checkpoint
+    from pipeline.checkpoints import load_model, resolve_checkpoint
 
     model, cfg, tokenizer = load_model(resolve_checkpoint(checkpoint))
     if tokenizer is None:
@@ -192,7 +162,7 @@ def cmd_generate(args) -> int:
 
 def _resolve(path: str):
     from pipeline.preflight import paths
-    from pipeline.train.checkpoint import resolve_checkpoint
+    from pipeline.checkpoints import resolve_checkpoint
 
     paths.resolve("checkpoint", path, inside=False)
     return resolve_checkpoint(path)

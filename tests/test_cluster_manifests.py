@@ -15,9 +15,9 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.ray.cluster import check_placement, check_resources
+from pipeline.runs.resources import check_placement, check_resources
 from pipeline.study.spec import load_study
-from tests.conftest import REPO_ROOT as REPO
+from tests.helpers import REPO_ROOT as REPO
 
 K8S = REPO / "jobs" / "k8s"
 LAUNCHER = REPO / "jobs" / "cluster.yaml"

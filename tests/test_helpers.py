@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import assert_close, errors
+from tests.helpers import assert_close, errors
 
 
 def test_each_measure_bounds_its_error():

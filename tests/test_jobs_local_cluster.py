@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT as ROOT
+from tests.helpers import REPO_ROOT as ROOT
 from tests.pipeline.search.test_search import _session_pids
 
 pytestmark = pytest.mark.slow   # a Ray head, then a job that imports torch and DeepSpeed: 1-3 minutes here

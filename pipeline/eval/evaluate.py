@@ -16,7 +16,6 @@ import torch
 
 from pipeline import schema
 from pipeline.data.prepare import bits_per_byte
-from pipeline.data.loader import num_sequences
 from pipeline.data.mqar_source import MQARData
 
 
@@ -141,40 +140,3 @@ def evaluate_model(model, data, eval_cfg, batch_size: int, device="cpu", full: b
     return out
 
 
-def evaluate_checkpoint(path, split: str = "validation", paper_metric: bool = False, batch_size: int = 8,
-                        device: str = "cpu", paper_tail: int | None = None, variants=()) -> dict:
-    """`attamba eval CHECKPOINT`: every token of `split`, plus the paper metric and MQAR if asked, and the
-    evaluation `variants` (checked mappings, attamba.variants) on the validation split.
-
-    paper_tail: tokens kept from each document's end for the paper metric; default the config's
-    eval.paper_tail, capped at the model's max_seq_len (the paper: 1023 at sequence length 1024).
-    With variants, the result's "eval_variant_tags" holds the tags a tracked run gets for them."""
-    import dataclasses
-
-    from pipeline.train.checkpoint import load_model
-    from pipeline.data.prepare import prepare
-    from pipeline.eval.variants import evaluate_variants, resolve, variant_tags
-
-    if variants and split != "validation":
-        raise ValueError(f"--variant scores the validation split, but --split={split!r}; evaluate the variants "
-                         f"without --split {split}")
-    model, cfg, tokenizer = load_model(path, device)
-    resolved = resolve(cfg.model, variants)   # a shape-changing variant fails here, before any evaluation
-    tail = paper_tail if paper_tail is not None else min(cfg.eval.paper_tail, cfg.model.max_seq_len)
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, paper_tail=tail))
-    data = prepare(cfg.data, max_seq_len=cfg.model.max_seq_len)
-    if paper_metric and isinstance(data, MQARData):
-        raise ValueError(f"--paper-metric scores text documents; {str(path)!r} was trained on data.source="
-                         f"{cfg.data.source} (its evaluation is recall): run it without --paper-metric")
-    fingerprint = getattr(tokenizer, "fingerprint", None)
-    if not isinstance(data, MQARData) and fingerprint != data.tokenizer.fingerprint:
-        raise ValueError(f"checkpoint {str(path)!r} was trained with another tokenizer than data.tokenizer="
-                         f"{cfg.data.tokenizer!r} now builds; evaluate with the checkpoint's data settings")
-    metrics = evaluate_model(model, data, cfg.eval, batch_size, device, full=True, split=split,
-                             paper=paper_metric or cfg.eval.paper_metric)
-    metrics["n_sequences"] = (len(data.examples(split).inputs) if isinstance(data, MQARData)
-                              else num_sequences(len(data.tokens(split)), cfg.data.seq_len))
-    if resolved:
-        metrics.update(evaluate_variants(model.state_dict(), resolved, data, batch_size, device))
-        metrics["eval_variant_tags"] = variant_tags(resolved)
-    return metrics

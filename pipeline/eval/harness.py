@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 
+from pipeline.checkpoints import load_model
+
 
 class AttambaEvalLM(LM):
     def __init__(self, model, tokenizer, device="cpu", max_gen_toks: int = 64):
@@ -25,8 +27,6 @@ class AttambaEvalLM(LM):
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu") -> "AttambaEvalLM":
-        from pipeline.train.checkpoint import load_model
-
         model, cfg, tokenizer = load_model(path, device)
         if tokenizer is None:
             raise ValueError(f"{path} was trained on data.source={cfg.data.source}, whose tokens are not text; "

@@ -21,14 +21,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline import schema
+from pipeline.runs.markers import ATTEMPTS_FILE, DONE_FILE, append_line, read_attempts
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
 
-DONE_FILE = "study_done.json"       # written by rank 0 after `train` returned: the run is finished
-ATTEMPTS_FILE = "study_attempts.jsonl"  # per trial attempt: a "train" line when rank 0 calls train (its
-                                        # pid, host, Ray node, the step it resumes from) and an "attempt"
-                                        # line when the attempt ends (status, the last step it reached)
 TIMING_KEYS = ("first_step_start", "steps_s")  # train's clock readings: timing, not results
 PROGRESS_KEY = "progress_report"  # set on the light reports between evaluations (step, tokens/s, loss)
 
@@ -44,28 +41,6 @@ def worker_config(cfg: RunConfig, uri: str | None, parent_run_id: str | None) ->
     return dataclasses.replace(cfg, data=data, train=train, tracking=tracking)
 
 
-def read_attempts(out_dir: Path) -> list[dict]:
-    """The lines of a run's attempts file, oldest first: "train" events (rank 0 started training: time,
-    pid, host, node_id and node_ip of its Ray node, `nodes` (every rank's node id, rank order), resume_step)
-    and "attempt" events (a trial attempt ended: start, end, status, last_step)."""
-    path = Path(out_dir) / ATTEMPTS_FILE
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    # lines written before events were named are attempts
-    return [{"event": "attempt", **r} if "event" not in r else r for r in records]
-
-
-def done_record(out_dir: Path) -> dict | None:
-    """What rank 0 wrote when `train` returned (result, loop times, step seconds); None if unfinished."""
-    path = Path(out_dir) / DONE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def is_done(out_dir: Path) -> bool:
-    return (Path(out_dir) / DONE_FILE).is_file()
-
-
 def _scalars(metrics: dict) -> dict:
     """The finite numbers in `metrics`: what Tune can show and compare."""
     out = {}
@@ -75,12 +50,6 @@ def _scalars(metrics: dict) -> dict:
         if isinstance(value, (int, float)) and math.isfinite(value):
             out[key] = value
     return out
-
-
-def _append_line(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:  # O_APPEND: concurrent writers of one short line do not interleave
-        f.write(json.dumps(record) + "\n")
 
 
 _LOADED = time.time()
@@ -119,7 +88,7 @@ def _last_step(out_dir: Path) -> int | None:
 def _resume_step(out_dir: Path) -> int:
     """The step of the run's newest sealed checkpoint (its manifest written), read without hashing its
     files: where `train` resumes, unless that checkpoint fails verification (then an older one)."""
-    from pipeline.train.checkpoint import MANIFEST, checkpoint_root
+    from pipeline.checkpoints import MANIFEST, checkpoint_root
 
     steps = [int(p.parent.name.removeprefix("step_")) for p in checkpoint_root(out_dir).glob(f"step_*/{MANIFEST}")
              if p.parent.name.removeprefix("step_").isdigit()]
@@ -146,7 +115,7 @@ def _close_dead_attempt(out_dir: Path, run: str) -> None:
         metrics = out_dir / METRICS_FILE
         if metrics.is_file():
             last = max(last, metrics.stat().st_mtime)
-        _append_line(out_dir / ATTEMPTS_FILE, {"event": "attempt", "run": run, "start": records[-1]["attempt_start"],
+        append_line(out_dir / ATTEMPTS_FILE, {"event": "attempt", "run": run, "start": records[-1]["attempt_start"],
                                                "end": last, "status": "failed", "died": True,
                                                "last_step": _last_step(out_dir)})
 
@@ -176,7 +145,7 @@ def _train_and_report(cfg: RunConfig, report: Callable[[dict], None], rank: int,
                   "resume_step": _resume_step(out_dir)}
         if attempt_start is not None:
             record["attempt_start"] = attempt_start  # an attempt whose process dies writes no end record
-        _append_line(out_dir / ATTEMPTS_FILE, record)
+        append_line(out_dir / ATTEMPTS_FILE, record)
 
     def on_step(step: int, metrics: dict) -> None:
         report({**_scalars(metrics), "step": int(step), PROGRESS_KEY: 1})
@@ -239,7 +208,7 @@ def run_trial(trial_config: dict, *, runs: dict, workers: int, cpus_per_worker: 
     finally:
         attempt["end"] = time.time()
         attempt["last_step"] = _last_step(out_dir)
-        _append_line(out_dir / ATTEMPTS_FILE, attempt)
+        append_line(out_dir / ATTEMPTS_FILE, attempt)
 
 
 def _fit_torch_trainer(cfg: RunConfig, workers: int, cpus_per_worker: float, gpus_per_worker: float,

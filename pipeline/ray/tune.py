@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import schema
-from pipeline.ray.cluster import Resources, trainable_resources
+from pipeline.runs.resources import Resources, trainable_resources
 from pipeline.ray.trainer import run_trial
 
 
@@ -82,7 +82,7 @@ def study_progress(study: str, runs: dict[str, tuple[int, float]], interval: flo
     in `runs`); plain lines every `interval` seconds when stderr is not a terminal."""
     from ray import tune
 
-    from pipeline.ray.progress import ProgressBoard
+    from pipeline.runs.progress import ProgressBoard
 
     class Progress(tune.Callback):
         def __init__(self):

@@ -9,8 +9,8 @@ import os
 
 from pipeline.preflight import check_places, ignored_fields, machine, paths
 from pipeline.preflight.data import check_data, check_vocab
-from pipeline.ray.cluster import check_placement, check_resources
-from pipeline.ray.outputs import output_root, tracking_uri
+from pipeline.runs.resources import check_placement, check_resources
+from pipeline.runs.outputs import output_root, tracking_uri
 from pipeline.search.space import DEFAULT_STORAGE, STORAGE_ENV, SearchConfig, base_run_config, extreme_configs
 
 # Fields of a search's `run` that the search sets for each trial itself, and what sets them instead.

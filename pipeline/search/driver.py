@@ -1,7 +1,7 @@
 """`run_search`: a search file -> an Optuna study (SQLite or PostgreSQL) -> Ray Tune trials -> Pareto front.
 
 The whole search is validated before any trial. One driver at a time holds the study (a lease, see
-pipeline/ray/lease.py). The Optuna storage is the search's only state: running the same command again
+pipeline/runs/lease.py). The Optuna storage is the search's only state: running the same command again
 loads the same study, keeps its completed trials, tells a trial a stopped driver left RUNNING the saved
 result of its run when that run finished, else marks it FAIL and queues its parameters again (stale by
 heartbeat, see search/store.py), and asks only for the trials still missing.
@@ -19,10 +19,12 @@ from pathlib import Path
 
 from pipeline import schema
 from pipeline.data.prepare import cache_root
-from pipeline.ray import cluster, lease
-from pipeline.ray.outputs import output_root, tracking_uri
+from pipeline.ray import cluster
+from pipeline.runs import lease
+from pipeline.runs.outputs import output_root, tracking_uri
 from pipeline.ray.storage import output_folders
-from pipeline.ray.trainer import done_record, worker_config
+from pipeline.ray.trainer import worker_config
+from pipeline.runs.markers import done_record
 from pipeline.preflight import validating
 from pipeline.search.checks import check_search
 from pipeline.search.results import MLFLOW_RUN_ATTR, export_front

@@ -19,8 +19,8 @@ from attamba.config import BOUNDARY_STRATEGIES
 from pipeline import schema
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
 from pipeline.data.prepare import MQAR_SOURCE
-from pipeline.ray.cluster import Resources
-from pipeline.ray.outputs import durable_path, durable_uri
+from pipeline.runs.resources import Resources
+from pipeline.runs.outputs import durable_path, durable_uri
 
 SAMPLERS = ("nsga2", "tpe")
 STORAGE_ENV = "ATTAMBA_OPTUNA_STORAGE"
@@ -104,7 +104,7 @@ class SearchConfig:
     storage: str | None = None              # None: $ATTAMBA_OPTUNA_STORAGE, else sqlite:///optuna.db
     out_dir: str = "searches"               # pareto.csv/json/png and trial runs under out_dir/name
     # A relative out_dir or SQLite path resolves under $ATTAMBA_HOME, else the working directory
-    # (pipeline/ray/outputs.py); inside a Ray job it needs $ATTAMBA_HOME.
+    # (pipeline/runs/outputs.py); inside a Ray job it needs $ATTAMBA_HOME.
     max_failed_trials: int = 4              # stop after this many failed trainings in one invocation
     progress: bool = True
     address: str | None = None              # Ray cluster; None: --address, else $RAY_ADDRESS, else local

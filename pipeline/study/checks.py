@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pipeline.preflight import check_places, ignored_fields, machine, paths
 from pipeline.preflight.data import check_data, check_vocab
-from pipeline.ray.cluster import check_placement, check_resources
-from pipeline.ray.outputs import output_root
+from pipeline.runs.resources import check_placement, check_resources
+from pipeline.runs.outputs import output_root
 from pipeline.study.spec import RunSpec, StudyConfig
 
 # Fields of a study's `run` that the study sets for each run itself, and what sets them instead.

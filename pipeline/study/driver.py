@@ -19,10 +19,12 @@ from attamba import costs
 from pipeline import schema
 from pipeline.config import dump_yaml
 from pipeline.data.prepare import cache_root
-from pipeline.ray import cluster, lease
-from pipeline.ray.outputs import durable_path, output_root, tracking_uri
+from pipeline.ray import cluster
+from pipeline.runs import lease
+from pipeline.runs.outputs import durable_path, output_root, tracking_uri
 from pipeline.ray.storage import output_folders
-from pipeline.ray.trainer import is_done, run_trial, worker_config
+from pipeline.ray.trainer import run_trial, worker_config
+from pipeline.runs.markers import is_done
 from pipeline.preflight import validating
 from pipeline.study.checks import check_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study

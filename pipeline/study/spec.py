@@ -19,7 +19,7 @@ from attamba.presets import PRESETS
 
 from pipeline import schema
 from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
-from pipeline.ray.cluster import Resources
+from pipeline.runs.resources import Resources
 from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
 
 TOKEN_RULES = ("fixed", "per_param", "steps")

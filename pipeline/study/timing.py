@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from pipeline.ray.trainer import done_record, read_attempts
+from pipeline.runs.markers import done_record, read_attempts
 from pipeline.study.spec import RunSpec
 
 

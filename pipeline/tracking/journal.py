@@ -79,15 +79,6 @@ class RunNotDelivered(Exception):
 SYSTEM_METRICS_PREFIX = "system/"   # MLflow's system monitors: their step is a sample index per attempt
 
 
-def latest_steps(client, run_id: str) -> dict[str, int]:
-    """The newest step of each metric of the run (MLflow keeps each metric's latest point with its step)."""
-    run = client.get_run(run_id)
-    latest = getattr(run.data, "_metric_objs", None)
-    if latest is None:   # not exposed by this MLflow: one history call per metric
-        return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
-    return {m.key: m.step for m in latest}
-
-
 class StepLedger:
     """The newest step MLflow holds for each metric of one run. A point at or before it is not sent again:
     a resumed attempt replays the steps after its checkpoint, a killed attempt's journal may hold steps a
@@ -108,7 +99,7 @@ class StepLedger:
         if run_id is None or metric.key.startswith(SYSTEM_METRICS_PREFIX):
             return True
         if self.steps is None or self.run_id != run_id:
-            self.steps, self.run_id = latest_steps(client, run_id), run_id
+            self.steps, self.run_id = mlflow_client.latest_steps(client, run_id), run_id
         last = self.steps.get(metric.key)
         if last is not None and metric.step <= last:
             self.skipped += 1

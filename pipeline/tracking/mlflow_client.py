@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from pipeline.tracking.config import check_status, resolve_uri
+from pipeline.tracking.ui import all_runs_view_tag, ui_links
 
 PARENT_RUN_TAG = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts); tagged
@@ -62,8 +63,6 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
 def experiment_tags() -> dict[str, str]:
     """The tags every experiment of the project carries: its kind (EXPERIMENT_KIND) and the shared view
     that shows every run in the UI's charts (ui.ALL_RUNS_VIEW)."""
-    from pipeline.tracking.ui import all_runs_view_tag
-
     view_tag, view = all_runs_view_tag()
     return {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND, view_tag: view}
 
@@ -141,8 +140,6 @@ def log_into_run(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, s
 
     from mlflow.entities import Metric, RunTag
 
-    from pipeline.tracking.journal import latest_steps
-
     try:
         mlflow_client = client(uri)
         held = latest_steps(mlflow_client, run_id)
@@ -153,3 +150,23 @@ def log_into_run(run_id: str, metrics: Mapping[str, float], tags: Mapping[str, s
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 0
     return None, len(new)
 
+
+def latest_steps(client, run_id: str) -> dict[str, int]:
+    """The newest step of each metric of the run (MLflow keeps each metric's latest point with its step)."""
+    run = client.get_run(run_id)
+    latest = getattr(run.data, "_metric_objs", None)
+    if latest is None:   # not exposed by this MLflow: one history call per metric
+        return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in run.data.metrics}
+    return {m.key: m.step for m in latest}
+
+
+def run_links(uri: str | None, run_id: str | None) -> dict | None:
+    """`ui_links` for a run of the store at `uri` (its experiment looked up); None without a run, or when the
+    store cannot be read now (the run is there all the same: the links are a convenience)."""
+    if not (uri and run_id):
+        return None
+    try:
+        experiment_id = client(uri).get_run(run_id).info.experiment_id
+    except Exception:
+        return None
+    return ui_links(uri, experiment_id, run_id)

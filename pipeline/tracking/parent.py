@@ -158,8 +158,8 @@ class ParentRun:
                             self.run_id, error, params)
 
     def ui_links(self) -> dict | None:
-        """Where MLflow's UI shows this run (ui.run_links): None without tracking or when MLflow is down."""
-        from pipeline.tracking.ui import run_links
+        """Where MLflow's UI shows this run (mlflow_client.run_links): None without tracking or when MLflow is down."""
+        from pipeline.tracking.mlflow_client import run_links
 
         return run_links(self.uri, self.run_id)
 

@@ -66,20 +66,6 @@ def ui_links(uri: str, experiment_id: str, run_id: str) -> dict:
     return {"run": run, "charts": charts, "serve": serve_command(uri)}
 
 
-def run_links(uri: str | None, run_id: str | None) -> dict | None:
-    """`ui_links` for a run of the store at `uri` (its experiment looked up); None without a run, or when the
-    store cannot be read now (the run is there all the same: the links are a convenience)."""
-    if not (uri and run_id):
-        return None
-    try:
-        from pipeline.tracking.mlflow_client import client
-
-        experiment_id = client(uri).get_run(run_id).info.experiment_id
-    except Exception:
-        return None
-    return ui_links(uri, experiment_id, run_id)
-
-
 def ui_line(links: dict | None, what: str = "run") -> str | None:
     """One line for stderr: where to open the `what` (and all runs' charts), after which command."""
     if not links:

@@ -3,9 +3,8 @@
 Layout of `<out_dir>/checkpoints/step_00000100/`: DeepSpeed's model/optimizer shards (with the data
 position, RNG states, MLflow run id and the step's metrics in its client_state), `model.pt` (the full
 fp32 state dict, for eval and generation), `config.yaml`, the tokenizer, and `manifest.json` = {step,
-config_hash, world_size, train_steps, data identity, sha256 of every other file}. A checkpoint is used
-only after every hash matched, because DeepSpeed's files are pickles: unpickling a tampered file can run
-code. Our own loads use `torch.load(weights_only=True)`.
+config_hash, world_size, train_steps, data identity, sha256 of every other file}. Reading one (verify,
+the newest valid one, its config and model) is `pipeline/checkpoints.py`, shared with evaluation.
 
 A save is sealed in order: every file and the folder are fsynced, then the manifest is written to a
 temporary name, fsynced and renamed into place; only then are older checkpoints beyond `keep_last` (and
@@ -16,11 +15,9 @@ and `latest_checkpoint` passes over a damaged newest checkpoint to the newest va
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -28,46 +25,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from pipeline.checkpoints import (CONFIG, MANIFEST, TOKENIZER, WEIGHTS, checkpoint_root, config_hash,
+                                  latest_checkpoint, resume_key, step_dirs, step_tag, verify)
 from pipeline.data.cache import file_sha256, fsync_path
 from pipeline.train import storage
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-WEIGHTS = "model.pt"
-CONFIG = "config.yaml"
-TOKENIZER = "tokenizer.json"
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-def step_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_root(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-# Model fields added after checkpoints existed, with their defaults: hashed only when set otherwise, so a
-# checkpoint made before a field existed still resumes.
-LATER_MODEL_FIELDS = {"iso": None, "sliding_window": False}
-
-
-def resume_key(cfg_dict: dict) -> dict:
-    """What must not change across a resume: model, data, optimizer and batch geometry. Steps, logging,
-    eval and tracking may change (e.g. extending a run)."""
-    t = cfg_dict["train"]
-    model = {k: v for k, v in cfg_dict["model"].items()
-             if not (k in LATER_MODEL_FIELDS and v == LATER_MODEL_FIELDS[k])}
-    key = {"model": model, "data": cfg_dict["data"], "optim": cfg_dict["optim"],
-           "train": {k: t[k] for k in ("batch_size", "grad_accum", "seed", "precision", "zero_stage")}}
-    key["data"] = {k: v for k, v in key["data"].items() if k not in ("cache_dir", "progress")}
-    return key
-
-
-def config_hash(cfg_dict: dict) -> str:
-    """Hash of `resume_key(cfg_dict)`, stored in every checkpoint's manifest."""
-    return hashlib.sha256(json.dumps(resume_key(cfg_dict), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _leaves(value, prefix: str = "") -> dict:
@@ -97,15 +60,6 @@ def config_changes(before: dict, after: dict) -> list[str]:
     return changes
 
 
-def saved_config(directory: Path) -> dict | None:
-    """The config dict a checkpoint (or a run folder) was made with: its config.yaml, None if unreadable."""
-    try:
-        data = yaml.safe_load((Path(directory) / CONFIG).read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def write_manifest(directory: Path, step: int, cfg_hash: str, world_size: int = 1, about: dict | None = None) -> None:
     """Seal `directory`: fsync its files and folders, then write the manifest (with `about`'s extra fields)
     under a temporary name, fsync it and rename it into place, and fsync the folder and its parent."""
@@ -126,76 +80,13 @@ def write_manifest(directory: Path, step: int, cfg_hash: str, world_size: int = 
     fsync_path(directory.parent)
 
 
-def read_manifest(directory: str | Path) -> dict:
-    """The manifest of a checkpoint `verify` already accepted (no hashing)."""
-    return json.loads((Path(directory) / MANIFEST).read_text())
-
-
-def verify(directory: str | Path) -> dict:
-    """The manifest of a checkpoint whose every file matches it; ValueError naming the problem otherwise."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"checkpoint {str(directory)!r} does not exist; give a step_XXXXXXXX directory "
-                         f"under <out_dir>/checkpoints")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(directory)!r} has no {MANIFEST}: it is incomplete (the save was "
-                         f"interrupted) or not made by this pipeline; refusing to load it")
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as exc:
-        raise ValueError(f"checkpoint {str(directory)!r} has an unreadable {MANIFEST} ({exc}); refusing it") from None
-    present = {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
-    if present != set(files):
-        raise ValueError(f"checkpoint {str(directory)!r} does not match its manifest: files "
-                         f"{sorted(present ^ set(files))} are extra or missing; refusing it")
-    for name, digest in files.items():
-        if file_sha256(directory / name) != digest:
-            raise ValueError(f"checkpoint {str(directory)!r}: {name} does not match its sha256 in {MANIFEST} "
-                             f"(corrupted or modified); refusing it")
-    return manifest
-
-
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every step_XXXXXXXX folder under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest valid checkpoint (see `verify`). Newer ones are passed over with a warning naming them:
-    one without a manifest was cut off mid-save; one that fails verification is damaged (a truncated or
-    changed file). When checkpoints exist but none is valid, ValueError: starting over silently would
-    throw their training away."""
-    damaged = []
-    for _, path in reversed(_step_dirs(checkpoint_root(out_dir))):
-        if not (path / MANIFEST).is_file():
-            log.warning("checkpoint %s has no manifest (interrupted save); ignoring it", path)
-            continue
-        try:
-            verify(path)
-        except ValueError as exc:
-            log.warning("passing over damaged checkpoint %s: %s", path, exc)
-            damaged.append(str(exc))
-            continue
-        if damaged:
-            log.warning("resuming from %s, the newest valid checkpoint", path)
-        return path
-    if damaged:
-        raise ValueError(f"no valid checkpoint under {str(checkpoint_root(out_dir))!r}: {'; '.join(damaged)}. "
-                         f"Delete the damaged folders to start over, or use a new train.out_dir")
-    return None
-
-
 def prune(out_dir: str | Path, newest: int, keep_last: int, keep_steps=()) -> list[Path]:
     """Delete checkpoint folders at or below step `newest` (just sealed) except the `keep_last` newest sealed
     ones and the milestone `keep_steps`; unsealed leftovers of interrupted saves go too. Folders above
     `newest` are left alone. keep_last=0 keeps everything. Returns the deleted folders."""
     if keep_last == 0:
         return []
-    candidates = [(step, path) for step, path in _step_dirs(checkpoint_root(out_dir)) if step <= newest]
+    candidates = [(step, path) for step, path in step_dirs(checkpoint_root(out_dir)) if step <= newest]
     sealed = [step for step, path in candidates if (path / MANIFEST).is_file()]
     keep = set(sealed[-keep_last:]) | set(keep_steps) | {newest}
     removed = []
@@ -249,7 +140,7 @@ def full_weights(engine) -> dict:
 def estimate_bytes(engine, out_dir: Path, tokenizer_path: str | None) -> tuple[int, str]:
     """(bytes, basis): what the next checkpoint of this run takes on disk (`storage.estimate_bytes`): the
     newest sealed checkpoint's size, else from the parameter count."""
-    for _, path in reversed(_step_dirs(checkpoint_root(out_dir))):
+    for _, path in reversed(step_dirs(checkpoint_root(out_dir))):
         if (path / MANIFEST).is_file():
             return storage.folder_bytes(path), f"the size of {path.name}"
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -334,41 +225,3 @@ def load(engine, directory: Path) -> dict:
     return client_state
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run's output folder (then its latest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist; pass a run folder or one of its checkpoints")
-    latest = latest_checkpoint(path) if not (path / MANIFEST).is_file() else None
-    return latest if latest is not None else path
-
-
-def load_config(checkpoint_dir: str | Path):
-    """The RunConfig a checkpoint was trained with."""
-    from pipeline.config import run_config_from_dict
-
-    return run_config_from_dict(yaml.safe_load((Path(checkpoint_dir) / CONFIG).read_text()))
-
-
-def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, RunConfig, tokenizer) from a verified checkpoint directory; the tokenizer is None
-    for a model trained on data.source=mqar (its ids are the task's, not text)."""
-    from attamba.model import AttambaLM
-
-    from pipeline.data.mqar_source import SOURCE as MQAR
-    from pipeline.data.tokenizer import ByteTokenizer, HFTokenizer
-
-    directory = Path(checkpoint_dir)
-    verify(directory)
-    cfg = load_config(directory)
-    tok_path = directory / TOKENIZER
-    tokenizer = HFTokenizer.from_file(str(tok_path)) if tok_path.is_file() else ByteTokenizer()
-    if cfg.data.source == MQAR:
-        tokenizer = None
-    elif tokenizer.vocab_size != cfg.model.vocab_size:
-        raise ValueError(f"checkpoint {str(directory)!r}: tokenizer has {tokenizer.vocab_size} tokens but "
-                         f"model.vocab_size={cfg.model.vocab_size}")
-    model = AttambaLM(cfg.model)
-    state = torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device).eval(), cfg, tokenizer

@@ -22,8 +22,9 @@ import torch.distributed as dist
 
 from attamba.model import AttambaLM
 
+from pipeline import checkpoints
 from pipeline.train import checkpoint as ckpt
-from pipeline.train import lock
+from pipeline.runs import lock
 from pipeline import schema
 from pipeline.config import RunConfig, dump_yaml, run_config_from_dict
 from pipeline.tracking.config import check_store, resolve_uri
@@ -197,7 +198,7 @@ def _train(cfg: RunConfig, *, tracker, on_eval, on_step, restart: bool) -> dict:
         position = state["data_position"]
         _set_rng_state(state["rng"][rank])
     batches = data.batches("train", t.batch_size, rank, world, start=position)
-    run_key = claim_folder(cfg, out_dir, ckpt.config_hash(cfg_dict), state).key if rank == 0 else None
+    run_key = claim_folder(cfg, out_dir, checkpoints.config_hash(cfg_dict), state).key if rank == 0 else None
     tracker, owned = open_tracker(cfg, out_dir, rank, tracker)
     run = _Run(cfg, cfg_dict, engine, optimizer, data, batches, tracker, on_eval, on_step, rank, world, device,
                out_dir, getattr(data.tokenizer, "path", None), run_key, variants)
@@ -357,7 +358,7 @@ def _warn_if_no_room(run: _Run, step: int) -> None:
         return
     upcoming = min(t.steps, (step // t.ckpt_every + 1) * t.ckpt_every)
     need, basis = ckpt.estimate_bytes(run.engine, run.out_dir, run.tok_path)
-    warning = storage.room_warning(ckpt.checkpoint_root(run.out_dir), need, basis, upcoming)
+    warning = storage.room_warning(checkpoints.checkpoint_root(run.out_dir), need, basis, upcoming)
     if warning:
         log.warning(warning)
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import RunConfig
+from pipeline import checkpoints
 from pipeline.train import checkpoint as ckpt
 from pipeline.tracking import identity
 
@@ -20,13 +21,13 @@ RESTART_HINT = "start the folder over with `attamba train ... --restart` (its ea
 def check_checkpoint(directory: Path, cfg: RunConfig, cfg_dict: dict, data, world: int) -> dict:
     """The manifest of `directory` (already verified) if this run may resume from it; ValueError naming
     what differs (field, old value, new value) and how to start over otherwise."""
-    manifest = ckpt.read_manifest(directory)
+    manifest = checkpoints.read_manifest(directory)
     where = f"checkpoint {str(directory)!r}"
-    if manifest["config_hash"] != ckpt.config_hash(cfg_dict):
-        made_with = ckpt.saved_config(directory)
+    if manifest["config_hash"] != checkpoints.config_hash(cfg_dict):
+        made_with = checkpoints.saved_config(directory)
         changes = ckpt.config_changes(made_with, cfg_dict) if made_with is not None else []
         what = "; ".join(changes) if changes else \
-            f"config hash {manifest['config_hash']} -> {ckpt.config_hash(cfg_dict)} (its config.yaml is unreadable)"
+            f"config hash {manifest['config_hash']} -> {checkpoints.config_hash(cfg_dict)} (its config.yaml is unreadable)"
         raise ValueError(f"{where} was made with another config than this run's: {what}. Put it back to resume, "
                          f"give this run another train.out_dir, or {RESTART_HINT}")
     if manifest.get("world_size", world) != world:
@@ -60,14 +61,14 @@ def check_fresh_start(out_dir: Path, cfg_dict: dict) -> None:
     over only with the same model, data, optimizer and batch settings: other ones would mix two runs'
     steps in one MLflow run. ValueError naming what differs otherwise."""
     known = identity.read(identity.path_in(out_dir))
-    if known is None or known.config_hash in (None, ckpt.config_hash(cfg_dict)):
+    if known is None or known.config_hash in (None, checkpoints.config_hash(cfg_dict)):
         return
     metrics = out_dir / METRICS_FILE
     if not (metrics.is_file() and metrics.read_text().strip()):
         return   # no step was logged: nothing to mix
-    made_with = ckpt.saved_config(out_dir)
+    made_with = checkpoints.saved_config(out_dir)
     changes = ckpt.config_changes(made_with, cfg_dict) if made_with is not None else []
-    what = "; ".join(changes) if changes else f"config hash {known.config_hash} -> {ckpt.config_hash(cfg_dict)}"
+    what = "; ".join(changes) if changes else f"config hash {known.config_hash} -> {checkpoints.config_hash(cfg_dict)}"
     raise ValueError(f"run folder {str(out_dir)!r} holds steps of an attempt with another config (no checkpoint "
                      f"yet), and its MLflow run has them: {what}. Put it back to continue, give this run another "
                      f"train.out_dir, or {RESTART_HINT}")

@@ -1,11 +1,6 @@
 """Models shared by the decoding, cost and CUDA tests."""
 
-import pytest
-import torch
-
-import attamba.ops.attention as attn
 from attamba.config import SSMConfig
-from attamba.ops import ssd
 from attamba.presets import model_config
 
 VOCAB = 61
@@ -21,15 +16,6 @@ CUDA_KINDS = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny decode steps on a shared 2-core machine: a second intra-op thread only spins.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small(**overrides):
     # Slow decay, large steps and a wider init make the SSM states matter at the 1e-4 tolerance,
     # so a state carried across a chunk start (or wrongly dropped) shows in the logits.
@@ -39,13 +25,3 @@ def small(**overrides):
                                     "init_std": 0.1, **overrides})
 
 
-@pytest.fixture
-def cuda_backends(monkeypatch):
-    """use(attention, scan) sets the attention and SSD scan backends for the rest of the test."""
-    def use(attention: str, scan: str) -> None:
-        monkeypatch.setattr(attn, "DEFAULT_BACKEND", attention)
-        monkeypatch.setenv(ssd.BACKEND_ENV, scan)
-        ssd.default_backend.cache_clear()
-
-    yield use
-    ssd.default_backend.cache_clear()

@@ -10,7 +10,7 @@ from attamba.cache import decode_step, empty_cache, prefill
 from attamba.model import AttambaLM
 from attamba.config import SSMConfig
 from attamba.presets import model_config
-from tests.model.decode_models import VOCAB, one_thread, small  # noqa: F401 (fixture)
+from tests.model.decode_models import VOCAB, small
 
 
 

@@ -10,8 +10,8 @@ from attamba.cache import decode_step, empty_cache, prefill
 from attamba.generate import decode_logits, decode_perplexity, generate, sample
 from attamba.model import AttambaLM
 from attamba.ops import ssd
-from tests.conftest import assert_close, errors
-from tests.model.decode_models import CUDA_KINDS, VOCAB, cuda_backends, one_thread, small  # noqa: F401 (fixtures)
+from tests.helpers import assert_close, errors
+from tests.model.decode_models import CUDA_KINDS, VOCAB, small
 
 TOL = 1e-4
 

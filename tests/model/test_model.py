@@ -10,8 +10,8 @@ from attamba.model import AttambaLM
 from attamba.ops import ssd
 from attamba.presets import model_config
 from attamba.ssm import ChunkSSM
-from tests.conftest import assert_close, errors
-from tests.model.decode_models import CUDA_KINDS, cuda_backends  # noqa: F401 (fixture)
+from tests.helpers import assert_close, errors
+from tests.model.decode_models import CUDA_KINDS
 
 VARIANTS = {
     "full": {"attention": "full"},

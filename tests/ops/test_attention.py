@@ -13,7 +13,7 @@ import attamba.ops.attention as attn
 from attamba.ops.attention import attention, attention_mask, blocked_attention, einsum_attention, naive_attention
 from attamba.ops.attention import visible_keys
 from attamba.ops.attention.blocked import BACKWARD_WINDOW_BLOCK, make_plan
-from tests.conftest import assert_close, errors
+from tests.helpers import assert_close, errors
 
 
 def make_boundaries(strategy: str, seq_len: int, chunk_size: int, seed: int = 0) -> torch.Tensor | None:

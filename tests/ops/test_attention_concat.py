@@ -14,7 +14,7 @@ from attamba import boundaries as bnd
 from attamba.ops.attention import concat_attention, naive_attention
 from attamba.ops.attention import flex
 from attamba.ops.attention.concat import concat_layout
-from tests.conftest import assert_close, errors
+from tests.helpers import assert_close, errors
 
 N_LAYERS = 4
 # (strategy, layer): every strategy, and layers whose offsets differ (cyclic at P=3: 0 and 2; at P=8: 0 and 6).

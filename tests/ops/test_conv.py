@@ -5,7 +5,7 @@ import torch
 
 from attamba.ops.conv import causal_conv1d, causal_conv1d_fast, causal_conv1d_naive, conv_step
 from attamba.ops.conv.block import block_causal_conv1d
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 
 def make_inputs(bt, t, cc, w, seed=0):

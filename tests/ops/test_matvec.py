@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from attamba.ops.matvec import matvec, matvec_naive
-from tests.conftest import assert_close
+from tests.helpers import assert_close
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (64,), (1, 1, 63)])

@@ -6,7 +6,7 @@ import torch
 from attamba.ops import ssd
 from attamba.ops.ssd import (default_backend, resolve_backend, ssd_chunked, ssd_naive, ssd_naive_kernel_semantics,
                              ssd_scan, ssd_scan_aligned, ssd_step, triton_available)
-from tests.conftest import assert_close, errors
+from tests.helpers import assert_close, errors
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 

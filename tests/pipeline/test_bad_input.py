@@ -24,11 +24,11 @@ from attamba.config import ModelConfig, SSMConfig
 from pipeline.cli import main
 from pipeline.config import EvalConfig, OptimConfig, RunConfig, TrainConfig, load_run_config
 from pipeline.data.prepare import DataConfig
-from pipeline.ray.cluster import Resources
+from pipeline.runs.resources import Resources
 from pipeline.search.space import Constraints, IntParam, Objectives, SearchConfig, Space, load_search
 from pipeline.study.spec import StudyConfig, TokenBudget, expand, load_study
 from pipeline.tracking.config import TrackingConfig
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 RUN = {"data": {"tokenizer": "byte", "seq_len": 32, "progress": False},
        "model": {"max_seq_len": 32},
@@ -162,14 +162,19 @@ def test_the_base_files_are_valid(folder, command):
     path = folder / "base.yaml"
     path.write_text(yaml.safe_dump(BASE[command]))
     if command == "train":
-        check_run(load_run_config(path), given=BASE[command])
+        checked = [load_run_config(path)]
+        check_run(checked[0], given=BASE[command])
     elif command == "study":
         study = load_study(path)
-        check_study(study, expand(study), out_dir=study.out_dir, uri=None, report_dir=None, local=True, yes=False)
+        checked = expand(study)
+        check_study(study, checked, out_dir=study.out_dir, uri=None, report_dir=None, local=True, yes=False)
     else:
-        check_search(load_search(path), local=True, yes=False)
-    for probe in folder.rglob("*"):
-        assert probe.name == "base.yaml", f"the pre-flight left {probe} behind"
+        search = load_search(path)
+        checked = [search]
+        check_search(search, local=True, yes=False)
+    assert checked, f"the base {command} file holds nothing to check"
+    left = sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    assert left == ["base.yaml"], f"the pre-flight left {left} behind"
 
 
 @pytest.mark.parametrize("command, change, overrides, words", CASES)
@@ -446,7 +451,7 @@ def work(folder, monkeypatch):
     prepare = importlib.import_module("pipeline.data.prepare")   # the package's `prepare` is the function
     for module, name in ((pipeline.train.loop, "train"), (prepare, "prepare"),
                          (pipeline.ray.cluster, "connect"), (pipeline.study.driver, "parent_run"),
-                         (pipeline.search.driver, "parent_run"), (pipeline.eval.evaluate, "evaluate_checkpoint"),
+                         (pipeline.search.driver, "parent_run"), (pipeline.eval.checkpoint, "evaluate_checkpoint"),
                          (pipeline.cli, "generate_from_checkpoint"), (pipeline.report, "make_report"),
                          (pipeline.tracking, "sync_journal")):
         monkeypatch.setattr(module, name, tripwire(f"{module.__name__}.{name}"))

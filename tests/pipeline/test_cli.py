@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import build_parser, main
-from tests.conftest import REPO_ROOT as ROOT
+from tests.helpers import REPO_ROOT as ROOT
 
 
 

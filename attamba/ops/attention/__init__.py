@@ -79,13 +79,16 @@ def attention(
     kernel = resolve_backend(backend, q.device, full_causal)
     if kernel == "causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if kernel == "naive":
+    elif kernel == "naive":
         return naive_attention(q, k, v, boundaries, leading_tokens, scale)
-    if kernel == "blocked":
+    elif kernel == "blocked":
         return blocked_attention(q, k, v, boundaries, leading_tokens, scale)
-    if kernel == "concat":
+    elif kernel == "concat":
         return concat_attention(q, k, v, boundaries, leading_tokens, scale)
-    return _flex.flex_attention_forward(q, k, v, boundaries, leading_tokens, scale)
+    elif kernel == "flex":
+        return _flex.flex_attention_forward(q, k, v, boundaries, leading_tokens, scale)
+    else:
+        raise ValueError(f"attention kernel must be causal or one of {BACKENDS[1:]}, got {kernel!r}")
 
 
 __all__ = [

@@ -64,11 +64,14 @@ def ssd_scan(x, dt, A, B, C, *, D=None, seq_idx=None, initial_state=None, scan_c
     kwargs = dict(D=D, seq_idx=seq_idx, initial_state=initial_state, return_final_state=return_final_state)
     if name == "chunked":
         return ssd_chunked(x, dt, A, B, C, scan_chunk=scan_chunk, **kwargs)
-    if name == "triton":
+    elif name == "triton":
         return ssd_triton(x, dt, A, B, C, scan_chunk=scan_chunk, **kwargs)
-    if _is_monotone(seq_idx):
+    elif name == "naive" and _is_monotone(seq_idx):
         return ssd_naive(x, dt, A, B, C, **kwargs)
-    return ssd_naive_kernel_semantics(x, dt, A, B, C, scan_chunk=scan_chunk, **kwargs)
+    elif name == "naive":
+        return ssd_naive_kernel_semantics(x, dt, A, B, C, scan_chunk=scan_chunk, **kwargs)
+    else:
+        raise ValueError(f"SSD scan backend must be one of {BACKENDS}, got {name!r}")
 
 
 def ssd_scan_aligned(x, dt, A, B, C, *, seq_idx, block, D=None, initial_state=None,

@@ -2,7 +2,6 @@
 
 import pytest
 
-from tests.model.decode_models import one_thread  # noqa: F401 (fixture)
 
 
 @pytest.fixture(autouse=True)

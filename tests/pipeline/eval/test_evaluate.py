@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from attamba.model import AttambaLM
+from pipeline import checkpoints
 from pipeline.train import checkpoint as ckpt
 from pipeline.config import load_run_config
 from pipeline.data.prepare import prepare
@@ -140,25 +141,25 @@ def test_paper_metric_uses_only_each_documents_tail(setup):
 def _export(setup, directory):
     cfg, _, model = setup
     ckpt.write_model_files(directory, model.state_dict(), cfg.to_dict(), None)
-    ckpt.write_manifest(directory, 0, ckpt.config_hash(cfg.to_dict()))
+    ckpt.write_manifest(directory, 0, checkpoints.config_hash(cfg.to_dict()))
     return directory
 
 
 def test_checkpoint_verification_refuses_tampering(setup, tmp_path):
     directory = _export(setup, tmp_path / "checkpoints" / "step_00000000")
-    model, cfg, tok = ckpt.load_model(directory)
+    model, cfg, tok = checkpoints.load_model(directory)
     assert torch.equal(model.embed.weight, setup[2].embed.weight) and tok.vocab_size == cfg.model.vocab_size
-    raw = bytearray((directory / ckpt.WEIGHTS).read_bytes())
+    raw = bytearray((directory / checkpoints.WEIGHTS).read_bytes())
     raw[len(raw) // 2] ^= 0x01
-    (directory / ckpt.WEIGHTS).write_bytes(bytes(raw))
+    (directory / checkpoints.WEIGHTS).write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="model.pt does not match its sha256"):
-        ckpt.load_model(directory)
+        checkpoints.load_model(directory)
     with pytest.raises(ValueError, match="model.pt does not match"):
-        ckpt.latest_checkpoint(tmp_path)  # a bad manifest is an error, not a silent fallback
-    (directory / ckpt.MANIFEST).unlink()
+        checkpoints.latest_checkpoint(tmp_path)  # a bad manifest is an error, not a silent fallback
+    (directory / checkpoints.MANIFEST).unlink()
     with pytest.raises(ValueError, match="has no manifest.json"):
-        ckpt.load_model(directory)
-    assert ckpt.latest_checkpoint(tmp_path) is None  # an unsealed save is passed over
+        checkpoints.load_model(directory)
+    assert checkpoints.latest_checkpoint(tmp_path) is None  # an unsealed save is passed over
 
 
 def test_lm_eval_adapter_runs_a_local_multiple_choice_task(setup, tmp_path):
@@ -187,7 +188,7 @@ metric_list:
     out = run_lm_eval(directory, ["tiny_mc"], include_path=tmp_path / "tasks")
     acc = out["results"]["tiny_mc"]["acc,none"]
     # The adapter's choice scores, recomputed by hand: acc must be the fraction where the label wins.
-    model, _, tok = ckpt.load_model(directory)
+    model, _, tok = checkpoints.load_model(directory)
     lm = AttambaEvalLM(model, tok)
     expected = 0
     for r in rows:
@@ -210,7 +211,7 @@ def _eval_cli(args, env_extra, tmp_path, timeout):
     import subprocess
     import sys
 
-    from tests.conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     # An empty HF cache: a hub task's data can only come from the hub.
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",

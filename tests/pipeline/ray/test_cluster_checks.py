@@ -1,15 +1,18 @@
 """Checks made before a study or search trains on a cluster of several nodes: the workers' placement against
 each node's resources, and the shared-storage probe (its node-side reading, its one-line refusal, which
-clusters need it and which folders it covers). The whole check on real raylets is in test_multinode.py."""
+clusters need it and which folders it covers), and Ray's worker-start warning hidden while the study's
+own trials explain it. The whole check on real raylets is in test_multinode.py."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 
-from pipeline.ray.cluster import PLACEMENTS, Resources, check_placement
+from pipeline.ray.cluster import RAY_TRAIN_HELPERS, QuietRayStdout, expected_processes
 from pipeline.ray.storage import look, needs_check, output_folders, refusal
+from pipeline.runs.resources import PLACEMENTS, Resources, check_placement
 
 NODE = {"CPU": 1.0}
 
@@ -114,3 +117,25 @@ def test_a_local_study_whose_placement_needs_more_nodes_fails_before_anything_is
         run_study(path)
     assert not ray.is_initialized()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
+
+
+RAYLET_WARNING = ("\x1b[33m(raylet)\x1b[0m WARNING: {n} PYTHON worker processes have been started on node: abc with "
+                  "address: 127.0.0.1, which is 4x the maximum expected startup concurrency (2). This could be ...")
+
+
+
+def test_ray_worker_start_warning_is_hidden_while_the_trials_explain_it():
+    expected = expected_processes(Resources(workers=1), slots=2)   # two trial processes
+    assert expected == 2 and expected_processes(Resources(workers=2), slots=1) == 1 + 2 + RAY_TRAIN_HELPERS
+    out = io.StringIO()
+    quiet = QuietRayStdout(out, expected)
+    quiet.write("before\n")
+    print(RAYLET_WARNING.format(n=4), file=quiet)          # 4 <= 2 x 2: what two trials explain
+    quiet.write("part of a line ")
+    quiet.write("and its end\n")
+    assert out.getvalue() == "before\npart of a line and its end\n"
+    print(RAYLET_WARNING.format(n=8), file=quiet, flush=True)  # twice more than the trials need: shown
+    assert out.getvalue().endswith(RAYLET_WARNING.format(n=8) + "\n")
+    quiet.write("no newline yet")
+    quiet.flush()
+    assert out.getvalue().endswith("no newline yet")

@@ -25,12 +25,13 @@ import pytest
 
 from pipeline import schema
 from pipeline.ray.storage import PROBE_PREFIX
-from pipeline.ray.trainer import DONE_FILE, read_attempts
+from pipeline.runs.markers import DONE_FILE, read_attempts
 from pipeline.report.cluster import TITLE as CLUSTER_VIEW
 from pipeline.study.spec import expand, load_study
 from pipeline.train.loop import METRICS_FILE
-from tests.conftest import REPO_ROOT as REPO
-from tests.pipeline.study.test_study import SMOKE, _processes_under, _stop_processes, _wait_for
+from tests.helpers import REPO_ROOT as REPO
+from tests.helpers import processes_under, stop_processes
+from tests.pipeline.study.test_study import SMOKE, _wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,7 @@ def cluster():
         try:
             nodes.shutdown()
         finally:
-            _stop_processes(tmp)
+            stop_processes(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             for name, value in saved.items():
                 if value is None:
@@ -352,7 +353,7 @@ def test_a_node_that_sees_another_attamba_home_is_refused_before_any_run(cluster
         refused = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400,
                                  env=_env(cluster, ATTAMBA_HOME=str(home), ATTAMBA_CACHE=str(home / "cache")))
     finally:
-        _stop_processes(marker)
+        stop_processes(marker)
         shutil.rmtree(marker, ignore_errors=True)
         deadline = time.time() + 90   # later tests must not see it alive in the GCS
         while other_alive := set(_live_nodes(cluster)) - before:
@@ -372,4 +373,4 @@ def test_a_node_that_sees_another_attamba_home_is_refused_before_any_run(cluster
     assert list((home / "cache").iterdir()) == []
     assert not (home / "mlflow.db").exists() and not list(home.rglob("study_attempts.jsonl"))
     assert not list(tmp_path.rglob(f"{PROBE_PREFIX}*"))
-    assert not _processes_under(marker)
+    assert not processes_under(marker)

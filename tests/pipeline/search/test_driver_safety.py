@@ -18,12 +18,12 @@ import pytest
 from optuna.trial import TrialState
 
 from pipeline import schema
-from pipeline.ray import lease
+from pipeline.runs import lease
 from pipeline.search.space import load_search, param_names, suggest
 from pipeline.search.store import (DRIVER_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, beat, claim, open_study,
                                    recover_stale_trials)
-from tests.conftest import REPO_ROOT as ROOT
-from tests.pipeline.search.test_search import _count, _session_pids, search_env  # noqa: F401 (a fixture)
+from tests.helpers import REPO_ROOT as ROOT
+from tests.pipeline.search.test_search import _count, _session_pids
 
 SMOKE = ROOT / "configs" / "search" / "smoke.yaml"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -45,7 +45,7 @@ def test_a_second_driver_on_the_same_storage_refuses_to_start(tmp_path):
     url = f"sqlite:///{tmp_path}/o.db"
     holder = _in_child("""
         import sys, time
-        from pipeline.ray import lease
+        from pipeline.runs import lease
         with lease.search_lease(sys.argv[1], "smoke", sys.argv[2], sys.argv[1]):
             print("ready", flush=True); time.sleep(600)
         """, url, str(tmp_path / "a"))

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.search.space import load_search
-from tests.pipeline.search.test_search import SMOKE, search_env  # noqa: F401 (fixture)
+from tests.pipeline.search.test_search import SMOKE
 
 MQAR = ["run.data={source: mqar, seq_len: 64, progress: false, mqar: {pairs: 4, vocab_size: 64, val_examples: 16}}",
         "run.model={max_seq_len: 64}"]

@@ -24,7 +24,7 @@ from pipeline.search.results import non_dominated, pareto_trials
 from pipeline.search.space import load_search, param_names
 from pipeline.search.store import (CONSTRAINTS_ATTR, RETRY_OF_ATTR, RUN_NAME_ATTR, normalise_storage_url,
                                    open_study, recover_stale_trials, redact)
-from tests.conftest import REPO_ROOT as ROOT
+from tests.helpers import REPO_ROOT as ROOT
 
 SMOKE = ROOT / "configs" / "search" / "smoke.yaml"
 
@@ -60,7 +60,7 @@ def test_a_ray_job_without_attamba_home_refuses_relative_outputs_before_any_tria
                                                                                   overrides, message):
     """Submitted with `ray job submit`, a search's relative folder and SQLite study would live in the job's
     temporary working directory: refused, naming the option and ATTAMBA_HOME, before the study exists."""
-    from pipeline.ray.outputs import HOME_ENV, RAY_JOB_ENV
+    from pipeline.runs.outputs import HOME_ENV, RAY_JOB_ENV
     from pipeline.search.driver import run_search
     from pipeline.search.space import STORAGE_ENV
 
@@ -237,20 +237,6 @@ def test_study_with_other_objectives_is_refused(tmp_path):
 
 
 # ---- real searches: tiny models trained on Ray ---------------------------------------------------------
-
-@pytest.fixture
-def search_env(tmp_path, monkeypatch):
-    """Storage, MLflow store, data cache and outputs all in tmp_path; Ray stopped afterwards whatever happens."""
-    monkeypatch.setenv("ATTAMBA_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    monkeypatch.delenv("ATTAMBA_OPTUNA_STORAGE", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    yield tmp_path
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
 
 def _complete(study) -> dict[int, tuple]:
     return {t.number: tuple(t.values) for t in study.get_trials(states=(TrialState.COMPLETE,))}

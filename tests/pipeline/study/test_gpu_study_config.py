@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.ray.cluster import check_resources, trial_slots
+from pipeline.runs.resources import check_resources, trial_slots
 from pipeline.study.spec import expand, load_study
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 
 STUDY = REPO_ROOT / "configs" / "studies" / "gpu_smoke.yaml"
 

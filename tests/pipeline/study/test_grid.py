@@ -123,7 +123,7 @@ def test_full_transformers_are_also_scored_through_each_attamba_window_and_40_ke
 
 
 def test_the_shipped_studies_keep_the_quickstart_names():
-    from tests.conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     names = {s.name for s in expand(load_study(REPO_ROOT / "configs" / "studies" / "quickstart.yaml"))}
     assert {f"tiny__{v}__s{seed}__D614400" for v in ("full", "attamba-P4-L16-cyclic", "attamba-P8-L16-cyclic")

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.study.spec import expand, load_study
-from tests.pipeline.study.test_study import SMOKE, _driver_env, _mlflow_children, _study_command, ray_tmp  # noqa: F401
+from tests.pipeline.study.test_study import SMOKE, _driver_env, _mlflow_children, _study_command
 
 MQAR_DATA = "run.data={source: mqar, seq_len: 64, progress: false, mqar: {pairs: 4, vocab_size: 64, val_examples: 32}}"
 

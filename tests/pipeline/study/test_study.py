@@ -23,10 +23,10 @@ import yaml
 
 from attamba import costs
 from pipeline import schema
-from pipeline.ray.cluster import TRIAL_CPU, check_resources, trainable_resources, trial_slots
-from pipeline.ray.trainer import DONE_FILE, read_attempts
+from pipeline.runs.resources import TRIAL_CPU, check_resources, trainable_resources, trial_slots
+from pipeline.runs.markers import DONE_FILE, read_attempts
 from pipeline.study.spec import DISPLAY_NAME_MAX, Resources, expand, load_study
-from tests.conftest import REPO_ROOT as REPO
+from tests.helpers import REPO_ROOT as REPO, stop_processes
 
 SMOKE = REPO / "configs" / "studies" / "smoke.yaml"
 STUDIES = REPO / "configs" / "studies"
@@ -221,55 +221,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _processes_under(marker: str) -> list[int]:
-    """PIDs of our own processes whose command line names `marker` (a unique temp dir), and their children.
-
-    Used instead of `ray stop`, which would stop every Ray on this shared machine, not only ours."""
-    parents, found = {}, set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents[int(entry.name)] = ppid
-        if marker in cmdline:
-            found.add(int(entry.name))
-    grew = True
-    while grew:
-        children = {pid for pid, ppid in parents.items() if ppid in found} - found
-        found |= children
-        grew = bool(children)
-    found.discard(os.getpid())
-    return sorted(found)
-
-
-def _stop_processes(marker: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _processes_under(marker)
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 10
-        while pids and time.time() < deadline and _processes_under(marker):
-            time.sleep(0.2)
-    assert not _processes_under(marker), "Ray processes left behind"
-
-
-@pytest.fixture
-def ray_tmp():
-    """A short, unique Ray temp dir (Unix socket paths must stay under 108 bytes); every process that
-    names it is stopped at the end."""
-    path = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    yield path
-    _stop_processes(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def _study_command(tmp_path: Path, *overrides: str) -> list[str]:
     attamba = shutil.which("attamba")
     head = [attamba] if attamba else [sys.executable, "-m", "pipeline.cli"]
@@ -359,7 +310,7 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
         logs = client.get_job_logs(job)
         assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
     finally:
-        _stop_processes(ray_tmp)
+        stop_processes(ray_tmp)
         # Forget our token, or later local Rays in this process would be sent it and refuse the driver.
         AuthenticationTokenLoader.instance().reset_cache()
     names = [s.name for s in expand(load_study(SMOKE))]
@@ -528,7 +479,8 @@ def test_interrupted_study_trains_only_the_missing_runs_when_run_again(tmp_path,
 
 
 def test_an_attempt_whose_process_died_is_recorded_as_failed_by_the_next(tmp_path):
-    from pipeline.ray.trainer import ATTEMPTS_FILE, _close_dead_attempt
+    from pipeline.ray.trainer import _close_dead_attempt
+    from pipeline.runs.markers import ATTEMPTS_FILE
 
     def line(**record):
         with open(tmp_path / ATTEMPTS_FILE, "a") as f:

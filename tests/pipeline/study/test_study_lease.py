@@ -9,7 +9,7 @@ import time
 import pytest
 
 from pipeline.study.driver import run_study
-from tests.conftest import REPO_ROOT as REPO
+from tests.helpers import REPO_ROOT as REPO
 
 SMOKE = REPO / "configs" / "studies" / "smoke.yaml"
 
@@ -17,7 +17,7 @@ SMOKE = REPO / "configs" / "studies" / "smoke.yaml"
 def test_a_second_study_driver_on_the_same_folder_refuses_to_start(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     folder = tmp_path / "studies" / "smoke"
-    script = ("import sys, time; from pipeline.ray import lease\n"
+    script = ("import sys, time; from pipeline.runs import lease\n"
               "with lease.study_lease(sys.argv[1]):\n    print('ready', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", script, str(folder)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})

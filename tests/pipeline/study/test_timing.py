@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import _print_json
-from pipeline.ray.trainer import ATTEMPTS_FILE, DONE_FILE
+from pipeline.runs.markers import ATTEMPTS_FILE, DONE_FILE
 from pipeline.study.timing import placements, timing_line, timing_summary
 
 

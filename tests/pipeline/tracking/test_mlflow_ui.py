@@ -13,11 +13,12 @@ import pytest
 from pipeline import schema
 from pipeline.tracking.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ensure_experiment
 from pipeline.tracking.parent import DESCRIPTION_TAG, find_parent, parent_run
-from pipeline.tracking.ui import ALL_RUNS_KEY, LOCAL_UI, all_runs_view_tag, run_links, ui_line, ui_links
+from pipeline.tracking.mlflow_client import run_links
+from pipeline.tracking.ui import ALL_RUNS_KEY, LOCAL_UI, all_runs_view_tag, ui_line, ui_links
 from pipeline.tracking.tracker import MlflowTracker, TrackingConfig
 from pipeline.tracking.version import code_version
-from tests.conftest import REPO_ROOT
-from tests.pipeline.tracking.conftest import mlflow_client
+from tests.helpers import REPO_ROOT
+from tests.pipeline.tracking.mlflow_runs import client as mlflow_client
 
 
 def _kind(uri, name):

@@ -17,7 +17,7 @@ from pipeline import schema
 from pipeline.cli import main
 from pipeline.tracking import identity
 from pipeline.tracking.tracker import MlflowTracker, TrackingConfig, sync_journal
-from tests.conftest import REPO_ROOT
+from tests.helpers import REPO_ROOT
 from tests.pipeline.tracking.mlflow_runs import assert_one_run_per_folder, client, duplicate_steps, steps
 
 EXPERIMENT = "identity"

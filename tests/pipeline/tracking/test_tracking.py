@@ -16,7 +16,7 @@ from pipeline.tracking.tracker import (
     PARENT_RUN_TAG, MlflowTracker, NoopTracker, TrackingConfig, end_run, find_runs, flatten_config,
     log_config, make_tracker, resolve_uri, start_parent_run, sync_journal,
 )
-from tests.pipeline.tracking.conftest import mlflow_client
+from tests.pipeline.tracking.mlflow_runs import client as mlflow_client
 
 
 def _history(client, run_id, key):

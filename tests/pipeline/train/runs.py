@@ -1,30 +1,12 @@
-"""What the training tests share: a tiny run's overrides, the environment fixtures, metrics.jsonl readers
-and a clean environment for a training subprocess."""
+"""What the training tests share: a tiny run's overrides, metrics.jsonl readers and a clean environment for
+a training subprocess (the `cache` and `env` fixtures are in tests/pipeline/conftest.py)."""
 
 import json
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
 from pipeline import schema
-from tests.conftest import REPO_ROOT
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture()
-def env(tmp_path, cache, monkeypatch):
-    monkeypatch.setenv("ATTAMBA_CACHE", str(cache))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path
-    torch.set_num_threads(threads)
+from tests.helpers import REPO_ROOT
 
 
 def tiny(out_dir, *overrides):

@@ -14,10 +14,10 @@ import torch
 
 from pipeline import schema
 from pipeline.config import load_run_config
-from pipeline.train import checkpoint as ckpt
+from pipeline import checkpoints
 from pipeline.train.engine import free_port
 from pipeline.train.loop import StopTraining, train
-from tests.pipeline.train.runs import cache, child_env, env, losses, rows, tiny  # noqa: F401 (fixtures)
+from tests.pipeline.train.runs import child_env, losses, rows, tiny
 
 
 def folders(out_dir) -> list[int]:
@@ -37,7 +37,7 @@ def test_keep_last_keeps_the_newest_two_and_the_milestones(env):
     assert folders(env / "all") == [2, 4, 6, 8, 10]
     for out in ("last", "mile", "all"):
         for step in folders(env / out):
-            assert ckpt.verify(env / out / "checkpoints" / ckpt.step_tag(step))["step"] == step
+            assert checkpoints.verify(env / out / "checkpoints" / checkpoints.step_tag(step))["step"] == step
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(env, caplog):
@@ -47,7 +47,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(env, caplog):
     newest = env / "run" / "checkpoints" / "step_00000006"
     shard = newest / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])   # a save cut by a power loss
-    with caplog.at_level(logging.WARNING, logger="pipeline.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoints"):
         again = train(cfg)
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "passing over damaged checkpoint" in warned and str(newest) in warned
@@ -58,7 +58,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(env, caplog):
     for step in (5, 6):
         assert losses(env / "run")[step] == pytest.approx(before[step], abs=1e-6, rel=0)
     assert again[schema.M_VAL_LOSS] == pytest.approx(first[schema.M_VAL_LOSS], abs=1e-6, rel=0)
-    assert ckpt.verify(newest)["step"] == 6   # the damaged folder was replaced by a sound one
+    assert checkpoints.verify(newest)["step"] == 6   # the damaged folder was replaced by a sound one
 
 
 def _write_corpus(folder, seed, n_docs=30):
@@ -127,7 +127,7 @@ def test_a_changed_config_is_refused_naming_each_field_and_restart_starts_the_fo
     again = train(load_run_config(None, changed), restart=True)
     assert again["start_step"] == 0 and again["step"] == 4 and again["run_id"] != first["run_id"]
     (moved,) = (out / "restarted").iterdir()
-    assert ckpt.verify(moved / "checkpoints" / "step_00000004")["step"] == 4 and (moved / "metrics.jsonl").is_file()
+    assert checkpoints.verify(moved / "checkpoints" / "step_00000004")["step"] == 4 and (moved / "metrics.jsonl").is_file()
     assert [r["step"] for r in rows(out)] == [1, 2, 3, 4]
     runs = assert_one_run_per_folder(os.environ["MLFLOW_TRACKING_URI"], "attamba", [out, moved])
     assert runs[moved].info.run_id == first["run_id"]
@@ -220,18 +220,18 @@ def test_two_ranks_resume_from_the_checkpoint_rank_0_chose(env):
     assert [r["step"] for r in rows(env / "dp")] == [1, 2, 3, 4]
     for step in (3, 4):
         assert losses(env / "dp")[step] == pytest.approx(before[step], abs=1e-6, rel=0)
-    assert ckpt.verify(shard.parent)["step"] == 4
+    assert checkpoints.verify(shard.parent)["step"] == 4
 
 
 def test_model_fields_added_later_keep_old_checkpoints_resumable():
     from pipeline.config import RunConfig
 
     now = RunConfig().to_dict()
-    before = {**now, "model": {k: v for k, v in now["model"].items() if k not in ckpt.LATER_MODEL_FIELDS}}
-    assert ckpt.config_hash(before) == ckpt.config_hash(now)
+    before = {**now, "model": {k: v for k, v in now["model"].items() if k not in checkpoints.LATER_MODEL_FIELDS}}
+    assert checkpoints.config_hash(before) == checkpoints.config_hash(now)
     windowed = {**now, "model": {**now["model"], "sliding_window": True}}
-    assert ckpt.config_hash(windowed) != ckpt.config_hash(now)
-    assert set(ckpt.LATER_MODEL_FIELDS) == {"iso", "sliding_window"}   # both added after checkpoints existed
+    assert checkpoints.config_hash(windowed) != checkpoints.config_hash(now)
+    assert set(checkpoints.LATER_MODEL_FIELDS) == {"iso", "sliding_window"}   # both added after checkpoints existed
     sized = {**now, "model": {**now["model"], "iso": "kv"}}
-    assert ckpt.config_hash(sized) != ckpt.config_hash(now)
+    assert checkpoints.config_hash(sized) != checkpoints.config_hash(now)
 

@@ -11,9 +11,9 @@ import signal
 import subprocess
 import sys
 
-from pipeline.train import checkpoint as ckpt
+from pipeline import checkpoints
 from tests.pipeline.tracking.mlflow_runs import assert_one_run_per_folder
-from tests.pipeline.train.runs import cache, child_env, env, rows, tiny  # noqa: F401 (fixtures)
+from tests.pipeline.train.runs import child_env, rows, tiny
 
 DISK = 2 * 2**20   # a micro run's checkpoint takes about 1.36 MB: the first fits, the second does not
 
@@ -57,7 +57,7 @@ def test_a_checkpoint_that_does_not_fit_is_one_clear_line_and_the_run_resumes_on
             assert "MiB, the size of step_00000002), " in error and "were free" in error
             assert "it resumes from step_00000002" in error
             assert not (out / "checkpoints" / "step_00000004").exists()   # the partial save is gone
-            assert ckpt.verify(out / "checkpoints" / "step_00000002")["step"] == 2
+            assert checkpoints.verify(out / "checkpoints" / "step_00000002")["step"] == 2
             subprocess.run(["mount", "-o", f"remount,size={8 * DISK}", str(disk)], check=True)
             resumed_from = 2
         else:

@@ -15,12 +15,13 @@ import torch
 
 from pipeline import schema
 from pipeline.config import load_run_config
+from pipeline import checkpoints
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.loop import StopTraining, train
 from pipeline.tracking.tracker import sync_journal
 from pipeline.tracking import identity
 from tests.pipeline.tracking.mlflow_runs import assert_one_run_per_folder
-from tests.pipeline.train.runs import TRAIN_CHILD, cache, child_env, env, rows, tiny  # noqa: F401 (fixtures)
+from tests.pipeline.train.runs import TRAIN_CHILD, child_env, rows, tiny
 
 CHILD = TRAIN_CHILD
 
@@ -51,7 +52,7 @@ def test_sigkill_during_the_final_evaluation_then_rerun_has_the_final_metrics(en
         assert time.time() < deadline, "no final evaluation began"
     assert proc.wait(60) == -signal.SIGKILL, "".join(seen[-30:])
     # killed inside the final evaluation: no final checkpoint, no val/* at step 8 in MLflow
-    assert not (out / "checkpoints" / "step_00000008" / ckpt.MANIFEST).exists()
+    assert not (out / "checkpoints" / "step_00000008" / checkpoints.MANIFEST).exists()
     run_id = identity.read(out / identity.RUN_FILE).mlflow_run_id
     client = _mlflow()
     assert 8 not in _steps(client, run_id, schema.M_VAL_LOSS)
@@ -90,8 +91,8 @@ def test_a_final_checkpoint_without_stored_metrics_is_evaluated_again(env, caplo
     state = torch.load(states, weights_only=False)
     assert schema.M_VAL_LOSS in state.pop("eval")
     torch.save(state, states)
-    manifest = ckpt.read_manifest(final)
-    (final / ckpt.MANIFEST).unlink()
+    manifest = checkpoints.read_manifest(final)
+    (final / checkpoints.MANIFEST).unlink()
     ckpt.write_manifest(final, 4, manifest["config_hash"], manifest["world_size"],
                         {k: manifest[k] for k in ("train_steps", "data")})
     seen = []

@@ -15,9 +15,9 @@ import pytest
 
 from pipeline import schema
 from pipeline.cli import main
-from pipeline.train import checkpoint as ckpt
+from pipeline import checkpoints
 from tests.pipeline.tracking.mlflow_runs import assert_one_run_per_folder, client, steps
-from tests.pipeline.train.runs import TRAIN_CHILD, cache, child_env, env, rows, tiny  # noqa: F401 (fixtures)
+from tests.pipeline.train.runs import TRAIN_CHILD, child_env, rows, tiny
 
 EXPERIMENT = "timelines"
 
@@ -101,9 +101,9 @@ def _stop_inside_a_save(proc, root, deadline) -> str | None:
         for name in names:
             if not name.startswith("step_") or name in sealed:
                 continue
-            if not (root / name / ckpt.MANIFEST).exists():
+            if not (root / name / checkpoints.MANIFEST).exists():
                 os.kill(proc.pid, signal.SIGSTOP)
-                if not (root / name / ckpt.MANIFEST).exists():
+                if not (root / name / checkpoints.MANIFEST).exists():
                     return name
                 os.kill(proc.pid, signal.SIGCONT)
             sealed.add(name)
@@ -124,10 +124,10 @@ def test_killed_inside_a_checkpoint_save_resumes_from_the_one_before(env):
     assert caught, "no checkpoint save was caught in progress"
     step = int(caught.split("_")[1])
     partial = out / "checkpoints" / caught
-    assert partial.is_dir() and not (partial / ckpt.MANIFEST).exists()
+    assert partial.is_dir() and not (partial / checkpoints.MANIFEST).exists()
     result = _finish(command)
     assert result["start_step"] == step - 2 and result["step"] == 12
-    assert ckpt.verify(partial)["step"] == step          # saved again, whole, by the rerun
+    assert checkpoints.verify(partial)["step"] == step          # saved again, whole, by the rerun
     assert _steps_done(out) == list(range(1, 13))
     uri = os.environ["MLFLOW_TRACKING_URI"]
     (run,) = assert_one_run_per_folder(uri, EXPERIMENT, [out]).values()

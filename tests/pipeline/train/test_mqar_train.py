@@ -16,10 +16,10 @@ from pipeline import schema
 from pipeline.config import load_run_config
 from pipeline.data.mqar import IGNORE
 from pipeline.data.prepare import prepare
-from pipeline.eval.evaluate import evaluate_checkpoint
-from pipeline.train.checkpoint import latest_checkpoint, load_model
+from pipeline.eval.checkpoint import evaluate_checkpoint
+from pipeline.checkpoints import latest_checkpoint, load_model
 from pipeline.train.loop import StopTraining, train
-from tests.pipeline.train.runs import cache, child_env, env, losses, rows  # noqa: F401 (fixtures)
+from tests.pipeline.train.runs import child_env, losses, rows
 
 
 def mqar_run(out_dir, *overrides):
@@ -122,7 +122,7 @@ def test_stop_and_resume_in_process_continue_the_same_stream(env):
 @pytest.mark.slow
 def test_the_recipe_config_solves_mqar(env):
     """configs/train_mqar.yaml as shipped (the full transformer at width 64, T=64, 4 pairs): >= 99% recall."""
-    from tests.conftest import REPO_ROOT
+    from tests.helpers import REPO_ROOT
 
     cfg = load_run_config(REPO_ROOT / "configs" / "train_mqar.yaml",
                           [f"train.out_dir={env / 'recipe'}", "tracking.enabled=false", "train.progress=false"])

@@ -20,8 +20,8 @@ from pipeline.config import load_run_config
 from pipeline.data.prepare import prepare
 from pipeline.train.loop import StopTraining, train
 from pipeline.train.engine import free_port
-from tests.conftest import REPO_ROOT as REPO
-from tests.pipeline.train.runs import cache, child_env, env, losses, tiny  # noqa: F401 (fixtures)
+from tests.helpers import REPO_ROOT as REPO
+from tests.pipeline.train.runs import child_env, losses, tiny
 
 
 def test_learns_below_unigram_entropy_and_tracks_everything(env):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_run_config
-from pipeline.train import lock
+from pipeline.runs import lock
 from pipeline.train.loop import train
-from tests.conftest import REPO_ROOT as REPO
+from tests.helpers import REPO_ROOT as REPO
 
 
 def tiny(out_dir, *overrides):
@@ -26,7 +26,7 @@ def tiny(out_dir, *overrides):
 
 def _holder(path: Path) -> subprocess.Popen:
     """A separate process that takes `lock.exclusive(path)` and waits; returns once it holds it."""
-    script = ("import sys, time; from pipeline.train import lock\n"
+    script = ("import sys, time; from pipeline.runs import lock\n"
               "with lock.exclusive(sys.argv[1], 'x', 'y'):\n    print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

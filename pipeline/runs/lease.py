@@ -1,7 +1,7 @@
 """One driver at a time: the lease a study or search driver holds on its state for its whole run.
 
 A study's state is its folder; a search's is its Optuna study (storage URL + study name). The lease is
-the run-folder lock of `pipeline.train.lock` on a file beside that state: for a SQLite storage, beside the
+the run-folder lock of `pipeline.runs.lock` on a file beside that state: for a SQLite storage, beside the
 database file (every driver of that study, whatever its out_dir, meets there); for a server storage
 (PostgreSQL), in the search's folder. Drivers on other machines sharing a server storage are not seen by
 a file lock; there Optuna's heartbeats keep each driver from taking the other's live trials for stale.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from pipeline.train.lock import exclusive
+from pipeline.runs.lock import exclusive
 
 DRIVER_LOCK_FILE = "driver.lock"
 

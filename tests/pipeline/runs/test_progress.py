@@ -1,6 +1,5 @@
 """What a person watching a study sees: the progress board on fake trial states (a terminal redrawn in
-place, a log's plain lines every `interval` seconds, per-trial and study ETAs from measured speed), and
-Ray's worker-start warning hidden while the study's own trials explain it."""
+place, a log's plain lines every `interval` seconds, per-trial and study ETAs from measured speed)."""
 
 from __future__ import annotations
 
@@ -10,8 +9,7 @@ import re
 import pytest
 
 from pipeline import schema
-from pipeline.ray.cluster import RAY_TRAIN_HELPERS, QuietRayStdout, Resources, expected_processes
-from pipeline.ray.progress import ProgressBoard, duration
+from pipeline.runs.progress import ProgressBoard, duration
 
 RUNS = {"small": (100, 1.0), "large": (100, 3.0)}
 
@@ -134,22 +132,3 @@ def test_on_a_terminal_the_board_is_redrawn_in_place():
     assert re.search(r"study demo \[#+\.+\] 1/2 runs", tail) and "  large  starting (step 0/100)" in tail
 
 
-RAYLET_WARNING = ("\x1b[33m(raylet)\x1b[0m WARNING: {n} PYTHON worker processes have been started on node: abc with "
-                  "address: 127.0.0.1, which is 4x the maximum expected startup concurrency (2). This could be ...")
-
-
-def test_ray_worker_start_warning_is_hidden_while_the_trials_explain_it():
-    expected = expected_processes(Resources(workers=1), slots=2)   # two trial processes
-    assert expected == 2 and expected_processes(Resources(workers=2), slots=1) == 1 + 2 + RAY_TRAIN_HELPERS
-    out = io.StringIO()
-    quiet = QuietRayStdout(out, expected)
-    quiet.write("before\n")
-    print(RAYLET_WARNING.format(n=4), file=quiet)          # 4 <= 2 x 2: what two trials explain
-    quiet.write("part of a line ")
-    quiet.write("and its end\n")
-    assert out.getvalue() == "before\npart of a line and its end\n"
-    print(RAYLET_WARNING.format(n=8), file=quiet, flush=True)  # twice more than the trials need: shown
-    assert out.getvalue().endswith(RAYLET_WARNING.format(n=8) + "\n")
-    quiet.write("no newline yet")
-    quiet.flush()
-    assert out.getvalue().endswith("no newline yet")

@@ -18,7 +18,7 @@ from pipeline.search.driver import _ask_tell, restore_ask_tell, tune_searcher
 from pipeline.search.space import STORAGE_ENV, load_search
 from pipeline.search.store import normalise_storage_url, open_study
 from pipeline.tracking.parent import ParentRun
-from tests.conftest import REPO_ROOT as ROOT
+from tests.helpers import REPO_ROOT as ROOT
 
 SMOKE = ROOT / "configs" / "search" / "smoke.yaml"
 # What cloudpickle writes to rebuild a class or function by value (code included) instead of naming it.

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ray.outputs import HOME_ENV, RAY_JOB_ENV, durable_path, durable_uri, in_ray_job, output_root, tracking_uri
+from pipeline.runs.outputs import HOME_ENV, RAY_JOB_ENV, durable_path, durable_uri, in_ray_job, output_root, tracking_uri
 
 
 @pytest.fixture
