@@ -33,8 +33,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from attamba.presets import PRESETS
-
 from pipeline import schema
 from pipeline.report import fmt
 from pipeline.report.claim_pairs import Estimate
@@ -64,13 +62,15 @@ DISTANCE_CAPTION = ("Recall by key-query distance, one panel per setting: each v
 
 
 def _size_order(df: pd.DataFrame) -> list[str]:
-    """Settings smallest first: the size preset's place in the ladder (attamba.presets), then the sequence length
-    of a "<size> T=<seq_len>" setting, then the name."""
-    ladder = list(PRESETS)
+    """Settings smallest first: the size's largest model (most non-embedding parameters of its points, every
+    length of it together), then the sequence length of a "<size> T=<seq_len>" setting, then the name."""
+    base = df[schema.TAG_SIZE].str.partition(" T=")[0]
+    params = (pd.to_numeric(df[schema.M_PARAMS_NON_EMB], errors="coerce").groupby(base).max()
+              if schema.M_PARAMS_NON_EMB in df else pd.Series(dtype=float))
 
     def key(size: str):
-        base, _, T = size.partition(" T=")
-        return (ladder.index(base) if base in ladder else len(ladder), int(T) if T.isdigit() else 0, size)
+        name, _, T = size.partition(" T=")
+        return (float(np.nan_to_num(params.get(name, np.inf), nan=np.inf)), name, int(T) if T.isdigit() else 0, size)
     return sorted(df[schema.TAG_SIZE].unique(), key=key)
 
 
@@ -114,6 +114,8 @@ def _point(size, variant, point, trained_as, kind, g: pd.DataFrame, recall_col: 
     mean, lo, hi = _t_interval(values)
     lo, hi = max(lo, 0.0), min(hi, 1.0)   # recall is a fraction: its interval is clipped to [0, 1] (NaN stays NaN)
     row = {schema.TAG_SIZE: size, "variant": variant, "point": point, "trained_as": trained_as, "kind": kind,
+           schema.M_PARAMS_NON_EMB: (float(pd.to_numeric(g[schema.M_PARAMS_NON_EMB], errors="coerce").mean())
+                                     if schema.M_PARAMS_NON_EMB in g else np.nan),
            "recall": mean, "lo": lo, "hi": hi, "n": len(values), "chance": chance,
            "kv_bytes": float(pd.to_numeric(g[kv_col], errors="coerce").mean()) if kv_col in g else np.nan,
            "by_seed": dict(zip(g[schema.TAG_SEED], pd.to_numeric(g[recall_col], errors="coerce")))}
