@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 QUICK=(tests/test_layout.py tests/pipeline/test_config.py tests/model/test_config.py tests/pipeline/data/test_data.py
        tests/pipeline/train/test_engine.py tests/pipeline/tracking/test_sync.py tests/pipeline/report/test_compare.py
-       tests/pipeline/search/test_tune_searcher.py)
+       tests/pipeline/ray/test_tune_searcher.py)
 if [[ ${1:-} == --all ]]; then
     shift
     tests=("$@")

@@ -696,3 +696,15 @@ def test_init_script_creates_isolated_databases_for_optuna_and_mlflow(postgres_s
     run = client.create_run(experiment_id)
     client.log_metric(run.info.run_id, "loss", 1.5, step=3)
     assert client.get_metric_history(run.info.run_id, "loss")[0].value == 1.5
+
+
+def test_check_latest_runs_test_files_that_exist():
+    """scripts/check_latest.sh names its quick test files by path: a moved test file must fail here, not leave
+    the check running nothing for that engine."""
+    text = (ROOT / "scripts" / "check_latest.sh").read_text()
+    quick = re.search(r"^QUICK=\((.*?)\)", text, re.S | re.M)
+    assert quick, "QUICK=(...) not found in scripts/check_latest.sh"
+    paths = quick.group(1).split()
+    assert len(paths) >= 8
+    missing = [p for p in paths if not (ROOT / p).is_file()]
+    assert not missing, f"scripts/check_latest.sh names test files that do not exist: {missing}"
