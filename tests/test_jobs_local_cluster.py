@@ -119,3 +119,31 @@ def test_a_job_submitted_with_the_script_runs_to_success(local_head):
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("attamba").experiment_id])
     assert [(r.info.run_name, r.info.status) for r in runs] == [("train-smoke", "FINISHED")]
+
+
+def test_a_study_submitted_with_submit_study_runs_every_run_once(local_head):
+    """`jobs/submit_study.sh configs/studies/smoke.yaml` against the same token-authenticated head, with the
+    shared ATTAMBA_HOME and the tracking URI forwarded as jobs/README.md says: the study's job succeeds and its
+    two runs are each once in MLflow, FINISHED, under the study's parent run."""
+    env, address, base = local_head
+    home = base / "home_attamba"
+    home.mkdir()
+    env = {**env, "ATTAMBA_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{base}/study_mlflow.db"}
+    result = subprocess.run([str(ROOT / "jobs" / "submit_study.sh"), "configs/studies/smoke.yaml", address],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RAY_AUTH_MODE=token" in result.stderr
+    follow = re.search(r"^follow: (RAY_AUTH_MODE=token ray job logs -f --address \S+ (attamba-study-smoke-\S+))$",
+                       result.stdout, re.M)
+    assert follow, result.stdout[-2000:]
+    logs = subprocess.run(["bash", "-c", follow.group(1)], env=env, capture_output=True, text=True, timeout=900)
+    assert logs.returncode == 0 and f"Job '{follow.group(2)}' succeeded" in logs.stdout + logs.stderr, (
+        logs.stdout[-3000:] + logs.stderr[-3000:])
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    children = sorted((r.data.tags.get("trial"), r.info.status) for r in runs if r.data.tags.get("trial"))
+    assert children == [("micro__attamba-P4-L4-cyclic__s0__D7680", "FINISHED"), ("micro__full__s0__D7680", "FINISHED")]
+    assert (home / "studies" / "smoke").is_dir()   # the job's outputs went to the shared folder
