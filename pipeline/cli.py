@@ -55,7 +55,8 @@ def _world_size() -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.config import RUN_HINT, load_yaml, run_config_from_dict
+    from pipeline.config import RUN_HINT, run_config_from_dict
+    from pipeline.loader import load_yaml
     from pipeline.preflight import check_run, validating
 
     with validating(f"config file {args.config!r}"):

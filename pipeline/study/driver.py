@@ -17,7 +17,7 @@ from pathlib import Path
 from attamba import costs
 
 from pipeline import schema
-from pipeline.config import dump_yaml
+from pipeline.loader import dump_yaml
 from pipeline.data.prepare import cache_root
 from pipeline.ray import cluster
 from pipeline.runs import lease

@@ -18,7 +18,8 @@ from attamba.config import ATTAMBA_FIELDS, ModelConfig, variant_fields
 from attamba.presets import PRESETS
 
 from pipeline import schema
-from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
+from pipeline.config import RunConfig, run_config_from_dict
+from pipeline.loader import build, load_yaml, to_dict
 from pipeline.runs.resources import Resources
 from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
 
