@@ -78,7 +78,7 @@ def cmd_train(args) -> int:
 def _checkpoint(path: str):
     """The checkpoint `path` names (a run folder: its latest), its data settings checked and its cache place."""
     from pipeline.preflight import check_places
-    from pipeline.preflight.data import check_data
+    from pipeline.data.checks import check_data
     from pipeline.checkpoints import load_config
 
     checkpoint = _resolve(path)

@@ -141,8 +141,8 @@ class RunSpec:
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """StudyConfig from a YAML file plus `key.path=value` overrides; `run` may be the path of a run YAML,
     relative to the study file."""
-    return build(StudyConfig, load_yaml(path, overrides, kind="study", hint="see configs/studies/ for examples",
-                                        includes=("run",)))
+    data = load_yaml(path, overrides, kind="study", hint="see configs/studies/ for examples", includes=("run",))
+    return build(StudyConfig, data)
 
 
 def _build_model(base: RunConfig, model: dict) -> RunConfig:
