@@ -55,7 +55,8 @@ def _world_size() -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.config import RUN_HINT, load_yaml, run_config_from_dict
+    from pipeline.config import RUN_HINT, run_config_from_dict
+    from pipeline.loader import load_yaml
     from pipeline.preflight import check_run, validating
 
     with validating(f"config file {args.config!r}"):
@@ -77,7 +78,7 @@ def cmd_train(args) -> int:
 def _checkpoint(path: str):
     """The checkpoint `path` names (a run folder: its latest), its data settings checked and its cache place."""
     from pipeline.preflight import check_places
-    from pipeline.preflight.data import check_data
+    from pipeline.data.checks import check_data
     from pipeline.checkpoints import load_config
 
     checkpoint = _resolve(path)

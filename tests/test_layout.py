@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINE_TOP_LEVEL = {"__init__.py", "__main__.py", "checkpoints.py", "cli.py", "config.py", "schema.py",
-                      "yamlio.py"}
+PIPELINE_TOP_LEVEL = {"__init__.py", "__main__.py", "checkpoints.py", "cli.py", "config.py", "loader.py",
+                      "schema.py", "yamlio.py"}
 NOT_IN_MODEL = ("pipeline", "ray", "deepspeed", "mlflow", "optuna")
 ENGINES = ("ray", "deepspeed", "mlflow", "optuna")
 DRIVERS = {"pipeline/study/driver.py", "pipeline/search/driver.py"}
@@ -33,7 +33,7 @@ LEVELS = {
     "attamba.presets": 2, "attamba.cache": 3, "attamba.costs": 3, "attamba.ssm": 2, "attamba.attention": 3,
     "attamba.model": 4, "attamba.generate": 4, "attamba.variants": 5, "attamba": 6,
     "__init__": 10, "yamlio": 10, "schema": 10,
-    "data": 11, "tracking": 11,
+    "data": 11, "tracking": 11, "loader": 11,
     "config": 12, "report": 12, "runs": 12,
     "preflight": 13, "checkpoints": 13,
     "eval": 14,
@@ -49,7 +49,8 @@ ALLOWED = {
     "__init__": set(),
     "schema": set(),
     "yamlio": set(),
-    "config": {"data", "tracking", "yamlio", "attamba.checks", "attamba.config", "attamba.costs",
+    "loader": {"yamlio", "attamba.checks"},
+    "config": {"data", "loader", "tracking", "attamba.checks", "attamba.config", "attamba.costs",
                "attamba.presets", "attamba.variants"},
     "checkpoints": {"config", "data", "attamba.model"},
     "preflight": {"config", "data", "tracking", "attamba.checks", "attamba.costs", "attamba.presets"},
@@ -57,17 +58,17 @@ ALLOWED = {
     "tracking": {"schema", "mlflow", "attamba.checks"},
     "eval": {"checkpoints", "data", "schema", "tracking", "yamlio", "attamba.config", "attamba.costs",
              "attamba.model", "attamba.variants"},
-    "train": {"checkpoints", "config", "schema", "data", "eval", "runs", "tracking", "deepspeed", "attamba.config",
-              "attamba.costs", "attamba.model"},
+    "train": {"checkpoints", "config", "loader", "schema", "data", "eval", "runs", "tracking", "deepspeed",
+              "attamba.config", "attamba.costs", "attamba.model"},
     "runs": {"schema", "tracking", "attamba.checks"},
     "ray": {"checkpoints", "config", "schema", "data", "runs", "train", "tracking", "ray"},
-    "study": {"config", "schema", "data", "preflight", "ray", "report", "runs", "tracking", "attamba.checks",
+    "study": {"config", "loader", "schema", "data", "preflight", "ray", "report", "runs", "tracking", "attamba.checks",
               "attamba.config", "attamba.costs", "attamba.presets"},
-    "search": {"config", "schema", "data", "preflight", "ray", "runs", "tracking", "optuna", "attamba.checks",
+    "search": {"config", "loader", "schema", "data", "preflight", "ray", "runs", "tracking", "optuna", "attamba.checks",
                "attamba.config", "attamba.costs"},
     "report": {"schema", "mlflow"},
     "bench": {"train", "attamba.cache", "attamba.costs", "attamba.model", "attamba.ops", "attamba.presets"},
-    "cli": {"checkpoints", "config", "schema", "data", "tracking", "eval", "train", "study", "search", "report",
+    "cli": {"checkpoints", "config", "loader", "schema", "data", "tracking", "eval", "train", "study", "search", "report",
             "bench", "preflight", "attamba.generate"},
 }
 

@@ -3,8 +3,8 @@
 Each command parses its input, runs these checks, and only then writes: run folders, locks, the token cache,
 Ray and MLflow all come after. Config values are checked where they are built (the frozen configs'
 `__post_init__`); what needs this machine or its file system is checked here: devices and resources
-(`machine`), data sources, tokenizers and the vocabulary rule (`data`), the places a run writes (`paths`),
-one run config as a whole (`run`). `phase.validating` marks the phase, so any error it raises is one line.
+(`machine`), the places a run writes (`paths`), one run config as a whole (`run`), with the data source,
+tokenizer and vocabulary checks of `pipeline/data/checks.py`. `phase.validating` marks the phase, so any error it raises is one line.
 """
 
 from pipeline.preflight.phase import InputError, one_line, validating

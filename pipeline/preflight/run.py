@@ -9,7 +9,7 @@ from attamba.checks import shown
 
 from pipeline.config import RunConfig
 from pipeline.data.prepare import CACHE_ENV
-from pipeline.preflight import data as data_checks
+from pipeline.data import checks as data_checks
 from pipeline.preflight import machine, paths
 from pipeline.tracking.config import DEFAULT_DB_NAME
 

@@ -1,6 +1,6 @@
 """The cluster view: where each run trained, attempt by attempt, so a preemption shows where it happened.
 
-Fed by the study driver with each run's attempts (`pipeline.study.timing.placements`: plain dicts read from
+Fed by the study driver with each run's attempts (`pipeline.runs.markers.placements`: plain dicts read from
 the run folder's attempt records), since MLflow does not hold them. One row per attempt: the Ray node (IP,
 hostname, node id), when it started and ended, the steps it trained (from the checkpoint step it resumed
 from to the last step it reached) and how it ended. An attempt that resumed below the step its predecessor

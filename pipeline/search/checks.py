@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 
 from pipeline.preflight import check_places, ignored_fields, machine, paths
-from pipeline.preflight.data import check_data, check_vocab
+from pipeline.data.checks import check_data, check_vocab
 from pipeline.runs.resources import check_placement, check_resources
 from pipeline.runs.outputs import output_root, tracking_uri
 from pipeline.search.space import DEFAULT_STORAGE, STORAGE_ENV, SearchConfig, base_run_config, extreme_configs

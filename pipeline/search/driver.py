@@ -143,7 +143,7 @@ def _ask_tell(search: SearchConfig, study, uri: str | None, parent: ParentRun, b
 def tune_searcher(search: SearchConfig, url: str, uri: str | None, parent: ParentRun, ask_tell):
     """The Tune searcher over the driver's `ask_tell`. Tune pickles it (with its Tuner); the copy carries
     plain data only, from which `restore_ask_tell` rebuilds an ask/tell on the same study and parent run."""
-    from pipeline.config import to_dict
+    from pipeline.loader import to_dict
     from pipeline.ray.searcher import OptunaSearcher
 
     # Absolute, so that a copy restored elsewhere resolves the same folder and storage; a storage taken from
@@ -180,7 +180,7 @@ def _tune(search: SearchConfig, searcher, bar, slots: int) -> list[int]:
 
 def _train_reference(search: SearchConfig, uri: str | None, parent: ParentRun) -> dict:
     """Train the same-size transformer once (a Tune trial like the others); its metrics go to the study."""
-    from pipeline.config import to_dict
+    from pipeline.loader import to_dict
     from pipeline.ray.tune import fit, search_trial
 
     cfg = worker_config(reference_run_config(search), uri, parent.run_id)

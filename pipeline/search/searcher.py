@@ -23,7 +23,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import schema
-from pipeline.config import to_dict
+from pipeline.loader import to_dict
 from pipeline.search.results import constraint_values, cost_values, objective_values
 from pipeline.search.space import SearchConfig, suggest, trial_name
 from pipeline.search.store import (CONSTRAINTS_ATTR, COPY_OF_ATTR, HEARTBEAT_INTERVAL_S, REFERENCE_ATTR,

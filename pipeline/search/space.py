@@ -17,7 +17,8 @@ from attamba.checks import at_least, boolean, fail, one_of, safe_name, seed, tex
 from attamba.config import BOUNDARY_STRATEGIES
 
 from pipeline import schema
-from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
+from pipeline.config import RunConfig, run_config_from_dict
+from pipeline.loader import build, load_yaml, to_dict
 from pipeline.data.prepare import MQAR_SOURCE
 from pipeline.runs.resources import Resources
 from pipeline.runs.outputs import durable_path, durable_uri

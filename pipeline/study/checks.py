@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from pipeline.preflight import check_places, ignored_fields, machine, paths
-from pipeline.preflight.data import check_data, check_vocab
+from pipeline.data.checks import check_data, check_vocab
 from pipeline.runs.resources import check_placement, check_resources
 from pipeline.runs.outputs import output_root
 from pipeline.study.spec import RunSpec, StudyConfig

@@ -17,18 +17,18 @@ from pathlib import Path
 from attamba import costs
 
 from pipeline import schema
-from pipeline.config import dump_yaml
+from pipeline.loader import dump_yaml
 from pipeline.data.prepare import cache_root
 from pipeline.ray import cluster
 from pipeline.runs import lease
 from pipeline.runs.outputs import durable_path, output_root, tracking_uri
 from pipeline.ray.storage import output_folders
 from pipeline.ray.trainer import run_trial, worker_config
-from pipeline.runs.markers import is_done
+from pipeline.runs.markers import is_done, placements
 from pipeline.preflight import validating
 from pipeline.study.checks import check_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
-from pipeline.study.timing import placements, timing_line, timing_summary
+from pipeline.study.timing import timing_line, timing_summary
 from pipeline.tracking.parent import is_outage, parent_run, run_journals
 
 log = logging.getLogger(__name__)

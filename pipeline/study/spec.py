@@ -18,7 +18,8 @@ from attamba.config import ATTAMBA_FIELDS, ModelConfig, variant_fields
 from attamba.presets import PRESETS
 
 from pipeline import schema
-from pipeline.config import RunConfig, build, load_yaml, run_config_from_dict, to_dict
+from pipeline.config import RunConfig, run_config_from_dict
+from pipeline.loader import build, load_yaml, to_dict
 from pipeline.runs.resources import Resources
 from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
 
@@ -140,8 +141,8 @@ class RunSpec:
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """StudyConfig from a YAML file plus `key.path=value` overrides; `run` may be the path of a run YAML,
     relative to the study file."""
-    return build(StudyConfig, load_yaml(path, overrides, kind="study", hint="see configs/studies/ for examples",
-                                        includes=("run",)))
+    data = load_yaml(path, overrides, kind="study", hint="see configs/studies/ for examples", includes=("run",))
+    return build(StudyConfig, data)
 
 
 def _build_model(base: RunConfig, model: dict) -> RunConfig:

@@ -26,7 +26,8 @@ from pipeline import checkpoints
 from pipeline.train import checkpoint as ckpt
 from pipeline.runs import lock
 from pipeline import schema
-from pipeline.config import RunConfig, dump_yaml, run_config_from_dict
+from pipeline.config import RunConfig, run_config_from_dict
+from pipeline.loader import dump_yaml
 from pipeline.tracking.config import check_store, resolve_uri
 from pipeline.data.prepare import prepare
 from pipeline.eval.evaluate import evaluate_model

@@ -1,10 +1,10 @@
-"""pipeline/config.py: the one YAML loader of run, study and search files, with dotted overrides."""
+"""pipeline/loader.py: the one YAML loader of run, study and search files, with dotted overrides."""
 
 import pytest
 
 
 def test_load_yaml_applies_dotted_overrides_without_changing_its_input(tmp_path):
-    from pipeline.config import apply_overrides, load_yaml
+    from pipeline.loader import apply_overrides, load_yaml
 
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  steps: 5\nmodel:\n  ssm:\n    state_dim: 8\n")
@@ -28,7 +28,7 @@ def test_load_yaml_applies_dotted_overrides_without_changing_its_input(tmp_path)
     ("run: base.yaml\n", [], ["run file", "base.yaml", "does not exist", "relative to the study file's folder"]),
 ])
 def test_load_yaml_errors_name_the_file_or_the_override(tmp_path, content, overrides, words):
-    from pipeline.config import load_yaml
+    from pipeline.loader import load_yaml
 
     path = tmp_path / ("missing.yaml" if content is None else "study.yaml")
     if content is not None:
@@ -41,7 +41,7 @@ def test_load_yaml_errors_name_the_file_or_the_override(tmp_path, content, overr
 
 
 def test_included_run_file_is_read_before_and_after_the_overrides(tmp_path):
-    from pipeline.config import load_yaml
+    from pipeline.loader import load_yaml
 
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "base.yaml").write_text("train:\n  steps: 5\n  seed: 1\n")

@@ -8,7 +8,8 @@ import pytest
 
 from pipeline.cli import _print_json
 from pipeline.runs.markers import ATTEMPTS_FILE, DONE_FILE
-from pipeline.study.timing import placements, timing_line, timing_summary
+from pipeline.runs.markers import placements
+from pipeline.study.timing import timing_line, timing_summary
 
 
 def test_a_study_with_nothing_left_to_train_says_so_and_prints_no_nan(capsys):

@@ -128,7 +128,8 @@ def test_everything_logged_is_read_back(store, tmp_path):
 
 def test_a_run_logs_its_config_yaml_once(store, tmp_path):
     """The run directory's config.yaml is the tracked one, logged once (params beside it)."""
-    from pipeline.config import RunConfig, dump_yaml
+    from pipeline.config import RunConfig
+    from pipeline.loader import dump_yaml
     from pipeline.train.run_tracking import log_run_start
 
     cfg = RunConfig()
