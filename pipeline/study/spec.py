@@ -57,8 +57,9 @@ class StudyConfig:
     name: str = "study"
     sizes: tuple[str, ...] = ("tiny",)
     # training (and evaluation) sequence lengths T: each size runs at each T, as its own setting (the run's
-    # data.seq_len, and model.max_seq_len where it is shorter); empty: the run's data.seq_len only
-    seq_lens: tuple[int, ...] = ()
+    # data.seq_len, and model.max_seq_len where it is shorter); a mapping size -> lengths gives each size its own
+    # (`{micro: [64], tiny: [64, 128]}`); empty: the run's data.seq_len only
+    seq_lens: typing.Any = ()
     # model fields -> lists of values (pipeline/study/grid.py); unlisted fields come from the run's model
     attamba: typing.Any = field(default_factory=lambda: {"chunk_size": [8], "leading_tokens": [8],
                                                          "boundaries": ["cyclic"]})
@@ -84,10 +85,7 @@ class StudyConfig:
             fail("sizes", [], "a list of at least one size preset", f"choose from {', '.join(PRESETS)}")
         for size in self.sizes:
             one_of("sizes", size, PRESETS, what="size preset")
-        for i, T in enumerate(self.seq_lens):
-            at_least(f"seq_lens[{i}]", T, 2, integer=True)
-        if len(set(self.seq_lens)) != len(self.seq_lens):
-            fail("seq_lens", list(self.seq_lens), "distinct")
+        self._check_seq_lens()
         if not isinstance(self.eval, dict):
             fail("eval", self.eval, "a mapping of evaluation settings (as a run's `eval:`)",
                  "e.g. eval: {variants: [{chunk_size: 16}, {window: 33}]}")
@@ -115,9 +113,43 @@ class StudyConfig:
             out.update(data={**(run.get("data") or {}), "seq_len": seq_len}, model=model)
         return out
 
+    def _check_seq_lens(self) -> None:
+        if isinstance(self.seq_lens, dict):
+            for size, lengths in self.seq_lens.items():
+                if size not in self.sizes:
+                    fail(f"seq_lens.{size}", lengths, f"under one of the study's sizes ({', '.join(self.sizes)})",
+                         "add the size to `sizes` or remove it here")
+            missing = [size for size in self.sizes if size not in self.seq_lens]
+            if missing:
+                fail("seq_lens", dict(self.seq_lens), f"lengths for every size (missing: {', '.join(missing)})",
+                     "give each size its lengths, or one list for all sizes")
+            groups = {f"seq_lens.{size}": lengths for size, lengths in self.seq_lens.items()}
+        elif isinstance(self.seq_lens, (list, tuple)):
+            groups = {"seq_lens": self.seq_lens}
+        else:
+            fail("seq_lens", self.seq_lens, "a list of sequence lengths, or a mapping size -> list",
+                 "e.g. seq_lens: [64, 128] or seq_lens: {micro: [64], tiny: [64, 128]}")
+        for where, lengths in groups.items():
+            if not isinstance(lengths, (list, tuple)) or (where != "seq_lens" and not lengths):
+                fail(where, lengths, "a non-empty list of sequence lengths", "e.g. [64, 128]")
+            for i, T in enumerate(lengths):
+                at_least(f"{where}[{i}]", T, 2, integer=True)
+            if len(set(lengths)) != len(lengths):
+                fail(where, list(lengths), "distinct")
+        object.__setattr__(self, "seq_lens", dict(self.seq_lens) if isinstance(self.seq_lens, dict)
+                           else tuple(self.seq_lens))
+
+    def lengths(self, size: str) -> tuple:
+        """The sequence lengths `size` runs at: (None,) without seq_lens (the run's data.seq_len)."""
+        lengths = self.seq_lens.get(size, ()) if isinstance(self.seq_lens, dict) else self.seq_lens
+        return tuple(lengths) or (None,)
+
+    def several_lengths(self) -> bool:
+        return len({T for size in self.sizes for T in self.lengths(size)}) > 1
+
     def settings(self) -> list[tuple[str, int | None]]:
         """(size, sequence length) of each setting, sizes first: the sequence length is None without seq_lens."""
-        return [(size, T) for size in self.sizes for T in (self.seq_lens or (None,))]
+        return [(size, T) for size in self.sizes for T in self.lengths(size)]
 
     def grids(self) -> tuple[list[Grid], list[Grid]]:
         """(Attamba grids, baseline grids), read from `attamba` and `baselines`."""
@@ -303,7 +335,7 @@ def _display_name(study: StudyConfig, model: ModelConfig, varying: set[str], siz
     parts += [f"{CORE_DISPLAY[n]}{v}" for n, v, _ in fields if n in CORE_DISPLAY]
     parts += [_display_piece(n, v) for n, v, _ in fields if n in varying and n not in CORE_DISPLAY]
     label = "-".join(parts)
-    setting = f"{size}-T{seq_len}" if seq_len is not None and len(study.seq_lens) > 1 else size
+    setting = f"{size}-T{seq_len}" if seq_len is not None and study.several_lengths() else size
     return f"{setting}-{label}-s{seed}" + (f"-D{_tokens_label(tokens)}" if len(study.tokens.budgets) > 1 else "")
 
 

@@ -228,3 +228,21 @@ def test_a_steps_budget_gives_every_run_the_same_steps(tmp_path):
 def test_bad_lengths_and_steps_budgets_are_refused(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         _specs(tmp_path, **changes)
+
+
+def test_seq_lens_per_size_give_each_size_its_own_lengths(tmp_path):
+    specs = _specs(tmp_path, sizes=["micro", "tiny"], seq_lens={"micro": [16], "tiny": [16, 32]})
+    assert sorted({(s.size, s.config.data.seq_len) for s in specs}) == [("micro", 16), ("tiny", 16), ("tiny", 32)]
+    assert all(s.name.startswith(f"{s.size}__T{s.config.data.seq_len}__") for s in specs)
+
+
+@pytest.mark.parametrize("seq_lens, message", [
+    ({"micro": [16]}, r"seq_lens must be lengths for every size \(missing: tiny\)"),
+    ({"micro": [16], "tiny": [16], "small": [8]}, r"seq_lens.small must be under one of the study's sizes"),
+    ({"micro": [], "tiny": [16]}, r"seq_lens.micro must be a non-empty list"),
+    ({"micro": [16, 16], "tiny": [16]}, r"seq_lens.micro must be distinct"),
+    (64, r"seq_lens must be a list of sequence lengths, or a mapping size -> list"),
+])
+def test_bad_per_size_lengths_are_refused(tmp_path, seq_lens, message):
+    with pytest.raises(ValueError, match=message):
+        _specs(tmp_path, sizes=["micro", "tiny"], seq_lens=seq_lens)
