@@ -66,7 +66,7 @@ ALLOWED = {
               "attamba.config", "attamba.costs", "attamba.presets"},
     "search": {"config", "loader", "schema", "data", "preflight", "ray", "runs", "tracking", "optuna", "attamba.checks",
                "attamba.config", "attamba.costs"},
-    "report": {"schema", "mlflow"},
+    "report": {"schema", "tracking", "mlflow"},  # tracking: mlflow_client.search_all, the one paging loop
     "bench": {"train", "attamba.cache", "attamba.costs", "attamba.model", "attamba.ops", "attamba.presets"},
     "cli": {"checkpoints", "config", "loader", "schema", "data", "tracking", "eval", "train", "study", "search", "report",
             "bench", "preflight", "attamba.generate"},
