@@ -151,7 +151,7 @@ def ray_users(rel: str, source: str) -> set[str]:
     ("pipeline/study/spec.py", "from pipeline.ray.cluster import Resources\n", {"pipeline.ray.cluster"}),
     ("pipeline/search/space.py", "def f():\n    from pipeline.ray import tune\n", {"pipeline.ray"}),
     ("pipeline/study/driver.py", "from pipeline.ray import cluster\n", set()),
-    ("pipeline/study/timing.py", "from pipeline.runs.markers import read_attempts\n", set()),
+    ("pipeline/study/checks.py", "from pipeline.runs.markers import read_attempts\n", set()),
     ("pipeline/cli.py", "from pipeline.ray.cluster import connect\n", set()),
 ])
 def test_the_driver_rule_finds_ray_below_the_drivers(rel, source, found):
