@@ -179,6 +179,11 @@ def run_config_from_dict(data: dict) -> RunConfig:
     return config
 
 
+def run_config_with_model(data: dict, model: dict) -> RunConfig:
+    """`data` (a run config's mapping, as `to_dict` gives it) with `model` as its model section, built."""
+    return run_config_from_dict({**data, "model": model})
+
+
 def memory_bytes() -> int:
     """Physical memory of this machine, in bytes."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
