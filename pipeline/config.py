@@ -164,7 +164,9 @@ def run_config_from_dict(data: dict) -> RunConfig:
     if not isinstance(data, dict):
         fail("run config", data, "a mapping of RunConfig fields")
     data = dict(data)
-    size = one_of("size", data.get("size", RunConfig.size), PRESETS)
+    size = data.get("size", RunConfig.size)
+    if not (isinstance(size, str) and size in PRESETS):
+        one_of("size", size, PRESETS)
     model = data.get("model") or {}
     if not isinstance(model, dict):
         fail("model", model, "a mapping of ModelConfig fields")
@@ -177,6 +179,11 @@ def run_config_from_dict(data: dict) -> RunConfig:
     config = build(RunConfig, data)
     check_fits_in_memory(config)
     return config
+
+
+def run_config_with_model(data: dict, model: dict) -> RunConfig:
+    """`data` (a run config's mapping, as `to_dict` gives it) with `model` as its model section, built."""
+    return run_config_from_dict({**data, "model": model})
 
 
 def memory_bytes() -> int:

@@ -88,7 +88,7 @@ def make_report(experiment: str | None, out_dir: Path, tracking_uri: str | None 
                 runs_file: str | Path | None = None, attempts: dict[str, list[dict]] | None = None) -> ReportResult:
     """Read every run of `experiment` (or, with runs_file, the runs.csv an earlier report saved), fit scaling
     laws, compare variants and write the report into out_dir. `attempts` (run name -> where each attempt
-    trained, `pipeline.study.timing.placements`) fills the cluster view; MLflow does not hold it."""
+    trained, `pipeline.runs.markers.placements`) fills the cluster view; MLflow does not hold it."""
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}; use 0 to skip intervals")
     out_dir = Path(out_dir)

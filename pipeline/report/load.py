@@ -27,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from pipeline import schema
+from pipeline.tracking.mlflow_client import search_all
 
 TAGS = [
     schema.TAG_STUDY, schema.TAG_TRIAL, schema.TAG_SIZE, schema.TAG_ATTENTION, schema.TAG_VARIANT,
@@ -79,19 +80,6 @@ def _run_state(mlflow_status: str, run_status_tag: str, metrics: dict[str, float
     if not np.isfinite(metrics[schema.M_VAL_LOSS]):
         return "non_finite_val"
     return STATE_OK
-
-
-def _search_all(client: MlflowClient, experiment_id: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id], run_view_type=ViewType.ACTIVE_ONLY, max_results=PAGE_SIZE, page_token=token,
-            order_by=["attributes.start_time ASC"],
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def runs_to_frame(mlflow_runs: list) -> pd.DataFrame:
@@ -155,7 +143,8 @@ def load_runs(experiment: str, tracking_uri: str | None = None,
         raise ValueError(f"experiment must name an existing MLflow experiment, got {experiment!r}; "
                          f"known experiments: {known}")
     # The runs a study or search nests its trials under hold no results of their own.
-    runs = [r for r in _search_all(client, exp.experiment_id)
+    runs = [r for r in search_all(client, exp.experiment_id, page_size=PAGE_SIZE, run_view_type=ViewType.ACTIVE_ONLY,
+                                  order_by=["attributes.start_time ASC"])
             if r.data.tags.get(schema.TAG_ROLE) not in schema.CONTAINER_ROLES]
     frame = fold_seq_len(runs_to_frame(runs))
     present = set(frame["trial"]) if len(frame) else set()

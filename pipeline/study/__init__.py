@@ -1,9 +1,7 @@
 """Studies: a declared grid (sizes x variants x seeds x token budgets) expanded into named runs, and the
-driver that trains the missing ones on Ray, tracks them under one MLflow parent run and writes the report,
-and where its wall time went (timing.py)."""
+driver that trains the missing ones on Ray, tracks them under one MLflow parent run and writes the report."""
 
 from pipeline.study.driver import run_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
-from pipeline.study.timing import timing_summary
 
-__all__ = ["RunSpec", "StudyConfig", "expand", "load_study", "run_study", "timing_summary"]
+__all__ = ["RunSpec", "StudyConfig", "expand", "load_study", "run_study"]

@@ -25,10 +25,10 @@ from pipeline.runs.outputs import durable_path, output_root, tracking_uri
 from pipeline.ray.storage import output_folders
 from pipeline.ray.trainer import run_trial, worker_config
 from pipeline.runs.markers import is_done, placements
+from pipeline.runs.timing import timing_line, timing_summary
 from pipeline.preflight import validating
 from pipeline.study.checks import check_study
 from pipeline.study.spec import RunSpec, StudyConfig, expand, load_study
-from pipeline.study.timing import timing_line, timing_summary
 from pipeline.tracking.parent import is_outage, parent_run, run_journals
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             report_dir = None
     wall = time.perf_counter() - wall_start
     trained = {s.name for s in todo}
-    timing = timing_summary([s for s in specs if s.name in trained], wall, slots)
+    timing = timing_summary({s.name: s.out_dir for s in specs if s.name in trained}, wall, slots)
     timing["report_s"] = wall - train_wall
     log.warning("study %s: %s", study.name, timing_line(timing, len(specs)))
     return {"study": study.name, "runs": len(specs), "skipped": len(specs) - len(todo), "trained": len(todo),

@@ -18,7 +18,7 @@ from attamba.config import ATTAMBA_FIELDS, ModelConfig, variant_fields
 from attamba.presets import PRESETS
 
 from pipeline import schema
-from pipeline.config import RunConfig, run_config_from_dict
+from pipeline.config import RunConfig, run_config_from_dict, run_config_with_model
 from pipeline.loader import build, load_yaml, to_dict
 from pipeline.runs.resources import Resources
 from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
@@ -177,29 +177,29 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     return build(StudyConfig, data)
 
 
-def _build_model(base: RunConfig, model: dict) -> RunConfig:
-    data = to_dict(base)
-    data["model"] = model
-    return run_config_from_dict(data)
-
-
 def _grid_runs(base: RunConfig, grid: Grid, fixed: dict) -> list[RunConfig]:
     """One RunConfig per point of `grid` over `base`; a bad value raises a ValueError naming its grid path."""
-    model = with_point(to_dict(base)["model"], fixed)
+    data = to_dict(base)   # once: every point changes only the model
+    model = with_point(data["model"], fixed)
+    points = [(point, with_point(model, point)) for point in grid.points()]
     runs = []
-    for point in grid.points():
+    for point, point_model in points:
         try:
-            runs.append(_build_model(base, with_point(model, point)))
+            runs.append(run_config_with_model(data, point_model))
         except ValueError as exc:
-            for name, values in grid.axes:   # name the value that fails on its own, if one does
-                for j, value in enumerate(values):
-                    try:
-                        _build_model(base, with_point(model, {name: value}))
-                    except ValueError as alone:
-                        raise ValueError(f"{grid.where}.{name}[{j}]={value!r} (in the grid point {point}): "
-                                         f"{alone}") from None
-            raise ValueError(f"{grid.where}: the combination {point} gives a bad model: {exc}") from None
+            raise _bad_point(data, model, grid, point, exc) from None
     return runs
+
+
+def _bad_point(data: dict, model: dict, grid: Grid, point: dict, exc: ValueError) -> ValueError:
+    """The error of a grid point whose model is refused: the value that fails on its own, if one does."""
+    for name, values in grid.axes:
+        for j, value in enumerate(values):
+            try:
+                run_config_with_model(data, with_point(model, {name: value}))
+            except ValueError as alone:
+                return ValueError(f"{grid.where}.{name}[{j}]={value!r} (in the grid point {point}): {alone}")
+    return ValueError(f"{grid.where}: the combination {point} gives a bad model: {exc}")
 
 
 def _iso_baseline(attamba: RunConfig, grid: Grid) -> list[RunConfig]:

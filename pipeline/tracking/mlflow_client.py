@@ -121,10 +121,15 @@ def find_runs(experiment: str, tags: Mapping[str, str] | None = None, uri: str |
     if parent_run_id is not None:
         wanted[PARENT_RUN_TAG] = parent_run_id
     filter_string = " and ".join(f"tags.`{k}` = {_quote(v)}" for k, v in wanted.items())
+    return search_all(c, found.experiment_id, filter_string=filter_string)
+
+
+def search_all(mlflow_client, experiment_id: str, page_size: int = 1000, **query) -> list:
+    """Every run of `experiment_id` that `mlflow_client.search_runs` finds with `query` (filter_string,
+    run_view_type, order_by ...), read page by page, `page_size` runs a page."""
     runs, token = [], None
     while True:
-        page = c.search_runs([found.experiment_id], filter_string=filter_string,
-                             max_results=1000, page_token=token)
+        page = mlflow_client.search_runs([experiment_id], max_results=page_size, page_token=token, **query)
         runs.extend(page)
         token = page.token
         if not token:

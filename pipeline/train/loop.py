@@ -237,8 +237,7 @@ def _evaluate(run: _Run, step: int) -> dict:
     evaluated = evaluate_model(run.engine.module, run.data, run.cfg.eval, batch, run.device, full=final)
     if final:
         evaluated.update(_evaluate_variants(run, run.variants))
-    if run.rank == 0:
-        run.tracker.log_metrics(evaluated, step)
+    run.tracker.log_metrics(evaluated, step)  # a NoopTracker on ranks other than 0
     return evaluated
 
 
@@ -273,12 +272,11 @@ def _finished(run: _Run, progress: Progress, state: dict, checkpoint: Path) -> d
     evaluated = dict(state.get("eval") or {})
     if schema.M_VAL_LOSS in evaluated:
         stored = [v for v in run.variants if schema.eval_variant_metric(v.label, "loss") in evaluated]
-        if run.rank == 0 and stored:
-            run.tracker.set_tags(variant_tags(stored))
+        if stored:
+            run.tracker.set_tags(variant_tags(stored))  # a NoopTracker on ranks other than 0
         # variants added to the config after the run finished are evaluated now, on the final weights
         evaluated.update(_evaluate_variants(run, [v for v in run.variants if v not in stored]))
-        if run.rank == 0:
-            run.tracker.log_metrics(evaluated, progress.step)
+        run.tracker.log_metrics(evaluated, progress.step)
     else:
         log.warning("checkpoint %s holds no evaluation metrics; evaluating it", checkpoint)
         evaluated = _evaluate(run, progress.step)

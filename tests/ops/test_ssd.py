@@ -235,6 +235,15 @@ def test_backend_dispatch(monkeypatch):
         ssd_scan(x, dt, A, B, C, backend="fastest")
 
 
+def test_auto_and_the_naive_reference_resolve_to_their_kernels():
+    assert resolve_backend("auto") == "chunked"
+    assert resolve_backend("naive", monotone=True) == "naive"
+    assert resolve_backend("naive", monotone=False) == "naive_kernel_semantics"
+    assert resolve_backend("chunked", monotone=False) == "chunked"
+    assert set(ssd.KERNELS) >= {resolve_backend(name, monotone) for name in ssd.BACKENDS if name != "triton"
+                                for monotone in (True, False)}
+
+
 @pytest.mark.skipif(torch.cuda.is_available() and triton_available(), reason="the Triton kernel is usable here")
 def test_triton_request_without_it_is_a_clear_error():
     x, dt, A, B, C, _, _ = make_inputs(1, 20, 2, 2, 1, 3, torch.float32)

@@ -24,6 +24,7 @@ from attamba.ops.attention.mask import attention_mask, check_mask_args, visible_
 from attamba.ops.attention.naive import einsum_attention, naive_attention
 
 BACKENDS = ("auto", "naive", "blocked", "concat", "flex")
+KERNELS = ("causal", "naive", "blocked", "concat", "flex")
 ENV_VAR = "ATTAMBA_ATTENTION_BACKEND"
 
 _flops.register()
@@ -43,7 +44,8 @@ DEFAULT_BACKEND = _check_backend(os.environ.get(ENV_VAR, "auto"), ENV_VAR)
 
 
 def resolve_backend(backend: str | None, device: torch.device, full_causal: bool) -> str:
-    """The kernel a call will use: "causal", "naive", "blocked", "concat" or "flex"."""
+    """The kernel a call will use, one of KERNELS: `backend` (None: the default), "auto" being causal SDPA for
+    full causal attention (`full_causal`), else "flex" on CUDA where FlexAttention imports and "blocked"."""
     name = DEFAULT_BACKEND if backend is None else _check_backend(backend, "backend")
     if name != "auto":
         return name
@@ -88,11 +90,12 @@ def attention(
     elif kernel == "flex":
         return _flex.flex_attention_forward(q, k, v, boundaries, leading_tokens, scale)
     else:
-        raise ValueError(f"attention kernel must be causal or one of {BACKENDS[1:]}, got {kernel!r}")
+        raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
 
 
 __all__ = [
     "BACKENDS",
+    "KERNELS",
     "attention",
     "attention_mask",
     "blocked_attention",

@@ -1,8 +1,9 @@
 """SSD (Mamba2) scan used by Attamba's K-SSM and V-SSM, with selectable backends.
 
-Backends: "chunked" (pure PyTorch, default on CPU and GPU), "naive" (references: the sequential loop for
-monotone seq_idx, the quadratic kernel-rule reference otherwise), "triton" (mamba-ssm, CUDA only).
-Pick one with `backend=` or the ATTAMBA_SSD_BACKEND environment variable (read once, at first use).
+Backends: "chunked" (pure PyTorch), "naive" (references: the sequential loop for monotone seq_idx, the
+quadratic kernel-rule reference otherwise), "triton" (mamba-ssm, CUDA only) and "auto" (the default):
+"chunked" on CPU and GPU alike. Pick one with `backend=` or the ATTAMBA_SSD_BACKEND environment variable
+(read once, at first use); `resolve_backend` turns the choice into the kernel a call runs.
 An explicitly requested backend that cannot run raises; nothing falls back silently.
 """
 
@@ -16,14 +17,15 @@ from attamba.ops.ssd.naive import ssd_naive, ssd_naive_kernel_semantics
 from attamba.ops.ssd.step import ssd_step
 from attamba.ops.ssd.triton import ssd_triton, triton_available, unavailable_reason
 
-BACKENDS = ("chunked", "naive", "triton")
+BACKENDS = ("auto", "chunked", "naive", "triton")
+KERNELS = ("chunked", "triton", "naive", "naive_kernel_semantics")
 BACKEND_ENV = "ATTAMBA_SSD_BACKEND"
 
-__all__ = ["BACKENDS", "BACKEND_ENV", "ssd_scan", "ssd_scan_aligned", "ssd_step", "resolve_backend",
+__all__ = ["BACKENDS", "BACKEND_ENV", "KERNELS", "ssd_scan", "ssd_scan_aligned", "ssd_step", "resolve_backend",
            "ssd_chunked", "ssd_naive", "ssd_naive_kernel_semantics", "triton_available"]
 
 
-def _validate_name(name: str, source: str) -> str:
+def _check_backend(name: str, source: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "triton" and not triton_available():
@@ -35,13 +37,20 @@ def _validate_name(name: str, source: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def default_backend() -> str:
-    """The backend used when none is passed: $ATTAMBA_SSD_BACKEND or "chunked" (cached; cache_clear() to re-read)."""
+    """The backend used when none is passed: $ATTAMBA_SSD_BACKEND or "auto" (cached; cache_clear() to re-read)."""
     name = os.environ.get(BACKEND_ENV, "").strip()
-    return _validate_name(name, BACKEND_ENV) if name else "chunked"
+    return _check_backend(name, BACKEND_ENV) if name else "auto"
 
 
-def resolve_backend(backend: str | None = None) -> str:
-    return default_backend() if backend is None else _validate_name(backend, "backend")
+def resolve_backend(backend: str | None = None, monotone: bool = True) -> str:
+    """The kernel a call will use, one of KERNELS: `backend` (None: the default), "auto" being "chunked";
+    "naive" on non-monotone seq_idx (`monotone` False) is the kernel-rule reference."""
+    name = default_backend() if backend is None else _check_backend(backend, "backend")
+    if name == "auto":
+        return "chunked"
+    if name == "naive" and not monotone:
+        return "naive_kernel_semantics"
+    return name
 
 
 def _is_monotone(seq_idx) -> bool:
@@ -59,19 +68,19 @@ def ssd_scan(x, dt, A, B, C, *, D=None, seq_idx=None, initial_state=None, scan_c
     Monotone seq_idx: the state resets wherever the id changes, whatever scan_chunk is. Other seq_idx:
     the kernels' rules (tokens mix by id equality inside a scan chunk and across chunk ends).
     """
-    name = resolve_backend(backend)
     check_scan_inputs(x, dt, A, B, C, D, seq_idx, initial_state, scan_chunk)
+    kernel = resolve_backend(backend, _is_monotone(seq_idx))
     kwargs = dict(D=D, seq_idx=seq_idx, initial_state=initial_state, return_final_state=return_final_state)
-    if name == "chunked":
+    if kernel == "chunked":
         return ssd_chunked(x, dt, A, B, C, scan_chunk=scan_chunk, **kwargs)
-    elif name == "triton":
+    elif kernel == "triton":
         return ssd_triton(x, dt, A, B, C, scan_chunk=scan_chunk, **kwargs)
-    elif name == "naive" and _is_monotone(seq_idx):
+    elif kernel == "naive":
         return ssd_naive(x, dt, A, B, C, **kwargs)
-    elif name == "naive":
+    elif kernel == "naive_kernel_semantics":
         return ssd_naive_kernel_semantics(x, dt, A, B, C, scan_chunk=scan_chunk, **kwargs)
     else:
-        raise ValueError(f"SSD scan backend must be one of {BACKENDS}, got {name!r}")
+        raise ValueError(f"SSD scan kernel must be one of {KERNELS}, got {kernel!r}")
 
 
 def ssd_scan_aligned(x, dt, A, B, C, *, seq_idx, block, D=None, initial_state=None,

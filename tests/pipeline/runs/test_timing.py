@@ -9,11 +9,11 @@ import pytest
 from pipeline.cli import _print_json
 from pipeline.runs.markers import ATTEMPTS_FILE, DONE_FILE
 from pipeline.runs.markers import placements
-from pipeline.study.timing import timing_line, timing_summary
+from pipeline.runs.timing import timing_line, timing_summary
 
 
 def test_a_study_with_nothing_left_to_train_says_so_and_prints_no_nan(capsys):
-    timing = timing_summary([], 41.7, 2)   # every run had finished before: none trained, none timed
+    timing = timing_summary({}, 41.7, 2)   # every run had finished before: none trained, none timed
     assert timing["trials_timed"] == 0 and math.isnan(timing["startup_s_mean"])
     line = timing_line(timing, 12)
     assert line == "wall 42 s, nothing trained (all 12 runs had already finished); start-up: none timed"

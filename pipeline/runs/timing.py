@@ -1,36 +1,37 @@
-"""Where a study's wall time went (training steps against start-up, evaluation and scheduling), with where
-each run trained (`pipeline.runs.markers.placements`: the Ray node and steps of every attempt)."""
+"""Where a driver's wall time went (training steps against start-up, evaluation and scheduling), read from
+the markers of each run's folder, with where each run trained (`placements`: the Ray node and steps of every
+attempt)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from pipeline.runs.markers import done_record, placements, read_attempts
-from pipeline.study.spec import RunSpec
 
 
-def timing_summary(specs: list[RunSpec], wall_s: float, slots: int) -> dict:
-    """Per trial and in all, from each run's done marker and attempt records; each trial's `placements`
-    lists where every attempt of its run trained (this call's and earlier ones).
+def timing_summary(out_dirs: dict[str, Path], wall_s: float, slots: int) -> dict:
+    """Per trial and in all, from the done marker and attempt records of each run (name -> its folder);
+    each trial's `placements` lists where every attempt of its run trained (this call's and earlier ones).
 
     step_fraction = sum over trials of time inside training steps / (wall time x concurrent trial slots)."""
     per_run = {}
-    for spec in specs:
-        marker = done_record(spec.out_dir)
-        attempts = [a for a in read_attempts(spec.out_dir) if a["event"] == "attempt"]
+    for name, out_dir in out_dirs.items():
+        marker = done_record(out_dir)
+        attempts = [a for a in read_attempts(out_dir) if a["event"] == "attempt"]
         if marker is None or not attempts:
             continue
         steps_s = float(marker["steps_s"])
         first_step = marker.get("first_step_start")
         last = attempts[-1]
-        per_run[spec.name] = {
+        per_run[name] = {
             "trial_s": sum(a["end"] - a["start"] for a in attempts if "end" in a),
             "steps_s": steps_s,
             # from the attempt's start (its process's start for the first trial in a process) to its
             # first training step: imports, workers, process group, DeepSpeed
             "startup_s": (first_step - last["start"]) if first_step else float("nan"),
             "attempts": len(attempts),
-            "placements": placements(spec.out_dir),
+            "placements": placements(out_dir),
         }
     steps = [r["steps_s"] for r in per_run.values() if math.isfinite(r["steps_s"])]
     startups = [r["startup_s"] for r in per_run.values() if math.isfinite(r["startup_s"])]
