@@ -261,21 +261,22 @@ def cmd_bench(args) -> int:
                                  repeats=args.repeats, device=args.device, dtype=dtype, heads=args.heads,
                                  reference=args.reference)
     elif args.what == "train-step":
-        from pipeline.bench.train_step import bench_train_step
+        from pipeline.bench.train_step import TrainStepBench, bench_train_step
 
-        result = bench_train_step(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
-                                  repeats=args.repeats, device=args.device, dim=args.dim, n_layers=args.layers,
-                                  batch=args.batch, autocast=None if dtype == torch.float32 else dtype,
-                                  size=args.size)
+        bench = TrainStepBench(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
+                               repeats=args.repeats, dim=args.dim, n_layers=args.layers, batch=args.batch,
+                               size=args.size)
+        result = bench_train_step(bench, device=args.device, autocast=None if dtype == torch.float32 else dtype)
     elif args.what == "matvec":
         from pipeline.bench.matvec import bench_matvec
 
         result = bench_matvec(rounds=args.repeats, compile=args.compile)
     else:
-        from pipeline.bench.decode import bench_decode
+        from pipeline.bench.decode import DecodeBench, bench_decode
 
-        result = bench_decode(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
-                              batch=args.batch, new_tokens=args.new_tokens, compile=args.compile)
+        bench = DecodeBench(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
+                            batch=args.batch, new_tokens=args.new_tokens)
+        result = bench_decode(bench, compile=args.compile)
     _print_json(result, indent=None)   # one line, strict like every other subcommand's JSON
     return 0
 

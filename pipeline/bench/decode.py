@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 
@@ -45,12 +46,30 @@ class _Decoder:
         return time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class DecodeBench:
+    """What a decoding benchmark builds and feeds: `batch` random prompts of `context` tokens (seeded by
+    `seed`) and `new_tokens` greedy steps, through two models of `dim` x `n_layers` x `n_heads` over `vocab`
+    tokens, Attamba with chunk size P = `chunk_size`, L = `leading_tokens` and `boundaries`, and the full
+    transformer."""
+
+    context: int
+    chunk_size: int = 8
+    leading_tokens: int = 32
+    dim: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    vocab: int = 4096
+    new_tokens: int = 64
+    batch: int = 1
+    boundaries: str = "cyclic"
+    seed: int = 0
+
+
 @torch.no_grad()
-def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, dim: int = 512, n_layers: int = 4,
-                 n_heads: int = 8, vocab: int = 4096, new_tokens: int = 64, batch: int = 1,
-                 boundaries: str = "cyclic", seed: int = 0, threads: int | None = None,
-                 compile: bool | None = None) -> dict:
-    """Prefill `context` random tokens per sequence into each model, then time `new_tokens` greedy steps.
+def bench_decode(bench: DecodeBench, threads: int | None = None, compile: bool | None = None) -> dict:
+    """Prefill `bench.context` random tokens per sequence into each model, then time `bench.new_tokens` greedy
+    steps.
 
     Returns per-model prefill seconds, measured and analytic cache bytes (all sequences, after the prefill),
     decode tokens/s, and the Attamba / transformer ratios cache_bytes_ratio, analytic_cache_bytes_ratio
@@ -64,32 +83,32 @@ def bench_decode(context: int, chunk_size: int = 8, leading_tokens: int = 32, di
     """
     auto = compile is None
     compile = can_compile_decoding() if auto else compile
-    if context < 1 or new_tokens < 1 or batch < 1:
-        raise ValueError(f"context, new_tokens and batch must be >= 1, got {context}, {new_tokens}, {batch}")
+    if bench.context < 1 or bench.new_tokens < 1 or bench.batch < 1:
+        raise ValueError(f"context, new_tokens and batch must be >= 1, got {bench.context}, {bench.new_tokens}, "
+                         f"{bench.batch}")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab, new_tokens, batch,
-                        boundaries, seed, compile, auto)
+        return _compare(bench, compile, auto)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _compare(context, chunk_size, leading_tokens, dim, n_layers, n_heads, vocab, new_tokens, batch, boundaries,
-             seed, compile, auto) -> dict:
-    common = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab,
-                  max_seq_len=context + new_tokens + 2, seed=seed)
+def _compare(bench: DecodeBench, compile: bool, auto: bool) -> dict:
+    context, new_tokens, batch, vocab = bench.context, bench.new_tokens, bench.batch, bench.vocab
+    common = dict(dim=bench.dim, n_layers=bench.n_layers, n_heads=bench.n_heads, vocab_size=vocab,
+                  max_seq_len=context + new_tokens + 2, seed=bench.seed)
     configs = {
-        "attamba": model_config("s60m", attention="attamba", chunk_size=chunk_size, leading_tokens=leading_tokens,
-                                boundaries=boundaries, **common),
+        "attamba": model_config("s60m", attention="attamba", chunk_size=bench.chunk_size,
+                                leading_tokens=bench.leading_tokens, boundaries=bench.boundaries, **common),
         "full": model_config("s60m", attention="full", **common),
     }
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(bench.seed)
     prompts = [torch.randint(0, vocab, (context,), generator=gen) for _ in range(batch)]
-    result: dict = {"context": context, "batch": batch, "chunk_size": chunk_size, "leading_tokens": leading_tokens,
-                    "dim": dim, "n_layers": n_layers, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-                    "compiled": compile}
+    result: dict = {"context": context, "batch": batch, "chunk_size": bench.chunk_size,
+                    "leading_tokens": bench.leading_tokens, "dim": bench.dim, "n_layers": bench.n_layers,
+                    "new_tokens": new_tokens, "threads": torch.get_num_threads(), "compiled": compile}
     try:
         decoders = {name: _Decoder(AttambaLM(cfg).eval().compile_decoding(compile), prompts, new_tokens)
                     for name, cfg in configs.items()}
@@ -137,8 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(" | ".join(_COLUMNS))
     for context in args.contexts:
-        row = bench_decode(context, args.chunk_size, args.leading_tokens, new_tokens=args.new_tokens,
-                           batch=args.batch, threads=args.threads, compile=args.compile)
+        bench = DecodeBench(context, args.chunk_size, args.leading_tokens, new_tokens=args.new_tokens,
+                            batch=args.batch)
+        row = bench_decode(bench, threads=args.threads, compile=args.compile)
         print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in _COLUMNS), flush=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -36,31 +37,50 @@ class _Trainer:
         return time.perf_counter() - start, time.process_time() - cpu
 
 
-def bench_train_step(seq_len: int = 4096, chunk_size: int = 8, leading_tokens: int = 32, dim: int = 512,
-                     n_layers: int = 4, n_heads: int = 8, vocab: int = 4096, batch: int = 1,
-                     repeats: int = 3, boundaries: str = "cyclic", device: str = "cpu",
-                     autocast: torch.dtype | None = None, size: str | None = None) -> dict:
-    """Step time of a `dim` x `n_layers` Attamba LM over the transformer's, measured in one run.
+@dataclass(frozen=True)
+class TrainStepBench:
+    """What a training-step benchmark builds and times: two models of `dim` x `n_layers` x `n_heads` over
+    `vocab` tokens (or the preset `size`'s dims), Attamba with chunk size P = `chunk_size`, L =
+    `leading_tokens` and `boundaries`, and the full transformer, each stepping `repeats` times on one seeded
+    batch of `batch` x `seq_len` tokens."""
 
-    The models step in turn; the ratio is the median of the `repeats` per-pair ratios (wall clock; the same
-    from process CPU time is attamba_over_transformer_cpu).
+    seq_len: int = 4096
+    chunk_size: int = 8
+    leading_tokens: int = 32
+    dim: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    vocab: int = 4096
+    batch: int = 1
+    repeats: int = 3
+    boundaries: str = "cyclic"
+    size: str | None = None
+
+
+def bench_train_step(bench: TrainStepBench, device: str = "cpu", autocast: torch.dtype | None = None) -> dict:
+    """Step time of a `bench.dim` x `bench.n_layers` Attamba LM over the transformer's, measured in one run.
+
+    The models step in turn; the ratio is the median of the `bench.repeats` per-pair ratios (wall clock; the
+    same from process CPU time is attamba_over_transformer_cpu).
 
     Parameters stay float32; `autocast` (e.g. torch.bfloat16) runs the forward in mixed precision.
-    `size` (a preset such as "s125m") takes dim, n_layers and n_heads from the preset instead.
+    `bench.size` (a preset such as "s125m") takes dim, n_layers and n_heads from the preset instead.
     Model FLOP/s (attamba.costs) of each, and MFU where the device's peak bf16 rate is known
     (pipeline.train.throughput).
     """
-    common = dict(vocab_size=vocab, max_seq_len=seq_len)
+    seq_len, batch, size = bench.seq_len, bench.batch, bench.size
+    common = dict(vocab_size=bench.vocab, max_seq_len=seq_len)
     if size is None:
-        size, common = "small", dict(common, dim=dim, n_layers=n_layers, n_heads=n_heads)
+        size, common = "small", dict(common, dim=bench.dim, n_layers=bench.n_layers, n_heads=bench.n_heads)
     configs = {
-        "attamba": model_config(size, **common, chunk_size=chunk_size, leading_tokens=leading_tokens,
-                                boundaries=boundaries),
+        "attamba": model_config(size, **common, chunk_size=bench.chunk_size, leading_tokens=bench.leading_tokens,
+                                boundaries=bench.boundaries),
         "transformer": model_config(size, **common, attention="full"),
     }
     dim, n_layers, n_heads = configs["attamba"].dim, configs["attamba"].n_layers, configs["attamba"].n_heads
-    tokens = torch.randint(0, vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
-    result = {"size": size, "seq_len": seq_len, "chunk_size": chunk_size, "leading_tokens": leading_tokens, "dim": dim,
+    tokens = torch.randint(0, bench.vocab, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    result = {"size": size, "seq_len": seq_len, "chunk_size": bench.chunk_size, "leading_tokens": bench.leading_tokens,
+              "dim": dim,
               "n_layers": n_layers, "n_heads": n_heads, "batch": batch, "threads": torch.get_num_threads(),
               "device": torch.cuda.get_device_name(tokens.device) if tokens.is_cuda else "cpu",
               "autocast": str(autocast).removeprefix("torch.") if autocast is not None else None}
@@ -71,7 +91,7 @@ def bench_train_step(seq_len: int = 4096, chunk_size: int = 8, leading_tokens: i
     # both alike, and each pair's ratio compares steps taken moments apart.
     times = {name: [] for name in trainers}
     cpu_times = {name: [] for name in trainers}
-    for _ in range(repeats):
+    for _ in range(bench.repeats):
         for name, trainer in trainers.items():
             wall, cpu = trainer.step()
             times[name].append(wall)

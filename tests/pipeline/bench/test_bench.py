@@ -10,10 +10,10 @@ def _one_thread(one_thread):
 
 
 def test_bench_decode_measures_what_the_formula_says():
-    from pipeline.bench.decode import bench_decode
+    from pipeline.bench.decode import DecodeBench, bench_decode
 
-    row = bench_decode(96, chunk_size=4, leading_tokens=5, dim=32, n_layers=2, n_heads=2, vocab=97, new_tokens=3,
-                       compile=False)
+    row = bench_decode(DecodeBench(96, chunk_size=4, leading_tokens=5, dim=32, n_layers=2, n_heads=2, vocab=97,
+                                   new_tokens=3), compile=False)
     assert row["compiled"] is False
     assert row["attamba_cache_bytes"] == row["attamba_analytic_cache_bytes"]
     assert row["full_cache_bytes"] == row["full_analytic_cache_bytes"]
@@ -27,30 +27,30 @@ def test_bench_decode_falls_back_to_eager_when_compiling_fails(monkeypatch):
 
     from pipeline.bench import decode as bd
 
+    bench = bd.DecodeBench(48, chunk_size=4, leading_tokens=5, dim=32, n_layers=1, n_heads=2, vocab=97, new_tokens=2)
+
     monkeypatch.setattr(bd, "can_compile_decoding", lambda: True)  # a compiler is found, but it does not work
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     monkeypatch.setattr(inductor_config, "fx_graph_cache", False)  # no cached kernels to hide the failure
     torch._dynamo.reset()
     try:
         with pytest.warns(UserWarning, match="torch.compile failed"):
-            row = bd.bench_decode(48, chunk_size=4, leading_tokens=5, dim=32, n_layers=1, n_heads=2, vocab=97,
-                                  new_tokens=2)
+            row = bd.bench_decode(bench)
     finally:
         torch._dynamo.reset()
     assert row["compiled"] is False and row["compile_error"]
     assert row["attamba_cache_bytes"] == row["attamba_analytic_cache_bytes"] and row["decode_speedup"] > 0
     with pytest.raises(Exception):  # asked for explicitly, a failure is not hidden
-        bd.bench_decode(48, chunk_size=4, leading_tokens=5, dim=32, n_layers=1, n_heads=2, vocab=97, new_tokens=2,
-                        compile=True)
+        bd.bench_decode(bench, compile=True)
     torch._dynamo.reset()
 
 
 def test_bench_train_step_reports_both_clocks():
     import statistics
 
-    from pipeline.bench.train_step import bench_train_step
+    from pipeline.bench.train_step import TrainStepBench, bench_train_step
 
-    row = bench_train_step(seq_len=64, dim=32, n_layers=1, n_heads=2, vocab=97, repeats=3)
+    row = bench_train_step(TrainStepBench(seq_len=64, dim=32, n_layers=1, n_heads=2, vocab=97, repeats=3))
     assert len(row["pair_ratios"]) == 3
     assert row["attamba_over_transformer"] == statistics.median(row["pair_ratios"])
     for key in ("attamba_step_s", "transformer_step_s", "attamba_step_cpu_s", "transformer_step_cpu_s",

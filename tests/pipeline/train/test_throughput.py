@@ -98,10 +98,11 @@ def test_this_gpu_has_a_peak_or_is_named(monkeypatch):
 
 def test_bench_train_step_takes_a_size_preset_and_reports_flops(monkeypatch):
     from attamba import costs
-    from pipeline.bench.train_step import bench_train_step
+    from pipeline.bench.train_step import TrainStepBench, bench_train_step
 
     monkeypatch.delenv(tp.PEAK_ENV, raising=False)
-    row = bench_train_step(seq_len=32, vocab=97, repeats=1, size="micro", chunk_size=4, leading_tokens=3)
+    row = bench_train_step(TrainStepBench(seq_len=32, vocab=97, repeats=1, size="micro", chunk_size=4,
+                                          leading_tokens=3))
     assert (row["size"], row["dim"], row["n_layers"], row["n_heads"]) == ("micro", 32, 2, 2)
     for name, attention in (("attamba", "attamba"), ("transformer", "full")):
         cfg = model_config("micro", vocab_size=97, max_seq_len=32, attention=attention, chunk_size=4,
