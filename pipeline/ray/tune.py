@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline import schema
@@ -13,56 +14,74 @@ from pipeline.runs.resources import Resources, trainable_resources
 from pipeline.ray.trainer import run_trial
 
 
-def fit(trainable: Callable, resources: Resources, storage: Path, name: str, **tuner_args) -> list[dict]:
-    """Run `build_tuner(trainable, resources, storage, name, **tuner_args)`; returns the configs of the
-    trials that failed after `resources.max_failures` retries. DeepSpeed's C++ op is built here, once,
-    before any trial."""
+@dataclass(frozen=True)
+class TuneRun:
+    """One Tune experiment: `trainable` run as trials (with `params` bound), each holding `resources`, saved
+    under `storage/<name>-<time>`; one trial per point of `grid` (key -> values) over the fixed
+    `param_space`, or as many as `search_alg` hands out (`num_samples`, -1 for no end), at most `slots` at a
+    time; `trial_name(config)` names a trial and its folder under `storage`; `callbacks` go to Tune."""
+
+    trainable: Callable
+    resources: Resources
+    storage: Path
+    name: str
+    param_space: dict | None = None
+    grid: dict[str, list] | None = None
+    slots: int | None = None
+    search_alg: object = None
+    num_samples: int = 1
+    trial_name: Callable[[dict], str] | None = None
+    callbacks: list | None = None
+    params: dict = field(default_factory=dict)
+
+
+def fit(run: TuneRun) -> list[dict]:
+    """Run `build_tuner(run)`; returns the configs of the trials that failed after `run.resources.max_failures`
+    retries. DeepSpeed's C++ op is built here, once, before any trial."""
     from pipeline.train.engine import build_deepspeed_ops
 
     build_deepspeed_ops()
-    return [result.config for result in build_tuner(trainable, resources, storage, name, **tuner_args).fit()
-            if result.error is not None]
+    return [result.config for result in build_tuner(run).fit() if result.error is not None]
 
 
-def build_tuner(trainable: Callable, resources: Resources, storage: Path, name: str, *,
-                param_space: dict | None = None, grid: dict[str, list] | None = None, slots: int | None = None,
-                search_alg=None, num_samples: int = 1, trial_name: Callable[[dict], str] | None = None,
-                callbacks: list | None = None, **params):
-    """The Tuner running `trainable` (with `params` and the per-trial resources bound) as Tune trials: one
-    per point of `grid` (key -> values), or as many as `search_alg` hands out. Its experiment folder is
-    `storage/<name>-<time>`, where Tune saves its state (`tune.Tuner.restore` reads it).
+def build_tuner(run: TuneRun):
+    """The Tuner running `run`'s trials. Its experiment folder is `run.storage/<run.name>-<time>`, where Tune
+    saves its state (`tune.Tuner.restore` reads it).
 
     A one-worker trial trains inside the trainable, which holds the worker's resources; a trial of 2+
     workers waits on its own TorchTrainer and holds almost nothing (`cluster.trainable_resources`).
     Trial processes are reused from one trial to the next, so torch and DeepSpeed are imported once per
-    process. `trial_name(config)` names a trial and its folder under `storage`."""
+    process."""
     from ray import tune
 
-    tune_config = {"search_alg": search_alg, "num_samples": num_samples, "reuse_actors": True}
-    if slots is not None:
-        tune_config["max_concurrent_trials"] = slots
-    if trial_name is not None:
+    tune_config = {"search_alg": run.search_alg, "num_samples": run.num_samples, "reuse_actors": True}
+    if run.slots is not None:
+        tune_config["max_concurrent_trials"] = run.slots
+    if run.trial_name is not None:
+        trial_name = run.trial_name
         tune_config.update(trial_name_creator=lambda t: trial_name(t.config),
                            trial_dirname_creator=lambda t: trial_name(t.config))
     return tune.Tuner(
-        bound_trainable(trainable, resources, storage, **params),
-        param_space={**(param_space or {}), **{k: tune.grid_search(v) for k, v in (grid or {}).items()}},
+        bound_trainable(run),
+        param_space={**(run.param_space or {}), **{k: tune.grid_search(v) for k, v in (run.grid or {}).items()}},
         tune_config=tune.TuneConfig(**tune_config),
-        run_config=tune.RunConfig(name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
-                                  verbose=0, failure_config=tune.FailureConfig(max_failures=resources.max_failures),
-                                  callbacks=callbacks),
+        run_config=tune.RunConfig(name=f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(run.storage),
+                                  verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=run.resources.max_failures),
+                                  callbacks=run.callbacks),
     )
 
 
-def bound_trainable(trainable: Callable, resources: Resources, storage: Path, **params):
-    """`trainable` as the Tuner runs it: `params`, the worker layout and `storage` bound, the trial's
-    resources attached (what `tune.Tuner.restore` takes again)."""
+def bound_trainable(run: TuneRun):
+    """`run.trainable` as the Tuner runs it: `run.params`, the worker layout and `run.storage` bound, the
+    trial's resources attached (what `tune.Tuner.restore` takes again)."""
     from ray import tune
 
-    trainable = tune.with_parameters(trainable, workers=resources.workers,
+    resources = run.resources
+    trainable = tune.with_parameters(run.trainable, workers=resources.workers,
                                      cpus_per_worker=resources.cpus_per_worker,
-                                     gpus_per_worker=resources.gpus_per_worker, storage_path=str(storage),
-                                     placement=resources.placement, **params)
+                                     gpus_per_worker=resources.gpus_per_worker, storage_path=str(run.storage),
+                                     placement=resources.placement, **run.params)
     return tune.with_resources(trainable, trainable_resources(resources))
 
 

@@ -166,13 +166,13 @@ def restore_ask_tell(search: dict, tracking_uri: str | None, parent_run_id: str 
 
 
 def _tune(search: SearchConfig, searcher, bar, slots: int) -> list[int]:
-    from pipeline.ray.tune import fit, search_trial
+    from pipeline.ray.tune import TuneRun, fit, search_trial
 
     try:
         with searcher.ask_tell.heartbeats():
-            fit(search_trial, search.resources, search.folder.resolve() / "_ray", "tune",
-                search_alg=searcher, num_samples=-1, slots=slots,
-                trial_name=lambda c: c["run_config"]["name"])
+            fit(TuneRun(search_trial, search.resources, search.folder.resolve() / "_ray", "tune",
+                        search_alg=searcher, num_samples=-1, slots=slots,
+                        trial_name=lambda c: c["run_config"]["name"]))
     finally:
         bar.close()
     return searcher.ask_tell.failed
@@ -181,11 +181,11 @@ def _tune(search: SearchConfig, searcher, bar, slots: int) -> list[int]:
 def _train_reference(search: SearchConfig, uri: str | None, parent: ParentRun) -> dict:
     """Train the same-size transformer once (a Tune trial like the others); its metrics go to the study."""
     from pipeline.loader import to_dict
-    from pipeline.ray.tune import fit, search_trial
+    from pipeline.ray.tune import TuneRun, fit, search_trial
 
     cfg = worker_config(reference_run_config(search), uri, parent.run_id)
-    fit(search_trial, search.resources, search.folder.resolve() / "_ray", "reference",
-        param_space={"run_config": to_dict(cfg)})
+    fit(TuneRun(search_trial, search.resources, search.folder.resolve() / "_ray", "reference",
+                param_space={"run_config": to_dict(cfg)}))
     done = done_record(cfg.train.out_dir)
     if done is None:
         raise RuntimeError(f"the reference transformer {cfg.name} did not finish; see {cfg.train.out_dir}")

@@ -99,19 +99,20 @@ def test_a_tuner_with_the_searcher_is_restored_from_its_saved_state(tmp_path, mo
     and the restored Tuner runs a trial that its rebuilt searcher asks and tells on the same study; a Tuner
     built with the driver's searcher runs its trials through that very object, not through a copy."""
     from pipeline.ray.cluster import ray_session
-    from pipeline.ray.tune import bound_trainable, build_tuner
+    from pipeline.ray.tune import TuneRun, bound_trainable, build_tuner
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     url = f"sqlite:///{tmp_path}/optuna.db"
     search, study, live = driver_searcher(tmp_path, [f"storage={url}", "n_trials=2"])
     storage = tmp_path / "_ray"
-    build_tuner(fake_trial, search.resources, storage, "tune", search_alg=live, num_samples=-1, slots=1,
-                trial_name=lambda c: c["run_config"]["name"])
+    build_tuner(TuneRun(fake_trial, search.resources, storage, "tune", search_alg=live, num_samples=-1, slots=1,
+                        trial_name=lambda c: c["run_config"]["name"]))
     (experiment,) = storage.iterdir()
     assert tune.Tuner.can_restore(experiment) and not tune.Tuner.can_restore(tmp_path)
 
     with ray_session(None, search.resources):
-        restored = tune.Tuner.restore(str(experiment), trainable=bound_trainable(fake_trial, search.resources, storage))
+        trainable = bound_trainable(TuneRun(fake_trial, search.resources, storage, "tune"))
+        restored = tune.Tuner.restore(str(experiment), trainable=trainable)
         results = restored.fit()   # one trial: Tune restores num_samples=1 from an experiment that never ran
         assert [result.error for result in results] == [None]
         assert live.ask_tell.done == 0 and not live.ask_tell.live, "asked and told by the restored copy"
@@ -120,7 +121,7 @@ def test_a_tuner_with_the_searcher_is_restored_from_its_saved_state(tmp_path, mo
         assert trial.state == TrialState.COMPLETE and trial.user_attrs["run_name"] == run["name"]
         assert trial.values[0] == fake_ppl(run["model"])
 
-        build_tuner(fake_trial, search.resources, storage, "again", search_alg=live, num_samples=1).fit()
+        build_tuner(TuneRun(fake_trial, search.resources, storage, "again", search_alg=live, num_samples=1)).fit()
     # Past the restored copy's trial, every one was told by the driver's object (a revisited point as a copy).
     trials = optuna.load_study(study_name="smoke", storage=url).trials
     assert len(trials) >= 2 and all(t.state == TrialState.COMPLETE for t in trials)
