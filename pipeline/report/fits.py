@@ -19,6 +19,7 @@ Exponents outside PLAUSIBLE_EXPONENT are flagged (`pipeline.report.uncertainty`)
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -258,21 +259,38 @@ def _fit_scaling_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int, seed: int, 
         return t if _exponents_ok(t[1 + k:]) else None
 
     boots, note = bootstrap(refit, size_labels(*x.T), log_y, n_bootstrap, seed)
-    return _fitted(FORM_FREE, n_params, n_distinct, x, y, theta, x0, boots, n_bootstrap, note,
-                   lambda t: _to_public(t, x0, names), names[2::2])
+    law = _FitParts(FORM_FREE, n_params, n_distinct, x, y, theta, x0, lambda t: _to_public(t, x0, names),
+                    names[2::2])
+    return _fitted(law, boots, n_bootstrap, note)
 
 
-def _fitted(form: str, n_params: int, n_distinct: int, x: np.ndarray, y: np.ndarray, theta: np.ndarray,
-            x0: np.ndarray, boots: list[np.ndarray], n_bootstrap: int, note: str, to_public,
-            exponents: list[str]) -> PowerLawFit:
-    """The PowerLawFit of a law fitted at `theta` (normalised by x0), with its successful bootstrap refits
-    `boots`: public parameters, their intervals (or why omitted), flags and residuals."""
-    params = to_public(theta)
-    intervals, note = intervals_from(params, [to_public(t) for t in boots], n_bootstrap, note)
-    residuals = (np.log(y) - np.log(predict_theta(theta, x0, x))).tolist()
-    return PowerLawFit(status=STATUS_OK, form=form, n_params=n_params, n_points=len(y), n_distinct=n_distinct,
-                       params=params, intervals=intervals, interval_note=note, flags=exponent_flags(params, exponents),
-                       residuals=residuals, n_bootstrap=n_bootstrap, n_bootstrap_ok=len(boots), theta=theta, x0=x0,
+@dataclass(frozen=True)
+class _FitParts:
+    """A law of `form` with `n_params` parameters fitted at `theta` (normalised by `x0`) to runs at sizes `x`
+    with losses `y` (`n_distinct` distinct sizes); `to_public(theta)` names its parameters and `exponents`
+    are those checked for plausibility."""
+
+    form: str
+    n_params: int
+    n_distinct: int
+    x: np.ndarray
+    y: np.ndarray
+    theta: np.ndarray
+    x0: np.ndarray
+    to_public: Callable[[np.ndarray], dict[str, float]]
+    exponents: list[str]
+
+
+def _fitted(law: _FitParts, boots: list[np.ndarray], n_bootstrap: int, note: str) -> PowerLawFit:
+    """The PowerLawFit of `law` with its successful bootstrap refits `boots` (of `n_bootstrap`, `note` saying
+    why any failed): public parameters, their intervals (or why omitted), flags and residuals."""
+    params = law.to_public(law.theta)
+    intervals, note = intervals_from(params, [law.to_public(t) for t in boots], n_bootstrap, note)
+    residuals = (np.log(law.y) - np.log(predict_theta(law.theta, law.x0, law.x))).tolist()
+    return PowerLawFit(status=STATUS_OK, form=law.form, n_params=law.n_params, n_points=len(law.y),
+                       n_distinct=law.n_distinct, params=params, intervals=intervals, interval_note=note,
+                       flags=exponent_flags(params, law.exponents), residuals=residuals, n_bootstrap=n_bootstrap,
+                       n_bootstrap_ok=len(boots), theta=law.theta, x0=law.x0,
                        boot_thetas=np.array(boots) if intervals else None)
 
 
@@ -307,8 +325,8 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, n_bootstrap: int = 500, seed: in
         p = _to_public(t, x0, names)
         return {name: p[name] for name in names[1:3]}
 
-    return _fitted(FORM_POWER, 2, n_distinct, x, y, solve(log_y), x0, boots, n_bootstrap, note, to_public,
-                   [names[2]])
+    law = _FitParts(FORM_POWER, 2, n_distinct, x, y, solve(log_y), x0, to_public, [names[2]])
+    return _fitted(law, boots, n_bootstrap, note)
 
 
 def fit_shared_e(xs: list[np.ndarray], ys: list[np.ndarray], n_bootstrap: int = 500, seed: int = 0,
@@ -361,9 +379,9 @@ def _fit_shared_e(xs, ys, n_bootstrap, seed, delta, names) -> list[PowerLawFit]:
     out = []
     for v, (x, y, _) in enumerate(clean):
         x0 = x0s[v:v + 1]
-        out.append(_fitted(FORM_SHARED_E, n_params, sizes[v], x, y, variant_theta(theta, v), x0,
-                           [variant_theta(t, v) for t in boots], n_bootstrap, note,
-                           lambda t, x0=x0: _to_public(t, x0, names), [names[2]]))
+        law = _FitParts(FORM_SHARED_E, n_params, sizes[v], x, y, variant_theta(theta, v), x0,
+                        lambda t, x0=x0: _to_public(t, x0, names), [names[2]])
+        out.append(_fitted(law, [variant_theta(t, v) for t in boots], n_bootstrap, note))
     return out
 
 
