@@ -54,15 +54,15 @@ def build_tuner(run: TuneRun):
     process."""
     from ray import tune
 
+    trainable = bound_trainable(run)
     tune_config = {"search_alg": run.search_alg, "num_samples": run.num_samples, "reuse_actors": True}
     if run.slots is not None:
         tune_config["max_concurrent_trials"] = run.slots
     if run.trial_name is not None:
-        trial_name = run.trial_name
-        tune_config.update(trial_name_creator=lambda t: trial_name(t.config),
-                           trial_dirname_creator=lambda t: trial_name(t.config))
+        tune_config.update(trial_name_creator=lambda t: run.trial_name(t.config),
+                           trial_dirname_creator=lambda t: run.trial_name(t.config))
     return tune.Tuner(
-        bound_trainable(run),
+        trainable,
         param_space={**(run.param_space or {}), **{k: tune.grid_search(v) for k, v in (run.grid or {}).items()}},
         tune_config=tune.TuneConfig(**tune_config),
         run_config=tune.RunConfig(name=f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(run.storage),

@@ -97,10 +97,11 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             prepare(todo[0].config.data, todo[0].config.model.max_seq_len)  # once, not once per trial
             from pipeline.ray.tune import TuneRun, fit, study_progress
 
-            progress = study_progress(study.name, {s.name: (s.config.train.steps, work[s.name]) for s in todo})
             failures = fit(TuneRun(run_trial, study.resources, folder / "_ray", "tune",
                                    grid={"run": [s.name for s in todo]}, slots=slots, trial_name=lambda c: c["run"],
-                                   callbacks=[progress], params={"runs": {s.name: s.config for s in todo}}))
+                                   callbacks=[study_progress(study.name, {s.name: (s.config.train.steps, work[s.name])
+                                                                          for s in todo})],
+                                   params={"runs": {s.name: s.config for s in todo}}))
             failed = sorted(c["run"] for c in failures)
             parent.failed = bool(failed)
     train_wall = time.perf_counter() - wall_start
