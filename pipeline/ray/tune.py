@@ -59,8 +59,9 @@ def build_tuner(run: TuneRun):
     if run.slots is not None:
         tune_config["max_concurrent_trials"] = run.slots
     if run.trial_name is not None:
-        tune_config.update(trial_name_creator=lambda t: run.trial_name(t.config),
-                           trial_dirname_creator=lambda t: run.trial_name(t.config))
+        trial_name = run.trial_name   # what Tune pickles: the naming function alone, not the whole run
+        tune_config.update(trial_name_creator=lambda t: trial_name(t.config),
+                           trial_dirname_creator=lambda t: trial_name(t.config))
     return tune.Tuner(
         trainable,
         param_space={**(run.param_space or {}), **{k: tune.grid_search(v) for k, v in (run.grid or {}).items()}},
