@@ -269,10 +269,11 @@ def _with_context_windows(run: RunConfig, windows: list[int]) -> RunConfig:
     return dataclasses.replace(run, eval=dataclasses.replace(run.eval, variants=run.eval.variants + extra))
 
 
-def _run_name(size: str, model: ModelConfig, seed: int, tokens: int, seq_len: int | None = None) -> str:
-    """size__variant__s<seed>__D<tokens>, with __T<seq_len> after the size in a study with `seq_lens`."""
+def _run_name(size: str, variant: str, seed: int, tokens: int, seq_len: int | None = None) -> str:
+    """size__variant__s<seed>__D<tokens>, with __T<seq_len> after the size in a study with `seq_lens`
+    (`variant`: the model's ModelConfig.variant())."""
     setting = size if seq_len is None else f"{size}__T{seq_len}"
-    return f"{setting}__{model.variant()}__s{seed}__D{tokens}"
+    return f"{setting}__{variant}__s{seed}__D{tokens}"
 
 
 BOUNDARY_ABBREVIATIONS = {"uniform": "uni", "cyclic": "cyc", "cyclic_released": "cycr", "random": "rnd"}
@@ -305,33 +306,32 @@ def _display_piece(name: str, value) -> str:
     return f"{prefix}{DISPLAY_VALUES.get(value, value) if isinstance(value, str) else value}"
 
 
-def _varying(models: list[ModelConfig]) -> dict[str, set[str]]:
-    """Per kind, the identity fields whose values differ between that kind's models in the study."""
+def _varying(models: list[tuple[str, list]]) -> dict[str, set[str]]:
+    """Per kind, the identity fields whose values differ between that kind's models in the study (`models`:
+    each model's kind and variant_fields)."""
     values: dict[str, dict[str, set]] = {}
-    for model in models:   # a value at its reference (the default; SSM widths: their rule) is "default"
-        for name, value, reference in variant_fields(model):
+    for kind, fields in models:   # a value at its reference (the default; SSM widths: their rule) is "default"
+        for name, value, reference in fields:
             seen = "default" if value == reference else repr(value)
-            values.setdefault(model.kind, {}).setdefault(name, set()).add(seen)
+            values.setdefault(kind, {}).setdefault(name, set()).add(seen)
     out = {}
-    for model in models:   # a field some models of a kind lack (boundary_seed) varies too
-        names = {name for name, _, _ in variant_fields(model)}
-        out.setdefault(model.kind, set()).update(n for n in values[model.kind] if n not in names)
+    for kind, fields in models:   # a field some models of a kind lack (boundary_seed) varies too
+        names = {name for name, _, _ in fields}
+        out.setdefault(kind, set()).update(n for n in values[kind] if n not in names)
     for kind, fields in values.items():
         out[kind] |= {name for name, seen in fields.items() if len(seen) > 1}
     return out
 
 
-def _display_name(study: StudyConfig, model: ModelConfig, varying: set[str], size: str, seed: int,
+def _display_name(study: StudyConfig, kind: str, fields: list, varying: set[str], size: str, seed: int,
                   tokens: int, seq_len: int | None = None) -> str:
     """The run's MLflow run name: size, kind and its core (P and L, W, F) within a column's width, e.g.
     'tiny-P8-L32-s0', 'tiny-isoflop-F48-s0', 'tiny-full-s1', plus a short piece for every other field that
     varies between the study's models of that kind ('-cyc', '-segoff', '-kvp'), and the token count
     ('-D2.1M') only when the study has several budgets, and the sequence length ('tiny-T128-full-s0') when it has
     several. The run's name (`_run_name`, also its tag
-    schema.TAG_TRIAL) stays the key of its folder and of resume."""
-    kind = model.kind
+    schema.TAG_TRIAL) stays the key of its folder and of resume. `fields`: the model's variant_fields."""
     parts = [] if kind == "attamba" else [ISO_ABBREVIATIONS.get(kind, kind.replace("_", ""))]
-    fields = variant_fields(model)
     parts += [f"{CORE_DISPLAY[n]}{v}" for n, v, _ in fields if n in CORE_DISPLAY]
     parts += [_display_piece(n, v) for n, v, _ in fields if n in varying and n not in CORE_DISPLAY]
     label = "-".join(parts)
@@ -343,10 +343,14 @@ def expand(study: StudyConfig) -> list[RunSpec]:
     """All runs of the study, in a stable order (sizes, then sequence lengths, then variants, then budgets,
     then seeds)."""
     models = _models(study)
-    varying = _varying([run.model for runs in models.values() for run in runs])
+    # each model's variant label and identity fields, once
+    labels = {(size, T): [(run.model.variant(), variant_fields(run.model)) for run in runs]
+              for (size, T), runs in models.items()}
+    varying = _varying([(run.model.kind, fields) for setting, runs in models.items()
+                        for run, (_, fields) in zip(runs, labels[setting])])
     specs = []
     for size, T in study.settings():
-        for run in models[size, T]:
+        for run, (variant, fields) in zip(models[size, T], labels[size, T]):
             tokens_per_step = run.tokens_per_step(study.resources.workers)
             for budget in study.tokens.budgets:
                 if study.tokens.rule == "steps":
@@ -359,7 +363,7 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                     steps = max(1, math.ceil(tokens / tokens_per_step))
                 tokens = steps * tokens_per_step
                 for seed in study.seeds:
-                    name = _run_name(size, run.model, seed, tokens, T)
+                    name = _run_name(size, variant, seed, tokens, T)
                     data = to_dict(run)
                     data["name"] = name
                     data["model"]["seed"] = seed
@@ -367,9 +371,9 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                                          out_dir=str(Path(study.out_dir) / study.name / name),
                                          study=study.name, trial=name)  # the run's study and trial tags
                     data["tracking"]["experiment"] = study.name
-                    data["tracking"]["run_name"] = _display_name(study, run.model, varying[run.model.kind], size,
-                                                                 seed, tokens, T)
-                    specs.append(RunSpec(name, size, run.model.variant(), seed, tokens, run_config_from_dict(data)))
+                    data["tracking"]["run_name"] = _display_name(study, run.model.kind, fields,
+                                                                 varying[run.model.kind], size, seed, tokens, T)
+                    specs.append(RunSpec(name, size, variant, seed, tokens, run_config_from_dict(data)))
     names = [s.name for s in specs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
