@@ -263,7 +263,7 @@ def cmd_bench(args) -> int:
     elif args.what == "train-step":
         from pipeline.bench.train_step import TrainStepBench, bench_train_step
 
-        bench = TrainStepBench(args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
+        bench = TrainStepBench(seq_len=args.seq_len, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
                                repeats=args.repeats, dim=args.dim, n_layers=args.layers, batch=args.batch,
                                size=args.size)
         result = bench_train_step(bench, device=args.device, autocast=None if dtype == torch.float32 else dtype)
@@ -274,7 +274,7 @@ def cmd_bench(args) -> int:
     else:
         from pipeline.bench.decode import DecodeBench, bench_decode
 
-        bench = DecodeBench(args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
+        bench = DecodeBench(context=args.context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
                             batch=args.batch, new_tokens=args.new_tokens)
         result = bench_decode(bench, compile=args.compile)
     _print_json(result, indent=None)   # one line, strict like every other subcommand's JSON

@@ -23,6 +23,8 @@ from attamba.cache import decode_step, prefill
 from attamba.model import AttambaLM, can_compile_decoding
 from attamba.presets import model_config
 
+from pipeline.bench.models import BenchModels
+
 _BLOCK = 8  # decoding steps timed per turn
 
 
@@ -46,23 +48,14 @@ class _Decoder:
         return time.perf_counter() - start
 
 
-@dataclass(frozen=True)
-class DecodeBench:
-    """What a decoding benchmark builds and feeds: `batch` random prompts of `context` tokens (seeded by
-    `seed`) and `new_tokens` greedy steps, through two models of `dim` x `n_layers` x `n_heads` over `vocab`
-    tokens, Attamba with chunk size P = `chunk_size`, L = `leading_tokens` and `boundaries`, and the full
-    transformer."""
+@dataclass(frozen=True, kw_only=True)
+class DecodeBench(BenchModels):
+    """What a decoding benchmark feeds the two models (BenchModels): `batch` random prompts of `context` tokens
+    (seeded by `seed`) and `new_tokens` greedy steps."""
 
     context: int
-    chunk_size: int = 8
-    leading_tokens: int = 32
-    dim: int = 512
-    n_layers: int = 4
-    n_heads: int = 8
-    vocab: int = 4096
     new_tokens: int = 64
     batch: int = 1
-    boundaries: str = "cyclic"
     seed: int = 0
 
 
@@ -156,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(" | ".join(_COLUMNS))
     for context in args.contexts:
-        bench = DecodeBench(context, args.chunk_size, args.leading_tokens, new_tokens=args.new_tokens,
+        bench = DecodeBench(context=context, chunk_size=args.chunk_size, leading_tokens=args.leading_tokens,
+                            new_tokens=args.new_tokens,
                             batch=args.batch)
         row = bench_decode(bench, threads=args.threads, compile=args.compile)
         print(" | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in _COLUMNS), flush=True)

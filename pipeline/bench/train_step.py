@@ -13,6 +13,7 @@ from attamba.model import AttambaLM
 from attamba.presets import model_config
 
 from pipeline.bench.attention import synchronize
+from pipeline.bench.models import BenchModels
 from pipeline.train.throughput import device_peak
 
 
@@ -37,23 +38,14 @@ class _Trainer:
         return time.perf_counter() - start, time.process_time() - cpu
 
 
-@dataclass(frozen=True)
-class TrainStepBench:
-    """What a training-step benchmark builds and times: two models of `dim` x `n_layers` x `n_heads` over
-    `vocab` tokens (or the preset `size`'s dims), Attamba with chunk size P = `chunk_size`, L =
-    `leading_tokens` and `boundaries`, and the full transformer, each stepping `repeats` times on one seeded
-    batch of `batch` x `seq_len` tokens."""
+@dataclass(frozen=True, kw_only=True)
+class TrainStepBench(BenchModels):
+    """What a training-step benchmark times: the two models (BenchModels, or the preset `size`'s dims), each
+    stepping `repeats` times on one seeded batch of `batch` x `seq_len` tokens."""
 
     seq_len: int = 4096
-    chunk_size: int = 8
-    leading_tokens: int = 32
-    dim: int = 512
-    n_layers: int = 4
-    n_heads: int = 8
-    vocab: int = 4096
     batch: int = 1
     repeats: int = 3
-    boundaries: str = "cyclic"
     size: str | None = None
 
 

@@ -12,7 +12,7 @@ def _one_thread(one_thread):
 def test_bench_decode_measures_what_the_formula_says():
     from pipeline.bench.decode import DecodeBench, bench_decode
 
-    row = bench_decode(DecodeBench(96, chunk_size=4, leading_tokens=5, dim=32, n_layers=2, n_heads=2, vocab=97,
+    row = bench_decode(DecodeBench(context=96, chunk_size=4, leading_tokens=5, dim=32, n_layers=2, n_heads=2, vocab=97,
                                    new_tokens=3), compile=False)
     assert row["compiled"] is False
     assert row["attamba_cache_bytes"] == row["attamba_analytic_cache_bytes"]
@@ -27,7 +27,7 @@ def test_bench_decode_falls_back_to_eager_when_compiling_fails(monkeypatch):
 
     from pipeline.bench import decode as bd
 
-    bench = bd.DecodeBench(48, chunk_size=4, leading_tokens=5, dim=32, n_layers=1, n_heads=2, vocab=97, new_tokens=2)
+    bench = bd.DecodeBench(context=48, chunk_size=4, leading_tokens=5, dim=32, n_layers=1, n_heads=2, vocab=97, new_tokens=2)
 
     monkeypatch.setattr(bd, "can_compile_decoding", lambda: True)  # a compiler is found, but it does not work
     monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
