@@ -15,11 +15,12 @@ import difflib
 import itertools
 from dataclasses import dataclass
 
-from attamba.checks import fail, one_of
+from attamba.checks import at_least, fail, one_of
 from attamba.config import SIZE_FIELDS, ModelConfig, variant_fields
 
 BASELINES = ("full", "swa", "iso_kv", "iso_flop")
 SIZES_KEY = "sizes"
+SEQ_LENS_KEY = "seq_lens"   # a grid's own sequence lengths, a subset of the study's (like SIZES_KEY for sizes)
 KIND_KEY = "kind"
 OF_KEY = "of"
 # Fields no grid may list, and where they are set instead.
@@ -52,6 +53,7 @@ class Grid:
     axes: tuple[tuple[str, tuple], ...] = ()     # (field path, values), in file order
     sizes: tuple[str, ...] | None = None         # None: every size of the study
     of: tuple[tuple[str, tuple], ...] = ()       # iso baselines: the Attamba values they are sized from (): all
+    seq_lens: tuple[int, ...] | None = None      # None: every sequence length of the study (its `seq_lens`)
 
     def sized_from(self, model: ModelConfig) -> bool:
         """Whether an iso baseline of this grid is sized from the Attamba `model`."""
@@ -62,8 +64,10 @@ class Grid:
         names = [name for name, _ in self.axes]
         return [dict(zip(names, values)) for values in itertools.product(*(v for _, v in self.axes))]
 
-    def runs_at(self, size: str) -> bool:
-        return self.sizes is None or size in self.sizes
+    def runs_at(self, size: str, seq_len: int | None = None) -> bool:
+        """Whether the grid runs at this setting: its `sizes` hold the size and its `seq_lens` the length."""
+        return ((self.sizes is None or size in self.sizes)
+                and (self.seq_lens is None or seq_len is None or seq_len in self.seq_lens))
 
 
 def _values(where: str, value) -> tuple:
@@ -83,7 +87,7 @@ def _grid(where: str, kind: str, data: dict, study_sizes: tuple[str, ...]) -> Gr
     if not isinstance(data, dict):
         fail(where, data, "a mapping of model fields to lists of values", "e.g. {chunk_size: [4, 8]}")
     allowed = grid_fields(kind)
-    axes, sizes, of = [], None, ()
+    axes, sizes, of, seq_lens = [], None, (), None
     for key, value in data.items():
         path = f"{where}.{key}"
         if key == KIND_KEY and where.startswith("baselines"):
@@ -98,10 +102,15 @@ def _grid(where: str, kind: str, data: dict, study_sizes: tuple[str, ...]) -> Gr
                     fail(f"{path}[{j}]", size, f"one of the study's sizes ({', '.join(study_sizes)})",
                          "add it to the study's `sizes` or remove it here")
             continue
+        if key == SEQ_LENS_KEY:
+            seq_lens = _values(path, value)
+            for j, T in enumerate(seq_lens):
+                at_least(f"{path}[{j}]", T, 2, integer=True)
+            continue
         if not isinstance(key, str) or key not in allowed:
             _refuse_field(where, kind, key, allowed)
         axes.append((key, _values(path, value)))
-    return Grid(where, kind, tuple(axes), sizes, of)
+    return Grid(where, kind, tuple(axes), sizes, of, seq_lens)
 
 
 def _of(where: str, value) -> tuple[tuple[str, tuple], ...]:
@@ -130,11 +139,11 @@ def _refuse_field(where: str, kind: str, key, allowed: tuple[str, ...]):
         other = "attamba" if key in grid_fields("attamba") else "a baseline that reads it"
         raise ValueError(f"{path}: {_a(kind)} model does not read {key}, so it would not change the run; "
                          f"list it under {other}")
-    extra = (SIZES_KEY, KIND_KEY) if where.startswith("baselines") else (SIZES_KEY,)
+    extra = (SIZES_KEY, SEQ_LENS_KEY, KIND_KEY) if where.startswith("baselines") else (SIZES_KEY, SEQ_LENS_KEY)
     close = difflib.get_close_matches(str(key), (*allowed, *extra), n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise ValueError(f"{path}: unknown model field {key!r}; {hint}{_a(kind)} grid may list {', '.join(allowed)} "
-                     f"and {SIZES_KEY}")
+                     f"and {SIZES_KEY}, {SEQ_LENS_KEY}")
 
 
 def attamba_grids(value, study_sizes: tuple[str, ...]) -> list[Grid]:

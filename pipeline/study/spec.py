@@ -89,7 +89,12 @@ class StudyConfig:
         if not isinstance(self.eval, dict):
             fail("eval", self.eval, "a mapping of evaluation settings (as a run's `eval:`)",
                  "e.g. eval: {variants: [{chunk_size: 16}, {window: 33}]}")
-        self.grids()   # every grid entry checked before any model is built
+        lengths = {T for size in self.sizes for T in self.lengths(size) if T is not None}
+        for grid in (g for grids in self.grids() for g in grids):   # every grid entry checked before any model is built
+            for j, T in enumerate(grid.seq_lens or ()):
+                if T not in lengths:
+                    fail(f"{grid.where}.seq_lens[{j}]", T, f"one of the study's seq_lens ({sorted(lengths) or 'none'})",
+                         "add it to the study's `seq_lens` or remove it here")
         if not self.seeds:
             fail("seeds", [], "a list of at least one seed")
         for i, value in enumerate(self.seeds):
@@ -222,7 +227,7 @@ def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]
     # the SSM widths as the run file gives them (None: the default rule), so a grid's ssm.inner_dim re-derives heads
     ssm = ((study.run.get("model") or {}).get("ssm") or {}) if isinstance(study.run, dict) else {}
     widths = {"ssm.inner_dim": ssm.get("inner_dim"), "ssm.heads": ssm.get("heads")}
-    found = {(size, T): [run for g in attamba if g.runs_at(size)
+    found = {(size, T): [run for g in attamba if g.runs_at(size, T)
                          for run in _grid_runs(bases[size, T], g, {"attention": "attamba", "kv_dim": None,
                                                                    "iso": None, **widths})]
              for size, T in study.settings()}
@@ -237,7 +242,7 @@ def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]
     for size, T in study.settings():
         runs = []
         for grid in baselines:
-            if grid.runs_at(size) and grid.kind in ("full", "swa"):
+            if grid.runs_at(size, T) and grid.kind in ("full", "swa"):
                 fixed = {"attention": grid.kind, "kv_dim": None, "iso": None}
                 if grid.kind == "swa":
                     # the window that keeps as many keys as Attamba's largest window, unless the grid sets one
@@ -245,7 +250,7 @@ def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]
                 runs += _grid_runs(bases[size, T], grid, fixed)
         runs += found[size, T]
         for grid in baselines:
-            if grid.runs_at(size) and grid.kind.startswith("iso_"):
+            if grid.runs_at(size, T) and grid.kind.startswith("iso_"):
                 runs += [iso for run in found[size, T] if grid.sized_from(run.model)
                          for iso in _iso_baseline(run, grid)]
         seen = {}

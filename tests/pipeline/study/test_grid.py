@@ -246,3 +246,14 @@ def test_seq_lens_per_size_give_each_size_its_own_lengths(tmp_path):
 def test_bad_per_size_lengths_are_refused(tmp_path, seq_lens, message):
     with pytest.raises(ValueError, match=message):
         _specs(tmp_path, sizes=["micro", "tiny"], seq_lens=seq_lens)
+
+
+def test_a_grid_may_run_at_some_of_the_study_lengths_only(tmp_path):
+    specs = _specs(tmp_path, seq_lens=[16, 32], baselines=["full"],
+                   attamba=[{"chunk_size": [2, 4], "leading_tokens": [4]},
+                            {"chunk_size": [8], "leading_tokens": [4], "seq_lens": [16]}])
+    got = sorted((s.config.data.seq_len, s.variant) for s in specs)
+    assert (16, "attamba-P8-L4-cyclic") in got and (32, "attamba-P8-L4-cyclic") not in got
+    assert (32, "attamba-P4-L4-cyclic") in got and (32, "full") in got
+    with pytest.raises(ValueError, match=r"attamba\[1\]\.seq_lens\[0\] must be one of the study's seq_lens"):
+        _specs(tmp_path, seq_lens=[16, 32], attamba=[{"chunk_size": [2]}, {"chunk_size": [8], "seq_lens": [64]}])
