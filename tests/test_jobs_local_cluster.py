@@ -87,6 +87,23 @@ def local_head():
         shutil.rmtree(base, ignore_errors=True)
 
 
+def _submit_and_follow(command: list[str], env: dict, base: Path, job: str, timeout: int) -> str:
+    """Run `command` (a jobs/ script and its arguments) as jobs/README.md does, then the follow command it
+    prints until the job ends; asserts the script found the head's token and the job succeeded, returns the
+    job's logs."""
+    result = subprocess.run([str(ROOT / "jobs" / command[0]), *command[1:]], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"RAY_AUTH_MODE=token (token from {base}/home/.ray/auth_token)" in result.stderr
+    follow = re.search(rf"^follow: (RAY_AUTH_MODE=token ray job logs -f --address \S+ ({job}-\S+))$", result.stdout,
+                       re.M)
+    assert follow, result.stdout[-2000:]
+    logs = subprocess.run(["bash", "-c", follow.group(1)], env=env, capture_output=True, text=True, timeout=timeout)
+    assert logs.returncode == 0 and f"Job '{follow.group(2)}' succeeded" in logs.stdout + logs.stderr, (
+        logs.stdout[-3000:] + logs.stderr[-3000:])
+    return logs.stdout
+
+
 def test_the_head_needs_the_token_that_plain_ray_job_submit_does_not_send(local_head):
     """Why the scripts set RAY_AUTH_MODE: with the token in ~/.ray/auth_token, `ray start --head` turned
     authentication on, and `ray job submit` without RAY_AUTH_MODE=token is refused."""
@@ -102,17 +119,9 @@ def test_a_job_submitted_with_the_script_runs_to_success(local_head):
     the follow command it prints shows the job's logs until it succeeds."""
     env, address, base = local_head
     env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{base}/mlflow.db"}   # forwarded into the job
-    result = subprocess.run([str(ROOT / "jobs" / "submit.sh"), "train", "configs/train_smoke.yaml", address],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"RAY_AUTH_MODE=token (token from {base}/home/.ray/auth_token)" in result.stderr
-    follow = re.search(r"^follow: (RAY_AUTH_MODE=token ray job logs -f --address \S+ (attamba-train-train_smoke-\S+))$",
-                       result.stdout, re.M)
-    assert follow, result.stdout[-2000:]
-    logs = subprocess.run(["bash", "-c", follow.group(1)], env=env, capture_output=True, text=True, timeout=600)
-    assert logs.returncode == 0 and f"Job '{follow.group(2)}' succeeded" in logs.stdout + logs.stderr, (
-        logs.stdout[-3000:] + logs.stderr[-3000:])
-    assert '"val/ppl"' in logs.stdout, "the run's result JSON is in the job's logs"
+    logs = _submit_and_follow(["submit.sh", "train", "configs/train_smoke.yaml", address], env, base,
+                              "attamba-train-train_smoke", 600)
+    assert '"val/ppl"' in logs, "the run's result JSON is in the job's logs"
 
     from mlflow import MlflowClient
 
@@ -129,16 +138,7 @@ def test_a_study_submitted_with_submit_study_runs_every_run_once(local_head):
     home = base / "home_attamba"
     home.mkdir()
     env = {**env, "ATTAMBA_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{base}/study_mlflow.db"}
-    result = subprocess.run([str(ROOT / "jobs" / "submit_study.sh"), "configs/studies/smoke.yaml", address],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "RAY_AUTH_MODE=token" in result.stderr
-    follow = re.search(r"^follow: (RAY_AUTH_MODE=token ray job logs -f --address \S+ (attamba-study-smoke-\S+))$",
-                       result.stdout, re.M)
-    assert follow, result.stdout[-2000:]
-    logs = subprocess.run(["bash", "-c", follow.group(1)], env=env, capture_output=True, text=True, timeout=900)
-    assert logs.returncode == 0 and f"Job '{follow.group(2)}' succeeded" in logs.stdout + logs.stderr, (
-        logs.stdout[-3000:] + logs.stderr[-3000:])
+    _submit_and_follow(["submit_study.sh", "configs/studies/smoke.yaml", address], env, base, "attamba-study-smoke", 900)
 
     from mlflow import MlflowClient
 

@@ -3,6 +3,10 @@ a training subprocess (the `cache` and `env` fixtures are in tests/pipeline/conf
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from pipeline import schema
@@ -40,3 +44,22 @@ def child_env() -> dict:
     out = {k: v for k, v in os.environ.items() if k not in launcher}
     out.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     return out
+
+
+KILLABLE_CHILD = ("import sys, torch; torch.set_num_threads(1); from pipeline.config import load_run_config; "
+                  "from pipeline.train.loop import train; train(load_run_config(None, sys.argv[1:]))")
+
+
+def kill_after_first_checkpoint(out, overrides: list[str]) -> list[str]:
+    """Train `overrides` (out_dir `out`) in a child process, SIGKILL it once a checkpoint is sealed; returns the
+    command, to run again for the resume."""
+    command = [sys.executable, "-c", KILLABLE_CHILD, *overrides]
+    proc = subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoints/*/manifest.json")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(60) == -signal.SIGKILL
+    return command

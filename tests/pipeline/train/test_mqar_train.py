@@ -4,10 +4,7 @@ kill that reproduces the uninterrupted run."""
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -19,7 +16,7 @@ from pipeline.data.prepare import prepare
 from pipeline.eval.checkpoint import evaluate_checkpoint
 from pipeline.checkpoints import latest_checkpoint, load_model
 from pipeline.train.loop import StopTraining, train
-from tests.pipeline.train.runs import child_env, losses, rows
+from tests.pipeline.train.runs import child_env, kill_after_first_checkpoint, losses, rows
 
 
 def mqar_run(out_dir, *overrides):
@@ -84,17 +81,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(env):
     common = ["train.steps=8", "train.ckpt_every=4", "train.eval_every=4", "train.grad_accum=2"]
     train(load_run_config(None, mqar_run(env / "full", *common)))
     out = env / "killed"
-    script = ("import sys, torch; torch.set_num_threads(1); from pipeline.config import load_run_config; "
-              "from pipeline.train.loop import train; train(load_run_config(None, sys.argv[1:]))")
-    command = [sys.executable, "-c", script, *mqar_run(out, *common)]
-    proc = subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list(out.glob("checkpoints/*/manifest.json")):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL
+    command = kill_after_first_checkpoint(out, mqar_run(out, *common))
     assert max(losses(out)) < 8, "the run must be killed before it ends"
     resumed = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -21,7 +21,7 @@ from pipeline.data.prepare import prepare
 from pipeline.train.loop import StopTraining, train
 from pipeline.train.engine import free_port
 from tests.helpers import REPO_ROOT as REPO
-from tests.pipeline.train.runs import child_env, losses, tiny
+from tests.pipeline.train.runs import child_env, kill_after_first_checkpoint, losses, tiny
 
 
 def test_learns_below_unigram_entropy_and_tracks_everything(env):
@@ -108,23 +108,10 @@ def test_resume_after_stop_reproduces_the_uninterrupted_run(env):
 
 def test_sigkill_after_a_checkpoint_then_resume_reproduces_the_uninterrupted_run(env):
     """A real kill: the training process gets SIGKILL once a checkpoint exists; the same command resumes."""
-    import signal
-    import time
-
     common = ["train.steps=12", "train.ckpt_every=4", "train.eval_every=0"]
     train(load_run_config(None, tiny(env / "full", *common)))
     out = env / "killed"
-    script = ("import sys, torch; torch.set_num_threads(1); from pipeline.config import load_run_config; "
-              "from pipeline.train.loop import train; train(load_run_config(None, sys.argv[1:]))")
-    command = [sys.executable, "-c", script, *tiny(out, *common)]
-    proc = subprocess.Popen(command, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list(out.glob("checkpoints/*/manifest.json")):
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(60) == -signal.SIGKILL
+    command = kill_after_first_checkpoint(out, tiny(out, *common))
     done_before_kill = max(losses(out))
     assert done_before_kill < 12, "the run must be killed before it ends"
     resumed_run = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=600)
