@@ -156,16 +156,6 @@ def _study(root, context: str) -> dict:
     return {"result": result, "out": out, "claims": claims, "ok": ok}
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    """The transformer loses through every window: context is shown to matter."""
-    return _study(tmp_path_factory.mktemp("claims"), "shown")
-
-
-@pytest.fixture(scope="module")
-def flat(tmp_path_factory):
-    """The same runs, but the transformer scores the same through its windows: context is not shown to matter."""
-    return _study(tmp_path_factory.mktemp("claims_flat"), "flat")
 
 
 def _interval(pct: list[float]) -> tuple[float, float, float]:
@@ -194,8 +184,8 @@ EXPECTED = {
 }
 
 
-def test_verdicts_are_the_known_ones(study):
-    claims = study["claims"]
+def test_verdicts_are_the_known_ones(shown):
+    claims = shown["claims"]
     assert {cid: c.verdict for cid, c in claims.items()} == EXPECTED
     assert claims["larger_L_better"].reason == ONE_SEED
     assert claims["collapse_P64_L1"].reason == "no Attamba run with P >= 64 and L = 1"
@@ -207,8 +197,8 @@ def test_verdicts_are_the_known_ones(study):
     assert claims["faithful_vs_released_segmentation"].decided_by.startswith("s1")
 
 
-def test_estimates_equal_the_logged_gaps(study):
-    claims = study["claims"]
+def test_estimates_equal_the_logged_gaps(shown):
+    claims = shown["claims"]
     for size in SIZES:
         e = _only(claims["attamba_vs_full_5pct"], size=size)
         pct = [100 * (_ppl("attamba-P4-L32-cyclic", size, s) / _ppl("full", size, s) - 1) for s in (0, 1, 2)]
@@ -224,8 +214,8 @@ def test_estimates_equal_the_logged_gaps(study):
     assert (e.a, e.b, e.n_pairs) == ("attamba-P8-L64-cyclic", "attamba-P8-L8-cyclic", 1)
 
 
-def test_iso_kv_claims_never_read_an_iso_flop_run(study):
-    claims = study["claims"]
+def test_iso_kv_claims_never_read_an_iso_flop_run(shown):
+    claims = shown["claims"]
     for cid in ("attamba_vs_iso_kv", "attamba_vs_iso_kv_window"):
         assert claims[cid].estimates
         assert all("iso_flop" not in e.b for e in claims[cid].estimates), cid
@@ -236,8 +226,8 @@ def test_iso_kv_claims_never_read_an_iso_flop_run(study):
     assert (e.pct, e.lo, e.hi) == pytest.approx(_interval(pct), rel=1e-9)
 
 
-def test_sliding_window_claim_reads_evaluation_variants(study):
-    claim = study["claims"]["attamba_vs_iso_kv_window"]
+def test_sliding_window_claim_reads_evaluation_variants(shown):
+    claim = shown["claims"]["attamba_vs_iso_kv_window"]
     for size in SIZES:
         # The windowed iso-KV evaluation, preferred over the full transformer's windowed one.
         e = _only(claim, size=size)
@@ -247,13 +237,13 @@ def test_sliding_window_claim_reads_evaluation_variants(study):
         pct = [100 * (_ppl("attamba-P4-L32-cyclic", size, s) / (SIZES[size][1] * SEED_FACTOR[s] * mult) - 1)
                for s in (0, 1, 2)]
         assert (e.pct, e.lo, e.hi) == pytest.approx(_interval(pct), rel=1e-9)
-    random = study["claims"]["cyclic_vs_random"]
+    random = shown["claims"]["cyclic_vs_random"]
     assert random.estimates and all(e.source == f"evaluated as {RANDOM_EVAL[0]}" for e in random.estimates)
     assert "through evaluation variants" in random.decided_by
 
 
-def test_claims_json_and_summary(study):
-    out, result = study["out"], study["result"]
+def test_claims_json_and_summary(shown):
+    out, result = shown["out"], shown["result"]
     data = json.loads((out / "claims.json").read_text())
     assert data == result.claims
     assert set(data["rule"]) >= {DIRECTIONAL, MAGNITUDE, "overall", "one_seed"}

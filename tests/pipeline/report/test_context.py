@@ -14,21 +14,13 @@ from pipeline import schema
 from pipeline.report.claims import NOT_MEASURED, UNTESTABLE, evaluate_claims
 from pipeline.report.context import (NOT_SHOWN_BELOW, NOT_SHOWN_ONE_SEED, NOT_SHOWN_SPANS, POSITION_TITLE, SHOWN,
                                      TITLE, context_section, context_uses, reading)
-from tests.pipeline.report.test_claims import CONTEXT, EXPECTED, SIZES, POSITIONS, _interval, _ppl, _study
+from tests.pipeline.report.test_claims import CONTEXT, EXPECTED, SIZES, POSITIONS, _interval, _ppl
 from tests.pipeline.report.test_report import _md_section
 
 GATED = {"attamba_vs_iso_kv", "attamba_vs_iso_kv_window", "attamba_vs_iso_flop", "cyclic_vs_uniform",
          "cyclic_vs_random", "larger_L_better", "collapse_P64_L1", "faithful_vs_released_segmentation"}
 
 
-@pytest.fixture(scope="module")
-def shown(tmp_path_factory):
-    return _study(tmp_path_factory.mktemp("context_shown"), "shown")
-
-
-@pytest.fixture(scope="module")
-def flat(tmp_path_factory):
-    return _study(tmp_path_factory.mktemp("context_flat"), "flat")
 
 
 @pytest.mark.parametrize("lo, hi, n, want", [
