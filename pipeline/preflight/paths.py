@@ -15,6 +15,8 @@ from pathlib import Path
 
 from attamba.checks import shown, text
 
+from pipeline.tracking.config import sqlite_path
+
 MAX_PATH = 4096    # bytes of a whole path (Linux PATH_MAX)
 MAX_NAME = 255     # bytes of one path component (NAME_MAX)
 PROBE_PREFIX = ".attamba-write-check-"
@@ -92,19 +94,9 @@ def database_file(field: str, given, db: str, root: Path | None = None) -> Path:
     return path
 
 
-def sqlite_path(uri: str) -> str | None:
-    """The database path of a `sqlite:///PATH` URL (None for other URLs and in-memory databases)."""
-    scheme, sep, rest = uri.partition(":///")
-    if not sep or not scheme.lower().startswith("sqlite"):
-        return None
-    db = rest.partition("?")[0]
-    return None if not db or db == ":memory:" else db
-
-
 def database_url(field: str, uri: str, root: Path | None = None) -> None:
     """A database URL: a SQLite one checked as `database_file`; no control characters in any."""
-    text(field, uri, fix="a URL such as sqlite:///mlflow.db")
-    db = sqlite_path(uri)
+    db = sqlite_path(text(field, uri, fix="a URL such as sqlite:///mlflow.db"))
     if db is not None:
         database_file(field, uri, db, root)
 

@@ -99,15 +99,3 @@ def check_shared(folders: dict[str, Path], nodes: list[dict], timeout: float = C
     finally:
         for path in probes:
             Path(path).unlink(missing_ok=True)
-
-
-def output_folders(out: Path, cache: Path, tracking_uri: str | None) -> dict[str, Path]:
-    """The folders trials write into or read, by what they hold: the study's or search's folder (run folders,
-    checkpoints, Ray's trial state), the token cache and, for a SQLite MLflow store, its database's folder
-    (trials log their runs there)."""
-    folders = {"the run folder": Path(out), "the token cache (data.cache_dir / ATTAMBA_CACHE)": Path(cache)}
-    if tracking_uri and tracking_uri.lower().startswith("sqlite:///"):
-        db = tracking_uri[len("sqlite:///"):].partition("?")[0]
-        if db and db != ":memory:":
-            folders["the MLflow SQLite store's folder"] = Path(db).parent
-    return folders

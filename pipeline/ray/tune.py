@@ -1,15 +1,14 @@
-"""Ray Tune for studies and searches: the one Tuner builder, the trainables and the study's progress callback
-(a search's Tune `Searcher` is in searcher.py)."""
+"""Ray Tune for studies and searches: the one Tuner builder, the trainables and the callback that draws a
+study's progress board (a search's Tune `Searcher` is in searcher.py)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline import schema
+from pipeline.runs.progress import ProgressBoard
 from pipeline.runs.resources import Resources, trainable_resources
 from pipeline.ray.trainer import run_trial
 
@@ -19,7 +18,8 @@ class TuneRun:
     """One Tune experiment: `trainable` run as trials (with `params` bound), each holding `resources`, saved
     under `storage/<name>-<time>`; one trial per point of `grid` (key -> values) over the fixed
     `param_space`, or as many as `search_alg` hands out (`num_samples`, -1 for no end), at most `slots` at a
-    time; `trial_name(config)` names a trial and its folder under `storage`; `callbacks` go to Tune."""
+    time; `trial_name(config)` names a trial and its folder under `storage`, and its line on `progress`, the
+    board each trial's start, reports and end are drawn on."""
 
     trainable: Callable
     resources: Resources
@@ -31,7 +31,7 @@ class TuneRun:
     search_alg: object = None
     num_samples: int = 1
     trial_name: Callable[[dict], str] | None = None
-    callbacks: list | None = None
+    progress: ProgressBoard | None = None
     params: dict = field(default_factory=dict)
 
 
@@ -54,6 +54,7 @@ def build_tuner(run: TuneRun):
     process."""
     from ray import tune
 
+    callbacks = [_progress_callback(run.progress, run.trial_name or str)] if run.progress is not None else None
     trainable = bound_trainable(run)
     tune_config = {"search_alg": run.search_alg, "num_samples": run.num_samples, "reuse_actors": True}
     if run.slots is not None:
@@ -69,7 +70,7 @@ def build_tuner(run: TuneRun):
         run_config=tune.RunConfig(name=f"{run.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(run.storage),
                                   verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=run.resources.max_failures),
-                                  callbacks=run.callbacks),
+                                  callbacks=callbacks),
     )
 
 
@@ -96,37 +97,31 @@ def search_trial(trial_config: dict, *, workers: int, cpus_per_worker: float, gp
               gpus_per_worker=gpus_per_worker, storage_path=storage_path, placement=placement)
 
 
-def study_progress(study: str, runs: dict[str, tuple[int, float]], interval: float = 30.0):
-    """A Tune callback drawing the study's `ProgressBoard` on stderr: one line per running trial (step,
-    tokens/s, latest val/loss, ETA) under an overall line counting finished runs (name -> (steps, work)
-    in `runs`); plain lines every `interval` seconds when stderr is not a terminal."""
+def _progress_callback(board: ProgressBoard, trial_name: Callable[[dict], str]):
+    """The Tune callback that draws `board`: a trial's start, reports, retries and end, under the name
+    `trial_name(config)` gives it."""
     from ray import tune
 
-    from pipeline.runs.progress import ProgressBoard
-
     class Progress(tune.Callback):
-        def __init__(self):
-            self.board = ProgressBoard(study, runs, sys.stderr, interval=interval)
-
         def on_trial_start(self, iteration, trials, trial, **info):
-            self.board.started(trial.config["run"])
+            board.started(trial_name(trial.config))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.board.update(trial.config["run"], result)
+            board.reported(trial_name(trial.config), result)
 
         def on_step_end(self, iteration, trials, **info):
-            self.board.refresh()  # the elapsed time and periodic lines also move while no trial reports
+            board.refresh()  # the elapsed time and periodic lines also move while no trial reports
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.board.finished(trial.config["run"], ok=True)
+            board.finished(trial_name(trial.config), ok=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            self.board.retried(trial.config["run"])
+            board.retried(trial_name(trial.config))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.board.finished(trial.config["run"], ok=False)
+            board.finished(trial_name(trial.config), ok=False)
 
         def on_experiment_end(self, trials, **info):
-            self.board.close()
+            board.close()
 
     return Progress()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pipeline.tracking.config import DEFAULT_DB_NAME, resolve_uri, sqlite_path
+
 HOME_ENV = "ATTAMBA_HOME"
 # Set by Ray's job supervisor for a job's entrypoint (ray/dashboard/modules/job/job_supervisor.py).
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -52,21 +54,28 @@ def durable_path(path: str | Path, field: str) -> Path:
 
 def durable_uri(uri: str, field: str) -> str:
     """A SQLite URI with a relative database path made durable like `durable_path`; others unchanged."""
-    scheme, sep, rest = uri.partition(":///")
-    if not sep or not scheme.lower().startswith("sqlite"):
+    db = sqlite_path(uri)
+    if db is None or db.startswith("/"):
         return uri
-    db, query, params = rest.partition("?")
-    if not db or db == ":memory:" or db.startswith("/"):
-        return uri
-    return f"{scheme}:///{durable_path(db, field)}{query}{params}"
+    scheme, _, rest = uri.partition(":///")
+    return f"{scheme}:///{durable_path(db, field)}{rest[len(db):]}"
 
 
 def tracking_uri(uri: str | None) -> str:
     """The tracking store of a study or search: `uri`, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db,
     a relative SQLite path made durable like `durable_path`."""
-    from pipeline.tracking.config import DEFAULT_DB_NAME, resolve_uri
-
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if uri is None and not env:
         return durable_uri(f"sqlite:///{DEFAULT_DB_NAME}", "tracking.uri")
     return durable_uri(resolve_uri(uri), "tracking.uri" if uri is not None else "MLFLOW_TRACKING_URI")
+
+
+def output_folders(out: Path, cache: Path, tracking_uri: str | None) -> dict[str, Path]:
+    """The folders trials write into or read, by what they hold: the study's or search's folder (run folders,
+    checkpoints, Ray's trial state), the token cache and, for a SQLite MLflow store, its database's folder
+    (trials log their runs there). On a multi-node cluster every node must share them (ray/storage.py)."""
+    folders = {"the run folder": Path(out), "the token cache (data.cache_dir / ATTAMBA_CACHE)": Path(cache)}
+    db = sqlite_path(tracking_uri) if tracking_uri else None
+    if db is not None:
+        folders["the MLflow SQLite store's folder"] = Path(db).parent
+    return folders

@@ -2,7 +2,7 @@
 a terminal and printed as plain lines every `interval` seconds elsewhere (a log file, `ray job logs`).
 
 Pure Python and fed by the Tune callback in `pipeline.ray.tune`: a trial's reports (step, tokens/s, its
-latest validation loss) come in through `update`, its end through `finished`, a retry through `retried`.
+latest validation loss) come in through `reported`, its end through `finished`, a retry through `retried`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class ProgressBoard:
         trial.status, trial.samples = "running", []
         self.refresh()
 
-    def update(self, name: str, result: dict) -> None:
+    def reported(self, name: str, result: dict) -> None:
         """A report of trial `name`: its step and, when present, tokens/s and validation loss."""
         trial = self.trials[name]
         if trial.status == "pending":

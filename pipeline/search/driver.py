@@ -21,8 +21,7 @@ from pipeline import schema
 from pipeline.data.prepare import cache_root
 from pipeline.ray import cluster
 from pipeline.runs import lease
-from pipeline.runs.outputs import output_root, tracking_uri
-from pipeline.ray.storage import output_folders
+from pipeline.runs.outputs import output_folders, output_root, tracking_uri
 from pipeline.ray.trainer import worker_config
 from pipeline.runs.markers import done_record
 from pipeline.preflight import validating

@@ -31,13 +31,12 @@ SET_PER_RUN = {
 }
 
 
-def check_study(study: StudyConfig, specs: list[RunSpec], *, out_dir: str, uri: str | None,
-                report_dir: Path | None, local: bool, yes: bool) -> None:
-    """Refuse the study before anything is written or started (see the module docstring). `out_dir` is the
-    study's out_dir as written (relative ones under $ATTAMBA_HOME, else the working directory); `local`:
-    the study starts its own Ray on this machine."""
-    root = output_root()
-    folder = paths.output_dir("out_dir", out_dir, root) / study.name
+def check_study(study: StudyConfig, specs: list[RunSpec], *, uri: str | None, report_dir: Path | None,
+                local: bool, yes: bool) -> None:
+    """Refuse the study before anything is written or started (see the module docstring). `local`: the study
+    starts its own Ray on this machine."""
+    root = output_root()   # a relative out_dir lies under it, as a relative SQLite path of the tracking store
+    folder = paths.output_dir("out_dir", study.out_dir, root) / study.name
     ignored_fields(study.run, SET_PER_RUN, folder, "a study")
     if study.seq_lens:
         ignored_fields(study.run, {("data", "seq_len"): "the study's `seq_lens` set each run's sequence length"},

@@ -21,10 +21,10 @@ from pipeline.loader import dump_yaml
 from pipeline.data.prepare import cache_root
 from pipeline.ray import cluster
 from pipeline.runs import lease
-from pipeline.runs.outputs import durable_path, output_root, tracking_uri
-from pipeline.ray.storage import output_folders
+from pipeline.runs.outputs import durable_path, output_folders, output_root, tracking_uri
 from pipeline.ray.trainer import run_trial, worker_config
 from pipeline.runs.markers import is_done, placements
+from pipeline.runs.progress import ProgressBoard
 from pipeline.runs.timing import timing_line, timing_summary
 from pipeline.preflight import validating
 from pipeline.study.checks import check_study
@@ -60,19 +60,17 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     wall_start = time.perf_counter()
     with validating(f"study file {str(config_path)!r}"):
         study = load_study(config_path, overrides)
-        given_out_dir = study.out_dir
         # Relative folders under $ATTAMBA_HOME (or the working directory), never a Ray job's temporary folder.
-        study = dataclasses.replace(study, out_dir=str(durable_path(study.out_dir, "out_dir")))
+        folder = study.folder.resolve()
         specs = expand(study)
         tracking = specs[0].config.tracking
         uri = tracking_uri(tracking.uri) if tracking.enabled else None
         report_dir = durable_path(Path("reports") / study.name, "the report folder") if study.report and uri else None
+        # every node reads and writes these: checked on a multi-node cluster before anything is trained
+        shared = output_folders(folder, cache_root(specs[0].config.data).resolve(), uri)
         address = cluster.resolve_address(address, study.address)
-        check_study(study, specs, out_dir=given_out_dir, uri=uri, report_dir=report_dir, local=not address, yes=yes)
+        check_study(study, specs, uri=uri, report_dir=report_dir, local=not address, yes=yes)
     tags = {schema.TAG_STUDY: study.name, schema.TAG_ROLE: PARENT_ROLE}
-    folder = Path(study.out_dir).resolve() / study.name
-    # every node reads and writes these: checked on a multi-node cluster before anything is trained
-    shared = output_folders(folder, cache_root(specs[0].config.data).resolve(), uri)
     # One driver per study folder (a second would train the same runs into the same folders).
     with (lease.study_lease(folder), run_journals(folder, uri),
           cluster.ray_session(address, study.resources, shared) as session,
@@ -95,13 +93,13 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             from pipeline.data.prepare import prepare
 
             prepare(todo[0].config.data, todo[0].config.model.max_seq_len)  # once, not once per trial
-            from pipeline.ray.tune import TuneRun, fit, study_progress
+            from pipeline.ray.tune import TuneRun, fit
 
+            # on stderr: a line per running trial (step, tokens/s, val/loss, ETA) under one for the study
+            board = ProgressBoard(study.name, {s.name: (s.config.train.steps, work[s.name]) for s in todo})
             failures = fit(TuneRun(run_trial, study.resources, folder / "_ray", "tune",
                                    grid={"run": [s.name for s in todo]}, slots=slots, trial_name=lambda c: c["run"],
-                                   callbacks=[study_progress(study.name, {s.name: (s.config.train.steps, work[s.name])
-                                                                          for s in todo})],
-                                   params={"runs": {s.name: s.config for s in todo}}))
+                                   progress=board, params={"runs": {s.name: s.config for s in todo}}))
             failed = sorted(c["run"] for c in failures)
             parent.failed = bool(failed)
     train_wall = time.perf_counter() - wall_start
@@ -130,5 +128,5 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             "failed": failed, "parent_run_id": parent.run_id, "tracking_uri": uri,
             "report": str(report_dir) if report_dir else None, "timing": timing,
             "mlflow_ui": parent.ui_links(),
-            "outputs": {"home": str(output_root() or ""), "runs": str(Path(study.out_dir) / study.name),
+            "outputs": {"home": str(output_root() or ""), "runs": str(folder),
                         "report": str(report_dir) if report_dir else None, "tracking_uri": uri}}

@@ -163,14 +163,13 @@ def baseline_grids(value, study_sizes: tuple[str, ...]) -> list[Grid]:
     grids = []
     for i, entry in enumerate(value):
         where = f"baselines[{i}]"
-        if isinstance(entry, dict):
-            if KIND_KEY not in entry:
-                fail(where, entry, f"a mapping with a `{KIND_KEY}` ({', '.join(BASELINES)})",
-                     "e.g. {kind: swa, window: [17, 33]}")
-            kind = one_of(f"{where}.{KIND_KEY}", entry[KIND_KEY], BASELINES, what="baseline")
-            grids.append(_grid(where, kind, entry, study_sizes))
-        else:
-            grids.append(Grid(where, one_of("baselines", entry, BASELINES, what="baseline")))
+        if not isinstance(entry, dict):
+            entry = {KIND_KEY: entry}   # a kind alone: that baseline with the run's model fields
+        elif KIND_KEY not in entry:
+            fail(where, entry, f"a mapping with a `{KIND_KEY}` ({', '.join(BASELINES)})",
+                 "e.g. {kind: swa, window: [17, 33]}")
+        kind = one_of(f"{where}.{KIND_KEY}", entry[KIND_KEY], BASELINES, what="baseline")
+        grids.append(_grid(where, kind, entry, study_sizes))
     return grids
 
 

@@ -1,7 +1,8 @@
 """A study, declared: a ladder of sizes x attention variants x seeds x token budgets, expanded into runs.
 
-`expand(study)` is a pure function from the study config to a list of RunSpecs. Each run's name and
-output folder derive from its parameters, so running a study again finds what already finished.
+`expand(study)` is a function of the study config alone (and of $ATTAMBA_HOME, under which a relative
+out_dir lies) to a list of RunSpecs. Each run's name and output folder derive from its parameters, so
+running a study again finds what already finished.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from attamba.presets import PRESETS
 from pipeline import schema
 from pipeline.config import RunConfig, run_config_from_dict, run_config_with_model
 from pipeline.loader import build, load_yaml, to_dict
+from pipeline.runs.outputs import durable_path
 from pipeline.runs.resources import Resources
 from pipeline.study.grid import Grid, attamba_grids, baseline_grids, with_point
 
@@ -104,9 +106,16 @@ class StudyConfig:
         if self.address is not None and (not isinstance(self.address, str) or not self.address.strip()):
             fail("address", self.address, "a Ray address such as 'auto' or 'ray://host:10001', or null")
 
+    @property
+    def folder(self) -> Path:
+        """The study's folder, out_dir/name: a relative out_dir under $ATTAMBA_HOME, else the working directory
+        (runs/outputs.py)."""
+        return durable_path(self.out_dir, "out_dir") / self.name
+
     def base_run(self, size: str, seq_len: int | None = None) -> dict:
         """The run config of every run at `size` (and sequence length `seq_len`, one of `seq_lens`) before its
-        grid point: `run`, with the study's `eval` on top."""
+        grid point: `run`, with the study's `eval` on top, checked and resolved (the size's preset applied:
+        a bad field of `run` is named as such, not as a grid point's), as a mapping."""
         run = dict(self.run) if isinstance(self.run, dict) else {}
         out = {**run, "size": size, "eval": {**(run.get("eval") or {}), **self.eval}}
         if seq_len is not None:
@@ -116,7 +125,8 @@ class StudyConfig:
             elif model.get("max_seq_len") is None and seq_len > ModelConfig.max_seq_len:
                 model["max_seq_len"] = seq_len
             out.update(data={**(run.get("data") or {}), "seq_len": seq_len}, model=model)
-        return out
+        resolved = run_config_from_dict(out)
+        return to_dict(resolved)
 
     def _check_seq_lens(self) -> None:
         if isinstance(self.seq_lens, dict):
@@ -182,9 +192,9 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyCon
     return build(StudyConfig, data)
 
 
-def _grid_runs(base: RunConfig, grid: Grid, fixed: dict) -> list[RunConfig]:
-    """One RunConfig per point of `grid` over `base`; a bad value raises a ValueError naming its grid path."""
-    data = to_dict(base)   # once: every point changes only the model
+def _grid_runs(data: dict, grid: Grid, fixed: dict) -> list[RunConfig]:
+    """One RunConfig per point of `grid` over the resolved run config `data` (as `to_dict` gives it: every
+    point changes only its model); a bad value raises a ValueError naming its grid path."""
     model = with_point(data["model"], fixed)
     points = [(point, with_point(model, point)) for point in grid.points()]
     runs = []
@@ -215,7 +225,7 @@ def _iso_baseline(attamba: RunConfig, grid: Grid) -> list[RunConfig]:
     iso = solver(attamba.model, attamba.data.seq_len)
     defaults = ModelConfig()
     iso = dataclasses.replace(iso, **{name: getattr(defaults, name) for name in ATTAMBA_FIELDS})
-    return _grid_runs(dataclasses.replace(attamba, model=iso), grid, {})
+    return _grid_runs(to_dict(dataclasses.replace(attamba, model=iso)), grid, {})
 
 
 def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]:
@@ -223,7 +233,7 @@ def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]
     each variant once: non-iso baselines in the order listed, then the Attamba grids, then the iso baselines
     sized per Attamba variant of that setting."""
     attamba, baselines = study.grids()
-    bases = {setting: run_config_from_dict(study.base_run(*setting)) for setting in study.settings()}
+    bases = {setting: study.base_run(*setting) for setting in study.settings()}
     # the SSM widths as the run file gives them (None: the default rule), so a grid's ssm.inner_dim re-derives heads
     ssm = ((study.run.get("model") or {}).get("ssm") or {}) if isinstance(study.run, dict) else {}
     widths = {"ssm.inner_dim": ssm.get("inner_dim"), "ssm.heads": ssm.get("heads")}
@@ -232,6 +242,7 @@ def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]
                                                                    "iso": None, **widths})]
              for size, T in study.settings()}
     leading = [run.model.leading_tokens for runs in found.values() for run in runs]
+    windows = sorted({L + 1 for L in leading} | {schema.CONTEXT_WINDOW})
     for grid in baselines:
         sources = [run.model for size, T in study.settings() if grid.runs_at(size) for run in found[size, T]]
         if grid.of and not any(grid.sized_from(model) for model in sources):
@@ -256,7 +267,6 @@ def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]
         seen = {}
         for run in runs:
             seen.setdefault(run.model.variant(), run)   # identical resolved models run once
-        windows = sorted({L + 1 for L in leading} | {schema.CONTEXT_WINDOW})
         out[size, T] = [_with_context_windows(run, windows) for run in seen.values()]
     return out
 
@@ -353,7 +363,7 @@ def expand(study: StudyConfig) -> list[RunSpec]:
               for (size, T), runs in models.items()}
     varying = _varying([(run.model.kind, fields) for setting, runs in models.items()
                         for run, (_, fields) in zip(runs, labels[setting])])
-    specs = []
+    folder, specs = study.folder, []
     for size, T in study.settings():
         for run, (variant, fields) in zip(models[size, T], labels[size, T]):
             tokens_per_step = run.tokens_per_step(study.resources.workers)
@@ -373,7 +383,7 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                     data["name"] = name
                     data["model"]["seed"] = seed
                     data["train"].update(steps=steps, seed=seed,
-                                         out_dir=str(Path(study.out_dir) / study.name / name),
+                                         out_dir=str(folder / name),
                                          study=study.name, trial=name)  # the run's study and trial tags
                     data["tracking"]["experiment"] = study.name
                     data["tracking"]["run_name"] = _display_name(study, run.model.kind, fields,

@@ -71,15 +71,21 @@ def check_uri(field: str, uri: str) -> None:
         )
 
 
+def sqlite_path(uri: str) -> str | None:
+    """The database path of a `sqlite:///PATH` URL (None for other URLs and in-memory databases)."""
+    scheme, sep, rest = uri.partition(":///")
+    if not sep or not scheme.lower().startswith("sqlite"):
+        return None
+    db = rest.partition("?")[0]
+    return None if not db or db == ":memory:" else db
+
+
 def check_store(uri: str, field: str = "tracking.uri") -> None:
     """A local SQLite store that can never open fails at once with the reason, instead of being retried as
     if a server were down: its path is a folder, lies under a file, or is in a folder (or is a file) this
     process cannot write. MLflow creates missing folders itself."""
-    scheme, sep, rest = uri.partition(":///")
-    if not sep or not scheme.lower().startswith("sqlite"):
-        return
-    db = rest.split("?", 1)[0]
-    if not db or db == ":memory:":
+    db = sqlite_path(uri)
+    if db is None:
         return
     path = Path(db)
     if path.is_dir():

@@ -167,7 +167,7 @@ def test_the_base_files_are_valid(folder, command):
     elif command == "study":
         study = load_study(path)
         checked = expand(study)
-        check_study(study, checked, out_dir=study.out_dir, uri=None, report_dir=None, local=True, yes=False)
+        check_study(study, checked, uri=None, report_dir=None, local=True, yes=False)
     else:
         search = load_search(path)
         checked = [search]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.ray.cluster import RAY_TRAIN_HELPERS, QuietRayStdout, expected_processes
-from pipeline.ray.storage import look, needs_check, output_folders, refusal
+from pipeline.ray.storage import look, needs_check, refusal
+from pipeline.runs.outputs import output_folders
 from pipeline.runs.resources import PLACEMENTS, Resources, check_placement
 
 NODE = {"CPU": 1.0}

@@ -38,10 +38,10 @@ def test_lines_show_each_running_trial_with_step_speed_loss_and_eta():
     board.started("large")
     assert board.lines()[1:] == ["  small  starting (step 0/100)", "  large  starting (step 0/100)"]
     clock.now += 10
-    board.update("small", {"step": 10, schema.M_TOKENS_PER_S: 2500.0, schema.M_LOSS: 4.0})
+    board.reported("small", {"step": 10, schema.M_TOKENS_PER_S: 2500.0, schema.M_LOSS: 4.0})
     clock.now += 20
-    board.update("small", {"step": 30, schema.M_VAL_LOSS: 3.25})
-    board.update("large", {"step": 5, schema.M_TOKENS_PER_S: 800.0})
+    board.reported("small", {"step": 30, schema.M_VAL_LOSS: 3.25})
+    board.reported("large", {"step": 5, schema.M_TOKENS_PER_S: 800.0})
     head, *rows = board.lines()
     # 20 steps in 20 s: 70 steps left -> 70 s; the large run has one report only: no speed yet
     assert rows == ["  small  step 30/100  2,500 tok/s  val/loss 3.250  ETA 1:10",
@@ -54,7 +54,7 @@ def test_a_diverged_runs_loss_reads_not_finite_never_nan():
     board, clock, out = _board(tty=False)
     board.started("small")
     clock.now += 10
-    board.update("small", {"step": 10, schema.M_TOKENS_PER_S: 2500.0, schema.M_VAL_LOSS: float("nan")})
+    board.reported("small", {"step": 10, schema.M_TOKENS_PER_S: 2500.0, schema.M_VAL_LOSS: float("nan")})
     assert "val/loss not finite" in board.lines()[1]
     board.finished("small", ok=True)
     assert "  done   small: val/loss not finite\n" in out.getvalue() and "nan" not in out.getvalue().lower()
@@ -65,9 +65,9 @@ def test_finished_runs_fill_the_bar_and_leave_the_running_lines():
     for name in RUNS:
         board.started(name)
     clock.now += 40
-    board.update("small", {"step": 100, schema.M_VAL_LOSS: 2.5})
+    board.reported("small", {"step": 100, schema.M_VAL_LOSS: 2.5})
     board.finished("small", ok=True)
-    board.update("large", {"step": 50})
+    board.reported("large", {"step": 50})
     head, *rows = board.lines()
     assert head.startswith("study demo [############............] 1/2 runs  elapsed 0:40")
     # 1.0 + 1.5 of 4.0 done in 40 s -> 1.5 / 2.5 x 40 = 24 s
@@ -81,16 +81,16 @@ def test_finished_runs_fill_the_bar_and_leave_the_running_lines():
 def test_a_retried_trial_measures_its_speed_again():
     board, clock, out = _board(tty=False)
     board.started("small")
-    board.update("small", {"step": 10})
+    board.reported("small", {"step": 10})
     clock.now += 10
-    board.update("small", {"step": 20})
+    board.reported("small", {"step": 20})
     assert board.trial_eta(board.trials["small"]) == pytest.approx(80.0)
     board.retried("small")
     assert "  retry  small (resumes from its last checkpoint)\n" in out.getvalue()
-    board.update("small", {"step": 20})  # resumed from its checkpoint at step 20
+    board.reported("small", {"step": 20})  # resumed from its checkpoint at step 20
     assert board.trial_eta(board.trials["small"]) is None
     clock.now += 5
-    board.update("small", {"step": 30})
+    board.reported("small", {"step": 30})
     assert board.trial_eta(board.trials["small"]) == pytest.approx(35.0)
 
 
@@ -99,7 +99,7 @@ def test_without_a_terminal_the_board_is_printed_as_plain_lines_every_interval()
     board.started("small")                      # first board at once
     for _ in range(5):                          # reports within the interval print nothing
         clock.now += 5
-        board.update("small", {"step": board.trials["small"].step + 5})
+        board.reported("small", {"step": board.trials["small"].step + 5})
     printed = out.getvalue()
     assert printed.count("study demo [") == 1
     clock.now += 6                              # 31 s after the first board
@@ -115,12 +115,12 @@ def test_on_a_terminal_the_board_is_redrawn_in_place():
     first = out.getvalue()
     assert first.count("\n") == 2 and "\x1b" not in first
     clock.now += 1
-    board.update("small", {"step": 10})
+    board.reported("small", {"step": 10})
     redraw = out.getvalue()[len(first):]
     # back to the board's first line, clear below, draw it again
     assert redraw.startswith("\x1b[2F\x1b[J") and "  small  step 10/100" in redraw
     clock.now += 0.1                            # within REDRAW_S: not redrawn
-    board.update("small", {"step": 11})
+    board.reported("small", {"step": 11})
     assert out.getvalue() == first + redraw
     board.started("large")                      # a new trial: 3 lines next time
     clock.now += 1

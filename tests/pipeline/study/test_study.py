@@ -50,6 +50,15 @@ def _study_file(tmp_path: Path, **changes) -> Path:
 
 # ---- expansion ------------------------------------------------------------------------------------------
 
+def test_a_relative_out_dir_lies_under_attamba_home_and_an_absolute_one_stays(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTAMBA_HOME", str(tmp_path / "home"))
+    study = load_study(SMOKE)
+    assert study.out_dir == "studies" and study.folder == tmp_path / "home" / "studies" / "smoke"
+    assert {spec.out_dir.parent for spec in expand(study)} == {study.folder}
+    absolute = load_study(SMOKE, [f"out_dir={tmp_path / 'elsewhere'}"])
+    assert {spec.out_dir.parent for spec in expand(absolute)} == {tmp_path / "elsewhere" / "smoke"}
+
+
 @pytest.mark.parametrize("name", ["smoke", "quickstart", "paper_60m"])
 def test_expand_is_pure_deterministic_and_names_are_unique(name):
     study = load_study(STUDIES / f"{name}.yaml")
@@ -64,7 +73,7 @@ def test_expand_is_pure_deterministic_and_names_are_unique(name):
         # the name is derived from the parameters, and so is the output folder
         assert spec.name.startswith(f"{spec.size}__") and f"__s{spec.seed}__" in spec.name
         assert spec.name.endswith(f"__D{spec.tokens}")
-        assert spec.out_dir == Path(study.out_dir) / study.name / spec.name
+        assert spec.out_dir == study.folder / spec.name == Path.cwd() / study.out_dir / study.name / spec.name
         assert spec.config.tracking.experiment == study.name and spec.config.train.trial == spec.name
         if spec.config.model.attention == "attamba":
             assert f"P{spec.config.model.chunk_size}-L{spec.config.model.leading_tokens}" in spec.name
