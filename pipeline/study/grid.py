@@ -163,12 +163,13 @@ def baseline_grids(value, study_sizes: tuple[str, ...]) -> list[Grid]:
     grids = []
     for i, entry in enumerate(value):
         where = f"baselines[{i}]"
-        if not isinstance(entry, dict):
+        plain = not isinstance(entry, dict)
+        if plain:
             entry = {KIND_KEY: entry}   # a kind alone: that baseline with the run's model fields
         elif KIND_KEY not in entry:
             fail(where, entry, f"a mapping with a `{KIND_KEY}` ({', '.join(BASELINES)})",
                  "e.g. {kind: swa, window: [17, 33]}")
-        kind = one_of(f"{where}.{KIND_KEY}", entry[KIND_KEY], BASELINES, what="baseline")
+        kind = one_of(where if plain else f"{where}.{KIND_KEY}", entry[KIND_KEY], BASELINES, what="baseline")
         grids.append(_grid(where, kind, entry, study_sizes))
     return grids
 

@@ -143,6 +143,8 @@ def test_the_shipped_studies_keep_the_quickstart_names():
     ({"attamba": {"window": [5]}}, ["attamba.window", "does not read window"]),
     ({"attamba": 4}, ["attamba", "mapping"]),
     ({"baselines": ["ful"]}, ["baselines", "'ful'", "full"]),
+    ({"baselines": ["full", "swaa"]}, ["baselines[1]: unknown baseline 'swaa'", "swa"]),
+    ({"baselines": [{"kind": "swaa"}]}, ["baselines[0].kind: unknown baseline 'swaa'", "swa"]),
     ({"baselines": [{"window": [5]}]}, ["baselines[0]", "kind"]),
     ({"baselines": [{"kind": "full", "chunk_size": [4]}]}, ["baselines[0].chunk_size", "does not read chunk_size"]),
     ({"baselines": [{"kind": "swa", "window": [0]}]}, ["baselines[0].window[0]=0", ">= 1"]),
