@@ -208,8 +208,8 @@ def gap_figure(gap: pd.DataFrame, title: str, colours: dict | None = None) -> Fi
     colours = _colours_for(gap["variant"], colours)
     order = {s: i for i, s in enumerate(_size_order(gap.rename(columns={"params": schema.M_PARAMS_NON_EMB})))}
     df = gap.assign(_o=gap[schema.TAG_SIZE].map(order)).sort_values(["_o", "variant", "reference"], kind="stable")
-    y, labels, heads, rows = 0, [], [], []
-    for size, g in df.groupby("_o", sort=True):
+    labels, heads, rows = [], [], []
+    for _, g in df.groupby("_o", sort=True):
         heads.append(len(labels))
         labels.append(str(g[schema.TAG_SIZE].iloc[0]))
         for _, r in g.iterrows():

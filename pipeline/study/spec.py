@@ -377,18 +377,18 @@ def expand(study: StudyConfig) -> list[RunSpec]:
                         tokens = study.tokens.tokens_per_param * budget * costs.param_count(run.model)
                     steps = max(1, math.ceil(tokens / tokens_per_step))
                 tokens = steps * tokens_per_step
-                for seed in study.seeds:
-                    name = _run_name(size, variant, seed, tokens, T)
+                for run_seed in study.seeds:
+                    name = _run_name(size, variant, run_seed, tokens, T)
                     data = to_dict(run)
                     data["name"] = name
-                    data["model"]["seed"] = seed
-                    data["train"].update(steps=steps, seed=seed,
+                    data["model"]["seed"] = run_seed
+                    data["train"].update(steps=steps, seed=run_seed,
                                          out_dir=str(folder / name),
                                          study=study.name, trial=name)  # the run's study and trial tags
                     data["tracking"]["experiment"] = study.name
                     data["tracking"]["run_name"] = _display_name(study, run.model.kind, fields,
-                                                                 varying[run.model.kind], size, seed, tokens, T)
-                    specs.append(RunSpec(name, size, variant, seed, tokens, run_config_from_dict(data)))
+                                                                 varying[run.model.kind], size, run_seed, tokens, T)
+                    specs.append(RunSpec(name, size, variant, run_seed, tokens, run_config_from_dict(data)))
     names = [s.name for s in specs]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
