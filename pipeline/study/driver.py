@@ -76,7 +76,8 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
           cluster.ray_session(address, study.resources, shared) as session,
           parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots
-        (folder / STUDY_FILE).write_text(dump_yaml(study))
+        # as resolved: out_dir where the runs are (the folder's parent), not as the file wrote it
+        (folder / STUDY_FILE).write_text(dump_yaml(dataclasses.replace(study, out_dir=str(study.folder.parent))))
         parent.log_params(study_params(study, specs))
         parent.log_artifacts([folder / STUDY_FILE], "study")
         specs = [dataclasses.replace(s, config=worker_config(s.config, uri, parent.run_id)) for s in specs]
@@ -128,5 +129,5 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             "failed": failed, "parent_run_id": parent.run_id, "tracking_uri": uri,
             "report": str(report_dir) if report_dir else None, "timing": timing,
             "mlflow_ui": parent.ui_links(),
-            "outputs": {"home": str(output_root() or ""), "runs": str(folder),
+            "outputs": {"home": str(output_root() or ""), "runs": str(study.folder),
                         "report": str(report_dir) if report_dir else None, "tracking_uri": uri}}

@@ -334,6 +334,9 @@ def test_job_submitted_to_a_local_cluster_tracks_every_run_under_its_parent(tmp_
                                  "report": str(tmp_path / "reports" / "smoke"),
                                  "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     assert (tmp_path / "reports" / "smoke" / "report.html").is_file()
+    # The study as resolved: its relative out_dir written where the runs went, under ATTAMBA_HOME.
+    assert yaml.safe_load((tmp_path / "studies" / "smoke" / "study.yaml").read_text())["out_dir"] == \
+        str(tmp_path / "studies")
     # Where the UI shows the study: its parent run, in the model-training view, after serving the store.
     assert result["mlflow_ui"]["run"].endswith(f"/runs/{result['parent_run_id']}?workflowType=machine_learning")
     assert result["mlflow_ui"]["serve"] == f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}"
