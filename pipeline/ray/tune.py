@@ -34,6 +34,10 @@ class TuneRun:
     progress: ProgressBoard | None = None
     params: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.progress is not None and self.trial_name is None:
+            raise ValueError("TuneRun: a progress board draws each trial under its name; give trial_name too")
+
 
 def fit(run: TuneRun) -> list[dict]:
     """Run `build_tuner(run)`; returns the configs of the trials that failed after `run.resources.max_failures`
@@ -54,7 +58,7 @@ def build_tuner(run: TuneRun):
     process."""
     from ray import tune
 
-    callbacks = [_progress_callback(run.progress, run.trial_name or str)] if run.progress is not None else None
+    callbacks = [_progress_callback(run.progress, run.trial_name)] if run.progress is not None else None
     trainable = bound_trainable(run)
     tune_config = {"search_alg": run.search_alg, "num_samples": run.num_samples, "reuse_actors": True}
     if run.slots is not None:

@@ -70,12 +70,13 @@ def tracking_uri(uri: str | None) -> str:
     return durable_uri(resolve_uri(uri), "tracking.uri" if uri is not None else "MLFLOW_TRACKING_URI")
 
 
-def output_folders(out: Path, cache: Path, tracking_uri: str | None) -> dict[str, Path]:
+def output_folders(out: Path, cache: Path, uri: str | None) -> dict[str, Path]:
     """The folders trials write into or read, by what they hold: the study's or search's folder (run folders,
     checkpoints, Ray's trial state), the token cache and, for a SQLite MLflow store, its database's folder
-    (trials log their runs there). On a multi-node cluster every node must share them (ray/storage.py)."""
+    (trials log their runs there; `uri`: the tracking URI, None without tracking). On a multi-node cluster
+    every node must share them (ray/storage.py)."""
     folders = {"the run folder": Path(out), "the token cache (data.cache_dir / ATTAMBA_CACHE)": Path(cache)}
-    db = sqlite_path(tracking_uri) if tracking_uri else None
+    db = sqlite_path(uri) if uri else None
     if db is not None:
         folders["the MLflow SQLite store's folder"] = Path(db).parent
     return folders
