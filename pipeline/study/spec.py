@@ -8,6 +8,7 @@ running a study again finds what already finished.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ class StudyConfig:
             fail("eval", self.eval, "a mapping of evaluation settings (as a run's `eval:`)",
                  "e.g. eval: {variants: [{chunk_size: 16}, {window: 33}]}")
         lengths = {T for size in self.sizes for T in self.lengths(size) if T is not None}
-        for grid in (g for grids in self.grids() for g in grids):   # every grid entry checked before any model is built
+        for grid in (g for grids in self.grids for g in grids):   # every grid entry checked before any model is built
             for j, T in enumerate(grid.seq_lens or ()):
                 if T not in lengths:
                     fail(f"{grid.where}.seq_lens[{j}]", T, f"one of the study's seq_lens ({sorted(lengths) or 'none'})",
@@ -166,8 +167,9 @@ class StudyConfig:
         """(size, sequence length) of each setting, sizes first: the sequence length is None without seq_lens."""
         return [(size, T) for size in self.sizes for T in self.lengths(size)]
 
+    @functools.cached_property
     def grids(self) -> tuple[list[Grid], list[Grid]]:
-        """(Attamba grids, baseline grids), read from `attamba` and `baselines`."""
+        """(Attamba grids, baseline grids), read from `attamba` and `baselines` once (when the study is built)."""
         return attamba_grids(self.attamba, self.sizes), baseline_grids(self.baselines, self.sizes)
 
 
@@ -232,7 +234,7 @@ def _models(study: StudyConfig) -> dict[tuple[str, int | None], list[RunConfig]]
     """Per setting (size, sequence length: StudyConfig.settings), the resolved RunConfig of each model variant,
     each variant once: non-iso baselines in the order listed, then the Attamba grids, then the iso baselines
     sized per Attamba variant of that setting."""
-    attamba, baselines = study.grids()
+    attamba, baselines = study.grids
     bases = {setting: study.base_run(*setting) for setting in study.settings()}
     # the SSM widths as the run file gives them (None: the default rule), so a grid's ssm.inner_dim re-derives heads
     ssm = ((study.run.get("model") or {}).get("ssm") or {}) if isinstance(study.run, dict) else {}
