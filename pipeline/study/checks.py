@@ -65,7 +65,6 @@ def check_study(study: StudyConfig, specs: list[RunSpec], *, uri: str | None, re
     for i, spec in enumerate(specs):   # lengths and files in the way; the first also tries a write
         check_places(spec.config, where="run.", probe=i == 0, tracking=False)
     if local:
-        work = [machine.training_flops(spec.config, study.resources.workers) for spec in specs]
         gpu = study.resources.gpus_per_worker > 0
-        machine.check_duration(sum(f for _, f in work), sum(t for t, _ in work), gpu=gpu, yes=yes,
+        machine.check_duration(sum(s.flops for s in specs), sum(s.tokens for s in specs), gpu=gpu, yes=yes,
                                what=f"the study's {len(specs)} runs", fix="lower tokens.tokens, sizes or seeds")

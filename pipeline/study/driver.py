@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from attamba import costs
-
 from pipeline import schema
 from pipeline.loader import dump_yaml
 from pipeline.data.prepare import cache_root
@@ -84,8 +82,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
         finished = parent.finished_trials()
         todo = [s for s in specs if not is_done(s.out_dir) and s.name not in finished]
         # Longest runs first: the last round then holds the short ones, and slots idle less at the end.
-        work = {s.name: costs.training_flops_per_token(s.config.model, s.config.data.seq_len) * s.tokens
-                for s in specs}
+        work = {s.name: s.flops for s in specs}
         todo.sort(key=lambda s: -work[s.name])
         log.warning("study %s: %d runs, %d already finished, %d to train, %d at a time", study.name,
                     len(specs), len(specs) - len(todo), len(todo), slots)

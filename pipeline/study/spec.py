@@ -186,6 +186,11 @@ class RunSpec:
     def out_dir(self) -> Path:
         return Path(self.config.train.out_dir)
 
+    @property
+    def flops(self) -> float:
+        """The run's training FLOPs: its tokens x the model's training FLOPs per token (attamba.costs)."""
+        return float(self.tokens) * costs.training_flops_per_token(self.config.model, self.config.data.seq_len)
+
 
 def load_study(path: str | Path, overrides: list[str] | None = None) -> StudyConfig:
     """StudyConfig from a YAML file plus `key.path=value` overrides; `run` may be the path of a run YAML,

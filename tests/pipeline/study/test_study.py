@@ -23,6 +23,7 @@ import yaml
 
 from attamba import costs
 from pipeline import schema
+from pipeline.preflight import machine
 from pipeline.runs.resources import TRIAL_CPU, check_resources, trainable_resources, trial_slots
 from pipeline.runs.markers import DONE_FILE, read_attempts
 from pipeline.study.spec import DISPLAY_NAME_MAX, Resources, expand, load_study
@@ -75,6 +76,8 @@ def test_expand_is_pure_deterministic_and_names_are_unique(name):
         assert spec.name.endswith(f"__D{spec.tokens}")
         assert spec.out_dir == study.folder / spec.name == Path.cwd() / study.out_dir / study.name / spec.name
         assert spec.config.tracking.experiment == study.name and spec.config.train.trial == spec.name
+        # what the run trains, as the one-day bound of the pre-flight counts it
+        assert (spec.tokens, spec.flops) == machine.training_flops(spec.config, study.resources.workers)
         if spec.config.model.attention == "attamba":
             assert f"P{spec.config.model.chunk_size}-L{spec.config.model.leading_tokens}" in spec.name
 
