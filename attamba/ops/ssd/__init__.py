@@ -69,7 +69,9 @@ def ssd_scan(x, dt, A, B, C, *, D=None, seq_idx=None, initial_state=None, scan_c
     the kernels' rules (tokens mix by id equality inside a scan chunk and across chunk ends).
     """
     check_scan_inputs(x, dt, A, B, C, D, seq_idx, initial_state, scan_chunk)
-    kernel = resolve_backend(backend, _is_monotone(seq_idx))
+    kernel = resolve_backend(backend)
+    if kernel == "naive":   # only the reference reads seq_idx's order (a device sync): not on the fast paths
+        kernel = resolve_backend(backend, _is_monotone(seq_idx))
     kwargs = dict(D=D, seq_idx=seq_idx, initial_state=initial_state, return_final_state=return_final_state)
     if kernel == "chunked":
         return ssd_chunked(x, dt, A, B, C, scan_chunk=scan_chunk, **kwargs)
