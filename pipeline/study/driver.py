@@ -59,7 +59,8 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
     with validating(f"study file {str(config_path)!r}"):
         study = load_study(config_path, overrides)
         # Relative folders under $ATTAMBA_HOME (or the working directory), never a Ray job's temporary folder.
-        folder = study.folder.resolve()
+        runs_dir = study.folder            # out_dir/name, as the runs' configs name it
+        folder = runs_dir.resolve()
         specs = expand(study)
         tracking = specs[0].config.tracking
         uri = tracking_uri(tracking.uri) if tracking.enabled else None
@@ -75,7 +76,7 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
           parent_run(uri, study.name, tags, journal_dir=folder / JOURNAL_DIR) as parent):
         slots = session.slots
         # as resolved: out_dir where the runs are (the folder's parent), not as the file wrote it
-        (folder / STUDY_FILE).write_text(dump_yaml(dataclasses.replace(study, out_dir=str(study.folder.parent))))
+        (folder / STUDY_FILE).write_text(dump_yaml(dataclasses.replace(study, out_dir=str(runs_dir.parent))))
         parent.log_params(study_params(study, specs))
         parent.log_artifacts([folder / STUDY_FILE], "study")
         specs = [dataclasses.replace(s, config=worker_config(s.config, uri, parent.run_id)) for s in specs]
@@ -126,5 +127,5 @@ def run_study(config_path: str | Path, overrides: list[str] | None = None, addre
             "failed": failed, "parent_run_id": parent.run_id, "tracking_uri": uri,
             "report": str(report_dir) if report_dir else None, "timing": timing,
             "mlflow_ui": parent.ui_links(),
-            "outputs": {"home": str(output_root() or ""), "runs": str(study.folder),
+            "outputs": {"home": str(output_root() or ""), "runs": str(runs_dir),
                         "report": str(report_dir) if report_dir else None, "tracking_uri": uri}}
